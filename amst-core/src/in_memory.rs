@@ -1,0 +1,161 @@
+//! `InMemoryTransport`: two ends of a tokio channel pair that implement [`Transport`], for
+//! testing the layers above without a network. It is not a network transport: nothing is
+//! chunked, lost or retransmitted.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use bytes::Bytes;
+use tokio::sync::{Mutex, mpsc, watch};
+
+use crate::{BoxFuture, Error, Result, Transport, TransportKind, TransportMetrics};
+
+/// Counters one direction shares between its sender and its receiver.
+#[derive(Debug, Default)]
+struct Direction {
+    sent: AtomicU64,
+    bytes: AtomicU64,
+}
+
+/// One end of an in-memory message channel pair.
+#[derive(Debug)]
+pub struct InMemoryTransport {
+    tx: mpsc::Sender<Bytes>,
+    rx: Mutex<mpsc::Receiver<Bytes>>,
+    outgoing: Arc<Direction>,
+    incoming: Arc<Direction>,
+    /// Messages the peer has received from us (the ack), watched by `flush`.
+    acked_by_peer: watch::Receiver<u64>,
+    /// Messages we have received, published to the peer as its ack.
+    we_received: watch::Sender<u64>,
+    closed: AtomicBool,
+}
+
+impl InMemoryTransport {
+    /// Two connected ends; each direction buffers up to `capacity` messages.
+    pub fn pair(capacity: usize) -> (Self, Self) {
+        let (a_tx, b_rx) = mpsc::channel(capacity.max(1));
+        let (b_tx, a_rx) = mpsc::channel(capacity.max(1));
+        let (a_recv_tx, a_recv_rx) = watch::channel(0);
+        let (b_recv_tx, b_recv_rx) = watch::channel(0);
+        let (a_to_b, b_to_a) = (
+            Arc::new(Direction::default()),
+            Arc::new(Direction::default()),
+        );
+        let a = InMemoryTransport {
+            tx: a_tx,
+            rx: Mutex::new(a_rx),
+            outgoing: a_to_b.clone(),
+            incoming: b_to_a.clone(),
+            acked_by_peer: b_recv_rx,
+            we_received: a_recv_tx,
+            closed: AtomicBool::new(false),
+        };
+        let b = InMemoryTransport {
+            tx: b_tx,
+            rx: Mutex::new(b_rx),
+            outgoing: b_to_a,
+            incoming: a_to_b,
+            acked_by_peer: a_recv_rx,
+            we_received: b_recv_tx,
+            closed: AtomicBool::new(false),
+        };
+        (a, b)
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            Err(Error::Closed)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Transport for InMemoryTransport {
+    fn send(&self, message: Bytes) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            self.check_open()?;
+            let len = message.len() as u64;
+            self.tx.send(message).await.map_err(|_| Error::PeerClosed {
+                code: crate::codec::CloseCode::Normal,
+                reason: "the other end was dropped".into(),
+            })?;
+            self.outgoing.sent.fetch_add(1, Ordering::AcqRel);
+            self.outgoing.bytes.fetch_add(len, Ordering::AcqRel);
+            Ok(())
+        })
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            let target = self.outgoing.sent.load(Ordering::Acquire);
+            let mut acked = self.acked_by_peer.clone();
+            acked
+                .wait_for(|&n| n >= target)
+                .await
+                .map_err(|_| Error::PeerClosed {
+                    code: crate::codec::CloseCode::Normal,
+                    reason: "the other end was dropped before acknowledging".into(),
+                })?;
+            Ok(())
+        })
+    }
+
+    fn recv(&self) -> BoxFuture<'_, Result<Option<Bytes>>> {
+        Box::pin(async move {
+            let msg = self.rx.lock().await.recv().await;
+            if msg.is_some() {
+                self.we_received.send_modify(|n| *n += 1);
+            }
+            Ok(msg)
+        })
+    }
+
+    fn metrics(&self) -> TransportMetrics {
+        let mut m = TransportMetrics::new(TransportKind::InMemory);
+        m.messages_sent = self.outgoing.sent.load(Ordering::Acquire);
+        m.bytes_sent = self.outgoing.bytes.load(Ordering::Acquire);
+        m.messages_acked = *self.acked_by_peer.borrow();
+        m.messages_received = *self.we_received.borrow();
+        m.bytes_received = self.incoming.bytes.load(Ordering::Acquire);
+        m.active_streams = 1;
+        m
+    }
+
+    fn close(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            self.closed.store(true, Ordering::Release);
+            self.flush().await
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn delivers_in_order_and_flush_waits_for_the_reader() {
+        let (a, b) = InMemoryTransport::pair(16);
+        for i in 0..10u8 {
+            a.send(Bytes::from(vec![i; i as usize])).await.unwrap();
+        }
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            for _ in 0..10 {
+                got.push(b.recv().await.unwrap().unwrap());
+            }
+            (got, b)
+        });
+        a.flush().await.unwrap();
+        let (got, b) = reader.await.unwrap();
+        for (i, m) in got.iter().enumerate() {
+            assert_eq!(m.as_ref(), vec![i as u8; i].as_slice());
+        }
+        assert_eq!(a.metrics().messages_acked, 10);
+        assert_eq!(b.metrics().bytes_received, 45);
+        a.close().await.unwrap();
+        assert!(matches!(a.send(Bytes::new()).await, Err(Error::Closed)));
+    }
+}

@@ -1,0 +1,44 @@
+//! The foundation every AMST crate builds on: the [`Transport`] trait, [`Mode`], metrics and
+//! errors, the wire protocol as a sans-IO [`codec`], and the two halves of reliable delivery,
+//! [`SendBuffer`] and [`Reassembler`].
+//!
+//! Nothing here does IO or reads a clock; time is always an argument.
+//!
+//! ```
+//! use amst_core::{Reassembler, ReassemblyConfig, SendBuffer};
+//! use bytes::Bytes;
+//!
+//! let mut tx = SendBuffer::new(1 << 20);
+//! let mut rx = Reassembler::new(ReassemblyConfig::default());
+//! tx.on_credit(rx.credit());
+//! tx.push(Bytes::from_static(b"hello, world"))?;
+//! while let Some(out) = tx.next_chunk(5) {
+//!     rx.insert(out.chunk)?;
+//! }
+//! assert_eq!(rx.pop().as_deref(), Some(&b"hello, world"[..]));
+//! tx.on_ack(&rx.ack())?;
+//! assert!(tx.is_empty());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+pub mod clock;
+pub mod codec;
+mod error;
+#[cfg(feature = "in-memory")]
+mod in_memory;
+mod metrics;
+mod mode;
+mod ranges;
+mod reassembly;
+mod send_buffer;
+mod transport;
+
+pub use error::{Error, ProtocolError, Result};
+#[cfg(feature = "in-memory")]
+pub use in_memory::InMemoryTransport;
+pub use metrics::TransportMetrics;
+pub use mode::{Mode, TransportKind};
+pub use ranges::RangeSet;
+pub use reassembly::{Inserted, Reassembler, ReassemblyConfig};
+pub use send_buffer::{AckOutcome, Outgoing, PathId, SendBuffer};
+pub use transport::{BoxFuture, Transport};

@@ -1,0 +1,52 @@
+//! Counters and path estimates that every transport reports.
+
+use std::time::Duration;
+
+use crate::TransportKind;
+
+/// A snapshot of one transport's counters and its view of the path.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TransportMetrics {
+    /// Which transport this is.
+    pub kind: TransportKind,
+    /// Payload bytes handed to the network, retransmissions included.
+    pub bytes_sent: u64,
+    /// Payload bytes received, duplicates included.
+    pub bytes_received: u64,
+    /// Messages queued by the application.
+    pub messages_sent: u64,
+    /// Messages delivered to the application.
+    pub messages_received: u64,
+    /// The first `messages_acked` messages sent are known to have reached the peer whole.
+    /// Acknowledgement is always of a prefix, which is what lossless switching relies on.
+    pub messages_acked: u64,
+    /// Chunks sent more than once (after a dead stream, a timeout or a loss).
+    pub chunks_retransmitted: u64,
+    /// Smoothed round-trip time, if measured.
+    pub rtt: Option<Duration>,
+    /// Minimum round-trip time seen, if measured.
+    pub min_rtt: Option<Duration>,
+    /// Most recent delivery-rate estimate in bytes per second, if measured.
+    pub delivery_rate: Option<u64>,
+    /// Streams (TCP connections, QUIC streams, queue pairs) currently carrying data.
+    pub active_streams: usize,
+}
+
+impl TransportMetrics {
+    /// All counters zero, no estimates.
+    pub fn new(kind: TransportKind) -> Self {
+        TransportMetrics {
+            kind,
+            bytes_sent: 0,
+            bytes_received: 0,
+            messages_sent: 0,
+            messages_received: 0,
+            messages_acked: 0,
+            chunks_retransmitted: 0,
+            rtt: None,
+            min_rtt: None,
+            delivery_rate: None,
+            active_streams: 0,
+        }
+    }
+}

@@ -1,0 +1,307 @@
+//! The receiver's half of reliable delivery: chunks in, whole messages out, in order,
+//! exactly once, in bounded memory.
+//!
+//! Chunks may arrive in any order, from any number of streams or transports, and any number of
+//! times. Messages are laid end to end in the session's byte sequence; the receiver grants
+//! credit as an absolute offset in it, so the sender can never make it buffer more than the
+//! window beyond what the application has taken, plus the message at the head of the line
+//! (which must be held whole: a message is delivered as one `Bytes`).
+
+use std::collections::{BTreeMap, VecDeque};
+
+use bytes::{Bytes, BytesMut};
+
+use crate::ProtocolError;
+use crate::codec::{AckFrame, Credit, DataChunk};
+use crate::ranges::RangeSet;
+
+/// How much the receiver buffers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReassemblyConfig {
+    /// Bytes the sender may have outstanding beyond the head message.
+    pub window: u64,
+    /// Largest message accepted.
+    pub max_message: u64,
+    /// Most SACK ranges reported in one ack.
+    pub max_ack_ranges: usize,
+    /// Messages the sender may have outstanding beyond the last one popped.
+    pub max_pending_messages: u64,
+}
+
+impl Default for ReassemblyConfig {
+    fn default() -> Self {
+        ReassemblyConfig {
+            window: 64 << 20,
+            max_message: 1 << 30,
+            max_ack_ranges: 64,
+            max_pending_messages: 1 << 16,
+        }
+    }
+}
+
+/// What [`Reassembler::insert`] did with a chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Inserted {
+    /// New bytes were stored.
+    New,
+    /// Every byte had arrived before; the chunk was dropped.
+    Duplicate,
+}
+
+/// A message whose chunks are still arriving.
+#[derive(Debug)]
+struct Partial {
+    base: u64,
+    len: u64,
+    /// Zero-copy when the first chunk is the whole message; else one buffer of `len`.
+    buf: Option<BytesMut>,
+    received: u64,
+}
+
+/// Turns chunks into whole, ordered messages. Sans-IO: feed it chunks, poll it for messages,
+/// and send the acks and credit it computes.
+#[derive(Debug)]
+pub struct Reassembler {
+    config: ReassemblyConfig,
+    /// Session bytes received, trimmed below the cumulative point.
+    received: RangeSet,
+    cumulative: u64,
+    granted: u64,
+    partial: BTreeMap<u64, Partial>,
+    complete: VecDeque<(u64, Bytes)>,
+    /// Known message extents `(base, len)` by id, for consistency checks; pruned as popped.
+    extents: BTreeMap<u64, (u64, u64)>,
+    next_pop: u64,
+    /// Session offset where the next message to pop begins.
+    popped_end: u64,
+    buffered: u64,
+    duplicates: u64,
+}
+
+impl Reassembler {
+    /// A reassembler that has granted the first `config.window` bytes.
+    pub fn new(config: ReassemblyConfig) -> Self {
+        Reassembler {
+            config,
+            received: RangeSet::new(),
+            cumulative: 0,
+            granted: config.window,
+            partial: BTreeMap::new(),
+            complete: VecDeque::new(),
+            extents: BTreeMap::new(),
+            next_pop: 0,
+            popped_end: 0,
+            buffered: 0,
+            duplicates: 0,
+        }
+    }
+
+    /// Stores a chunk. Errors mean the peer broke the protocol (sent past credit, or chunks
+    /// that disagree about a message's size or place); the session should end.
+    pub fn insert(&mut self, chunk: DataChunk) -> Result<Inserted, ProtocolError> {
+        let len = chunk.payload.len() as u64;
+        let end = chunk.session_end();
+        if end > self.granted {
+            return Err(ProtocolError::CreditExceeded {
+                end,
+                granted: self.granted,
+            });
+        }
+        if chunk.msg_id >= self.granted_messages() {
+            return Err(ProtocolError::CreditExceeded {
+                end: chunk.msg_id,
+                granted: self.granted_messages(),
+            });
+        }
+        if chunk.msg_len > self.config.max_message {
+            return Err(ProtocolError::MessageTooLarge {
+                msg_id: chunk.msg_id,
+                len: chunk.msg_len,
+                limit: self.config.max_message,
+            });
+        }
+        if self.is_duplicate(&chunk) {
+            self.duplicates += 1;
+            return Ok(Inserted::Duplicate);
+        }
+        let base = chunk.session_offset - chunk.msg_offset;
+        self.check_extent(chunk.msg_id, base, chunk.msg_len)?;
+
+        // Bytes below the cumulative point arrived before (perhaps cut differently).
+        let fresh = self
+            .received
+            .insert(chunk.session_offset.max(self.cumulative), end);
+        let partial = self.partial.entry(chunk.msg_id).or_insert_with(|| Partial {
+            base,
+            len: chunk.msg_len,
+            buf: None,
+            received: 0,
+        });
+        debug_assert_eq!((partial.base, partial.len), (base, chunk.msg_len));
+        self.buffered += fresh;
+        partial.received += fresh;
+        if partial.received == partial.len && partial.buf.is_none() {
+            // The whole message came in one chunk: keep its payload as it is, no copy.
+            self.partial.remove(&chunk.msg_id);
+            self.complete_message(chunk.msg_id, chunk.payload);
+        } else {
+            let buf = partial
+                .buf
+                .get_or_insert_with(|| BytesMut::zeroed(chunk.msg_len as usize));
+            let at = chunk.msg_offset as usize;
+            buf[at..at + len as usize].copy_from_slice(&chunk.payload);
+            if partial.received == partial.len
+                && let Some(p) = self.partial.remove(&chunk.msg_id)
+            {
+                self.complete_message(
+                    chunk.msg_id,
+                    p.buf.map(BytesMut::freeze).unwrap_or_default(),
+                );
+            }
+        }
+        self.cumulative = self.received.contiguous_end(self.cumulative);
+        self.received.trim_below(self.cumulative);
+        self.update_grant();
+        Ok(Inserted::New)
+    }
+
+    fn is_duplicate(&self, chunk: &DataChunk) -> bool {
+        if chunk.msg_id < self.next_pop {
+            return true;
+        }
+        if chunk.payload.is_empty() {
+            // An empty message is a duplicate once it is known and no longer partial.
+            return self.extents.contains_key(&chunk.msg_id)
+                && !self.partial.contains_key(&chunk.msg_id);
+        }
+        let (start, end) = (
+            chunk.session_offset.max(self.cumulative),
+            chunk.session_end(),
+        );
+        start >= end || self.received.contains(start, end)
+    }
+
+    fn check_extent(&mut self, msg_id: u64, base: u64, len: u64) -> Result<(), ProtocolError> {
+        if let Some(&(b, l)) = self.extents.get(&msg_id) {
+            if (b, l) != (base, len) {
+                return Err(ProtocolError::Inconsistent(format!(
+                    "message {msg_id} was at session offset {b} with length {l}, now {base} with length {len}"
+                )));
+            }
+            return Ok(());
+        }
+        if msg_id == self.next_pop && base != self.popped_end {
+            return Err(ProtocolError::Inconsistent(format!(
+                "message {msg_id} starts at session offset {base}, but the previous one ended at {}",
+                self.popped_end
+            )));
+        }
+        if let Some((&prev_id, &(pb, pl))) = self.extents.range(..msg_id).next_back()
+            && (pb + pl > base || (prev_id + 1 == msg_id && pb + pl != base))
+        {
+            return Err(ProtocolError::Inconsistent(format!(
+                "message {msg_id} at {base} overlaps or leaves a gap after message {prev_id} ({pb}+{pl})"
+            )));
+        }
+        if let Some((&next_id, &(nb, _))) = self.extents.range(msg_id + 1..).next()
+            && (base + len > nb || (msg_id + 1 == next_id && base + len != nb))
+        {
+            return Err(ProtocolError::Inconsistent(format!(
+                "message {msg_id} ({base}+{len}) overlaps or leaves a gap before message {next_id} at {nb}"
+            )));
+        }
+        self.extents.insert(msg_id, (base, len));
+        Ok(())
+    }
+
+    fn complete_message(&mut self, msg_id: u64, msg: Bytes) {
+        let pos = self.complete.partition_point(|(id, _)| *id < msg_id);
+        self.complete.insert(pos, (msg_id, msg));
+    }
+
+    /// The next whole message in send order, if it has fully arrived.
+    pub fn pop(&mut self) -> Option<Bytes> {
+        let (id, _) = self.complete.front()?;
+        if *id != self.next_pop {
+            return None;
+        }
+        let (id, msg) = self.complete.pop_front()?;
+        let (base, len) = self
+            .extents
+            .remove(&id)
+            .unwrap_or((self.popped_end, msg.len() as u64));
+        self.popped_end = base + len;
+        self.buffered -= len;
+        self.next_pop += 1;
+        self.update_grant();
+        Some(msg)
+    }
+
+    fn update_grant(&mut self) {
+        // The head message is held whole, so its received prefix does not use the window.
+        let head_end = self
+            .extents
+            .get(&self.next_pop)
+            .map(|&(base, len)| base + len)
+            .unwrap_or(self.popped_end);
+        let consumed = self.cumulative.min(head_end).max(self.popped_end);
+        self.granted = self.granted.max(consumed + self.config.window);
+    }
+
+    /// The acknowledgement to send now: everything received so far.
+    pub fn ack(&self) -> AckFrame {
+        let complete_prefix = self
+            .complete
+            .iter()
+            .zip(self.next_pop..)
+            .take_while(|((id, _), want)| id == want)
+            .count() as u64;
+        AckFrame {
+            messages: self.next_pop + complete_prefix,
+            cumulative: self.cumulative,
+            ranges: self
+                .received
+                .ranges_from(self.cumulative + 1, self.config.max_ack_ranges),
+        }
+    }
+
+    /// The credit to send now: the sender may send session bytes below `limit`, of
+    /// messages with ids below `max_msg_id`.
+    pub fn credit(&self) -> Credit {
+        Credit {
+            limit: self.granted,
+            max_msg_id: self.granted_messages(),
+        }
+    }
+
+    /// Message ids below this may be sent: bounds per-message bookkeeping, which byte credit
+    /// alone would not (a window of tiny messages).
+    fn granted_messages(&self) -> u64 {
+        self.next_pop + self.config.max_pending_messages
+    }
+
+    /// Every byte below this session offset has arrived.
+    pub fn cumulative(&self) -> u64 {
+        self.cumulative
+    }
+
+    /// Payload bytes held: partial and complete messages not yet popped.
+    pub fn buffered_bytes(&self) -> u64 {
+        self.buffered
+    }
+
+    /// Messages handed out by [`pop`](Self::pop).
+    pub fn delivered_messages(&self) -> u64 {
+        self.next_pop
+    }
+
+    /// Chunks dropped because all their bytes had arrived before.
+    pub fn duplicates(&self) -> u64 {
+        self.duplicates
+    }
+
+    /// Whether nothing is buffered or half-received.
+    pub fn is_idle(&self) -> bool {
+        self.partial.is_empty() && self.complete.is_empty()
+    }
+}
