@@ -41,4 +41,4 @@ pub use mode::{Mode, TransportKind};
 pub use ranges::RangeSet;
 pub use reassembly::{Inserted, Reassembler, ReassemblyConfig};
 pub use send_buffer::{AckOutcome, Outgoing, PathId, SendBuffer};
-pub use transport::{BoxFuture, Transport};
+pub use transport::{BoxFuture, PathSample, Transport};

@@ -6,7 +6,9 @@ use std::pin::Pin;
 
 use bytes::Bytes;
 
-use crate::{Result, TransportMetrics};
+use std::time::Duration;
+
+use crate::{Error, Result, TransportMetrics};
 
 /// A boxed, `Send` future: what the trait's methods return, so that the trait stays usable as
 /// `Arc<dyn Transport>` (amst-hybrid swaps the active one with arc-swap).
@@ -36,4 +38,29 @@ pub trait Transport: Send + Sync + fmt::Debug {
     /// Closes gracefully: waits until everything queued is acknowledged (the drain), tells
     /// the peer, and releases the connection. Later sends fail with [`crate::Error::Closed`].
     fn close(&self) -> BoxFuture<'_, Result<()>>;
+
+    /// Measures the path actively: one round trip, and when `burst_bytes > 0`, the delivery
+    /// rate of a short burst of that many padding bytes (a packet train) that the peer
+    /// discards. The detector uses it only when the link is idle, within a byte budget.
+    fn probe(&self, burst_bytes: u64) -> BoxFuture<'_, Result<PathSample>> {
+        let _ = burst_bytes;
+        let kind = self.metrics().kind;
+        Box::pin(async move {
+            Err(Error::Unavailable {
+                transport: kind,
+                reason: "this transport has no active probe".into(),
+            })
+        })
+    }
+}
+
+/// One active measurement of the path.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PathSample {
+    /// Round-trip time of the probe.
+    pub rtt: Duration,
+    /// Delivery rate of the burst in bytes per second, when one was sent.
+    pub delivery_rate: Option<u64>,
+    /// Bytes the probe put on the wire, both directions.
+    pub bytes_used: u64,
 }
