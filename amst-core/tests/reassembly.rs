@@ -1,0 +1,283 @@
+//! Reliable delivery without a network: whatever order, duplication or loss the chunks go
+//! through, the receiver yields exactly the messages sent, in order, once each, and never
+//! buffers more than the credit it granted.
+
+use std::time::{Duration, Instant};
+
+use amst_core::codec::{Credit, DataChunk};
+use amst_core::{Inserted, ProtocolError, Reassembler, ReassemblyConfig, SendBuffer};
+use bytes::Bytes;
+use proptest::prelude::*;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn messages(sizes: &[usize]) -> Vec<Bytes> {
+    sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| Bytes::from((0..n).map(|j| (i * 7 + j * 13) as u8).collect::<Vec<_>>()))
+        .collect()
+}
+
+fn all_chunks(msgs: &[Bytes], chunk: usize) -> Vec<DataChunk> {
+    let mut tx = SendBuffer::new(1 << 30);
+    tx.on_credit(Credit {
+        limit: u64::MAX,
+        max_msg_id: u64::MAX,
+    });
+    for m in msgs {
+        tx.push(m.clone()).unwrap();
+    }
+    std::iter::from_fn(|| tx.next_chunk(chunk).map(|o| o.chunk)).collect()
+}
+
+proptest! {
+    #[test]
+    fn any_interleaving_and_duplication_yields_each_message_once_in_order(
+        sizes in proptest::collection::vec(0usize..5000, 1..25),
+        chunk in 1usize..2000,
+        dup_every in 1usize..6,
+        seed in any::<u64>(),
+    ) {
+        let msgs = messages(&sizes);
+        let mut chunks = all_chunks(&msgs, chunk);
+        let extra: Vec<DataChunk> = chunks.iter().step_by(dup_every).cloned().collect();
+        chunks.extend(extra);
+        chunks.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+
+        let mut rx = Reassembler::new(ReassemblyConfig { window: u64::MAX / 4, ..Default::default() });
+        let mut got = Vec::new();
+        for c in chunks {
+            rx.insert(c).unwrap();
+            while let Some(m) = rx.pop() {
+                got.push(m);
+            }
+        }
+        prop_assert_eq!(&got, &msgs);
+        prop_assert!(rx.is_idle());
+        prop_assert_eq!(rx.buffered_bytes(), 0);
+        prop_assert_eq!(rx.ack().messages, msgs.len() as u64);
+    }
+
+    #[test]
+    fn lossy_reordering_link_delivers_everything_within_the_window(
+        sizes in proptest::collection::vec(0usize..20_000, 1..30),
+        chunk in 100usize..4000,
+        window in 4_000u64..40_000,
+        loss_percent in 0u32..40,
+        seed in any::<u64>(),
+    ) {
+        let msgs = messages(&sizes);
+        let largest = sizes.iter().copied().max().unwrap_or(0) as u64;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut tx = SendBuffer::new(1 << 30);
+        let mut rx = Reassembler::new(ReassemblyConfig { window, ..Default::default() });
+        for m in &msgs {
+            tx.push(m.clone()).unwrap();
+        }
+        let t0 = Instant::now();
+        let mut got = Vec::new();
+        let mut peak = 0;
+        for round in 0..10_000u32 {
+            tx.on_credit(rx.credit());
+            let now = t0 + Duration::from_millis(round as u64);
+            let mut in_flight = Vec::new();
+            while let Some(out) = tx.next_chunk(chunk) {
+                tx.on_sent(&out.chunk, 0, now);
+                in_flight.push(out.chunk);
+            }
+            in_flight.shuffle(&mut rng);
+            for c in in_flight {
+                if rng.random_range(0..100) < loss_percent {
+                    continue;
+                }
+                rx.insert(c).unwrap();
+                peak = peak.max(rx.buffered_bytes());
+                // The application reads slowly: one message per delivered chunk at most.
+                if let Some(m) = rx.pop() {
+                    got.push(m);
+                }
+            }
+            tx.on_ack(&rx.ack()).unwrap();
+            tx.requeue_older_than(now, Duration::ZERO);
+            while let Some(m) = rx.pop() {
+                got.push(m);
+            }
+            if tx.is_empty() {
+                break;
+            }
+        }
+        prop_assert!(tx.is_empty(), "sender still holds data after 10k rounds");
+        prop_assert_eq!(&got, &msgs);
+        // Memory: the window beyond the head message, plus the head message held whole.
+        prop_assert!(peak <= window + largest, "peak {} > window {} + largest {}", peak, window, largest);
+    }
+}
+
+#[test]
+fn a_message_larger_than_the_window_still_arrives_and_memory_stays_bounded() {
+    let window = 64 << 10;
+    let big = messages(&[1 << 20, 10, 1 << 20]);
+    let mut tx = SendBuffer::new(1 << 30);
+    let mut rx = Reassembler::new(ReassemblyConfig {
+        window,
+        ..Default::default()
+    });
+    for m in &big {
+        tx.push(m.clone()).unwrap();
+    }
+    let mut got = Vec::new();
+    let mut peak = 0;
+    for _ in 0..10_000 {
+        tx.on_credit(rx.credit());
+        while let Some(out) = tx.next_chunk(16 << 10) {
+            rx.insert(out.chunk).unwrap();
+            peak = peak.max(rx.buffered_bytes());
+        }
+        tx.on_ack(&rx.ack()).unwrap();
+        while let Some(m) = rx.pop() {
+            got.push(m);
+        }
+        if tx.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(got, big);
+    assert!(peak <= window + (1 << 20), "peak {peak}");
+}
+
+#[test]
+fn data_beyond_the_granted_credit_is_a_protocol_error() {
+    let mut rx = Reassembler::new(ReassemblyConfig {
+        window: 100,
+        ..Default::default()
+    });
+    let chunk = DataChunk::new(90, 0, 90, 200, Bytes::from(vec![0u8; 20]));
+    assert_eq!(
+        rx.insert(chunk),
+        Err(ProtocolError::CreditExceeded {
+            end: 110,
+            granted: 100
+        })
+    );
+}
+
+#[test]
+fn too_many_pending_messages_is_a_protocol_error() {
+    let config = ReassemblyConfig {
+        max_pending_messages: 4,
+        ..Default::default()
+    };
+    let mut rx = Reassembler::new(config);
+    for id in 0..4 {
+        rx.insert(DataChunk::new(id, id, 0, 1, Bytes::from_static(b"x")))
+            .unwrap();
+    }
+    assert!(matches!(
+        rx.insert(DataChunk::new(4, 4, 0, 1, Bytes::from_static(b"x"))),
+        Err(ProtocolError::CreditExceeded { .. })
+    ));
+    assert_eq!(rx.credit().max_msg_id, 4);
+    rx.pop().unwrap();
+    assert_eq!(rx.credit().max_msg_id, 5);
+}
+
+#[test]
+fn chunks_that_disagree_about_a_message_are_rejected() {
+    let mut rx = Reassembler::new(ReassemblyConfig::default());
+    rx.insert(DataChunk::new(0, 0, 0, 100, Bytes::from(vec![1u8; 10])))
+        .unwrap();
+    let liar = DataChunk::new(10, 0, 10, 50, Bytes::from(vec![1u8; 10]));
+    assert!(matches!(
+        rx.insert(liar),
+        Err(ProtocolError::Inconsistent(_))
+    ));
+    // Message 1 must start where message 0 ends.
+    let gap = DataChunk::new(150, 1, 0, 10, Bytes::from(vec![2u8; 10]));
+    assert!(matches!(
+        rx.insert(gap),
+        Err(ProtocolError::Inconsistent(_))
+    ));
+}
+
+#[test]
+fn duplicates_are_counted_and_dropped() {
+    let mut rx = Reassembler::new(ReassemblyConfig::default());
+    let c = DataChunk::new(0, 0, 0, 4, Bytes::from_static(b"abcd"));
+    assert_eq!(rx.insert(c.clone()).unwrap(), Inserted::New);
+    assert_eq!(rx.insert(c.clone()).unwrap(), Inserted::Duplicate);
+    assert_eq!(rx.pop().unwrap(), Bytes::from_static(b"abcd"));
+    assert_eq!(rx.insert(c).unwrap(), Inserted::Duplicate);
+    assert_eq!(rx.duplicates(), 2);
+    assert_eq!(rx.pop(), None);
+}
+
+#[test]
+fn empty_messages_are_delivered_once_in_their_place() {
+    let msgs = messages(&[3, 0, 0, 5, 0]);
+    let mut chunks = all_chunks(&msgs, 2);
+    let again = chunks.clone();
+    chunks.reverse();
+    chunks.extend(again);
+    let mut rx = Reassembler::new(ReassemblyConfig::default());
+    let mut got = Vec::new();
+    for c in chunks {
+        rx.insert(c).unwrap();
+        while let Some(m) = rx.pop() {
+            got.push(m);
+        }
+    }
+    assert_eq!(got, msgs);
+}
+
+#[test]
+fn a_dead_path_is_resent_and_single_chunk_messages_are_not_copied() {
+    let mut tx = SendBuffer::new(1 << 20);
+    let mut rx = Reassembler::new(ReassemblyConfig::default());
+    tx.on_credit(rx.credit());
+    let msg = Bytes::from(vec![42u8; 1000]);
+    tx.push(msg.clone()).unwrap();
+    tx.push(msg.clone()).unwrap();
+    let now = Instant::now();
+    let a = tx.next_chunk(4096).unwrap();
+    let b = tx.next_chunk(4096).unwrap();
+    tx.on_sent(&a.chunk, 1, now);
+    tx.on_sent(&b.chunk, 2, now);
+    // Path 2 dies: its chunk is lost and must come back, marked as a retransmission.
+    rx.insert(a.chunk).unwrap();
+    assert_eq!(tx.requeue_path(2), 1);
+    let again = tx.next_chunk(4096).unwrap();
+    assert!(again.retransmit);
+    tx.on_sent(&again.chunk, 1, now);
+    rx.insert(again.chunk).unwrap();
+    let first = rx.pop().unwrap();
+    assert_eq!(
+        first.as_ptr(),
+        msg.as_ptr(),
+        "a one-chunk message is handed over without a copy"
+    );
+    assert_eq!(rx.pop().unwrap(), msg);
+    let outcome = tx.on_ack(&rx.ack()).unwrap();
+    assert_eq!(outcome.messages_acked, 2);
+    assert_eq!(tx.retransmissions(), 1);
+    assert!(tx.is_empty());
+}
+
+#[test]
+fn acks_for_data_never_sent_are_rejected() {
+    let mut tx = SendBuffer::new(1 << 20);
+    let bogus = amst_core::codec::AckFrame {
+        messages: 0,
+        cumulative: 10,
+        ranges: vec![],
+    };
+    assert!(matches!(
+        tx.on_ack(&bogus),
+        Err(ProtocolError::Inconsistent(_))
+    ));
+    assert!(matches!(
+        tx.push(Bytes::from(vec![0u8; 2 << 20])),
+        Err(amst_core::Error::MessageTooLarge { .. })
+    ));
+}
