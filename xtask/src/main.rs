@@ -21,6 +21,10 @@ fn main() -> ExitCode {
     }
 }
 
+/// Tests that run traffic through amst-linkem: by convention their test binary or their name
+/// mentions `linkem`.
+const LINK_TESTS: &str = "package(amst-linkem) | binary(/linkem/) | test(/linkem/)";
+
 /// Everything CI checks, in the order that fails fastest.
 fn ci() -> Result<(), String> {
     run("cargo", &["fmt", "--all", "--", "--check"])?;
