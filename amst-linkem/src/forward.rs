@@ -36,8 +36,9 @@ pub struct DirCounters {
 impl DirCounters {
     /// Packets accepted but not yet delivered or refused.
     pub fn in_flight(&self) -> u64 {
-        self.packets_in
-            .saturating_sub(self.packets_out + self.dropped_loss + self.dropped_queue + self.write_errors)
+        self.packets_in.saturating_sub(
+            self.packets_out + self.dropped_loss + self.dropped_queue + self.write_errors,
+        )
     }
 }
 
@@ -63,16 +64,24 @@ pub(crate) struct DirShared {
 
 impl DirShared {
     pub(crate) fn new(params: LinkParams) -> Self {
-        DirShared { params: Mutex::new(params), generation: AtomicU64::new(0), counters: Default::default() }
+        DirShared {
+            params: Mutex::new(params),
+            generation: AtomicU64::new(0),
+            counters: Default::default(),
+        }
     }
 
     pub(crate) fn params(&self) -> LinkParams {
-        self.params.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.params
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub(crate) fn set_params(&self, p: LinkParams) {
         *self.params.lock().unwrap_or_else(|e| e.into_inner()) = p;
-        self.generation.fetch_add(1, std::sync::atomic::Ordering::Release);
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
     }
 
     pub(crate) fn counters(&self) -> DirCounters {
@@ -125,7 +134,11 @@ const EARLY_NS: u64 = 5_000;
 /// overshoot by about 1% on some VMs (measured: 110 µs on a 10 ms sleep), so we wake a
 /// little early and sleep again for the rest, which overshoots by a few µs only.
 fn sleep_for(remaining: u64) -> Duration {
-    let t = if remaining > 200_000 { remaining - remaining / 32 - 20_000 } else { remaining };
+    let t = if remaining > 200_000 {
+        remaining - remaining / 32 - 20_000
+    } else {
+        remaining
+    };
     Duration::from_nanos(t)
 }
 
@@ -145,14 +158,20 @@ impl Forwarder {
     pub(crate) fn run(self) {
         sys::set_min_timer_slack();
         let now_ns = || self.epoch.elapsed().as_nanos() as u64;
-        let mut generation = self.shared.generation.load(std::sync::atomic::Ordering::Acquire);
+        let mut generation = self
+            .shared
+            .generation
+            .load(std::sync::atomic::Ordering::Acquire);
         let mut model = LinkModel::new(self.shared.params(), self.seed);
         let mut heap: BinaryHeap<Pending> = BinaryHeap::with_capacity(4096);
         let mut pool: Vec<Box<[u8]>> = Vec::with_capacity(4096);
         let mut seq = 0u64;
         let c = &self.shared.counters;
         while !self.stop.load(Relaxed) {
-            let g = self.shared.generation.load(std::sync::atomic::Ordering::Acquire);
+            let g = self
+                .shared
+                .generation
+                .load(std::sync::atomic::Ordering::Acquire);
             if g != generation {
                 generation = g;
                 model.set_params(self.shared.params());
@@ -160,7 +179,9 @@ impl Forwarder {
             }
             let mut got = 0;
             while got < READ_BATCH {
-                let mut buf = pool.pop().unwrap_or_else(|| vec![0u8; self.buf_cap].into_boxed_slice());
+                let mut buf = pool
+                    .pop()
+                    .unwrap_or_else(|| vec![0u8; self.buf_cap].into_boxed_slice());
                 match sys::read_packet(self.ingress, &mut buf) {
                     Ok(Some(len)) => {
                         got += 1;
@@ -211,7 +232,9 @@ impl Forwarder {
             if got == READ_BATCH {
                 continue;
             }
-            let timeout = heap.peek().map(|p| sleep_for(p.due.saturating_sub(now_ns())));
+            let timeout = heap
+                .peek()
+                .map(|p| sleep_for(p.due.saturating_sub(now_ns())));
             if timeout.is_some_and(|t| t.as_nanos() as u64 <= EARLY_NS) {
                 continue;
             }

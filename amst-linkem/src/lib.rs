@@ -41,7 +41,7 @@ pub use forward::DirCounters;
 pub use link::{Counters, LinkEm, LinkEmBuilder, Schedule};
 pub use namespace::Namespace;
 pub use params::{
-    Direction, GilbertElliott, LinkParams, QueueLimit, parse_duration, parse_probability, parse_queue,
-    parse_rate,
+    Direction, GilbertElliott, LinkParams, QueueLimit, parse_duration, parse_probability,
+    parse_queue, parse_rate,
 };
 pub use sys::{check_privileges, cleanup_stale};

@@ -57,7 +57,11 @@ impl Schedule {
     }
 
     /// At `at`, apply `change` to both directions' current parameters.
-    pub fn at(mut self, at: Duration, change: impl Fn(&mut LinkParams) + Send + Sync + 'static) -> Self {
+    pub fn at(
+        mut self,
+        at: Duration,
+        change: impl Fn(&mut LinkParams) + Send + Sync + 'static,
+    ) -> Self {
         self.steps.push((at, None, Box::new(change)));
         self
     }
@@ -230,7 +234,10 @@ impl Control {
     fn set(&self, dir: Direction, params: LinkParams) -> io::Result<()> {
         params.validate().map_err(invalid)?;
         if params.mtu as usize > self.buf_cap {
-            return Err(invalid(format!("mtu {} exceeds max_mtu {}", params.mtu, self.buf_cap)));
+            return Err(invalid(format!(
+                "mtu {} exceeds max_mtu {}",
+                params.mtu, self.buf_cap
+            )));
         }
         let i = dir.index();
         if self.shared[i].params().mtu != params.mtu {
@@ -271,11 +278,17 @@ impl LinkEm {
         for p in &b.params {
             p.validate().map_err(invalid)?;
         }
-        if !in_bench_range(b.left_addr) || !in_bench_range(b.right_addr) || b.left_addr == b.right_addr {
-            return Err(invalid("addresses must be two distinct addresses in 198.18.0.0/15"));
+        if !in_bench_range(b.left_addr)
+            || !in_bench_range(b.right_addr)
+            || b.left_addr == b.right_addr
+        {
+            return Err(invalid(
+                "addresses must be two distinct addresses in 198.18.0.0/15",
+            ));
         }
         if !(1..=31).contains(&b.prefix)
-            || u32::from(b.left_addr) >> (32 - b.prefix) != u32::from(b.right_addr) >> (32 - b.prefix)
+            || u32::from(b.left_addr) >> (32 - b.prefix)
+                != u32::from(b.right_addr) >> (32 - b.prefix)
         {
             return Err(invalid("both addresses must share the given prefix"));
         }
@@ -284,7 +297,12 @@ impl LinkEm {
             sys::cleanup_stale();
         });
         static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let id = format!("{}{}-{}", sys::NS_PREFIX, std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+        let id = format!(
+            "{}{}-{}",
+            sys::NS_PREFIX,
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
         let max_mtu = b.max_mtu.max(b.params[0].mtu).max(b.params[1].mtu);
         let buf_cap = max_mtu as usize;
 
@@ -314,8 +332,15 @@ impl LinkEm {
         };
 
         let seed = b.seed.unwrap_or_else(rand::random);
-        let shared = [Arc::new(DirShared::new(b.params[0].clone())), Arc::new(DirShared::new(b.params[1].clone()))];
-        let control = Arc::new(Control { shared: shared.clone(), namespaces: [left, right], buf_cap });
+        let shared = [
+            Arc::new(DirShared::new(b.params[0].clone())),
+            Arc::new(DirShared::new(b.params[1].clone())),
+        ];
+        let control = Arc::new(Control {
+            shared: shared.clone(),
+            namespaces: [left, right],
+            buf_cap,
+        });
         let stop = Arc::new(AtomicBool::new(false));
         let wake = sys::eventfd()?;
         let epoch = Instant::now();
@@ -328,7 +353,10 @@ impl LinkEm {
             tuns: Vec::new(),
             epoch,
         };
-        let fds = [(left_tun.as_raw_fd(), right_tun.as_raw_fd()), (right_tun.as_raw_fd(), left_tun.as_raw_fd())];
+        let fds = [
+            (left_tun.as_raw_fd(), right_tun.as_raw_fd()),
+            (right_tun.as_raw_fd(), left_tun.as_raw_fd()),
+        ];
         link.tuns = vec![left_tun, right_tun];
         for (i, (ingress, egress)) in fds.into_iter().enumerate() {
             let fwd = Forwarder {
@@ -342,35 +370,48 @@ impl LinkEm {
                 epoch,
             };
             let name = ["linkem-l2r", "linkem-r2l"][i];
-            link.threads.push(std::thread::Builder::new().name(name.into()).spawn(move || fwd.run())?);
+            link.threads.push(
+                std::thread::Builder::new()
+                    .name(name.into())
+                    .spawn(move || fwd.run())?,
+            );
         }
         if !b.schedule.is_empty() {
             let mut steps = b.schedule.steps;
             steps.sort_by_key(|s| s.0);
             let control = link.control.clone();
             let sched_stop = link.sched_stop.clone();
-            link.threads.push(std::thread::Builder::new().name("linkem-schedule".into()).spawn(move || {
-                for (at, dir, change) in steps {
-                    let (lock, cv) = &*sched_stop;
-                    let mut stopped = lock.lock().unwrap_or_else(|e| e.into_inner());
-                    while !*stopped && epoch.elapsed() < at {
-                        let left = at.saturating_sub(epoch.elapsed());
-                        stopped = cv.wait_timeout(stopped, left).unwrap_or_else(|e| e.into_inner()).0;
-                    }
-                    if *stopped {
-                        return;
-                    }
-                    drop(stopped);
-                    for d in dir.map_or(Direction::BOTH.to_vec(), |d| vec![d]) {
-                        let mut p = control.shared[d.index()].params();
-                        change(&mut p);
-                        match control.set(d, p.clone()) {
-                            Ok(()) => tracing::info!("t={at:?}: {d:?} now {p}"),
-                            Err(e) => tracing::warn!("t={at:?}: schedule step rejected: {e}"),
+            link.threads.push(
+                std::thread::Builder::new()
+                    .name("linkem-schedule".into())
+                    .spawn(move || {
+                        for (at, dir, change) in steps {
+                            let (lock, cv) = &*sched_stop;
+                            let mut stopped = lock.lock().unwrap_or_else(|e| e.into_inner());
+                            while !*stopped && epoch.elapsed() < at {
+                                let left = at.saturating_sub(epoch.elapsed());
+                                stopped = cv
+                                    .wait_timeout(stopped, left)
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .0;
+                            }
+                            if *stopped {
+                                return;
+                            }
+                            drop(stopped);
+                            for d in dir.map_or(Direction::BOTH.to_vec(), |d| vec![d]) {
+                                let mut p = control.shared[d.index()].params();
+                                change(&mut p);
+                                match control.set(d, p.clone()) {
+                                    Ok(()) => tracing::info!("t={at:?}: {d:?} now {p}"),
+                                    Err(e) => {
+                                        tracing::warn!("t={at:?}: schedule step rejected: {e}")
+                                    }
+                                }
+                            }
                         }
-                    }
-                }
-            })?);
+                    })?,
+            );
         }
         tracing::debug!("link {id} up");
         Ok(link)

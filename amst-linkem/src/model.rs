@@ -59,11 +59,19 @@ impl LinkModel {
 
     fn lost(&mut self) -> bool {
         if let Some(ge) = self.params.gilbert_elliott {
-            let flip = if self.ge_bad { ge.p_bad_to_good } else { ge.p_good_to_bad };
+            let flip = if self.ge_bad {
+                ge.p_bad_to_good
+            } else {
+                ge.p_good_to_bad
+            };
             if self.rng.random::<f64>() < flip {
                 self.ge_bad = !self.ge_bad;
             }
-            let p = if self.ge_bad { ge.loss_in_bad } else { ge.loss_in_good };
+            let p = if self.ge_bad {
+                ge.loss_in_bad
+            } else {
+                ge.loss_in_good
+            };
             if p > 0.0 && self.rng.random::<f64>() < p {
                 return true;
             }
@@ -87,8 +95,14 @@ impl LinkModel {
             }
             let start = self.link_free.max(now);
             let backlog_bytes = ((start - now) as u128 * p.rate_bps as u128 / 8_000_000_000) as u64;
-            let over_bytes = p.queue.bytes.is_some_and(|b| backlog_bytes + len as u64 > b);
-            let over_pkts = p.queue.packets.is_some_and(|n| self.departures.len() >= n as usize);
+            let over_bytes = p
+                .queue
+                .bytes
+                .is_some_and(|b| backlog_bytes + len as u64 > b);
+            let over_pkts = p
+                .queue
+                .packets
+                .is_some_and(|n| self.departures.len() >= n as usize);
             if over_bytes || over_pkts {
                 return Verdict::QueueFull;
             }
@@ -142,7 +156,13 @@ mod tests {
         let mut m = LinkModel::new(p, 1);
         let verdicts: Vec<_> = (0..5).map(|_| m.on_packet(0, 1000)).collect();
         // Backlog before each: 0, 1000, 2000 accepted; 3000 + 1000 > 3000 dropped.
-        assert_eq!(verdicts.iter().filter(|v| **v == Verdict::QueueFull).count(), 2);
+        assert_eq!(
+            verdicts
+                .iter()
+                .filter(|v| **v == Verdict::QueueFull)
+                .count(),
+            2
+        );
         // After 2 ms, two packets have left; room for two more.
         assert!(matches!(m.on_packet(2_000_000, 1000), Verdict::Deliver(_)));
         assert!(matches!(m.on_packet(2_000_000, 1000), Verdict::Deliver(_)));
@@ -162,7 +182,9 @@ mod tests {
         let mut p = params(0, 0);
         p.loss = 0.01;
         let mut m = LinkModel::new(p, 7);
-        let lost = (0..200_000).filter(|_| m.on_packet(0, 100) == Verdict::Lost).count();
+        let lost = (0..200_000)
+            .filter(|_| m.on_packet(0, 100) == Verdict::Lost)
+            .count();
         let rate = lost as f64 / 200_000.0;
         assert!((rate - 0.01).abs() < 0.001, "loss rate {rate}");
     }
@@ -177,11 +199,16 @@ mod tests {
             loss_in_bad: 1.0,
         });
         let mut m = LinkModel::new(p, 3);
-        let outcomes: Vec<bool> = (0..100_000).map(|_| m.on_packet(0, 100) == Verdict::Lost).collect();
+        let outcomes: Vec<bool> = (0..100_000)
+            .map(|_| m.on_packet(0, 100) == Verdict::Lost)
+            .collect();
         let lost = outcomes.iter().filter(|l| **l).count() as f64;
         // Stationary bad-state share: p / (p + r) = 0.01 / 0.21.
         let expected = 100_000.0 * 0.01 / 0.21;
-        assert!((lost - expected).abs() < expected * 0.15, "lost {lost}, expected {expected}");
+        assert!(
+            (lost - expected).abs() < expected * 0.15,
+            "lost {lost}, expected {expected}"
+        );
         // Mean burst length 1 / r = 5, far above i.i.d.'s ~1.05.
         let bursts = outcomes.windows(2).filter(|w| !w[0] && w[1]).count() as f64;
         assert!(lost / bursts > 3.0, "mean burst {}", lost / bursts);
@@ -195,7 +222,9 @@ mod tests {
         let mut last = 0;
         for i in 0..10_000u64 {
             let now = i * 100_000;
-            let Verdict::Deliver(due) = m.on_packet(now, 100) else { panic!("no loss set") };
+            let Verdict::Deliver(due) = m.on_packet(now, 100) else {
+                panic!("no loss set")
+            };
             assert!(due >= last, "reordered");
             assert!(due >= now + 15_000_000 && due <= now + 25_000_000);
             last = due;
@@ -208,7 +237,10 @@ mod tests {
                 v => panic!("{v:?}"),
             })
             .collect();
-        assert!(dues.windows(2).any(|w| w[1] < w[0]), "reorder allowed but none happened");
+        assert!(
+            dues.windows(2).any(|w| w[1] < w[0]),
+            "reorder allowed but none happened"
+        );
     }
 
     #[test]

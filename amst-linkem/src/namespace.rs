@@ -47,7 +47,11 @@ impl Namespace {
     /// The name under /run/netns, usable with `ip netns exec NAME ...` while the link
     /// lives (empty if the namespace could not be named and stayed anonymous).
     pub fn name(&self) -> &str {
-        if self.inner.name_path.is_some() { &self.inner.name } else { "" }
+        if self.inner.name_path.is_some() {
+            &self.inner.name
+        } else {
+            ""
+        }
     }
 
     /// The TUN device's name inside the namespace.

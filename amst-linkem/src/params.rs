@@ -50,16 +50,25 @@ pub struct QueueLimit {
 
 impl QueueLimit {
     /// netem's default: 1000 packets.
-    pub const DEFAULT: QueueLimit = QueueLimit { bytes: None, packets: Some(1000) };
+    pub const DEFAULT: QueueLimit = QueueLimit {
+        bytes: None,
+        packets: Some(1000),
+    };
 
     /// A limit in bytes only.
     pub fn bytes(bytes: u64) -> Self {
-        QueueLimit { bytes: Some(bytes), packets: None }
+        QueueLimit {
+            bytes: Some(bytes),
+            packets: None,
+        }
     }
 
     /// A limit in packets only.
     pub fn packets(packets: u32) -> Self {
-        QueueLimit { bytes: None, packets: Some(packets) }
+        QueueLimit {
+            bytes: None,
+            packets: Some(packets),
+        }
     }
 }
 
@@ -145,7 +154,9 @@ impl LinkParams {
             "queue" => self.queue = parse_queue(value)?,
             "mtu" => self.mtu = value.parse().map_err(|e| format!("mtu {value:?}: {e}"))?,
             "reorder" => {
-                self.reorder = value.parse().map_err(|e| format!("reorder {value:?}: {e}"))?
+                self.reorder = value
+                    .parse()
+                    .map_err(|e| format!("reorder {value:?}: {e}"))?
             }
             _ => return Err(format!("unknown link setting {key:?}")),
         }
@@ -160,7 +171,11 @@ impl fmt::Display for LinkParams {
         } else {
             write!(f, "rate={}bit", self.rate_bps)?;
         }
-        write!(f, " delay={:?} jitter={:?} loss={}", self.delay, self.jitter, self.loss)?;
+        write!(
+            f,
+            " delay={:?} jitter={:?} loss={}",
+            self.delay, self.jitter, self.loss
+        )?;
         if let Some(ge) = &self.gilbert_elliott {
             write!(f, " ge={ge:?}")?;
         }
@@ -199,7 +214,11 @@ pub fn parse_rate(s: &str) -> Result<u64, String> {
         "kbps" => 8e3,
         "mbps" => 8e6,
         "gbps" => 8e9,
-        other => return Err(format!("unknown rate unit {other:?} in {s:?} (try 200mbit)")),
+        other => {
+            return Err(format!(
+                "unknown rate unit {other:?} in {s:?} (try 200mbit)"
+            ));
+        }
     };
     Ok((v * mult).round() as u64)
 }
@@ -249,7 +268,11 @@ pub fn parse_queue(s: &str) -> Result<QueueLimit, String> {
         "mb" | "m" => 1e6,
         "kib" => 1024.0,
         "mib" => 1048576.0,
-        other => return Err(format!("unknown queue unit {other:?} in {s:?} (try 100pkt or 64kb)")),
+        other => {
+            return Err(format!(
+                "unknown queue unit {other:?} in {s:?} (try 100pkt or 64kb)"
+            ));
+        }
     };
     Ok(QueueLimit::bytes((v * mult) as u64))
 }

@@ -20,7 +20,11 @@ const IFF_TUN: libc::c_short = 0x0001;
 const IFF_NO_PI: libc::c_short = 0x1000;
 
 fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
-    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r) }
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
 }
 
 fn cstr(s: &str) -> io::Result<CString> {
@@ -47,7 +51,10 @@ pub(crate) fn setns_net(ns: RawFd) -> io::Result<()> {
 
 fn ifreq(name: &str) -> io::Result<libc::ifreq> {
     if name.len() >= libc::IFNAMSIZ {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "interface name too long"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "interface name too long",
+        ));
     }
     // SAFETY: ifreq is plain old data; all-zero is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
@@ -66,7 +73,9 @@ fn sockaddr_in(addr: Ipv4Addr) -> libc::sockaddr {
     let sin = libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: 0,
-        sin_addr: libc::in_addr { s_addr: u32::from(addr).to_be() },
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(addr).to_be(),
+        },
         sin_zero: [0; 8],
     };
     // SAFETY: sockaddr_in and sockaddr have the same size; this is how the ioctl API works.
@@ -77,7 +86,8 @@ fn sockaddr_in(addr: Ipv4Addr) -> libc::sockaddr {
 pub(crate) fn set_mtu(ctl: RawFd, dev: &str, mtu: u32) -> io::Result<()> {
     let mut req = ifreq(dev)?;
     req.ifr_ifru.ifru_mtu = mtu as libc::c_int;
-    ioctl_req(ctl, libc::SIOCSIFMTU, &mut req).map_err(|e| ctx(e, format!("set mtu {mtu} on {dev}")))
+    ioctl_req(ctl, libc::SIOCSIFMTU, &mut req)
+        .map_err(|e| ctx(e, format!("set mtu {mtu} on {dev}")))
 }
 
 fn set_up(ctl: RawFd, dev: &str) -> io::Result<()> {
@@ -116,9 +126,16 @@ pub(crate) fn create_side(
         .map_err(|_| io::Error::other("namespace setup thread panicked"))?
 }
 
-fn create_side_here(name: &str, dev: &str, addr: Ipv4Addr, prefix: u8, mtu: u32) -> io::Result<NsParts> {
+fn create_side_here(
+    name: &str,
+    dev: &str,
+    addr: Ipv4Addr,
+    prefix: u8,
+    mtu: u32,
+) -> io::Result<NsParts> {
     // SAFETY: unshare affects only this (throwaway) thread's namespace membership.
-    cvt(unsafe { libc::unshare(libc::CLONE_NEWNET) }).map_err(|e| ctx(e, "unshare(CLONE_NEWNET)"))?;
+    cvt(unsafe { libc::unshare(libc::CLONE_NEWNET) })
+        .map_err(|e| ctx(e, "unshare(CLONE_NEWNET)"))?;
     let ns = open("/proc/thread-self/ns/net", libc::O_RDONLY)?;
     let name_path = match name_namespace(name) {
         Ok(p) => Some(p),
@@ -128,13 +145,18 @@ fn create_side_here(name: &str, dev: &str, addr: Ipv4Addr, prefix: u8, mtu: u32)
         }
     };
     let result = (|| {
-        let tun = open("/dev/net/tun", libc::O_RDWR | libc::O_NONBLOCK).map_err(|e| ctx(e, "/dev/net/tun"))?;
+        let tun = open("/dev/net/tun", libc::O_RDWR | libc::O_NONBLOCK)
+            .map_err(|e| ctx(e, "/dev/net/tun"))?;
         let mut req = ifreq(dev)?;
         req.ifr_ifru.ifru_flags = IFF_TUN | IFF_NO_PI;
         ioctl_req(tun.as_raw_fd(), TUNSETIFF, &mut req).map_err(|e| ctx(e, "TUNSETIFF"))?;
         // SAFETY: plain socket creation; ownership moves into the OwnedFd.
         let ctl = unsafe {
-            OwnedFd::from_raw_fd(cvt(libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0))?)
+            OwnedFd::from_raw_fd(cvt(libc::socket(
+                libc::AF_INET,
+                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                0,
+            ))?)
         };
         let c = ctl.as_raw_fd();
         // No IPv6 on the TUN: router solicitations and MLD would add packets nobody asked for.
@@ -146,7 +168,11 @@ fn create_side_here(name: &str, dev: &str, addr: Ipv4Addr, prefix: u8, mtu: u32)
         let mut req = ifreq(dev)?;
         req.ifr_ifru.ifru_addr = sockaddr_in(addr);
         ioctl_req(c, libc::SIOCSIFADDR, &mut req).map_err(|e| ctx(e, "set address"))?;
-        let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - prefix) };
+        let mask = if prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - prefix)
+        };
         let mut req = ifreq(dev)?;
         req.ifr_ifru.ifru_netmask = sockaddr_in(Ipv4Addr::from(mask));
         ioctl_req(c, libc::SIOCSIFNETMASK, &mut req).map_err(|e| ctx(e, "set netmask"))?;
@@ -155,7 +181,12 @@ fn create_side_here(name: &str, dev: &str, addr: Ipv4Addr, prefix: u8, mtu: u32)
         Ok((tun, ctl))
     })();
     match result {
-        Ok((tun, ctl)) => Ok(NsParts { ns, tun, ctl, name_path }),
+        Ok((tun, ctl)) => Ok(NsParts {
+            ns,
+            tun,
+            ctl,
+            name_path,
+        }),
         Err(e) => {
             if let Some(p) = &name_path {
                 remove_name(p);
@@ -184,7 +215,13 @@ fn prepare_netns_dir() -> io::Result<()> {
     loop {
         // SAFETY: valid C strings; changes propagation flags of an existing mount.
         let r = unsafe {
-            libc::mount(c"".as_ptr(), dir.as_ptr(), none.as_ptr(), libc::MS_SHARED | libc::MS_REC, std::ptr::null())
+            libc::mount(
+                c"".as_ptr(),
+                dir.as_ptr(),
+                none.as_ptr(),
+                libc::MS_SHARED | libc::MS_REC,
+                std::ptr::null(),
+            )
         };
         if r == 0 {
             return Ok(());
@@ -195,7 +232,13 @@ fn prepare_netns_dir() -> io::Result<()> {
         }
         // SAFETY: bind-mounts the directory onto itself to make it a mount point.
         cvt(unsafe {
-            libc::mount(dir.as_ptr(), dir.as_ptr(), none.as_ptr(), libc::MS_BIND | libc::MS_REC, std::ptr::null())
+            libc::mount(
+                dir.as_ptr(),
+                dir.as_ptr(),
+                none.as_ptr(),
+                libc::MS_BIND | libc::MS_REC,
+                std::ptr::null(),
+            )
         })?;
         made_mount_point = true;
     }
@@ -206,12 +249,23 @@ fn name_namespace(name: &str) -> io::Result<PathBuf> {
     with_netns_lock(|| {
         prepare_netns_dir()?;
         let path = Path::new(NETNS_DIR).join(name);
-        drop(open(path.to_str().unwrap_or_default(), libc::O_RDONLY | libc::O_CREAT | libc::O_EXCL)?);
+        drop(open(
+            path.to_str().unwrap_or_default(),
+            libc::O_RDONLY | libc::O_CREAT | libc::O_EXCL,
+        )?);
         let src = cstr("/proc/thread-self/ns/net")?;
         let dst = cstr(path.to_str().unwrap_or_default())?;
         let none = cstr("none")?;
         // SAFETY: valid C strings; a plain bind mount.
-        let r = unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), none.as_ptr(), libc::MS_BIND, std::ptr::null()) };
+        let r = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                dst.as_ptr(),
+                none.as_ptr(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            )
+        };
         if let Err(e) = cvt(r) {
             let _ = fs::remove_file(&path);
             return Err(e);
@@ -234,11 +288,17 @@ pub(crate) fn remove_name(path: &Path) {
 /// Namespaces of live processes (parallel tests) are left alone.
 pub fn cleanup_stale() -> Vec<String> {
     let mut removed = Vec::new();
-    let Ok(entries) = fs::read_dir(NETNS_DIR) else { return removed };
+    let Ok(entries) = fs::read_dir(NETNS_DIR) else {
+        return removed;
+    };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix(NS_PREFIX) else { continue };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        let Some(rest) = name.strip_prefix(NS_PREFIX) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
         if Path::new(&format!("/proc/{pid}")).exists() {
             continue;
         }
@@ -259,8 +319,9 @@ pub fn check_privileges() -> Result<(), String> {
         .get_or_init(|| {
             let probe = std::thread::spawn(|| -> Result<(), String> {
                 // SAFETY: affects only this throwaway thread.
-                cvt(unsafe { libc::unshare(libc::CLONE_NEWNET) })
-                    .map_err(|e| format!("cannot create a network namespace (need root or CAP_SYS_ADMIN): {e}"))?;
+                cvt(unsafe { libc::unshare(libc::CLONE_NEWNET) }).map_err(|e| {
+                    format!("cannot create a network namespace (need root or CAP_SYS_ADMIN): {e}")
+                })?;
                 let tun = open("/dev/net/tun", libc::O_RDWR)
                     .map_err(|e| format!("cannot open /dev/net/tun: {e}"))?;
                 let mut req = ifreq("probe0").map_err(|e| e.to_string())?;
@@ -268,7 +329,9 @@ pub fn check_privileges() -> Result<(), String> {
                 ioctl_req(tun.as_raw_fd(), TUNSETIFF, &mut req)
                     .map_err(|e| format!("cannot create a TUN device (need CAP_NET_ADMIN): {e}"))
             });
-            probe.join().unwrap_or_else(|_| Err("privilege probe panicked".into()))
+            probe
+                .join()
+                .unwrap_or_else(|_| Err("privilege probe panicked".into()))
         })
         .clone()
 }
@@ -297,14 +360,24 @@ pub(crate) fn set_min_timer_slack() {
 /// Waits until `fd` is readable, `wake` is signalled, or `timeout` passes (None: forever).
 pub(crate) fn poll_two(fd: RawFd, wake: RawFd, timeout: Option<Duration>) {
     let mut fds = [
-        libc::pollfd { fd, events: libc::POLLIN, revents: 0 },
-        libc::pollfd { fd: wake, events: libc::POLLIN, revents: 0 },
+        libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: wake,
+            events: libc::POLLIN,
+            revents: 0,
+        },
     ];
     let ts = timeout.map(|t| libc::timespec {
         tv_sec: t.as_secs() as libc::time_t,
         tv_nsec: t.subsec_nanos() as libc::c_long,
     });
-    let tsp = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    let tsp = ts
+        .as_ref()
+        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
     // SAFETY: `fds` and `ts` outlive the call; EINTR is fine (the caller loops).
     unsafe { libc::ppoll(fds.as_mut_ptr(), 2, tsp, std::ptr::null()) };
 }
@@ -327,5 +400,9 @@ pub(crate) fn read_packet(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<usize>
 pub(crate) fn write_packet(fd: RawFd, buf: &[u8]) -> io::Result<()> {
     // SAFETY: `buf` is valid for reads of its length.
     let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
-    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }

@@ -45,10 +45,21 @@ pub fn ping_rtts(output: &str) -> Vec<f64> {
 }
 
 /// Runs `ping` from `ns` to `dst`; returns the RTTs in ms.
-pub fn ping(ns: &amst_linkem::Namespace, dst: std::net::Ipv4Addr, count: u32, interval: Duration) -> Vec<f64> {
+pub fn ping(
+    ns: &amst_linkem::Namespace,
+    dst: std::net::Ipv4Addr,
+    count: u32,
+    interval: Duration,
+) -> Vec<f64> {
     let out = ns
         .command("ping")
-        .args(["-n", "-c", &count.to_string(), "-i", &format!("{:.3}", interval.as_secs_f64())])
+        .args([
+            "-n",
+            "-c",
+            &count.to_string(),
+            "-i",
+            &format!("{:.3}", interval.as_secs_f64()),
+        ])
         .args(["-W", "2", &dst.to_string()])
         .output()
         .expect("running ping");
