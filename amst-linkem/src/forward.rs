@@ -31,6 +31,10 @@ pub struct DirCounters {
     pub dropped_queue: u64,
     /// Packets the receiving kernel refused (malformed or device gone).
     pub write_errors: u64,
+    /// Packets the *sending* kernel dropped because the forwarder did not read them fast
+    /// enough (the TUN queue overflowed): the emulator's own loss, 0 below its ceiling.
+    /// Not included in `packets_in`.
+    pub dropped_tun: u64,
 }
 
 impl DirCounters {
@@ -94,6 +98,7 @@ impl DirShared {
             dropped_loss: c.dropped_loss.load(Relaxed),
             dropped_queue: c.dropped_queue.load(Relaxed),
             write_errors: c.write_errors.load(Relaxed),
+            dropped_tun: 0,
         }
     }
 }

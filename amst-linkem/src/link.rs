@@ -318,6 +318,7 @@ impl LinkEm {
                     ns: parts.ns,
                     ctl: parts.ctl,
                     name_path: parts.name_path,
+                    dev_stats: parts.dev_stats,
                 }),
             };
             Ok((ns, parts.tun))
@@ -457,9 +458,16 @@ impl LinkEm {
 
     /// Packet and byte counters of both directions.
     pub fn counters(&self) -> Counters {
+        let dir = |i: usize| {
+            let ns = &self.control.namespaces[i].inner;
+            DirCounters {
+                dropped_tun: sys::tx_dropped(&ns.dev_stats, &ns.device),
+                ..self.control.shared[i].counters()
+            }
+        };
         Counters {
-            left_to_right: self.control.shared[0].counters(),
-            right_to_left: self.control.shared[1].counters(),
+            left_to_right: dir(0),
+            right_to_left: dir(1),
         }
     }
 

@@ -21,6 +21,7 @@ pub(crate) struct NsInner {
     /// AF_INET socket inside the namespace, for interface ioctls.
     pub ctl: OwnedFd,
     pub name_path: Option<PathBuf>,
+    pub dev_stats: std::fs::File,
 }
 
 /// A network namespace holding `lo` and the link's TUN device, with one address and the

@@ -169,7 +169,7 @@ impl fmt::Display for LinkParams {
         if self.rate_bps == 0 {
             write!(f, "rate=unlimited")?;
         } else {
-            write!(f, "rate={}bit", self.rate_bps)?;
+            write!(f, "rate={}mbit", self.rate_bps as f64 / 1e6)?;
         }
         write!(
             f,

@@ -107,6 +107,9 @@ pub(crate) struct NsParts {
     pub ctl: OwnedFd,
     /// `Some` when the namespace got a name under /run/netns.
     pub name_path: Option<PathBuf>,
+    /// /proc/net/dev as seen from inside the namespace: the file stays bound to the
+    /// namespace it was opened in, so re-reading it needs no thread hop.
+    pub dev_stats: fs::File,
 }
 
 /// Creates a namespace holding only `lo` and a TUN device `dev` with `addr/prefix`.
@@ -178,14 +181,16 @@ fn create_side_here(
         ioctl_req(c, libc::SIOCSIFNETMASK, &mut req).map_err(|e| ctx(e, "set netmask"))?;
         set_up(c, "lo")?;
         set_up(c, dev)?;
-        Ok((tun, ctl))
+        let stats = fs::File::open("/proc/thread-self/net/dev")?;
+        Ok((tun, ctl, stats))
     })();
     match result {
-        Ok((tun, ctl)) => Ok(NsParts {
+        Ok((tun, ctl, dev_stats)) => Ok(NsParts {
             ns,
             tun,
             ctl,
             name_path,
+            dev_stats,
         }),
         Err(e) => {
             if let Some(p) = &name_path {
@@ -405,4 +410,24 @@ pub(crate) fn write_packet(fd: RawFd, buf: &[u8]) -> io::Result<()> {
     } else {
         Ok(())
     }
+}
+
+/// The transmit-drop count of `dev` from a /proc/net/dev file: packets the kernel dropped
+/// because the TUN reader (the forwarder) fell behind.
+pub(crate) fn tx_dropped(stats: &fs::File, dev: &str) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 8192];
+    let mut len = 0;
+    while len < buf.len() {
+        match stats.read_at(&mut buf[len..], len as u64) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => len += n,
+        }
+    }
+    let text = String::from_utf8_lossy(&buf[..len]);
+    let prefix = format!("{dev}:");
+    text.lines()
+        .find_map(|l| l.trim_start().strip_prefix(&prefix).map(str::to_owned))
+        .and_then(|rest| rest.split_whitespace().nth(11).and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
 }
