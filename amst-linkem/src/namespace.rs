@@ -1,7 +1,8 @@
 //! One side of the emulated link: a network namespace, and ways to run code in it.
 
 use std::future::Future;
-use std::net::Ipv4Addr;
+use std::io;
+use std::net::{Ipv4Addr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -28,7 +29,11 @@ pub(crate) struct NsInner {
 /// route to its peer only (no default route). Cheap to clone.
 ///
 /// Sockets belong to the namespace they were created in, whichever thread uses them later:
-/// create them with [`run`](Self::run) or [`spawn`](Self::spawn) and use them anywhere.
+/// create them with [`run`](Self::run), [`tcp_listener`](Self::tcp_listener),
+/// [`udp_socket`](Self::udp_socket) and friends, then use them anywhere, including on the
+/// test's own tokio runtime after `from_std`. Inside an async test, prefer that pattern or
+/// [`spawn_tokio`](Self::spawn_tokio): [`block_on`](Self::block_on) and
+/// [`run`](Self::run) block the calling thread until they finish.
 #[derive(Debug, Clone)]
 pub struct Namespace {
     pub(crate) inner: Arc<NsInner>,
@@ -110,6 +115,23 @@ impl Namespace {
         F::Output: Send + 'static,
     {
         self.spawn(move || new_runtime().block_on(fut))
+    }
+
+    /// A TCP listener bound inside the namespace. For tokio, set it non-blocking and use
+    /// `tokio::net::TcpListener::from_std`.
+    pub fn tcp_listener(&self, addr: impl ToSocketAddrs + Send) -> io::Result<TcpListener> {
+        self.run(|| TcpListener::bind(addr))
+    }
+
+    /// A TCP connection made from inside the namespace (a blocking connect on a helper
+    /// thread). For tokio, set it non-blocking and use `tokio::net::TcpStream::from_std`.
+    pub fn tcp_connect(&self, addr: impl ToSocketAddrs + Send) -> io::Result<TcpStream> {
+        self.run(|| TcpStream::connect(addr))
+    }
+
+    /// A UDP socket bound inside the namespace; also what `quinn::Endpoint::new` takes.
+    pub fn udp_socket(&self, addr: impl ToSocketAddrs + Send) -> io::Result<UdpSocket> {
+        self.run(|| UdpSocket::bind(addr))
     }
 
     /// A [`Command`] whose process runs inside the namespace (it calls `setns` between

@@ -468,3 +468,72 @@ fn mtu_change_applies_to_the_sending_device() {
         "above max_mtu must be refused"
     );
 }
+
+#[test]
+fn sockets_made_in_a_namespace_work_on_the_callers_tokio_runtime() {
+    require!();
+    let link = LinkEm::builder()
+        .rtt(Duration::from_millis(10))
+        .start()
+        .unwrap();
+    let server_addr = SocketAddr::from((link.right().addr(), 6000));
+    let listener = link.right().tcp_listener(server_addr).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let udp_right = link
+        .right()
+        .udp_socket((link.right().addr(), 6001))
+        .unwrap();
+    udp_right.set_nonblocking(true).unwrap();
+    let udp_left = link.left().udp_socket((link.left().addr(), 0)).unwrap();
+    udp_left.set_nonblocking(true).unwrap();
+    // The connect happens inside `left`; the stream is then used from this thread's runtime.
+    let accept = std::thread::spawn(move || listener);
+    let client = link.left().tcp_connect(server_addr).unwrap();
+    client.set_nonblocking(true).unwrap();
+    let listener = accept.join().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        let (mut conn, peer) = listener.accept().await.unwrap();
+        assert_eq!(peer.ip(), link.left().addr());
+        let mut client = tokio::net::TcpStream::from_std(client).unwrap();
+        let start = Instant::now();
+        client.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        conn.read_exact(&mut buf).await.unwrap();
+        conn.write_all(b"pong").await.unwrap();
+        client.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"pong");
+        assert!(
+            start.elapsed() >= Duration::from_millis(10),
+            "went around the link"
+        );
+
+        let udp_right = tokio::net::UdpSocket::from_std(udp_right).unwrap();
+        let udp_left = tokio::net::UdpSocket::from_std(udp_left).unwrap();
+        udp_left
+            .send_to(b"hello", udp_right.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (n, from) = udp_right.recv_from(&mut [0u8; 16]).await.unwrap();
+        assert_eq!(
+            (n, from.ip()),
+            (5, std::net::IpAddr::V4(link.left().addr()))
+        );
+    });
+    // No route out: from inside a namespace, an address beyond the /30 is unreachable
+    // before any packet is sent.
+    let err = link
+        .left()
+        .run(|| {
+            std::net::UdpSocket::bind("0.0.0.0:0")
+                .unwrap()
+                .send_to(b"x", "198.19.0.1:9")
+        })
+        .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENETUNREACH), "{err}");
+}
