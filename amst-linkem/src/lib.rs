@@ -20,12 +20,15 @@
 //!     .loss(0.01)
 //!     .queue_bytes(1_000_000)
 //!     .start()?;
-//! let server = link.right().run(|| std::net::TcpListener::bind("198.18.0.2:5000"))?;
+//! // Sockets live in the namespace they were made in, whichever thread uses them.
+//! let server = link.right().tcp_listener("198.18.0.2:5000")?;
 //! let client = link.left().spawn(|| std::net::TcpStream::connect("198.18.0.2:5000"));
 //! let (_conn, _) = server.accept()?;
 //! let _client = client.join().unwrap()?;
 //! link.update(|p| p.delay = Duration::from_millis(5))?; // change under traffic
+//! let iperf = link.left().command("iperf3").args(["-s", "-1"]).spawn()?;
 //! println!("{:?}", link.counters());
+//! # drop(iperf);
 //! # Ok(())
 //! # }
 //! ```

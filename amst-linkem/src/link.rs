@@ -182,6 +182,13 @@ impl LinkEmBuilder {
         self
     }
 
+    /// Edits one direction's parameters in place: `.edit(Direction::RightToLeft, |p|
+    /// p.rate_bps = 10_000_000)` for an asymmetric link.
+    pub fn edit(mut self, dir: Direction, change: impl FnOnce(&mut LinkParams)) -> Self {
+        change(&mut self.params[dir.index()]);
+        self
+    }
+
     /// Seeds the loss and jitter generators, for repeatable runs (default: random).
     pub fn seed(mut self, seed: u64) -> Self {
         self.seed = Some(seed);
@@ -454,6 +461,17 @@ impl LinkEm {
             self.control.set(d, p)?;
         }
         Ok(())
+    }
+
+    /// Edits one direction's current parameters in place.
+    pub fn update_dir(
+        &self,
+        dir: Direction,
+        change: impl FnOnce(&mut LinkParams),
+    ) -> io::Result<()> {
+        let mut p = self.params(dir);
+        change(&mut p);
+        self.control.set(dir, p)
     }
 
     /// Packet and byte counters of both directions.

@@ -295,7 +295,7 @@ pub(crate) fn remove_name(path: &Path) {
     let _ = fs::remove_file(path);
 }
 
-/// Removes /run/netns/amst-linkem-<pid>-* names whose process is gone; returns their names.
+/// Removes `/run/netns/amst-linkem-<pid>-*` names whose process is gone; returns their names.
 /// Namespaces of live processes (parallel tests) are left alone.
 pub fn cleanup_stale() -> Vec<String> {
     let mut removed = Vec::new();
