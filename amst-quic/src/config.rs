@@ -1,0 +1,246 @@
+//! What a QUIC transport is configured with: the key, the certificates, the congestion
+//! controller, the windows and how messages map onto streams.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use amst_core::codec::Psk;
+use amst_core::{Error, Result};
+
+use crate::tls::{Fingerprint, Identity};
+
+/// The ALPN protocol id AMST speaks over QUIC.
+pub const ALPN: &[u8] = b"amst/3";
+
+/// Which congestion controller drives the connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum CongestionControl {
+    /// amst-cc's BBRv3: the default, because random loss on internet paths does not stall it.
+    #[default]
+    AmstBbr,
+    /// amst-cc's CUBIC with HyStart++.
+    AmstCubic,
+    /// quinn's own CUBIC (quinn's default), for comparison.
+    QuinnCubic,
+    /// quinn's own (experimental) BBR, for comparison.
+    QuinnBbr,
+    /// quinn's NewReno, for comparison.
+    QuinnNewReno,
+}
+
+impl CongestionControl {
+    /// The name used in logs and benchmarks.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CongestionControl::AmstBbr => "amst-bbr",
+            CongestionControl::AmstCubic => "amst-cubic",
+            CongestionControl::QuinnCubic => "quinn-cubic",
+            CongestionControl::QuinnBbr => "quinn-bbr",
+            CongestionControl::QuinnNewReno => "quinn-newreno",
+        }
+    }
+}
+
+impl fmt::Display for CongestionControl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How the sender maps messages onto QUIC streams. The receiver accepts either: chunks carry
+/// their message id and offset, and amst-core's reassembler puts them back in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamMapping {
+    /// Chunks striped over `streams` long-lived unidirectional streams (the default; see the
+    /// README for the loopback numbers behind the choice).
+    Striped {
+        /// How many streams carry data at once.
+        streams: u16,
+    },
+    /// Each message on fresh unidirectional streams that end with it; at most `concurrency`
+    /// streams are written at once.
+    PerMessage {
+        /// How many streams are written at once.
+        concurrency: u16,
+    },
+}
+
+impl StreamMapping {
+    pub(crate) fn lanes(self) -> usize {
+        match self {
+            StreamMapping::Striped { streams } => streams.max(1) as usize,
+            StreamMapping::PerMessage { concurrency } => concurrency.max(1) as usize,
+        }
+    }
+}
+
+impl Default for StreamMapping {
+    fn default() -> Self {
+        StreamMapping::Striped { streams: 2 }
+    }
+}
+
+/// How the client checks the server's certificate. Verification is never skipped: every
+/// mode either checks the certificate or binds the PSK handshake to this very TLS session.
+#[derive(Clone, Debug, Default)]
+pub enum PeerVerification {
+    /// The server's certificate is accepted as it is, and its authenticity comes from the
+    /// PSK handshake, which is bound to this TLS session by an exporter secret (RFC 5705):
+    /// a man in the middle holding its own certificate but not the key cannot complete it.
+    /// The default, since the PSK is always required.
+    #[default]
+    PskBound,
+    /// Only a certificate whose SHA-256 fingerprint is one of these is accepted.
+    Pinned(Vec<Fingerprint>),
+    /// WebPKI validation against these trust anchors (DER), including the server name.
+    Roots(Vec<rustls::pki_types::CertificateDer<'static>>),
+}
+
+/// Everything a [`QuicListener`](crate::QuicListener) or
+/// [`QuicTransport::connect`](crate::QuicTransport::connect) needs.
+#[derive(Clone)]
+pub struct QuicConfig {
+    /// The pre-shared key both peers prove they hold before any data is accepted.
+    pub psk: Psk,
+    /// The certificate and key a listener presents (ignored when connecting).
+    pub identity: Option<Identity>,
+    /// How a connecting client checks the server (ignored by a listener).
+    pub verification: PeerVerification,
+    /// The congestion controller, for data sent from this side.
+    pub congestion: CongestionControl,
+    /// How this side's messages map onto streams.
+    pub mapping: StreamMapping,
+    /// Bytes the peer may have in flight towards us: AMST's credit window, and QUIC's stream
+    /// and connection receive windows. Size it from the path with [`QuicConfig::for_path`].
+    pub window: u64,
+    /// Largest message accepted or sent.
+    pub max_message: u64,
+    /// Largest chunk of a message written as one frame.
+    pub max_chunk: u32,
+    /// The ALPN id offered and required; both sides must agree.
+    pub alpn: Vec<u8>,
+    /// Longest wait for the TLS and PSK handshakes.
+    pub handshake_timeout: Duration,
+    /// The connection fails after this long without hearing from the peer.
+    pub idle_timeout: Duration,
+}
+
+impl fmt::Debug for QuicConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QuicConfig")
+            .field("identity", &self.identity.as_ref().map(Identity::fingerprint))
+            .field("verification", &self.verification)
+            .field("congestion", &self.congestion)
+            .field("mapping", &self.mapping)
+            .field("window", &self.window)
+            .field("max_message", &self.max_message)
+            .field("max_chunk", &self.max_chunk)
+            .field("alpn", &String::from_utf8_lossy(&self.alpn))
+            .finish_non_exhaustive()
+    }
+}
+
+impl QuicConfig {
+    /// Defaults: amst-cc BBR, two striped streams, 256 KiB chunks, 1 GiB messages, a 32 MiB
+    /// window (about 2.5 × the BDP of 1 Gbit/s × 100 ms), PSK-bound verification.
+    pub fn new(psk: Psk) -> Self {
+        QuicConfig {
+            psk,
+            identity: None,
+            verification: PeerVerification::default(),
+            congestion: CongestionControl::default(),
+            mapping: StreamMapping::default(),
+            window: 32 << 20,
+            max_message: 1 << 30,
+            max_chunk: 256 << 10,
+            alpn: ALPN.to_vec(),
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// Sizes the window from a path's bandwidth-delay product: 3 × BDP, at least 4 MiB.
+    /// Three BDPs cover BBR's in-flight peak (about 2 × BDP while probing) plus the data
+    /// the receiver holds behind a lost packet for about one more round trip.
+    pub fn for_path(mut self, rate_bps: u64, rtt: Duration) -> Self {
+        self.window = Self::bdp_window(rate_bps, rtt);
+        self
+    }
+
+    /// 3 × `rate_bps` × `rtt` in bytes, at least 4 MiB, at most 1 GiB.
+    pub fn bdp_window(rate_bps: u64, rtt: Duration) -> u64 {
+        let bdp = (rate_bps as f64 / 8.0 * rtt.as_secs_f64()) as u64;
+        bdp.saturating_mul(3).clamp(4 << 20, 1 << 30)
+    }
+
+    /// Sets the identity a listener presents.
+    pub fn with_identity(mut self, identity: Identity) -> Self {
+        self.identity = Some(identity);
+        self
+    }
+
+    /// Sets how a client checks the server.
+    pub fn with_verification(mut self, verification: PeerVerification) -> Self {
+        self.verification = verification;
+        self
+    }
+
+    /// Sets the congestion controller.
+    pub fn with_congestion(mut self, congestion: CongestionControl) -> Self {
+        self.congestion = congestion;
+        self
+    }
+
+    /// Sets how messages map onto streams.
+    pub fn with_mapping(mut self, mapping: StreamMapping) -> Self {
+        self.mapping = mapping;
+        self
+    }
+
+    /// Checks every value; errors name the field.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &'static str, reason: String| Err(Error::Config { field, reason });
+        if self.window < u64::from(self.max_chunk) {
+            return bad(
+                "window",
+                format!("is {} bytes, below max_chunk ({})", self.window, self.max_chunk),
+            );
+        }
+        if self.window > (1 << 40) {
+            return bad("window", format!("is {} bytes; at most 1 TiB", self.window));
+        }
+        if !(1024..=(4 << 20)).contains(&self.max_chunk) {
+            return bad(
+                "max_chunk",
+                format!("is {}; use 1 KiB ..= 4 MiB", self.max_chunk),
+            );
+        }
+        if self.max_message == 0 || self.max_message > (1 << 40) {
+            return bad(
+                "max_message",
+                format!("is {}; use 1 ..= 1 TiB", self.max_message),
+            );
+        }
+        if self.alpn.is_empty() || self.alpn.len() > 255 {
+            return bad("alpn", "must be 1 to 255 bytes".into());
+        }
+        if self.mapping.lanes() > 256 {
+            return bad(
+                "mapping",
+                format!("uses {} streams; at most 256", self.mapping.lanes()),
+            );
+        }
+        if let PeerVerification::Pinned(p) = &self.verification
+            && p.is_empty()
+        {
+            return bad(
+                "verification",
+                "pins no fingerprint; pin at least one".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+pub(crate) type SharedConfig = Arc<QuicConfig>;

@@ -1,0 +1,232 @@
+//! `QuicTransport` (connect, and the `Transport` impl) and `QuicListener` (bind, accept).
+
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+
+use amst_core::{BoxFuture, Error, PathSample, Result, Transport, TransportMetrics};
+use bytes::Bytes;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{ConnectionError, Endpoint, EndpointConfig, TokioRuntime};
+
+use crate::config::{QuicConfig, SharedConfig};
+use crate::handshake;
+use crate::session::Shared;
+use crate::tls::{self, Fingerprint};
+
+/// An authenticated QUIC connection carrying AMST messages in both directions.
+///
+/// `Send + Sync`, usable as `Arc<dyn Transport>`. Dropping it without [`Transport::close`]
+/// aborts the connection.
+#[derive(Debug)]
+pub struct QuicTransport {
+    shared: Arc<Shared>,
+}
+
+fn handshake_error(what: String, e: &ConnectionError, config: &QuicConfig) -> Error {
+    // quinn names TLS alerts only by number; say what the two common ones mean.
+    let text = e.to_string();
+    let hint = if text.contains("error 120") || text.contains("no_application_protocol") {
+        format!(
+            " (TLS alert 120, no_application_protocol: the peer does not speak ALPN {:?})",
+            String::from_utf8_lossy(&config.alpn)
+        )
+    } else if text.contains("invalid peer certificate") || text.contains("error 42") {
+        " (the server's certificate was rejected: it is not the pinned one or does not chain to a trusted root)"
+            .into()
+    } else {
+        String::new()
+    };
+    Error::io(
+        what,
+        io::Error::new(
+            io::ErrorKind::ConnectionRefused,
+            format!("{text}{hint}"),
+        ),
+    )
+}
+
+fn endpoint_error(e: io::Error) -> Error {
+    Error::io("creating the QUIC endpoint", e)
+}
+
+impl QuicTransport {
+    /// Connects to a [`QuicListener`] at `addr`, from a fresh UDP socket on an ephemeral
+    /// port. `server_name` is checked against the certificate with
+    /// [`PeerVerification::Roots`](crate::PeerVerification::Roots) and ignored otherwise.
+    pub async fn connect(addr: SocketAddr, server_name: &str, config: QuicConfig) -> Result<Self> {
+        let any: SocketAddr = if addr.is_ipv6() {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        };
+        let socket = UdpSocket::bind(any).map_err(|e| Error::io(format!("binding UDP {any}"), e))?;
+        Self::connect_with_socket(socket, addr, server_name, config).await
+    }
+
+    /// Like [`connect`](Self::connect), from a socket the caller bound (for example inside
+    /// a network namespace).
+    pub async fn connect_with_socket(
+        socket: UdpSocket,
+        addr: SocketAddr,
+        server_name: &str,
+        config: QuicConfig,
+    ) -> Result<Self> {
+        config.validate()?;
+        let endpoint = Endpoint::new(EndpointConfig::default(), None, socket, Arc::new(TokioRuntime))
+            .map_err(endpoint_error)?;
+        let crypto = QuicClientConfig::try_from(tls::client_crypto(&config)?).map_err(|e| {
+            Error::Config {
+                field: "verification",
+                reason: e.to_string(),
+            }
+        })?;
+        let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+        client.transport_config(Arc::new(handshake::transport_config(&config)?));
+        let connecting = endpoint
+            .connect_with(client, addr, server_name)
+            .map_err(|e| Error::Config {
+                field: "server_name",
+                reason: format!("cannot connect to {addr} as {server_name:?}: {e}"),
+            })?;
+        let t = config.handshake_timeout;
+        let conn = tokio::time::timeout(t, connecting)
+            .await
+            .map_err(|_| Error::Timeout {
+                what: "the QUIC handshake",
+                after: t,
+            })?
+            .map_err(|e| handshake_error(format!("QUIC handshake with {addr} failed"), &e, &config))?;
+        let (control_tx, control_rx) = handshake::client(&conn, &config).await?;
+        tracing::debug!(%addr, cc = %config.congestion, "QUIC transport connected");
+        Ok(QuicTransport {
+            shared: Shared::start(conn, Some(endpoint), Arc::new(config), control_tx, control_rx),
+        })
+    }
+
+    /// The peer's address.
+    pub fn remote_address(&self) -> SocketAddr {
+        self.shared.conn.remote_address()
+    }
+
+    /// quinn's connection statistics (packets, losses, congestion events, path RTT).
+    pub fn quic_stats(&self) -> quinn::ConnectionStats {
+        self.shared.conn.stats()
+    }
+}
+
+impl Drop for QuicTransport {
+    fn drop(&mut self) {
+        self.shared.abort();
+    }
+}
+
+impl Transport for QuicTransport {
+    fn send(&self, message: Bytes) -> BoxFuture<'_, Result<()>> {
+        Box::pin(self.shared.send(message))
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(self.shared.flush())
+    }
+
+    fn recv(&self) -> BoxFuture<'_, Result<Option<Bytes>>> {
+        Box::pin(self.shared.recv())
+    }
+
+    fn metrics(&self) -> TransportMetrics {
+        self.shared.metrics()
+    }
+
+    fn close(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(self.shared.close())
+    }
+
+    /// One Ping/Pong round trip in QUIC DATAGRAM frames, which quinn sends ahead of stream
+    /// data, so the RTT is not measured behind bulk data. With `burst_bytes > 0`, a train of
+    /// full-size padded Pings follows, and the spacing of their Pongs gives the rate.
+    fn probe(&self, burst_bytes: u64) -> BoxFuture<'_, Result<PathSample>> {
+        Box::pin(self.shared.probe(burst_bytes))
+    }
+}
+
+/// Accepts AMST QUIC connections on one UDP socket.
+#[derive(Debug)]
+pub struct QuicListener {
+    endpoint: Endpoint,
+    config: SharedConfig,
+}
+
+impl QuicListener {
+    /// Listens on `addr`. The config needs an [`identity`](QuicConfig::identity).
+    pub fn bind(addr: SocketAddr, config: QuicConfig) -> Result<Self> {
+        let socket = UdpSocket::bind(addr).map_err(|e| Error::io(format!("binding UDP {addr}"), e))?;
+        Self::from_socket(socket, config)
+    }
+
+    /// Listens on a socket the caller bound (for example inside a network namespace).
+    pub fn from_socket(socket: UdpSocket, config: QuicConfig) -> Result<Self> {
+        config.validate()?;
+        let crypto = QuicServerConfig::try_from(tls::server_crypto(&config)?).map_err(|e| {
+            Error::Config {
+                field: "identity",
+                reason: e.to_string(),
+            }
+        })?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server.transport_config(Arc::new(handshake::transport_config(&config)?));
+        let endpoint = Endpoint::new(
+            EndpointConfig::default(),
+            Some(server),
+            socket,
+            Arc::new(TokioRuntime),
+        )
+        .map_err(endpoint_error)?;
+        Ok(QuicListener {
+            endpoint,
+            config: Arc::new(config),
+        })
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        self.endpoint
+            .local_addr()
+            .map_err(|e| Error::io("reading the listener's address", e))
+    }
+
+    /// The fingerprint of the certificate it presents, for a client to pin.
+    pub fn fingerprint(&self) -> Option<Fingerprint> {
+        self.config.identity.as_ref().map(|i| i.fingerprint())
+    }
+
+    /// The next connection that completes the TLS and PSK handshakes. A connection that fails
+    /// them is an error naming why; the listener stays usable, so call `accept` again.
+    pub async fn accept(&self) -> Result<QuicTransport> {
+        let incoming = self.endpoint.accept().await.ok_or(Error::Closed)?;
+        let remote = incoming.remote_address();
+        let what = || format!("QUIC handshake from {remote} failed");
+        let connecting = incoming
+            .accept()
+            .map_err(|e| handshake_error(what(), &e, &self.config))?;
+        let t = self.config.handshake_timeout;
+        let conn = tokio::time::timeout(t, connecting)
+            .await
+            .map_err(|_| Error::Timeout {
+                what: "the QUIC handshake",
+                after: t,
+            })?
+            .map_err(|e| handshake_error(what(), &e, &self.config))?;
+        let (control_tx, control_rx) = handshake::server(&conn, &self.config).await?;
+        tracing::debug!(%remote, "QUIC transport accepted");
+        Ok(QuicTransport {
+            shared: Shared::start(conn, None, self.config.clone(), control_tx, control_rx),
+        })
+    }
+
+    /// Stops accepting and closes every connection it accepted.
+    pub fn close(&self) {
+        self.endpoint
+            .close(crate::session::close_code(amst_core::codec::CloseCode::Normal), b"listener closed");
+    }
+}
