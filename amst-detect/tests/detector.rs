@@ -1,0 +1,412 @@
+//! The async half: sampling, the probe budget and the loop, on tokio's paused clock.
+//!
+//! `ScriptedLink` below is a test double, not a network transport: it reports the RTT and
+//! rate the test sets, and answers `probe` from them. It exists to test the detector's
+//! loop logic (when it probes, how much, what it publishes); the measurement itself is
+//! exercised through amst-linkem in `tests/linkem.rs`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use amst_core::{
+    BoxFuture, InMemoryTransport, Mode, PathSample, Result, Transport, TransportKind,
+    TransportMetrics,
+};
+use amst_detect::{Detector, DetectorConfig, GBIT_PER_SEC, MaybePath, Reason, SampleSource};
+use bytes::Bytes;
+use tokio::time::Instant;
+
+#[derive(Clone, Copy, Debug)]
+struct LinkState {
+    rtt: Duration,
+    /// Link rate, bytes per second.
+    rate: u64,
+    /// Application traffic, bytes per second (0 = idle).
+    app_rate: u64,
+    /// Whether `metrics()` carries a delivery-rate estimate while busy.
+    reports_delivery_rate: bool,
+}
+
+#[derive(Debug)]
+struct ScriptedLink {
+    state: Mutex<LinkState>,
+    /// Application bytes so far, integrated over tokio time.
+    app_bytes: Mutex<(f64, Instant)>,
+    probes: Mutex<Vec<(u64, u64)>>,
+    probe_bytes: AtomicU64,
+}
+
+const PROBE_OVERHEAD: u64 = 96;
+
+impl ScriptedLink {
+    fn new(rtt: Duration, rate: u64) -> Arc<Self> {
+        Arc::new(ScriptedLink {
+            state: Mutex::new(LinkState {
+                rtt,
+                rate,
+                app_rate: 0,
+                reports_delivery_rate: true,
+            }),
+            app_bytes: Mutex::new((0.0, Instant::now())),
+            probes: Mutex::new(Vec::new()),
+            probe_bytes: AtomicU64::new(0),
+        })
+    }
+
+    fn app_bytes(&self) -> u64 {
+        let mut a = self.app_bytes.lock().unwrap();
+        let now = Instant::now();
+        let rate = self.state.lock().unwrap().app_rate;
+        a.0 += rate as f64 * (now - a.1).as_secs_f64();
+        a.1 = now;
+        a.0 as u64
+    }
+
+    fn set(&self, f: impl FnOnce(&mut LinkState)) {
+        self.app_bytes(); // integrate up to now at the old rate
+        f(&mut self.state.lock().unwrap());
+    }
+
+    fn bursts(&self) -> Vec<(u64, u64)> {
+        self.probes.lock().unwrap().clone()
+    }
+}
+
+impl Transport for ScriptedLink {
+    fn send(&self, _: Bytes) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn flush(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn recv(&self) -> BoxFuture<'_, Result<Option<Bytes>>> {
+        Box::pin(async { Ok(None) })
+    }
+    fn close(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn metrics(&self) -> TransportMetrics {
+        let s = *self.state.lock().unwrap();
+        let mut m = TransportMetrics::new(TransportKind::Tcp);
+        // Probe padding is counted too, as a real transport might: the detector must not
+        // mistake its own probe for application traffic.
+        m.bytes_sent = self.app_bytes() + self.probe_bytes.load(Ordering::Relaxed);
+        m.rtt = Some(s.rtt);
+        m.min_rtt = Some(s.rtt);
+        if s.app_rate > 0 && s.reports_delivery_rate {
+            m.delivery_rate = Some(s.app_rate.min(s.rate));
+        }
+        m
+    }
+
+    fn probe(&self, burst_bytes: u64) -> BoxFuture<'_, Result<PathSample>> {
+        Box::pin(async move {
+            let s = *self.state.lock().unwrap();
+            let busy_for = Duration::from_secs_f64(burst_bytes as f64 / s.rate as f64);
+            tokio::time::sleep(s.rtt + busy_for).await;
+            let used = burst_bytes + PROBE_OVERHEAD;
+            self.probes.lock().unwrap().push((burst_bytes, used));
+            self.probe_bytes.fetch_add(used, Ordering::Relaxed);
+            Ok(PathSample {
+                rtt: s.rtt,
+                delivery_rate: (burst_bytes > 0).then_some(s.rate),
+                bytes_used: used,
+            })
+        })
+    }
+}
+
+fn config(period: Duration) -> DetectorConfig {
+    DetectorConfig {
+        period,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_datacenter_link_is_classified_by_probes() {
+    let link = ScriptedLink::new(Duration::from_micros(100), 10 * GBIT_PER_SEC);
+    let mut det = Detector::new(DetectorConfig::default(), link.clone()).unwrap();
+    let d1 = det.step().await;
+    assert_eq!(d1.reason, Reason::Warmup, "{d1}");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let d2 = det.step().await;
+    assert_eq!(d2.mode, Mode::Datacenter, "{d2}");
+    assert_eq!(d2.source, Some(SampleSource::Probe));
+    assert_eq!(link.bursts().len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn probe_traffic_stays_within_one_percent_of_the_measured_rate() {
+    // (rtt, rate, period): the cap of 4 MiB applies at 10 Gbit/s and 5 s.
+    let cases = [
+        (
+            Duration::from_micros(100),
+            10 * GBIT_PER_SEC,
+            Duration::from_secs(5),
+        ),
+        (
+            Duration::from_micros(500),
+            GBIT_PER_SEC,
+            Duration::from_secs(5),
+        ),
+        (
+            Duration::from_millis(80),
+            GBIT_PER_SEC / 5,
+            Duration::from_secs(5),
+        ),
+        (
+            Duration::from_millis(80),
+            GBIT_PER_SEC / 5,
+            Duration::from_millis(100),
+        ),
+        (
+            Duration::from_millis(30),
+            GBIT_PER_SEC / 100,
+            Duration::from_secs(1),
+        ),
+        (
+            Duration::from_millis(30),
+            GBIT_PER_SEC / 1000,
+            Duration::from_secs(1),
+        ),
+    ];
+    for (rtt, rate, period) in cases {
+        let link = ScriptedLink::new(rtt, rate);
+        let mut det = Detector::new(config(period), link.clone()).unwrap();
+        let periods = 40;
+        for _ in 0..periods {
+            det.step().await;
+            tokio::time::sleep(period).await;
+        }
+        let bursts = link.bursts();
+        assert_eq!(bursts.len(), periods, "one probe per idle period");
+        let one_percent = (0.01 * rate as f64 * period.as_secs_f64()) as u64;
+        let ctx = format!("{rtt:?} {rate} B/s every {period:?}: {bursts:?}");
+        // The first probe runs before any rate is known: the bootstrap burst.
+        assert_eq!(bursts[0].0, 16 * 1024, "{ctx}");
+        for &(burst, used) in &bursts[1..] {
+            assert!(burst <= 4 << 20, "{ctx}");
+            // The ping alone (burst 0) is always allowed.
+            assert!(
+                used <= one_percent.max(PROBE_OVERHEAD),
+                "{used} > {one_percent}: {ctx}"
+            );
+        }
+        let (last_burst, last_used) = *bursts.last().unwrap();
+        let expected = if one_percent > (4 << 20) {
+            4 << 20 // capped at max_burst
+        } else if one_percent < 4096 + PROBE_OVERHEAD {
+            0 // below min_burst: ping only
+        } else {
+            one_percent - PROBE_OVERHEAD
+        };
+        assert_eq!(last_burst, expected, "{ctx}");
+        assert_eq!(det.stats().last_period_bytes, last_used);
+        assert_eq!(
+            det.stats().bytes_total,
+            bursts.iter().map(|b| b.1).sum::<u64>()
+        );
+        println!(
+            "probe overhead, default config except period: rtt {rtt:?}, link {} Mbit/s, period {period:?}: {last_used} bytes/period ({:.3} % of the link)",
+            rate * 8 / 1_000_000,
+            100.0 * last_used as f64 / (rate as f64 * period.as_secs_f64()),
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_busy_link_is_measured_passively_without_probes() {
+    let link = ScriptedLink::new(Duration::from_millis(80), GBIT_PER_SEC / 5);
+    link.set(|s| s.app_rate = GBIT_PER_SEC / 5);
+    let mut det = Detector::new(config(Duration::from_secs(1)), link.clone()).unwrap();
+    det.step().await; // no baseline yet: one bootstrap probe
+    assert_eq!(link.bursts().len(), 1);
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let d = det.step().await;
+        assert_eq!(d.source, Some(SampleSource::Passive), "{d}");
+    }
+    assert_eq!(link.bursts().len(), 1, "no probe while data flows");
+    assert_eq!(det.mode(), Mode::Internet);
+    let d = det.step().await;
+    assert_eq!(d.bandwidth, Some(GBIT_PER_SEC / 5), "{d}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_application_limited_flow_does_not_make_a_fast_path_internet() {
+    // 10 Gbit/s, 0.2 ms, an application sending only 400 Mbit/s, and a transport without a
+    // delivery-rate estimate: the counters give a lower bound, which proves nothing.
+    let link = ScriptedLink::new(Duration::from_micros(200), 10 * GBIT_PER_SEC);
+    link.set(|s| {
+        s.app_rate = GBIT_PER_SEC * 4 / 10;
+        s.reports_delivery_rate = false;
+    });
+    let mut det = Detector::new(config(Duration::from_secs(1)), link.clone()).unwrap();
+    for _ in 0..12 {
+        det.step().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let d = det.step().await;
+    assert_eq!(d.mode, Mode::Datacenter, "{d}");
+    assert_eq!(d.source, Some(SampleSource::Passive));
+    // The bootstrap probe has left the window; the passive samples gave no bandwidth, so
+    // this is an RTT-only datacenter at the RTT-only weight.
+    assert!(d.rtt_only(), "{d}");
+    assert!((d.confidence - 0.75).abs() < 1e-9, "{d}");
+    // Once the application moves 3 Gbit/s, the lower bound is evidence.
+    link.set(|s| s.app_rate = 3 * GBIT_PER_SEC);
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        det.step().await;
+    }
+    let d = det.step().await;
+    assert!(
+        d.bandwidth.unwrap() >= 3 * GBIT_PER_SEC - GBIT_PER_SEC / 100,
+        "{d}"
+    );
+    assert_eq!(d.confidence, 1.0, "{d}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_loop_follows_a_step_within_two_periods_and_publishes_it() {
+    let period = Duration::from_secs(1);
+    let link = ScriptedLink::new(Duration::from_micros(100), 10 * GBIT_PER_SEC);
+    let handle = Detector::new(config(period), link.clone()).unwrap().spawn();
+    let mut modes = handle.subscribe();
+    modes.wait_for(|m| *m == Mode::Datacenter).await.unwrap();
+    // Flip at a point that is not aligned with the ticks.
+    tokio::time::sleep(Duration::from_millis(3_300)).await;
+    let flipped = Instant::now();
+    link.set(|s| {
+        s.rtt = Duration::from_millis(80);
+        s.rate = GBIT_PER_SEC / 5;
+    });
+    modes.wait_for(|m| *m == Mode::Internet).await.unwrap();
+    let took = flipped.elapsed();
+    // Two ticks after the flip, plus the second probe's own duration (RTT + burst).
+    assert!(
+        took <= 2 * period + Duration::from_millis(200),
+        "took {took:?}"
+    );
+    let report = handle.reports().borrow().clone().unwrap();
+    assert_eq!(report.decision.mode, Mode::Internet);
+    assert_eq!(
+        report.decision.reason,
+        Reason::ChangePoint,
+        "{}",
+        report.decision
+    );
+    assert!(report.probe.probes >= 5);
+    assert!(handle.shutdown().await.is_some());
+}
+
+#[tokio::test(start_paused = true)]
+async fn force_mode_through_the_handle_and_back() {
+    let link = ScriptedLink::new(Duration::from_micros(100), 10 * GBIT_PER_SEC);
+    let handle = Detector::new(config(Duration::from_secs(1)), link.clone())
+        .unwrap()
+        .spawn();
+    let mut modes = handle.subscribe();
+    modes.wait_for(|m| *m == Mode::Datacenter).await.unwrap();
+    let d = handle.force_mode(Mode::Internet).await.unwrap();
+    assert_eq!((d.mode, d.reason), (Mode::Internet, Reason::Forced));
+    assert_eq!(
+        handle.mode(),
+        Mode::Internet,
+        "published before force_mode returned"
+    );
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(
+        handle.mode(),
+        Mode::Internet,
+        "the loop keeps the forced mode"
+    );
+    let last = handle.last_decision().unwrap();
+    assert_eq!(
+        (last.reason, last.candidate),
+        (Reason::Forced, Mode::Datacenter)
+    );
+    let d = handle.clear_force().await.unwrap();
+    assert_eq!(
+        (d.mode, d.reason),
+        (Mode::Datacenter, Reason::Switched),
+        "{d}"
+    );
+    assert_eq!(handle.mode(), Mode::Datacenter);
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_the_handle_stops_the_loop() {
+    let link = ScriptedLink::new(Duration::from_micros(100), 10 * GBIT_PER_SEC);
+    let handle = Detector::new(config(Duration::from_millis(100)), link.clone())
+        .unwrap()
+        .spawn();
+    // Between ticks (every 100 ms), when the loop is not inside a probe.
+    tokio::time::sleep(Duration::from_millis(1_050)).await;
+    assert_eq!(Arc::strong_count(&link), 2, "the loop holds the transport");
+    let modes = handle.subscribe();
+    drop(handle);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(
+        Arc::strong_count(&link),
+        1,
+        "the loop ended and released it"
+    );
+    let probes = link.bursts().len();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(link.bursts().len(), probes);
+    assert!(modes.has_changed().is_err(), "the mode channel is closed");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_swapped_transport_is_followed() {
+    // Stands in for amst-hybrid's ArcSwap of the active transport.
+    let dc: Arc<dyn Transport> = ScriptedLink::new(Duration::from_micros(100), 10 * GBIT_PER_SEC);
+    let wan = ScriptedLink::new(Duration::from_millis(80), GBIT_PER_SEC / 5);
+    let active = Arc::new(Mutex::new(Some(dc)));
+    let source = {
+        let active = active.clone();
+        MaybePath(move || active.lock().unwrap().clone())
+    };
+    let mut det = Detector::with_source(config(Duration::from_secs(1)), source).unwrap();
+    for _ in 0..3 {
+        det.step().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert_eq!(det.mode(), Mode::Datacenter);
+    *active.lock().unwrap() = None;
+    let d = det.step().await;
+    assert_eq!(
+        d.mode,
+        Mode::Datacenter,
+        "no transport: the period is skipped"
+    );
+    *active.lock().unwrap() = Some(wan.clone());
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        det.step().await;
+    }
+    assert_eq!(det.mode(), Mode::Internet);
+    assert_eq!(wan.bursts().len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_transport_without_probe_is_measured_passively_only() {
+    // amst-core's in-memory pair has neither RTT nor probe: the detector must cope, asking
+    // for a probe only once.
+    let (a, b) = InMemoryTransport::pair(64);
+    let a: Arc<dyn Transport> = Arc::new(a);
+    let mut det = Detector::new(config(Duration::from_secs(1)), a.clone()).unwrap();
+    for _ in 0..3 {
+        a.send(Bytes::from(vec![0u8; 100_000])).await.unwrap();
+        b.recv().await.unwrap().unwrap();
+        let d = det.step().await;
+        assert_eq!(d.mode, Mode::Hybrid, "no RTT, so nothing to classify: {d}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert_eq!(det.stats().failures, 0);
+    assert_eq!(det.stats().probes, 0);
+}
