@@ -7,8 +7,9 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("ci") => ci(),
+        Some("fuzz") => fuzz(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask ci");
+            eprintln!("usage: cargo xtask ci | fuzz [--time SECONDS] [--build-only]");
             return ExitCode::from(2);
         }
     };
@@ -52,6 +53,80 @@ fn ci() -> Result<(), String> {
     )?;
     run("cargo", &["test", "--doc", "--workspace", "--all-features"])?;
     Ok(())
+}
+
+/// Builds every cargo-fuzz target and runs each for `--time` seconds (default 60). cargo-fuzz
+/// needs nightly flags; `RUSTC_BOOTSTRAP=1` lets the stable toolchain accept them.
+fn fuzz(args: &[String]) -> Result<(), String> {
+    let mut seconds = 60u64;
+    let mut build_only = false;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--time" => {
+                let v = it.next().ok_or("--time needs a number of seconds")?;
+                seconds = v
+                    .parse()
+                    .map_err(|_| format!("--time: {v:?} is not a number of seconds"))?;
+            }
+            "--build-only" => build_only = true,
+            other => return Err(format!("fuzz: unknown argument {other:?}")),
+        }
+    }
+    if Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .map_or(true, |o| !o.status.success())
+    {
+        run("cargo", &["install", "--locked", "cargo-fuzz"])?;
+    }
+    let root = std::env::current_dir().map_err(|e| e.to_string())?;
+    let target_dir = root.join("target/fuzz");
+    let fuzz_cmd = |extra: &[&str]| -> Result<std::process::Output, String> {
+        Command::new("cargo")
+            .arg("fuzz")
+            .args(extra)
+            .current_dir(root.join("fuzz"))
+            .env("RUSTC_BOOTSTRAP", "1")
+            .env("CARGO_TARGET_DIR", &target_dir)
+            .output()
+            .map_err(|e| format!("could not start cargo fuzz: {e}"))
+    };
+    eprintln!("+ cargo fuzz build -O");
+    let built = fuzz_cmd(&["build", "-O"])?;
+    if !built.status.success() {
+        return Err(format!(
+            "cargo fuzz build failed:\n{}",
+            String::from_utf8_lossy(&built.stderr)
+        ));
+    }
+    if build_only {
+        return Ok(());
+    }
+    let list = fuzz_cmd(&["list"])?;
+    let targets = String::from_utf8_lossy(&list.stdout).to_string();
+    let mut failed = Vec::new();
+    for target in targets.lines().map(str::trim).filter(|t| !t.is_empty()) {
+        let time = format!("-max_total_time={seconds}");
+        eprintln!("+ cargo fuzz run -O {target} -- {time}");
+        let out = fuzz_cmd(&["run", "-O", target, "--", &time])?;
+        let log = String::from_utf8_lossy(&out.stderr);
+        let done = log
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("Done "))
+            .unwrap_or("no summary line");
+        println!("{target}: {done}");
+        if !out.status.success() {
+            eprintln!("{log}");
+            failed.push(target.to_string());
+        }
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("fuzz targets crashed: {}", failed.join(", ")))
+    }
 }
 
 fn run(program: &str, args: &[&str]) -> Result<(), String> {
