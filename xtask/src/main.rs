@@ -29,30 +29,62 @@ const LINK_TESTS: &str = "package(amst-linkem) | binary(/linkem/) | test(/linkem
 /// Everything CI checks, in the order that fails fastest.
 fn ci() -> Result<(), String> {
     run("cargo", &["fmt", "--all", "--", "--check"])?;
-    run(
-        "cargo",
-        &[
-            "clippy",
-            "--workspace",
-            "--all-targets",
-            "--all-features",
-            "--",
-            "-D",
-            "warnings",
-        ],
-    )?;
-    run(
-        "cargo",
-        &[
+    let clippy = [
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--all-features",
+        "--",
+        "-D",
+        "warnings",
+    ];
+    run("cargo", &clippy)?;
+    // Emulated-link tests time real traffic, so they run alone after everything else.
+    let mut failures = Vec::new();
+    let passes = [
+        (
+            "unit and loopback tests",
+            format!("not ({LINK_TESTS})"),
+            None,
+        ),
+        (
+            "emulated-link tests, one at a time",
+            LINK_TESTS.to_string(),
+            Some("1"),
+        ),
+    ];
+    for (pass, filter, threads) in &passes {
+        eprintln!("== {pass}");
+        let mut args = vec![
             "nextest",
             "run",
             "--workspace",
             "--all-features",
-            "--no-fail-fast",
-        ],
-    )?;
-    run("cargo", &["test", "--doc", "--workspace", "--all-features"])?;
-    Ok(())
+            "--profile",
+            "ci",
+            "--no-tests",
+            "pass",
+            "-E",
+            filter,
+        ];
+        if let Some(t) = threads {
+            args.extend(["--test-threads", t]);
+        }
+        if let Err(e) = run("cargo", &args) {
+            failures.push(e);
+        }
+    }
+    if let Err(e) = run("cargo", &["test", "--doc", "--workspace", "--all-features"]) {
+        failures.push(e);
+    }
+    if let Err(e) = fuzz(&["--build-only".to_string()]) {
+        failures.push(e);
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(failures.join("\n"))
+    }
 }
 
 /// Builds every cargo-fuzz target and runs each for `--time` seconds (default 60). cargo-fuzz
