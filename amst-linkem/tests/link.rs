@@ -159,9 +159,8 @@ fn loss_rate_over_100k_packets_is_one_percent() {
     let link = LinkEm::builder().loss(0.01).start().unwrap();
     let dst = SocketAddr::from((link.right().addr(), 9000));
     let rx = link.right().run(|| UdpSocket::bind(dst)).unwrap();
-    set_rcvbuf(&rx, 16 << 20);
-    rx.set_read_timeout(Some(Duration::from_millis(500)))
-        .unwrap();
+    set_rcvbuf(&rx, 128 << 20);
+    rx.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
     let tx = link
         .left()
         .run(|| UdpSocket::bind((link.left().addr(), 0)))
@@ -187,16 +186,25 @@ fn loss_rate_over_100k_packets_is_one_percent() {
     let mut payload = [0u8; 32];
     for seq in 0..N {
         payload[..4].copy_from_slice(&seq.to_le_bytes());
-        tx.send_to(&payload, dst).unwrap();
+        // A starved forwarder can fill the TUN queue (ENOBUFS): wait and retry, bounded.
+        let mut tries = 0;
+        while let Err(e) = tx.send_to(&payload, dst) {
+            tries += 1;
+            assert!(tries < 1000, "send keeps failing: {e}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
         // Pace to stay well inside the forwarder's and the receiver's capacity, so that
         // only the configured loss drops packets.
-        if seq % 64 == 63 {
+        if seq % 32 == 31 {
             std::thread::sleep(Duration::from_micros(500));
         }
     }
     let received = receiver.join().unwrap();
     let c = link.counters().left_to_right;
-    let loss = 1.0 - received as f64 / N as f64;
+    // Packets the kernel dropped before the emulator read them (a starved forwarder on a
+    // busy machine) never entered the link; they are reported, not counted as link loss.
+    let entered = N as u64 - c.dropped_tun;
+    let loss = 1.0 - received as f64 / entered as f64;
     eprintln!(
         "received {received}/{N}, loss {:.3}%, counters {c:?}",
         loss * 100.0
