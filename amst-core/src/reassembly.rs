@@ -300,6 +300,14 @@ impl Reassembler {
         self.duplicates
     }
 
+    /// Whether [`pop`](Self::pop) would return a message now; cheap, so a reader can decide
+    /// whether to wake the application without building an ack.
+    pub fn has_message(&self) -> bool {
+        self.complete
+            .front()
+            .is_some_and(|(id, _)| *id == self.next_pop)
+    }
+
     /// Whether nothing is buffered or half-received.
     pub fn is_idle(&self) -> bool {
         self.partial.is_empty() && self.complete.is_empty()

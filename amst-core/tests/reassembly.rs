@@ -281,3 +281,22 @@ fn acks_for_data_never_sent_are_rejected() {
         Err(amst_core::Error::MessageTooLarge { .. })
     ));
 }
+
+#[test]
+fn has_message_tracks_what_pop_would_return() {
+    let mut rx = Reassembler::new(ReassemblyConfig::default());
+    let msg = Bytes::from_static(b"0123456789");
+    // Message 1 arrives whole before message 0 is complete: nothing is poppable yet.
+    rx.insert(DataChunk::new(10, 1, 0, 3, Bytes::from_static(b"abc")))
+        .unwrap();
+    assert!(!rx.has_message());
+    rx.insert(DataChunk::new(0, 0, 0, 10, msg.slice(..4))).unwrap();
+    assert!(!rx.has_message());
+    rx.insert(DataChunk::new(4, 0, 4, 10, msg.slice(4..))).unwrap();
+    assert!(rx.has_message());
+    assert_eq!(rx.pop(), Some(msg));
+    assert!(rx.has_message());
+    assert_eq!(rx.pop().as_deref(), Some(&b"abc"[..]));
+    assert!(!rx.has_message());
+    assert_eq!(rx.pop(), None);
+}

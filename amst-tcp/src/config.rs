@@ -1,0 +1,206 @@
+//! Configuration: the two profiles from the seed, and every knob they set.
+
+use std::time::Duration;
+
+use amst_core::codec::{PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, Psk};
+use amst_core::{Error, Result};
+
+/// Smallest chunk the adaptive tuner picks.
+pub const MIN_CHUNK: usize = 16 << 10;
+/// Largest chunk the adaptive tuner picks.
+pub const MAX_CHUNK: usize = 512 << 10;
+
+/// Which preset a configuration started from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Profile {
+    /// A long or lossy path: 4–16 paced streams under BBR.
+    Internet,
+    /// A short, fast path: 32–512 streams under CUBIC, large chunks.
+    Datacenter,
+}
+
+/// The kernel congestion control asked for on every stream (`TCP_CONGESTION`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Congestion {
+    /// BBR: model-based, tolerant of random loss.
+    Bbr,
+    /// CUBIC: the Linux default, loss-based.
+    Cubic,
+}
+
+impl Congestion {
+    /// The kernel's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Congestion::Bbr => "bbr",
+            Congestion::Cubic => "cubic",
+        }
+    }
+}
+
+/// Everything a [`TcpTransport`](crate::TcpTransport) or [`TcpListener`](crate::TcpListener)
+/// needs. Start from [`TcpConfig::internet`] or [`TcpConfig::datacenter`] and override fields.
+#[derive(Clone, Debug)]
+pub struct TcpConfig {
+    /// The preset this configuration started from.
+    pub profile: Profile,
+    /// Streams the client opens at connect.
+    pub streams: usize,
+    /// The adaptive tuner never goes below this many streams.
+    pub min_streams: usize,
+    /// The adaptive tuner never goes above this many; the server refuses more per session.
+    pub max_streams: usize,
+    /// Kernel congestion control per stream; a kernel without it falls back with a warning.
+    pub congestion: Congestion,
+    /// Cap each stream's kernel pacing rate (`SO_MAX_PACING_RATE`) at the aggregate model's
+    /// pacing rate divided by the stream count.
+    pub pacing: bool,
+    /// Initial chunk payload size in bytes.
+    pub chunk_size: usize,
+    /// Let the transport tune the stream count and chunk size from measurements (client side;
+    /// the server follows the streams the client opens).
+    pub adaptive: bool,
+    /// The pre-shared key both sides prove they hold before any data is accepted.
+    pub psk: Psk,
+    /// Bytes the peer may send beyond what the application has taken (the credit window).
+    pub receive_window: u64,
+    /// Bytes `send` accepts into the queue before it waits for the writers to catch up.
+    pub send_queue: u64,
+    /// Largest message accepted, either way.
+    pub max_message: u64,
+    /// How long a connecting stream has to complete the handshake.
+    pub handshake_timeout: Duration,
+    /// Unacknowledged chunks older than this (or 8 RTTs, if longer) are sent again on other
+    /// streams.
+    pub stall_timeout: Duration,
+    /// A session with no live stream for this long fails (the client keeps re-dialling until
+    /// then).
+    pub reconnect_timeout: Duration,
+    /// TCP keepalive idle time; `None` turns keepalive off.
+    pub keepalive: Option<Duration>,
+    /// `SO_SNDBUF` override; `None` leaves kernel autotuning on.
+    pub send_buffer_size: Option<usize>,
+    /// `SO_RCVBUF` override; `None` leaves kernel autotuning on.
+    pub recv_buffer_size: Option<usize>,
+    /// `TCP_NOTSENT_LOWAT`: unsent bytes the kernel may hold per stream. Small values keep
+    /// the kernel queue short, so a slow stream takes fewer chunks.
+    pub notsent_lowat: Option<u32>,
+    /// How often `TCP_INFO` is sampled, stalls are checked and the model is updated.
+    pub sample_period: Duration,
+    /// How often the adaptive tuner may change the stream count or chunk size.
+    pub adapt_period: Duration,
+    /// Most concurrent sessions a listener serves.
+    pub max_sessions: usize,
+    /// Protocol versions offered or accepted; for compatibility tests.
+    #[doc(hidden)]
+    pub versions: (u16, u16),
+}
+
+impl TcpConfig {
+    /// The internet profile: 8 streams (4–16), BBR, pacing on, 128 KiB chunks.
+    pub fn internet(psk: Psk) -> Self {
+        TcpConfig {
+            profile: Profile::Internet,
+            streams: 8,
+            min_streams: 4,
+            max_streams: 16,
+            congestion: Congestion::Bbr,
+            pacing: true,
+            chunk_size: 128 << 10,
+            adaptive: true,
+            psk,
+            receive_window: 64 << 20,
+            send_queue: 32 << 20,
+            max_message: 1 << 30,
+            handshake_timeout: Duration::from_secs(10),
+            stall_timeout: Duration::from_secs(3),
+            reconnect_timeout: Duration::from_secs(30),
+            keepalive: Some(Duration::from_secs(15)),
+            send_buffer_size: None,
+            recv_buffer_size: None,
+            notsent_lowat: Some(256 << 10),
+            sample_period: Duration::from_millis(100),
+            adapt_period: Duration::from_secs(1),
+            max_sessions: 1024,
+            versions: (PROTOCOL_VERSION_MIN, PROTOCOL_VERSION_MAX),
+        }
+    }
+
+    /// The datacenter profile: 64 streams (32–512), CUBIC, no pacing, 512 KiB chunks.
+    pub fn datacenter(psk: Psk) -> Self {
+        TcpConfig {
+            profile: Profile::Datacenter,
+            streams: 64,
+            min_streams: 32,
+            max_streams: 512,
+            congestion: Congestion::Cubic,
+            pacing: false,
+            chunk_size: 512 << 10,
+            receive_window: 256 << 20,
+            send_queue: 64 << 20,
+            stall_timeout: Duration::from_secs(1),
+            reconnect_timeout: Duration::from_secs(10),
+            notsent_lowat: Some(1 << 20),
+            ..TcpConfig::internet(psk)
+        }
+    }
+
+    /// Sets the stream count at connect and widens the bounds to include it.
+    pub fn with_streams(mut self, streams: usize) -> Self {
+        self.streams = streams;
+        self.min_streams = self.min_streams.min(streams);
+        self.max_streams = self.max_streams.max(streams);
+        self
+    }
+
+    /// Checks that the values make sense together.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field, reason: String| Err(Error::Config { field, reason });
+        if self.min_streams == 0 || self.min_streams > self.max_streams {
+            return bad(
+                "min_streams",
+                format!(
+                    "is {} with max_streams {}; need 1 <= min <= max",
+                    self.min_streams, self.max_streams
+                ),
+            );
+        }
+        if self.streams < self.min_streams || self.streams > self.max_streams {
+            return bad(
+                "streams",
+                format!(
+                    "is {}; must lie within min_streams {} and max_streams {}",
+                    self.streams, self.min_streams, self.max_streams
+                ),
+            );
+        }
+        if self.max_streams > u16::MAX as usize {
+            return bad(
+                "max_streams",
+                format!("is {}; at most 65535", self.max_streams),
+            );
+        }
+        if !(1..=(4 << 20)).contains(&self.chunk_size) {
+            return bad(
+                "chunk_size",
+                format!("is {}; must be 1..=4 MiB", self.chunk_size),
+            );
+        }
+        if self.receive_window < self.chunk_size as u64 {
+            return bad(
+                "receive_window",
+                format!(
+                    "is {}; must hold at least one chunk ({})",
+                    self.receive_window, self.chunk_size
+                ),
+            );
+        }
+        if self.send_queue == 0 {
+            return bad("send_queue", "is 0".into());
+        }
+        if self.sample_period.is_zero() {
+            return bad("sample_period", "is 0".into());
+        }
+        Ok(())
+    }
+}

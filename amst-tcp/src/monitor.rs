@@ -1,0 +1,233 @@
+//! The session's housekeeping task: delayed acks, `TCP_INFO` sampling, stall detection, the
+//! pacing model and the adaptive tuner.
+
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tokio::time::MissedTickBehavior;
+use tracing::{info, warn};
+
+use crate::pacing::Pacer;
+use crate::session::{ACK_DELAY, Role, Shared, hex, lock};
+use crate::sockopt;
+use crate::tuner::{self, Aggregate, TunerBounds};
+
+/// Kernel counters summed over the live streams, keyed by path so that a stream that
+/// disappears does not make the sums go backwards.
+#[derive(Default)]
+struct Totals {
+    per_path: std::collections::HashMap<u32, (u64, u64, u64)>,
+}
+
+impl Totals {
+    /// Returns the growth of (acked, retransmitted, sent) since the last call.
+    fn delta(&mut self, now: &[(u32, sockopt::TcpInfo)]) -> (u64, u64, u64) {
+        let mut d = (0, 0, 0);
+        let mut next = std::collections::HashMap::with_capacity(now.len());
+        for (path, info) in now {
+            let cur = (info.bytes_acked, info.bytes_retrans, info.bytes_sent);
+            let prev = self.per_path.get(path).copied().unwrap_or((0, 0, 0));
+            d.0 += cur.0.saturating_sub(prev.0);
+            d.1 += cur.1.saturating_sub(prev.1);
+            d.2 += cur.2.saturating_sub(prev.2);
+            next.insert(*path, cur);
+        }
+        self.per_path = next;
+        d
+    }
+}
+
+pub(crate) async fn run(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(shared.config.sample_period);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut totals = Totals::default();
+    let mut period = Aggregate::default();
+    let mut last_sample = Instant::now();
+    let mut last_adapt = Instant::now();
+    let mut pacer = shared
+        .config
+        .pacing
+        .then(|| Pacer::new(shared.config.congestion, Instant::now()));
+    let mut app_limited = false;
+    loop {
+        tokio::select! {
+            _ = shared.ack_timer.notified() => {
+                tokio::time::sleep(ACK_DELAY).await;
+                shared.delayed_ack();
+                continue;
+            }
+            _ = tick.tick() => {}
+        }
+        let now = Instant::now();
+        let infos = sample(&shared);
+        let (acked, retrans, sent) = totals.delta(&infos);
+        let interval = now.saturating_duration_since(last_sample);
+        last_sample = now;
+        let (min_rtt, srtt) = rtts(&infos);
+        let starved = {
+            let tx = lock(&shared.tx);
+            !tx.sb.has_sendable() && tx.sb.queued_bytes() == 0
+        };
+        app_limited |= starved;
+
+        check_stalls(&shared, now, srtt);
+
+        if let Some(p) = pacer.as_mut() {
+            let sample = Aggregate {
+                delivered: acked,
+                retransmitted: retrans,
+                sent,
+                interval,
+                min_rtt,
+                srtt,
+                streams: infos.len(),
+                chunk: shared.chunk_size.load(Ordering::Relaxed),
+                app_limited: starved,
+            };
+            if let Some(rate) = p.on_sample(now, &sample) {
+                apply_pacing(&shared, rate);
+            }
+        }
+
+        period.delivered += acked;
+        period.retransmitted += retrans;
+        period.sent += sent;
+        if shared.config.adaptive
+            && matches!(shared.role, Role::Client { .. })
+            && now.saturating_duration_since(last_adapt) >= shared.config.adapt_period
+        {
+            period.interval = now.saturating_duration_since(last_adapt);
+            period.min_rtt = min_rtt;
+            period.srtt = srtt;
+            period.streams = shared.stream_count();
+            period.chunk = shared.chunk_size.load(Ordering::Relaxed);
+            period.app_limited = app_limited;
+            adapt(&shared, &period);
+            period = Aggregate::default();
+            app_limited = false;
+            last_adapt = now;
+        }
+    }
+}
+
+/// Reads `TCP_INFO` of every stream, stores it for `stream_stats`, and publishes the
+/// aggregate estimates for `metrics`.
+fn sample(shared: &Shared) -> Vec<(u32, sockopt::TcpInfo)> {
+    let socks: Vec<_> = lock(&shared.streams)
+        .iter()
+        .map(|e| (e.path, e.sock.clone(), e.ctl.clone()))
+        .collect();
+    let mut out = Vec::with_capacity(socks.len());
+    let mut rate = 0u64;
+    for (path, sock, ctl) in socks {
+        match sockopt::tcp_info(sock.as_raw_fd()) {
+            Ok(info) => {
+                *lock(&ctl.info) = Some(info);
+                rate += info.delivery_rate;
+                out.push((path, info));
+            }
+            Err(e) => warn!(path, error = %e, "TCP_INFO failed"),
+        }
+    }
+    let (min_rtt, srtt) = rtts(&out);
+    shared.delivery_rate.store(rate, Ordering::Relaxed);
+    let us = |d: Option<Duration>| d.map_or(0, |d| d.as_micros().max(1) as u64);
+    shared.min_rtt_us.store(us(min_rtt), Ordering::Relaxed);
+    shared.srtt_us.store(us(srtt), Ordering::Relaxed);
+    out
+}
+
+fn rtts(infos: &[(u32, sockopt::TcpInfo)]) -> (Option<Duration>, Option<Duration>) {
+    let live: Vec<_> = infos.iter().filter(|(_, i)| !i.rtt.is_zero()).collect();
+    if live.is_empty() {
+        return (None, None);
+    }
+    let min = live
+        .iter()
+        .map(|(_, i)| i.min_rtt)
+        .filter(|d| !d.is_zero())
+        .min();
+    let mean = live.iter().map(|(_, i)| i.rtt).sum::<Duration>() / live.len() as u32;
+    (min, Some(mean))
+}
+
+/// Chunks unacknowledged for longer than the stall timeout (or 8 RTTs) are sent again on
+/// whichever streams are moving; the receiver drops the copy that loses the race.
+fn check_stalls(shared: &Shared, now: Instant, srtt: Option<Duration>) {
+    let timeout = shared
+        .config
+        .stall_timeout
+        .max(srtt.unwrap_or_default() * 8);
+    let requeued = {
+        let mut tx = lock(&shared.tx);
+        match tx.sb.oldest_unacked_sent_at() {
+            Some(t) if now.saturating_duration_since(t) >= timeout => {
+                tx.sb.requeue_older_than(now, timeout)
+            }
+            _ => 0,
+        }
+    };
+    if requeued > 0 {
+        info!(
+            session = %hex(&shared.session_id), requeued, timeout_ms = timeout.as_millis() as u64,
+            "chunks stalled past the timeout; resending on other streams"
+        );
+        shared.tx_wake.notify_one();
+    }
+}
+
+/// Caps every stream's kernel pacing at the aggregate rate divided by the stream count.
+fn apply_pacing(shared: &Shared, aggregate: u64) {
+    shared.pacing_rate.store(aggregate, Ordering::Relaxed);
+    let socks: Vec<_> = lock(&shared.streams)
+        .iter()
+        .map(|e| (e.path, e.sock.clone()))
+        .collect();
+    let Some(per) = shared.per_stream_pacing(socks.len()) else {
+        return;
+    };
+    for (path, sock) in socks {
+        match sockopt::set_max_pacing_rate(sock.as_raw_fd(), per) {
+            Ok(got) if got != per => {
+                warn!(
+                    path,
+                    want = per,
+                    got,
+                    "SO_MAX_PACING_RATE read back differs"
+                )
+            }
+            Ok(_) => {}
+            Err(e) => warn!(path, error = %e, "SO_MAX_PACING_RATE refused"),
+        }
+    }
+}
+
+fn adapt(shared: &Arc<Shared>, period: &Aggregate) {
+    let bounds = TunerBounds {
+        min_streams: shared.config.min_streams,
+        max_streams: shared.config.max_streams,
+        congestion: shared.config.congestion,
+    };
+    let d = tuner::decide(period, &bounds);
+    if let Some(chunk) = d.chunk {
+        let old = shared.chunk_size.swap(chunk, Ordering::Relaxed);
+        info!(session = %hex(&shared.session_id), old, new = chunk, reason = %d.reason, "chunk size adapted");
+    }
+    if let Some(want) = d.streams {
+        let now = shared.stream_count();
+        info!(session = %hex(&shared.session_id), from = now, to = want, reason = %d.reason, "stream count adapted");
+        shared.target_streams.store(want, Ordering::Relaxed);
+        if want > now {
+            for _ in now..want {
+                let me = shared.clone();
+                shared.spawn_task(async move { me.grow().await });
+            }
+        } else {
+            for _ in want..now {
+                shared.shrink();
+            }
+        }
+    }
+}

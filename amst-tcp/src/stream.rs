@@ -1,0 +1,394 @@
+//! The two tasks of every stream.
+//!
+//! The writer pulls the next chunks from the shared send buffer whenever its socket has room
+//! (`TCP_NOTSENT_LOWAT` keeps that room small), so a fast stream takes more chunks than a slow
+//! one: work stealing, not round-robin. Headers and payloads go out in one vectored write, the
+//! payload never copied. The reader decodes frames in place and hands data chunks to the
+//! reassembler; every chunk lands in a buffer reserved once for the whole frame.
+
+use std::io::{self, IoSlice};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use amst_core::codec::{Close, CloseCode, DATA_HEADER_LEN, DataChunk, Decoder, Frame, Pong};
+use amst_core::{Inserted, PathId};
+use bytes::BytesMut;
+use tokio::net::TcpStream;
+use tracing::{debug, trace};
+
+use crate::session::{Fatal, Shared, lock};
+use crate::stats::StreamCtl;
+
+/// Most chunks batched into one vectored write (small messages).
+const MAX_BATCH: usize = 64;
+/// Read buffer for control traffic and small frames.
+const SMALL_READ: usize = 64 << 10;
+
+/// Runs a stream's writer until the stream ends; reports the end to the session.
+pub(crate) async fn writer(
+    shared: Arc<Shared>,
+    path: PathId,
+    ctl: Arc<StreamCtl>,
+    stream: Arc<TcpStream>,
+) {
+    let result = write_loop(&shared, path, &ctl, &stream).await;
+    match result {
+        Ok(()) => {
+            // Stopped on purpose: the reader ends the stream when the peer's FIN arrives.
+            trace!(path, "writer finished");
+        }
+        Err(e) => {
+            let quiet = {
+                let life = lock(&shared.life);
+                life.closing || life.peer_closed || life.closed
+            };
+            if quiet {
+                // The session is closing and we half-closed: the reader ends the stream.
+                return;
+            }
+            debug!(path, error = %e, "stream write failed");
+            shared.stream_ended(path, ctl.stopping(), &format!("write failed: {e}"));
+        }
+    }
+}
+
+async fn write_loop(
+    shared: &Shared,
+    path: PathId,
+    ctl: &StreamCtl,
+    stream: &TcpStream,
+) -> io::Result<()> {
+    let mut control = BytesMut::with_capacity(4096);
+    let mut batch: Vec<DataChunk> = Vec::with_capacity(MAX_BATCH);
+    let mut headers: Vec<[u8; DATA_HEADER_LEN]> = Vec::with_capacity(MAX_BATCH);
+    loop {
+        let woken = shared.tx_wake.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        let stream_woken = ctl.wake.notified();
+        tokio::pin!(stream_woken);
+        stream_woken.as_mut().enable();
+
+        control.clear();
+        let took_queued = shared.take_control(&mut control);
+        batch.clear();
+        let stopping = ctl.stopping();
+        if !stopping {
+            take_chunks(shared, path, &mut batch);
+        }
+        if stopping && batch.is_empty() {
+            Frame::Close(Close::new(CloseCode::StreamClosed, "stream removed"))
+                .encode(&mut control);
+            write_all(stream, &control, &[], &[]).await?;
+            stream_shutdown_write(stream);
+            return Ok(());
+        }
+        if control.is_empty() && batch.is_empty() {
+            tokio::select! {
+                _ = &mut woken => {}
+                _ = &mut stream_woken => {}
+            }
+            continue;
+        }
+        headers.clear();
+        headers.extend(batch.iter().map(DataChunk::encode_header));
+        write_all(stream, &control, &headers, &batch).await?;
+        if let Some(gen_) = took_queued {
+            shared.ctrl_written_gen.fetch_max(gen_, Ordering::AcqRel);
+            shared.ctrl_written.notify_waiters();
+        }
+        let bytes: u64 = batch.iter().map(|c| c.payload.len() as u64).sum();
+        if !batch.is_empty() {
+            ctl.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
+            ctl.chunks_sent
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            shared.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Takes up to one chunk's worth of data (several chunks when they are small) from the send
+/// buffer, recording that it goes out on `path`.
+fn take_chunks(shared: &Shared, path: PathId, batch: &mut Vec<DataChunk>) {
+    let max = shared.chunk_size.load(Ordering::Relaxed);
+    let now = Instant::now();
+    let more = {
+        let mut tx = lock(&shared.tx);
+        let mut bytes = 0usize;
+        while batch.len() < MAX_BATCH && bytes < max {
+            let Some(out) = tx.sb.next_chunk(max) else {
+                break;
+            };
+            tx.sb.on_sent(&out.chunk, path, now);
+            bytes += out.chunk.payload.len();
+            batch.push(out.chunk);
+        }
+        tx.sb.has_sendable()
+    };
+    if !batch.is_empty() {
+        shared.space.notify_waiters();
+    }
+    if more {
+        // Someone else can take the rest while we write.
+        shared.tx_wake.notify_one();
+    }
+}
+
+/// Writes control bytes, then each header followed by its payload, with as few syscalls as
+/// the socket allows.
+async fn write_all(
+    stream: &TcpStream,
+    control: &[u8],
+    headers: &[[u8; DATA_HEADER_LEN]],
+    chunks: &[DataChunk],
+) -> io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(1 + 2 * chunks.len());
+    if !control.is_empty() {
+        slices.push(IoSlice::new(control));
+    }
+    for (h, c) in headers.iter().zip(chunks) {
+        slices.push(IoSlice::new(h));
+        if !c.payload.is_empty() {
+            slices.push(IoSlice::new(&c.payload));
+        }
+    }
+    let mut rest: &mut [IoSlice<'_>] = &mut slices;
+    while !rest.is_empty() {
+        match stream.try_write_vectored(rest) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn stream_shutdown_write(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write);
+}
+
+/// How a reader ended.
+enum ReadEnd {
+    /// The peer half-closed; graceful if the stream was being removed or the session closed.
+    Eof,
+    /// The session failed; already reported.
+    Fatal,
+}
+
+/// Runs a stream's reader until the stream ends; reports the end to the session.
+pub(crate) async fn reader(
+    shared: Arc<Shared>,
+    path: PathId,
+    ctl: Arc<StreamCtl>,
+    stream: Arc<TcpStream>,
+    leftover: BytesMut,
+) {
+    match read_loop(&shared, path, &ctl, &stream, leftover).await {
+        Ok(ReadEnd::Eof) => {
+            let graceful = ctl.stopping();
+            shared.stream_ended(path, graceful, "peer closed the stream");
+        }
+        Ok(ReadEnd::Fatal) => {}
+        Err(e) => shared.stream_ended(path, false, &format!("read failed: {e}")),
+    }
+}
+
+async fn read_loop(
+    shared: &Arc<Shared>,
+    path: PathId,
+    ctl: &StreamCtl,
+    stream: &TcpStream,
+    mut buf: BytesMut,
+) -> io::Result<ReadEnd> {
+    let decoder = Decoder::new(shared.limits);
+    // The size of the last data frame: a fresh buffer of that size takes the next frame
+    // whole, so large chunks are never copied after the kernel's copy.
+    let mut hint = SMALL_READ;
+    let mut frames: Vec<Frame> = Vec::new();
+    loop {
+        // Decode what we have; stop at the first incomplete frame.
+        loop {
+            match decoder.decode(&mut buf) {
+                Ok(Some(f)) => frames.push(f),
+                Ok(None) => break,
+                Err(e) => {
+                    shared.fail(Fatal::Protocol(e));
+                    return Ok(ReadEnd::Fatal);
+                }
+            }
+        }
+        if !frames.is_empty() && !handle_frames(shared, path, ctl, &mut frames) {
+            return Ok(ReadEnd::Fatal);
+        }
+        // Make room: exactly the rest of a known frame, or a fresh buffer for the next.
+        let want = match decoder.frame_len(&buf) {
+            Ok(Some(n)) => n,
+            Ok(None) => hint,
+            Err(e) => {
+                shared.fail(Fatal::Protocol(e));
+                return Ok(ReadEnd::Fatal);
+            }
+        };
+        if want > SMALL_READ {
+            hint = want;
+        }
+        if buf.capacity() < want {
+            buf.reserve(want - buf.len());
+        }
+        match stream.try_read_buf(&mut buf) {
+            Ok(0) => {
+                if buf.is_empty() {
+                    return Ok(ReadEnd::Eof);
+                }
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("stream ended inside a frame ({} bytes pending)", buf.len()),
+                ));
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.readable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Applies decoded frames; returns false if the session failed.
+fn handle_frames(
+    shared: &Arc<Shared>,
+    path: PathId,
+    ctl: &StreamCtl,
+    frames: &mut Vec<Frame>,
+) -> bool {
+    // Data first, under one lock.
+    let mut data_bytes = 0u64;
+    let mut data_chunks = 0u64;
+    if frames.iter().any(|f| matches!(f, Frame::Data(_))) {
+        let mut rx = lock(&shared.rx);
+        let mut err = None;
+        for f in frames.iter_mut() {
+            let Frame::Data(chunk) = f else { continue };
+            let len = chunk.payload.len() as u64;
+            data_bytes += len;
+            data_chunks += 1;
+            let chunk = std::mem::replace(
+                chunk,
+                DataChunk {
+                    session_offset: 0,
+                    msg_id: 0,
+                    msg_offset: 0,
+                    msg_len: 0,
+                    crc: 0,
+                    payload: bytes::Bytes::new(),
+                },
+            );
+            match rx.reasm.insert(chunk) {
+                Ok(Inserted::New) => {
+                    rx.bytes_since_ack += len;
+                    rx.chunks_since_ack += 1;
+                }
+                Ok(Inserted::Duplicate) => {
+                    // The sender resent it (a stream died); ack so it stops.
+                    rx.chunks_since_ack += 1;
+                }
+                Err(e) => {
+                    err = Some(e);
+                    break;
+                }
+            }
+        }
+        let buffered = rx.reasm.buffered_bytes();
+        rx.peak = rx.peak.max(buffered);
+        let ready = rx.reasm.has_message();
+        shared.after_rx_change(&rx);
+        drop(rx);
+        if let Some(e) = err {
+            frames.clear();
+            shared.fail(Fatal::Protocol(e));
+            return false;
+        }
+        if ready {
+            shared.rx_wake.notify_waiters();
+        }
+        ctl.bytes_received.fetch_add(data_bytes, Ordering::Relaxed);
+        ctl.chunks_received
+            .fetch_add(data_chunks, Ordering::Relaxed);
+        shared
+            .bytes_received
+            .fetch_add(data_bytes, Ordering::Relaxed);
+    }
+    for f in frames.drain(..) {
+        match f {
+            Frame::Data(_) => {}
+            Frame::Ack(ack) => {
+                let res = lock(&shared.tx).sb.on_ack(&ack);
+                match res {
+                    Ok(out) => {
+                        if out.newly_acked_bytes > 0 || out.messages_acked > 0 {
+                            shared.acked.notify_waiters();
+                            shared.space.notify_waiters();
+                        }
+                    }
+                    Err(e) => {
+                        shared.fail(Fatal::Protocol(e));
+                        return false;
+                    }
+                }
+            }
+            Frame::Credit(c) => {
+                lock(&shared.tx).sb.on_credit(c);
+                shared.tx_wake.notify_one();
+            }
+            Frame::Ping(p) => {
+                shared.queue_frame(Frame::Pong(Pong {
+                    id: p.id,
+                    timestamp_ns: p.timestamp_ns,
+                }));
+            }
+            Frame::Pong(p) => {
+                if let Some(tx) = lock(&shared.pings).remove(&p.id) {
+                    let _ = tx.send(Instant::now());
+                }
+            }
+            Frame::Close(c) => match c.code {
+                CloseCode::StreamClosed => {
+                    // The peer removes this stream: answer in kind once our writer is done.
+                    trace!(path, "peer closes the stream");
+                    ctl.request_stop();
+                }
+                CloseCode::Normal => {
+                    let streams: Vec<_> = {
+                        let mut life = lock(&shared.life);
+                        life.peer_closed = true;
+                        lock(&shared.streams)
+                            .iter()
+                            .map(|e| e.sock.clone())
+                            .collect()
+                    };
+                    debug!(path, "peer closed the session");
+                    // Nothing more will be sent either way: half-close so its readers end.
+                    for s in streams {
+                        let _ = s.shutdown(std::net::Shutdown::Write);
+                    }
+                    shared.wake_all();
+                }
+                code => {
+                    shared.fail(Fatal::PeerClosed {
+                        code,
+                        reason: c.reason,
+                    });
+                    return false;
+                }
+            },
+            other => {
+                shared.fail(Fatal::Protocol(amst_core::ProtocolError::UnexpectedFrame {
+                    got: other.kind(),
+                    state: "carrying data after the handshake",
+                }));
+                return false;
+            }
+        }
+    }
+    true
+}

@@ -1,0 +1,475 @@
+//! `TcpTransport`: the public handle of one session, and its `Transport` implementation.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use amst_core::codec::{Close, CloseCode, Frame, Ping, SessionId};
+use amst_core::{BoxFuture, Error, PathSample, Result, Transport, TransportKind, TransportMetrics};
+use bytes::Bytes;
+use tokio::sync::oneshot;
+use tracing::{info, warn};
+
+use crate::config::TcpConfig;
+use crate::handshake;
+use crate::session::{Role, Shared, hex, lock};
+use crate::sockopt;
+use crate::stats::{BufferStats, StreamStats};
+
+/// One AMST session over N TCP streams. Cheap to share: wrap it in an `Arc` (it is
+/// `Send + Sync`, and works as `Arc<dyn Transport>`). Dropping it tears the session down.
+#[derive(Debug)]
+pub struct TcpTransport {
+    shared: Arc<Shared>,
+}
+
+/// Longest wait for the peer's FIN after a graceful close.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+/// Longest wait for a probe's answers.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest padding per probe Ping (the decoder's default limit).
+const PROBE_PADDING: u64 = 64 << 10;
+
+impl TcpTransport {
+    pub(crate) fn from_shared(shared: Arc<Shared>) -> Self {
+        TcpTransport { shared }
+    }
+
+    /// Opens a session: dials and authenticates the first stream, then the other
+    /// `config.streams - 1` in parallel. Streams that fail beyond the first are logged and
+    /// re-dialled in the background.
+    pub async fn connect(addr: SocketAddr, config: TcpConfig) -> Result<Self> {
+        config.validate()?;
+        let first = handshake::dial(addr, &config, None, 0).await?;
+        let id = first.established.session_id;
+        let n = config.streams;
+        let shared = Shared::new(config, Role::Client { addr }, id);
+        let transport = TcpTransport {
+            shared: shared.clone(),
+        };
+        shared.attach(first.stream, 0, first.leftover, first.applied)?;
+        let mut dials = tokio::task::JoinSet::new();
+        for slot in 1..n as u16 {
+            let config = shared.config.clone();
+            dials
+                .spawn(async move { (slot, handshake::dial(addr, &config, Some(id), slot).await) });
+        }
+        while let Some(res) = dials.join_next().await {
+            let Ok((slot, res)) = res else { continue };
+            match res.and_then(|a| shared.attach(a.stream, slot, a.leftover, a.applied)) {
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(slot, error = %e, "extra stream failed at connect; re-dialling");
+                    let me = shared.clone();
+                    shared.spawn_task(async move { handshake::redial(me, addr, slot).await });
+                }
+            }
+        }
+        info!(session = %hex(&id), %addr, streams = shared.stream_count(), "connected");
+        Ok(transport)
+    }
+
+    /// The session's 128-bit id.
+    pub fn session_id(&self) -> SessionId {
+        self.shared.session_id
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &TcpConfig {
+        &self.shared.config
+    }
+
+    /// A snapshot of every live stream, ordered by slot.
+    pub fn stream_stats(&self) -> Vec<StreamStats> {
+        self.shared.stream_stats()
+    }
+
+    /// The memory held for messages, with peaks.
+    pub fn buffer_stats(&self) -> BufferStats {
+        self.shared.buffer_stats()
+    }
+
+    /// The chunk size writers use now.
+    pub fn chunk_size(&self) -> usize {
+        self.shared.chunk_size.load(Ordering::Relaxed)
+    }
+
+    /// Sets the chunk size (1 byte to 4 MiB); the adaptive tuner may change it later.
+    pub fn set_chunk_size(&self, bytes: usize) -> Result<()> {
+        if !(1..=(4 << 20)).contains(&bytes) {
+            return Err(Error::Config {
+                field: "chunk_size",
+                reason: format!("is {bytes}; must be 1..=4 MiB"),
+            });
+        }
+        self.shared.chunk_size.store(bytes, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The aggregate pacing rate the model set, bytes/s, if pacing is on and a model exists.
+    pub fn pacing_rate(&self) -> Option<u64> {
+        let r = self.shared.pacing_rate.load(Ordering::Relaxed);
+        (self.shared.config.pacing && r > 0).then_some(r)
+    }
+
+    /// Dials one more stream into the session (client side only).
+    pub async fn add_stream(&self) -> Result<()> {
+        let Role::Client { addr } = self.shared.role else {
+            return Err(Error::Unavailable {
+                transport: TransportKind::Tcp,
+                reason: "only the connecting side can add streams".into(),
+            });
+        };
+        let slot = self.shared.free_slot().ok_or_else(|| Error::Config {
+            field: "max_streams",
+            reason: format!("all {} slots are in use", self.shared.config.max_streams),
+        })?;
+        self.shared.target_streams.fetch_add(1, Ordering::Relaxed);
+        let res = handshake::dial(
+            addr,
+            &self.shared.config,
+            Some(self.shared.session_id),
+            slot,
+        )
+        .await
+        .and_then(|a| self.shared.attach(a.stream, slot, a.leftover, a.applied));
+        if res.is_err() {
+            self.shared.target_streams.fetch_sub(1, Ordering::Relaxed);
+        }
+        res.map(|_| ())
+    }
+
+    /// Removes one stream gracefully: its writer stops taking chunks, tells the peer and
+    /// half-closes; nothing is resent. Refuses to remove the last stream.
+    pub async fn remove_stream(&self) -> Result<()> {
+        let ctl = {
+            let streams = lock(&self.shared.streams);
+            if streams.len() <= 1 {
+                return Err(Error::Config {
+                    field: "streams",
+                    reason: "cannot remove the last stream of a session".into(),
+                });
+            }
+            let e = streams
+                .iter()
+                .filter(|e| !e.ctl.stopping())
+                .max_by_key(|e| e.slot)
+                .ok_or_else(|| Error::Config {
+                    field: "streams",
+                    reason: "every stream is already being removed".into(),
+                })?;
+            e.ctl.clone()
+        };
+        let _ =
+            self.shared
+                .target_streams
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                    Some(t.saturating_sub(1).max(1))
+                });
+        ctl.request_stop();
+        Ok(())
+    }
+
+    /// Test hook: `shutdown(2)` the sockets of the first `n` streams, as if the network
+    /// killed them. Returns how many were shut.
+    #[doc(hidden)]
+    pub fn fault_shutdown_streams(&self, n: usize) -> usize {
+        let socks: Vec<_> = lock(&self.shared.streams)
+            .iter()
+            .take(n)
+            .map(|e| e.sock.clone())
+            .collect();
+        for s in &socks {
+            let _ = sockopt::shutdown_fd(&**s);
+        }
+        socks.len()
+    }
+
+    fn check_can_send(&self) -> Result<()> {
+        let life = lock(&self.shared.life);
+        if let Some(f) = &life.fatal {
+            return Err(f.to_error());
+        }
+        if life.closing || life.closed {
+            return Err(Error::Closed);
+        }
+        if life.peer_closed {
+            return Err(peer_closed());
+        }
+        Ok(())
+    }
+
+    async fn send_inner(&self, message: Bytes) -> Result<()> {
+        let s = &self.shared;
+        let len = message.len() as u64;
+        if len > s.config.max_message {
+            return Err(Error::MessageTooLarge {
+                len,
+                limit: s.config.max_message,
+            });
+        }
+        let mut message = Some(message);
+        loop {
+            let space = s.space.notified();
+            tokio::pin!(space);
+            space.as_mut().enable();
+            self.check_can_send()?;
+            {
+                let mut tx = lock(&s.tx);
+                let queued = tx.sb.queued_bytes();
+                if queued == 0 || queued + len <= s.config.send_queue {
+                    if let Some(m) = message.take() {
+                        tx.sb.push(m)?;
+                    }
+                    let held = tx.sb.queued_bytes() + tx.sb.unacked_bytes();
+                    tx.peak = tx.peak.max(held);
+                    drop(tx);
+                    s.tx_wake.notify_one();
+                    return Ok(());
+                }
+            }
+            space.await;
+        }
+    }
+
+    async fn flush_inner(&self) -> Result<()> {
+        let s = &self.shared;
+        let target = lock(&s.tx).sb.messages_sent();
+        loop {
+            let acked = s.acked.notified();
+            tokio::pin!(acked);
+            acked.as_mut().enable();
+            if lock(&s.tx).sb.messages_acked() >= target {
+                return Ok(());
+            }
+            {
+                let life = lock(&s.life);
+                if let Some(f) = &life.fatal {
+                    return Err(f.to_error());
+                }
+                if life.peer_closed {
+                    return Err(peer_closed());
+                }
+                if life.closed {
+                    return Err(Error::Closed);
+                }
+            }
+            acked.await;
+        }
+    }
+
+    async fn recv_inner(&self) -> Result<Option<Bytes>> {
+        let s = &self.shared;
+        loop {
+            let woken = s.rx_wake.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            {
+                let mut rx = lock(&s.rx);
+                if let Some(m) = rx.reasm.pop() {
+                    s.after_rx_change(&rx);
+                    return Ok(Some(m));
+                }
+            }
+            {
+                let life = lock(&s.life);
+                if let Some(f) = &life.fatal {
+                    return Err(f.to_error());
+                }
+                if life.peer_closed || life.closed {
+                    return Ok(None);
+                }
+            }
+            woken.await;
+        }
+    }
+
+    async fn close_inner(&self) -> Result<()> {
+        let s = &self.shared;
+        {
+            let life = lock(&s.life);
+            if life.closed && life.fatal.is_none() {
+                return Ok(());
+            }
+        }
+        let flushed = self.flush_inner().await;
+        let peer_gone = {
+            let mut life = lock(&s.life);
+            life.closing = true;
+            life.peer_closed || life.closed
+        };
+        if !peer_gone && flushed.is_ok() {
+            let gen_ = s.queue_frame(Frame::Close(Close::new(CloseCode::Normal, "done")));
+            let deadline = tokio::time::Instant::now() + CLOSE_LINGER;
+            loop {
+                let written = s.ctrl_written.notified();
+                tokio::pin!(written);
+                written.as_mut().enable();
+                if s.ctrl_written_gen.load(Ordering::Acquire) >= gen_ || s.stream_count() == 0 {
+                    break;
+                }
+                if tokio::time::timeout_at(deadline, written).await.is_err() {
+                    break;
+                }
+            }
+            let socks: Vec<_> = lock(&s.streams).iter().map(|e| e.sock.clone()).collect();
+            for sock in socks {
+                let _ = sock.shutdown(std::net::Shutdown::Write);
+            }
+            // Wait for the peer's FIN on every stream so that closing our sockets cannot
+            // reset data it has not read yet.
+            loop {
+                let changed = s.streams_changed.notified();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                if s.stream_count() == 0 {
+                    break;
+                }
+                if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                    break;
+                }
+            }
+        }
+        s.teardown();
+        flushed
+    }
+
+    async fn probe_inner(&self, burst_bytes: u64) -> Result<PathSample> {
+        self.check_can_send()?;
+        let s = &self.shared;
+        let ping = |padding: u32| {
+            let id = s.next_ping.fetch_add(1, Ordering::Relaxed);
+            let (tx, rx) = oneshot::channel();
+            lock(&s.pings).insert(id, tx);
+            (
+                Frame::Ping(Ping {
+                    id,
+                    timestamp_ns: s.now_ns(),
+                    padding,
+                }),
+                rx,
+            )
+        };
+        let wait = |rx: oneshot::Receiver<Instant>| async move {
+            match tokio::time::timeout(PROBE_TIMEOUT, rx).await {
+                Ok(Ok(t)) => Ok(t),
+                Ok(Err(_)) => Err(Error::Closed),
+                Err(_) => Err(Error::Timeout {
+                    what: "waiting for a probe Pong",
+                    after: PROBE_TIMEOUT,
+                }),
+            }
+        };
+        // Ping and Pong frames: 5 header + 16 fields each.
+        const FRAME: u64 = 21;
+        let (f, rx) = ping(0);
+        let sent = Instant::now();
+        s.queue_frame(f);
+        let rtt = wait(rx).await?.saturating_duration_since(sent);
+        let mut used = 2 * FRAME;
+        let mut delivery_rate = None;
+        if burst_bytes > 0 {
+            let mut left = burst_bytes;
+            let mut pending = Vec::new();
+            let mut sizes = Vec::new();
+            let start = Instant::now();
+            while left > 0 {
+                let pad = left.min(PROBE_PADDING);
+                left -= pad;
+                let (f, rx) = ping(pad as u32);
+                // Queued together: one writer puts the whole train out in one write.
+                lock(&s.ctrl_queue).0.push_back(f);
+                pending.push(rx);
+                sizes.push(pad + FRAME);
+            }
+            s.ctrl_queued.store(true, Ordering::Release);
+            s.tx_wake.notify_one();
+            let mut times = Vec::with_capacity(pending.len());
+            for rx in pending {
+                times.push(wait(rx).await?);
+            }
+            used += sizes.iter().sum::<u64>() + FRAME * sizes.len() as u64;
+            let first = times[0];
+            let last = *times.iter().max().unwrap_or(&first);
+            let spread = last.saturating_duration_since(first);
+            // The dispersion of the answers measures the bottleneck; with one Ping, or
+            // answers that arrived together, fall back to the whole exchange minus one RTT.
+            delivery_rate = if times.len() >= 2 && spread >= Duration::from_micros(50) {
+                let bytes: u64 = sizes[1..].iter().sum();
+                Some((bytes as f64 / spread.as_secs_f64()) as u64)
+            } else {
+                let total: u64 = sizes.iter().sum();
+                let t = last
+                    .saturating_duration_since(start)
+                    .saturating_sub(rtt)
+                    .max(Duration::from_micros(10));
+                Some((total as f64 / t.as_secs_f64()) as u64)
+            };
+        }
+        Ok(PathSample {
+            rtt,
+            delivery_rate,
+            bytes_used: used,
+        })
+    }
+}
+
+fn peer_closed() -> Error {
+    Error::PeerClosed {
+        code: CloseCode::Normal,
+        reason: "the peer closed the session".into(),
+    }
+}
+
+impl Transport for TcpTransport {
+    fn send(&self, message: Bytes) -> BoxFuture<'_, Result<()>> {
+        Box::pin(self.send_inner(message))
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(self.flush_inner())
+    }
+
+    fn recv(&self) -> BoxFuture<'_, Result<Option<Bytes>>> {
+        Box::pin(self.recv_inner())
+    }
+
+    fn metrics(&self) -> TransportMetrics {
+        let s = &self.shared;
+        let mut m = TransportMetrics::new(TransportKind::Tcp);
+        m.bytes_sent = s.bytes_sent.load(Ordering::Relaxed);
+        m.bytes_received = s.bytes_received.load(Ordering::Relaxed);
+        {
+            let tx = lock(&s.tx);
+            m.messages_sent = tx.sb.messages_sent();
+            m.messages_acked = tx.sb.messages_acked();
+            m.chunks_retransmitted = tx.sb.retransmissions();
+        }
+        m.messages_received = lock(&s.rx).reasm.delivered_messages();
+        let us = |a: &std::sync::atomic::AtomicU64| {
+            let v = a.load(Ordering::Relaxed);
+            (v > 0).then(|| Duration::from_micros(v))
+        };
+        m.rtt = us(&s.srtt_us);
+        m.min_rtt = us(&s.min_rtt_us);
+        let rate = s.delivery_rate.load(Ordering::Relaxed);
+        m.delivery_rate = (rate > 0).then_some(rate);
+        m.active_streams = s.stream_count();
+        m
+    }
+
+    fn close(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(self.close_inner())
+    }
+
+    fn probe(&self, burst_bytes: u64) -> BoxFuture<'_, Result<PathSample>> {
+        Box::pin(self.probe_inner(burst_bytes))
+    }
+}
+
+impl Drop for TcpTransport {
+    fn drop(&mut self) {
+        self.shared.teardown();
+    }
+}

@@ -1,0 +1,235 @@
+//! The adaptive tuner as a pure function of measurements: how many streams, how large a
+//! chunk. No IO and no clock; the monitor feeds it aggregated `TCP_INFO` samples.
+
+use std::time::Duration;
+
+use crate::config::{Congestion, MAX_CHUNK, MIN_CHUNK};
+
+/// Bytes in flight one kernel TCP stream sustains comfortably: Linux's default
+/// `tcp_wmem`/`tcp_rmem` maxima are 4 MiB and 6 MiB, so a path whose BDP is larger than that
+/// needs more streams to fill it.
+pub const PER_STREAM_BDP: u64 = 4 << 20;
+
+/// The session's aggregate over one adaptation period.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Aggregate {
+    /// Bytes the peer's kernels acknowledged over the period, all streams.
+    pub delivered: u64,
+    /// Bytes the kernels retransmitted over the period.
+    pub retransmitted: u64,
+    /// Bytes the kernels sent over the period, retransmissions included.
+    pub sent: u64,
+    /// The period.
+    pub interval: Duration,
+    /// Smallest min_rtt of any stream.
+    pub min_rtt: Option<Duration>,
+    /// Mean smoothed RTT of the streams.
+    pub srtt: Option<Duration>,
+    /// Streams live now.
+    pub streams: usize,
+    /// Chunk size now.
+    pub chunk: usize,
+    /// The sender ran out of data during the period, so rates under-estimate the path.
+    pub app_limited: bool,
+}
+
+impl Aggregate {
+    /// Delivered bytes per second.
+    pub fn rate(&self) -> f64 {
+        let s = self.interval.as_secs_f64();
+        if s > 0.0 {
+            self.delivered as f64 / s
+        } else {
+            0.0
+        }
+    }
+
+    /// Fraction of sent bytes that were retransmissions.
+    pub fn loss(&self) -> f64 {
+        if self.sent > 0 {
+            self.retransmitted as f64 / self.sent as f64
+        } else {
+            0.0
+        }
+    }
+
+    /// Bandwidth-delay product in bytes, from the rate and min_rtt.
+    pub fn bdp(&self) -> u64 {
+        let rtt = self.min_rtt.unwrap_or_default().as_secs_f64();
+        (self.rate() * rtt) as u64
+    }
+}
+
+/// What the tuner wants changed, with the reason in words and numbers for the log.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Decision {
+    /// The new stream count, if it should change.
+    pub streams: Option<usize>,
+    /// The new chunk size, if it should change.
+    pub chunk: Option<usize>,
+    /// Why, with the numbers behind it.
+    pub reason: String,
+}
+
+/// Bounds and policy for the tuner.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TunerBounds {
+    /// Fewest streams.
+    pub min_streams: usize,
+    /// Most streams.
+    pub max_streams: usize,
+    /// The kernel congestion control in use: loss-based CUBIC gains from more streams under
+    /// random loss, BBR does not need them.
+    pub congestion: Congestion,
+}
+
+/// Streams wanted for a path: enough that each carries at most [`PER_STREAM_BDP`], more
+/// under loss with a loss-based controller (each CUBIC stream's rate falls as
+/// 1/sqrt(loss)), within bounds.
+pub fn target_streams(a: &Aggregate, b: &TunerBounds) -> usize {
+    let mut want = a.bdp().div_ceil(PER_STREAM_BDP).max(1) as usize;
+    if b.congestion == Congestion::Cubic && a.loss() > 0.001 {
+        // Mathis: rate ∝ 1/sqrt(p); ask for streams in proportion, at most 4x.
+        let factor = (a.loss() / 0.001).sqrt().min(4.0);
+        want = ((want as f64) * factor).ceil() as usize;
+    }
+    want.clamp(b.min_streams, b.max_streams)
+}
+
+/// Chunk size for a path: about a quarter of each stream's share of the BDP, so every stream
+/// has several chunks in flight; halved per doubling of loss above 1%, since a lost segment
+/// holds up its whole chunk in reassembly. A power of two between 16 KiB and 512 KiB.
+pub fn target_chunk(a: &Aggregate) -> usize {
+    let streams = a.streams.max(1) as u64;
+    let mut want = (a.bdp() / streams / 4).max(MIN_CHUNK as u64);
+    let loss = a.loss();
+    let mut l = 0.01;
+    while loss > l && want > MIN_CHUNK as u64 {
+        want /= 2;
+        l *= 2.0;
+    }
+    let pow2 = if want.is_power_of_two() {
+        want
+    } else {
+        want.next_power_of_two() / 2
+    };
+    (pow2 as usize).clamp(MIN_CHUNK, MAX_CHUNK)
+}
+
+/// One adaptation step: move the stream count one step toward the target (a quarter of the
+/// way, at least one stream) and the chunk size straight to its target, but only when they
+/// differ enough to matter (hysteresis). App-limited or empty periods change nothing.
+pub fn decide(a: &Aggregate, b: &TunerBounds) -> Decision {
+    let mut d = Decision::default();
+    if a.app_limited || a.delivered < (256 << 10) || a.min_rtt.is_none() {
+        return d;
+    }
+    let target = target_streams(a, b);
+    let now = a.streams;
+    if target > now {
+        let step = (now / 4).max(1);
+        d.streams = Some((now + step).min(target));
+    } else if target < now && (now - target) * 4 >= now.max(4) {
+        // Shrink only when clearly over (25 % or more), one step at a time.
+        let step = (now / 4).max(1);
+        d.streams = Some((now - step).max(target));
+    }
+    let chunk = target_chunk(a);
+    if chunk >= a.chunk * 2 || chunk * 2 <= a.chunk {
+        d.chunk = Some(chunk);
+    }
+    if d.streams.is_some() || d.chunk.is_some() {
+        d.reason = format!(
+            "rate {:.1} Mbit/s, min_rtt {:?}, bdp {} B, loss {:.3}%, streams {} -> target {}, chunk {} -> target {}",
+            a.rate() * 8.0 / 1e6,
+            a.min_rtt.unwrap_or_default(),
+            a.bdp(),
+            a.loss() * 100.0,
+            now,
+            target,
+            a.chunk,
+            chunk
+        );
+    }
+    d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agg(rate_mbit: f64, rtt_ms: u64, loss: f64, streams: usize, chunk: usize) -> Aggregate {
+        let interval = Duration::from_secs(1);
+        let delivered = (rate_mbit * 1e6 / 8.0) as u64;
+        let sent = delivered;
+        Aggregate {
+            delivered,
+            retransmitted: (sent as f64 * loss) as u64,
+            sent,
+            interval,
+            min_rtt: Some(Duration::from_millis(rtt_ms)),
+            srtt: Some(Duration::from_millis(rtt_ms)),
+            streams,
+            chunk,
+            app_limited: false,
+        }
+    }
+
+    const INTERNET: TunerBounds = TunerBounds {
+        min_streams: 4,
+        max_streams: 16,
+        congestion: Congestion::Bbr,
+    };
+    const DC: TunerBounds = TunerBounds {
+        min_streams: 32,
+        max_streams: 512,
+        congestion: Congestion::Cubic,
+    };
+
+    #[test]
+    fn streams_follow_the_bdp_within_bounds() {
+        // 10 Gbit/s x 100 ms = 125 MB: 30 streams of 4 MiB, capped at 16.
+        assert_eq!(
+            target_streams(&agg(10_000.0, 100, 0.0, 8, 1 << 17), &INTERNET),
+            16
+        );
+        // 200 Mbit/s x 100 ms = 2.5 MB: one stream would do; the floor is 4.
+        assert_eq!(
+            target_streams(&agg(200.0, 100, 0.0, 8, 1 << 17), &INTERNET),
+            4
+        );
+        // A LAN: tiny BDP, the datacenter floor.
+        assert_eq!(target_streams(&agg(40_000.0, 0, 0.0, 64, 1 << 19), &DC), 32);
+        // CUBIC under 1% loss wants ~3x more than the BDP alone says.
+        let lossy = agg(100_000.0, 10, 0.01, 64, 1 << 19);
+        let clean = agg(100_000.0, 10, 0.0, 64, 1 << 19);
+        assert!(target_streams(&lossy, &DC) > 2 * target_streams(&clean, &DC));
+    }
+
+    #[test]
+    fn chunks_shrink_with_loss_and_grow_with_bdp() {
+        let big = target_chunk(&agg(10_000.0, 50, 0.0, 8, 1 << 17));
+        assert_eq!(big, MAX_CHUNK);
+        let small = target_chunk(&agg(10.0, 1, 0.0, 8, 1 << 17));
+        assert_eq!(small, MIN_CHUNK);
+        let clean = target_chunk(&agg(1_000.0, 20, 0.0, 4, 1 << 17));
+        let lossy = target_chunk(&agg(1_000.0, 20, 0.05, 4, 1 << 17));
+        assert!(lossy < clean, "{lossy} < {clean}");
+        assert!(lossy.is_power_of_two() && clean.is_power_of_two());
+    }
+
+    #[test]
+    fn decisions_step_with_hysteresis_and_ignore_idle_periods() {
+        let a = agg(10_000.0, 100, 0.0, 8, 1 << 17);
+        let d = decide(&a, &INTERNET);
+        assert_eq!(d.streams, Some(10));
+        assert_eq!(d.chunk, Some(MAX_CHUNK));
+        assert!(d.reason.contains("bdp"), "{}", d.reason);
+        // Within 25 % of the target: no change.
+        let a = agg(200.0, 100, 0.0, 5, 1 << 19);
+        assert_eq!(decide(&a, &INTERNET).streams, None);
+        let mut idle = agg(10_000.0, 100, 0.0, 8, 1 << 17);
+        idle.app_limited = true;
+        assert_eq!(decide(&idle, &INTERNET), Decision::default());
+    }
+}
