@@ -280,7 +280,11 @@ mod tests {
         assert!(!rs.is_app_limited);
         assert_eq!(rs.lost, 0);
         // In flight at send time: 50 ms × 1 packet/ms plus this one.
-        assert!((50_000..=51_000).contains(&rs.tx_in_flight), "{}", rs.tx_in_flight);
+        assert!(
+            (50_000..=51_000).contains(&rs.tx_in_flight),
+            "{}",
+            rs.tx_in_flight
+        );
     }
 
     /// When acks are compressed the ack interval is short, but the send interval keeps the

@@ -139,6 +139,23 @@ impl<V: Copy + PartialOrd, T: FilterTime, E: Extremum> WindowedFilter<V, T, E> {
         self.samples = None;
     }
 
+    /// Drop samples that are more than a window old at `time`, without adding one (for a
+    /// clock that advances while no samples arrive). An empty window leaves the filter empty.
+    pub fn expire(&mut self, time: T) {
+        let window = self.window;
+        let Some(s) = self.samples.as_mut() else {
+            return;
+        };
+        if time.since(s[2].time) > window {
+            self.samples = None;
+            return;
+        }
+        while time.since(s[0].time) > window {
+            s[0] = s[1];
+            s[1] = s[2];
+        }
+    }
+
     /// Add a sample taken at `time` (which must not go backwards) and return the best value
     /// in the window.
     pub fn update(&mut self, time: T, value: V) -> V {
@@ -166,7 +183,10 @@ impl<V: Copy + PartialOrd, T: FilterTime, E: Extremum> WindowedFilter<V, T, E> {
     /// that a fresh candidate is always ready when the best one expires.
     fn age(&mut self, new: Sample<V, T>) -> V {
         let window = self.window;
-        let s = self.samples.as_mut().expect("aged only after the first sample");
+        let s = self
+            .samples
+            .as_mut()
+            .expect("aged only after the first sample");
         let dt = new.time.since(s[0].time);
         if dt > window {
             s[0] = s[1];
@@ -215,7 +235,11 @@ mod tests {
         assert_eq!(f.update(0, 5u32), 5);
         assert_eq!(f.update(1, 9), 9);
         assert_eq!(f.update(2, 3), 9);
-        assert_eq!(f.update(11, 4), 9, "sample from t=1 is exactly 10 old: still in window");
+        assert_eq!(
+            f.update(11, 4),
+            9,
+            "sample from t=1 is exactly 10 old: still in window"
+        );
         assert_eq!(f.update(12, 2), 4, "t=1 expired; t=11's 4 is next best");
     }
 
@@ -289,6 +313,18 @@ mod tests {
             assert!(t - t_best <= window, "best is {} old", t - t_best);
             assert!(seen.iter().any(|&(ts, vs)| ts == t_best && vs == got));
         }
+    }
+
+    #[test]
+    fn expire_without_new_samples() {
+        let mut f = MaxFilter::new(1u64);
+        f.update(0, 10u32);
+        f.update(1, 7);
+        assert_eq!(f.get(), Some(10));
+        f.expire(2);
+        assert_eq!(f.get(), Some(7), "cycle 0 aged out, cycle 1 kept");
+        f.expire(5);
+        assert_eq!(f.get(), None);
     }
 
     #[test]
