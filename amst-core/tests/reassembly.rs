@@ -290,9 +290,11 @@ fn has_message_tracks_what_pop_would_return() {
     rx.insert(DataChunk::new(10, 1, 0, 3, Bytes::from_static(b"abc")))
         .unwrap();
     assert!(!rx.has_message());
-    rx.insert(DataChunk::new(0, 0, 0, 10, msg.slice(..4))).unwrap();
+    rx.insert(DataChunk::new(0, 0, 0, 10, msg.slice(..4)))
+        .unwrap();
     assert!(!rx.has_message());
-    rx.insert(DataChunk::new(4, 0, 4, 10, msg.slice(4..))).unwrap();
+    rx.insert(DataChunk::new(4, 0, 4, 10, msg.slice(4..)))
+        .unwrap();
     assert!(rx.has_message());
     assert_eq!(rx.pop(), Some(msg));
     assert!(rx.has_message());
