@@ -2,6 +2,7 @@
 //! (passive) or, on an idle link, runs its budgeted active probe, and feeds the result to
 //! the [`Classifier`].
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -29,6 +30,9 @@ pub struct ProbeStats {
     pub last_burst: u64,
 }
 
+/// Probe rates remembered for the budget.
+const RATE_FILTER: usize = 10;
+
 /// Byte counter at the end of the previous period, per transport object.
 #[derive(Clone, Copy, Debug)]
 struct Baseline {
@@ -50,9 +54,12 @@ pub struct Detector {
     source: Box<dyn PathSource>,
     baseline: Option<Baseline>,
     stats: ProbeStats,
-    /// Rate of the newest probe burst, for the budget before the classifier has a rate.
-    last_probe_rate: Option<u64>,
-    /// Bytes a probe uses beyond its burst (ping, pong, framing), learnt from answers.
+    /// Rates of the latest probe bursts (a max filter over `RATE_FILTER` probes): the
+    /// budget's reference. Each is a lower bound of the path's rate, so 1 % of their
+    /// maximum is at most 1 % of the real rate.
+    probe_rates: VecDeque<u64>,
+    /// Bytes a period's probing uses beyond its burst (the RTT ping, pongs, framing),
+    /// learnt from answers.
     probe_overhead: u64,
     /// The transport that answered `probe` with `Unavailable`; not asked again.
     probe_unsupported: Option<usize>,
@@ -84,8 +91,8 @@ impl Detector {
             source: Box::new(source),
             baseline: None,
             stats: ProbeStats::default(),
-            last_probe_rate: None,
-            probe_overhead: 128,
+            probe_rates: VecDeque::with_capacity(RATE_FILTER),
+            probe_overhead: 256,
             probe_unsupported: None,
         })
     }
@@ -122,21 +129,24 @@ impl Detector {
         self.classifier.decide(now())
     }
 
-    /// The probe's byte budget for the next period: `max_fraction` of the bandwidth
-    /// estimate × period, or the bootstrap burst before any rate is known, never more than
-    /// `max_burst` plus the probe's own overhead.
+    /// The probe's byte budget for the next period: `max_fraction` of the reference rate ×
+    /// period, never more than `max_burst` plus the probe's own overhead. The reference is
+    /// the highest of the last 10 probe rates and the classifier's estimate; before any
+    /// rate is known it is the bootstrap burst (16 KiB).
     ///
-    /// Two cases can exceed the fraction, both bounded: the very first probe on a link of
-    /// unknown rate (`bootstrap_burst`, 16 KiB), and the first probe after the path's rate
-    /// dropped, which is sized by the old rate (at most `max_burst`, 4 MiB).
+    /// Probe rates are lower bounds of the path's rate (a short train is held back by TCP's
+    /// window, the sender, the train's length; it cannot beat the bottleneck), so this is
+    /// at most `max_fraction` of the real rate, with one bounded exception: after the path
+    /// slows down, the remembered rate is too high until a probe RTT shows the change (see
+    /// [`step`](Self::step)), which clears it.
     pub fn probe_budget(&self) -> u64 {
         let p = &self.config.probe;
-        // The newest probe rate caps the window's estimate: after a drop in the path's rate
-        // the median still remembers the fast path for a few periods.
-        let rate = match (self.classifier.estimate().1, self.last_probe_rate) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let rate = self
+            .probe_rates
+            .iter()
+            .copied()
+            .chain(self.classifier.estimate().1)
+            .max();
         match rate {
             None => p.bootstrap_burst.min(p.max_burst) + self.probe_overhead,
             Some(r) => {
@@ -190,10 +200,15 @@ impl Detector {
             None
         };
         let obs = if busy {
-            let bandwidth = metrics
-                .delivery_rate
-                .map(Bandwidth::measured)
-                .or_else(|| delta.map(|(_, per_sec)| Bandwidth::at_least(per_sec as u64)));
+            let moved_per_sec = delta.map_or(0.0, |(_, per_sec)| per_sec);
+            // A delivery rate proves a slow path only if the application kept the path
+            // busy: then it moved at least half that rate. An application-limited rate (a
+            // trickle of RPCs on a fast link) is only a lower bound.
+            let bandwidth = match metrics.delivery_rate {
+                Some(d) if moved_per_sec >= d as f64 / 2.0 => Some(Bandwidth::measured(d)),
+                Some(d) => Some(Bandwidth::at_least(d.max(moved_per_sec as u64))),
+                None => delta.map(|(_, per_sec)| Bandwidth::at_least(per_sec as u64)),
+            };
             let rtt = match passive_rtt {
                 Some(r) => Some(r),
                 None => self.probe(&transport, 0).await.map(|s| s.rtt),
@@ -204,28 +219,7 @@ impl Detector {
                 source: SampleSource::Passive,
             }
         } else {
-            let budget = self.probe_budget();
-            let burst = budget.saturating_sub(self.probe_overhead);
-            let burst = if burst < self.config.probe.min_burst {
-                0
-            } else {
-                burst.min(self.config.probe.max_burst)
-            };
-            match self.probe(&transport, burst).await {
-                Some(s) => {
-                    self.stats.last_budget = budget;
-                    Observation {
-                        rtt: Some(s.rtt),
-                        bandwidth: s.delivery_rate.map(Bandwidth::measured),
-                        source: SampleSource::Probe,
-                    }
-                }
-                None => Observation {
-                    rtt: passive_rtt,
-                    bandwidth: None,
-                    source: SampleSource::Passive,
-                },
-            }
+            self.probe_idle(&transport, passive_rtt).await
         };
         if self.stats.last_period_bytes > 0 {
             // The probe's own bytes are not the application's traffic.
@@ -236,6 +230,58 @@ impl Detector {
             });
         }
         Some(obs)
+    }
+
+    /// An idle period: an RTT ping first; then, unless the RTT moved by the change-point
+    /// margin (the path changed, so the remembered rate may be stale and the budget too
+    /// large), a burst within the budget.
+    async fn probe_idle(
+        &mut self,
+        transport: &Arc<dyn Transport>,
+        passive_rtt: Option<std::time::Duration>,
+    ) -> Observation {
+        let fallback = Observation {
+            rtt: passive_rtt,
+            bandwidth: None,
+            source: SampleSource::Passive,
+        };
+        let Some(ping) = self.probe(transport, 0).await else {
+            return fallback;
+        };
+        let mut obs = Observation {
+            rtt: Some(ping.rtt),
+            bandwidth: None,
+            source: SampleSource::Probe,
+        };
+        let margin = self.config.classifier.step_margin;
+        let moved = self.classifier.estimate().0.is_some_and(|est| {
+            let (a, b) = (ping.rtt.as_secs_f64(), est.as_secs_f64().max(1e-9));
+            a / b > margin || b / a.max(1e-9) > margin
+        });
+        if moved {
+            tracing::debug!(target: "amst_detect", rtt = ?ping.rtt, "RTT moved; burst skipped, rate memory cleared");
+            self.probe_rates.clear();
+            return obs;
+        }
+        let budget = self.probe_budget();
+        self.stats.last_budget = budget;
+        let burst = budget.saturating_sub(self.probe_overhead);
+        if burst < self.config.probe.min_burst {
+            return obs;
+        }
+        let burst = burst.min(self.config.probe.max_burst);
+        if let Some(s) = self.probe(transport, burst).await {
+            self.probe_overhead =
+                (s.bytes_used.saturating_sub(burst) + ping.bytes_used).clamp(64, 64 * 1024);
+            if let Some(rate) = s.delivery_rate {
+                if self.probe_rates.len() == RATE_FILTER {
+                    self.probe_rates.pop_front();
+                }
+                self.probe_rates.push_back(rate);
+                obs.bandwidth = Some(Bandwidth::at_least(rate));
+            }
+        }
+        obs
     }
 
     /// One active probe, bounded in time; `None` if disabled, unsupported or failed.
@@ -255,11 +301,6 @@ impl Detector {
                 self.stats.probes += 1;
                 self.stats.bytes_total += sample.bytes_used;
                 self.stats.last_period_bytes += sample.bytes_used;
-                if burst > 0 {
-                    self.probe_overhead =
-                        sample.bytes_used.saturating_sub(burst).clamp(64, 64 * 1024);
-                    self.last_probe_rate = sample.delivery_rate.or(self.last_probe_rate);
-                }
                 Some(sample)
             }
             Ok(Err(Error::Unavailable { transport, reason })) => {

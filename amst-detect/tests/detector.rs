@@ -68,8 +68,14 @@ impl ScriptedLink {
         f(&mut self.state.lock().unwrap());
     }
 
-    fn bursts(&self) -> Vec<(u64, u64)> {
+    /// Every probe call as (burst, bytes used).
+    fn probes(&self) -> Vec<(u64, u64)> {
         self.probes.lock().unwrap().clone()
+    }
+
+    /// The probes that carried a burst (packet trains).
+    fn trains(&self) -> Vec<(u64, u64)> {
+        self.probes().into_iter().filter(|p| p.0 > 0).collect()
     }
 }
 
@@ -135,7 +141,8 @@ async fn an_idle_datacenter_link_is_classified_by_probes() {
     let d2 = det.step().await;
     assert_eq!(d2.mode, Mode::Datacenter, "{d2}");
     assert_eq!(d2.source, Some(SampleSource::Probe));
-    assert_eq!(link.bursts().len(), 2);
+    assert_eq!(link.probes().len(), 4, "a ping and a train per period");
+    assert_eq!(link.trains().len(), 2);
 }
 
 #[tokio::test(start_paused = true)]
@@ -176,43 +183,52 @@ async fn probe_traffic_stays_within_one_percent_of_the_measured_rate() {
     for (rtt, rate, period) in cases {
         let link = ScriptedLink::new(rtt, rate);
         let mut det = Detector::new(config(period), link.clone()).unwrap();
-        let periods = 40;
-        for _ in 0..periods {
+        let one_percent = (0.01 * rate as f64 * period.as_secs_f64()) as u64;
+        let ctx = format!("{rtt:?} {rate} B/s every {period:?}");
+        let mut per_period = Vec::new();
+        for _ in 0..40 {
             det.step().await;
+            per_period.push(det.stats().last_period_bytes);
             tokio::time::sleep(period).await;
         }
-        let bursts = link.bursts();
-        assert_eq!(bursts.len(), periods, "one probe per idle period");
-        let one_percent = (0.01 * rate as f64 * period.as_secs_f64()) as u64;
-        let ctx = format!("{rtt:?} {rate} B/s every {period:?}: {bursts:?}");
-        // The first probe runs before any rate is known: the bootstrap burst.
-        assert_eq!(bursts[0].0, 16 * 1024, "{ctx}");
-        for &(burst, used) in &bursts[1..] {
-            assert!(burst <= 4 << 20, "{ctx}");
-            // The ping alone (burst 0) is always allowed.
+        let trains = link.trains();
+        // The first train runs before any rate is known: the bootstrap burst.
+        assert_eq!(trains[0].0, 16 * 1024, "{ctx}: {trains:?}");
+        for &used in &per_period[1..] {
+            // The RTT ping alone is always allowed.
             assert!(
                 used <= one_percent.max(PROBE_OVERHEAD),
                 "{used} > {one_percent}: {ctx}"
             );
         }
-        let (last_burst, last_used) = *bursts.last().unwrap();
-        let expected = if one_percent > (4 << 20) {
-            4 << 20 // capped at max_burst
-        } else if one_percent < 4096 + PROBE_OVERHEAD {
-            0 // below min_burst: ping only
+        // Overhead per period: the ping and the train's own framing.
+        let overhead = 2 * PROBE_OVERHEAD;
+        let expected_train = if one_percent > (4 << 20) + overhead {
+            Some(4 << 20) // capped at max_burst
+        } else if one_percent < 4096 + overhead {
+            None // below min_burst: the ping only
         } else {
-            one_percent - PROBE_OVERHEAD
+            Some(one_percent - overhead)
         };
-        assert_eq!(last_burst, expected, "{ctx}");
-        assert_eq!(det.stats().last_period_bytes, last_used);
+        match expected_train {
+            Some(b) => {
+                assert_eq!(trains.len(), 40, "{ctx}");
+                assert_eq!(trains.last().unwrap().0, b, "{ctx}");
+            }
+            None => assert_eq!(trains.len(), 1, "{ctx}: only the bootstrap"),
+        }
         assert_eq!(
-            det.stats().bytes_total,
-            bursts.iter().map(|b| b.1).sum::<u64>()
+            link.probes().len(),
+            40 + trains.len(),
+            "one ping per period: {ctx}"
         );
+        let total: u64 = link.probes().iter().map(|p| p.1).sum();
+        assert_eq!(det.stats().bytes_total, total);
+        let last = *per_period.last().unwrap();
         println!(
-            "probe overhead, default config except period: rtt {rtt:?}, link {} Mbit/s, period {period:?}: {last_used} bytes/period ({:.3} % of the link)",
+            "probe overhead, default config except period: rtt {rtt:?}, link {} Mbit/s, period {period:?}: {last} bytes/period ({:.3} % of the link)",
             rate * 8 / 1_000_000,
-            100.0 * last_used as f64 / (rate as f64 * period.as_secs_f64()),
+            100.0 * last as f64 / (rate as f64 * period.as_secs_f64()),
         );
     }
 }
@@ -222,14 +238,14 @@ async fn a_busy_link_is_measured_passively_without_probes() {
     let link = ScriptedLink::new(Duration::from_millis(80), GBIT_PER_SEC / 5);
     link.set(|s| s.app_rate = GBIT_PER_SEC / 5);
     let mut det = Detector::new(config(Duration::from_secs(1)), link.clone()).unwrap();
-    det.step().await; // no baseline yet: one bootstrap probe
-    assert_eq!(link.bursts().len(), 1);
+    det.step().await; // no baseline yet: a ping and the bootstrap train
+    assert_eq!(link.probes().len(), 2);
     for _ in 0..5 {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let d = det.step().await;
         assert_eq!(d.source, Some(SampleSource::Passive), "{d}");
     }
-    assert_eq!(link.bursts().len(), 1, "no probe while data flows");
+    assert_eq!(link.probes().len(), 2, "no probe while data flows");
     assert_eq!(det.mode(), Mode::Internet);
     let d = det.step().await;
     assert_eq!(d.bandwidth, Some(GBIT_PER_SEC / 5), "{d}");
@@ -355,9 +371,9 @@ async fn dropping_the_handle_stops_the_loop() {
         1,
         "the loop ended and released it"
     );
-    let probes = link.bursts().len();
+    let probes = link.probes().len();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(link.bursts().len(), probes);
+    assert_eq!(link.probes().len(), probes);
     assert!(modes.has_changed().is_err(), "the mode channel is closed");
 }
 
@@ -390,7 +406,9 @@ async fn a_swapped_transport_is_followed() {
         det.step().await;
     }
     assert_eq!(det.mode(), Mode::Internet);
-    assert_eq!(wan.bursts().len(), 2);
+    // The RTT moved ×800: the stale 10 Gbit/s must not size a train on the new path.
+    assert_eq!(wan.probes().len(), 2);
+    assert!(wan.trains().is_empty(), "{:?}", wan.probes());
 }
 
 #[tokio::test(start_paused = true)]
