@@ -39,7 +39,7 @@
 //! [`RateSample`](crate::RateSample) from [`crate::delivery_rate::DeliveryRateEstimator`].
 //! Without one, BBR only counts the acknowledged bytes and grows cwnd. Losses arrive through
 //! [`CongestionController::on_loss`]; a transport that keeps the estimator's per-packet state
-//! can also call [`Bbr::on_packet_lost`] for each lost packet (before `on_loss`), which gives
+//! can also call [`CongestionController::on_packet_lost`] for each lost packet (before `on_loss`), which gives
 //! the draft's exact `HandleLostPacket(P)` instead of an estimate.
 //!
 //! # Where this differs from the draft
@@ -300,7 +300,7 @@ pub struct Bbr {
     drain_start_round: u64,
     /// `BBR.idle_restart`.
     idle_restart: bool,
-    /// Whether the transport reports per-packet losses through [`Bbr::on_packet_lost`].
+    /// Whether the transport reports per-packet losses through [`CongestionController::on_packet_lost`].
     exact_loss_samples: bool,
 
     /// The time of the latest event, for transitions that a loss triggers.
@@ -487,16 +487,6 @@ impl Bbr {
     /// Whether the connection is in a loss-recovery episode.
     pub fn in_recovery(&self) -> bool {
         self.recovery.in_recovery
-    }
-
-    /// One lost packet, with the per-packet state the delivery-rate estimator kept for it (the
-    /// draft's `HandleLostPacket(P)`). Call before the matching [`CongestionController::on_loss`],
-    /// which then skips its own estimate of this step.
-    pub fn on_packet_lost(&mut self, now: Instant, p: &LostPacketSample) {
-        self.last_event_time = now;
-        self.exact_loss_samples = true;
-        self.handle_lost_packet(p.size, p.tx_in_flight, p.lost, p.is_app_limited);
-        self.update_control_parameters_after_loss();
     }
 
     fn set_state(&mut self, state: State) {
@@ -688,6 +678,17 @@ impl CongestionController for Bbr {
     fn on_app_limited(&mut self, _now: Instant, bytes_in_flight: u64) {
         self.inflight = bytes_in_flight;
         self.mark_connection_app_limited();
+    }
+
+    /// One lost packet, with the per-packet state the delivery-rate estimator kept for it (the
+    /// draft's `HandleLostPacket(P)`). Once a transport calls this, the
+    /// [`on_loss`](CongestionController::on_loss) that follows skips its own estimate of
+    /// this step.
+    fn on_packet_lost(&mut self, now: Instant, p: &LostPacketSample) {
+        self.last_event_time = now;
+        self.exact_loss_samples = true;
+        self.handle_lost_packet(p.size, p.tx_in_flight, p.lost, p.is_app_limited);
+        self.update_control_parameters_after_loss();
     }
 
     fn cwnd(&self) -> u64 {

@@ -130,6 +130,11 @@ pub trait CongestionController: Send + fmt::Debug {
     fn on_spurious_loss(&mut self, now: Instant);
     /// The sender has nothing more to send right now (used to mark samples app-limited).
     fn on_app_limited(&mut self, _now: Instant, _bytes_in_flight: u64) {}
+    /// One packet was declared lost, with what the delivery-rate estimator kept for it
+    /// ([`crate::delivery_rate::DeliveryRateEstimator::on_packet_lost`]). Transports that keep
+    /// that state call this for each lost packet, before the [`on_loss`](Self::on_loss) that
+    /// reports the whole event; BBR uses it for the draft's exact `HandleLostPacket(P)`.
+    fn on_packet_lost(&mut self, _now: Instant, _lost: &crate::delivery_rate::LostPacketSample) {}
 
     /// The congestion window in bytes; always at least one datagram.
     fn cwnd(&self) -> u64;

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use amst_cc::bbr::{Bbr, BbrConfig, State};
+use amst_cc::delivery_rate::LostPacketSample;
 use amst_cc::sim::{Flow, Link, LinkChange, Report, Scenario};
 use amst_cc::{Ack, CongestionController, ControllerMetrics, Loss, Phase};
 
@@ -96,6 +97,9 @@ impl CongestionController for Observed {
     }
     fn on_app_limited(&mut self, now: Instant, bytes_in_flight: u64) {
         self.inner.on_app_limited(now, bytes_in_flight);
+    }
+    fn on_packet_lost(&mut self, now: Instant, lost: &LostPacketSample) {
+        self.inner.on_packet_lost(now, lost);
     }
     fn cwnd(&self) -> u64 {
         self.inner.cwnd()
@@ -186,7 +190,8 @@ fn bbr_five_percent_random_loss_reaches_85_percent() {
 
 /// The contrast behind `BbrConfig::random_loss_tolerance`: with the draft's exact loss
 /// response (every loss is congestion), the same 1% and 5% random-loss paths are used clearly
-/// less, because the short-term model lowers `bw_shortterm` in every round with a loss.
+/// less, because the short-term model lowers `bw_shortterm` in every round with a loss (at 5%
+/// the long-term bound and max_bw spiral down as well: about 0.2 of the link).
 #[test]
 fn bbr_draft_loss_response_is_the_expected_contrast() {
     let draft = BbrConfig {
@@ -203,7 +208,7 @@ fn bbr_draft_loss_response_is_the_expected_contrast() {
             loss * 100.0
         );
         assert!(d < t - 0.05, "draft {d:.3} vs tolerant {t:.3}");
-        assert!(d > 0.3, "the draft response still moves data: {d:.3}");
+        assert!(d > 0.1, "the draft response still moves data: {d:.3}");
     }
 }
 

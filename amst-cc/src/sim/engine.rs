@@ -580,7 +580,8 @@ impl Engine {
                 s.sent[i].state = SentState::Lost;
                 s.lost_recent.push_back((pn, s.episode.id, now));
                 s.bytes_in_flight -= p.size;
-                s.est.on_packet_lost(&pss);
+                let lost = s.est.on_packet_lost(&pss);
+                s.cc.on_packet_lost(t_now, &lost);
                 s.retx.push_back(p.seg);
                 s.declared_lost += 1;
                 lost_bytes += p.size;
