@@ -97,6 +97,9 @@ pub const PROBE_RTT_DURATION: Duration = Duration::from_millis(200);
 pub const PROBE_RTT_INTERVAL: Duration = Duration::from_secs(5);
 /// `BBR.MinRTTFilterLen`: 10 s.
 pub const MIN_RTT_FILTER_LEN: Duration = Duration::from_secs(10);
+/// The largest datagram size accepted (larger values are clamped), so that byte arithmetic
+/// on multiples of it cannot overflow.
+pub const MAX_DATAGRAM_SIZE: u64 = 1 << 24;
 /// `BBR.PacingMarginPercent`: 1.
 pub const PACING_MARGIN_PERCENT: f64 = 1.0;
 
@@ -125,7 +128,7 @@ impl BbrConfig {
     /// A configuration for datagrams of `max_datagram_size` bytes, with RFC 9002's initial
     /// window: `min(10 * size, max(2 * size, 14720))`.
     pub fn with_datagram_size(max_datagram_size: u64) -> Self {
-        let mss = max_datagram_size.max(1);
+        let mss = max_datagram_size.clamp(1, MAX_DATAGRAM_SIZE);
         Self {
             max_datagram_size: mss,
             initial_cwnd: (10 * mss).min((2 * mss).max(14_720)),
@@ -313,7 +316,7 @@ pub struct Bbr {
 impl Bbr {
     /// A new BBR instance for a connection starting at `now` (the draft's `OnInit()`).
     pub fn new(config: BbrConfig, now: Instant) -> Self {
-        let mss = config.max_datagram_size.max(1);
+        let mss = config.max_datagram_size.clamp(1, MAX_DATAGRAM_SIZE);
         let initial_cwnd = config.initial_cwnd.max(MIN_PIPE_CWND_PACKETS * mss);
         let config = BbrConfig {
             max_datagram_size: mss,
@@ -560,7 +563,7 @@ impl Bbr {
         if self.app_limited == 0 {
             self.app_limited_window.0 = self.delivered;
         }
-        self.app_limited = (self.delivered + self.inflight).max(1);
+        self.app_limited = self.delivered.saturating_add(self.inflight).max(1);
         self.app_limited_window.1 = self.app_limited;
     }
 }
@@ -575,7 +578,7 @@ impl CongestionController for Bbr {
         self.handle_restart_from_idle(now);
         self.inflight = bytes_in_flight;
         // C.is_cwnd_limited: the send filled (or nearly filled) the window.
-        if bytes_in_flight + self.mss > self.cwnd {
+        if bytes_in_flight.saturating_add(self.mss) > self.cwnd {
             self.cwnd_limited_this_round = true;
         }
     }
@@ -587,7 +590,7 @@ impl CongestionController for Bbr {
         let Some(sample) = ack.rate_sample else {
             // No delivery-rate sample: count the bytes and keep the window sane, but do not
             // run the model (it would count every ack as a round trip).
-            self.delivered += ack.bytes_acked;
+            self.delivered = self.delivered.saturating_add(ack.bytes_acked);
             if !self.full_pipe.full_bw_reached {
                 self.cwnd = self.cwnd.saturating_add(ack.bytes_acked);
             }
@@ -622,7 +625,7 @@ impl CongestionController for Bbr {
     fn on_loss(&mut self, now: Instant, loss: &Loss) {
         self.last_event_time = now;
         self.inflight = loss.bytes_in_flight;
-        self.lost += loss.bytes_lost;
+        self.lost = self.lost.saturating_add(loss.bytes_lost);
         self.on_loss_event(now, loss);
         self.update_control_parameters_after_loss();
     }
@@ -636,7 +639,7 @@ impl CongestionController for Bbr {
         self.pending_rtt = Some(self.pending_rtt.map_or(rtt, |p| p.min(rtt)));
         self.srtt = Some(match self.srtt {
             None => rtt,
-            Some(s) => (s * 7 + rtt) / 8,
+            Some(s) => s.saturating_mul(7).saturating_add(rtt) / 8,
         });
         // Seed min_rtt at once: the first ack's BDP estimate needs it.
         if self.volume.min_rtt.is_none() {
@@ -657,13 +660,16 @@ impl CongestionController for Bbr {
         self.inflight = bytes_in_flight;
         self.note_loss();
         self.congestion.ecn_in_round = true;
-        self.congestion.round_loss_events += 1;
-        self.congestion.round_lost_bytes += bytes_marked;
+        self.congestion.round_loss_events = self.congestion.round_loss_events.saturating_add(1);
+        self.congestion.round_lost_bytes = self
+            .congestion
+            .round_lost_bytes
+            .saturating_add(bytes_marked);
         self.update_control_parameters_after_loss();
     }
 
     fn on_mtu_update(&mut self, max_datagram_size: u64) {
-        let mss = max_datagram_size.max(1);
+        let mss = max_datagram_size.clamp(1, MAX_DATAGRAM_SIZE);
         self.mss = mss;
         self.config.max_datagram_size = mss;
         self.set_send_quantum();

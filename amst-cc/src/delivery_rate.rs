@@ -158,7 +158,7 @@ impl DeliveryRateEstimator {
     /// The packet `p` was acknowledged at `now` (the draft's `UpdateRateSample(P)`). Call once
     /// per newly acknowledged packet, then [`Self::generate_rate_sample`] once per ack.
     pub fn on_packet_acked(&mut self, now: Instant, p: &PacketSendState) {
-        self.delivered += p.size;
+        self.delivered = self.delivered.saturating_add(p.size);
         self.delivered_time = Some(now);
         // "Update info using the newest packet": newest by send time, then by id.
         let newest = match (&self.pending, self.first_send_time) {
@@ -186,7 +186,7 @@ impl DeliveryRateEstimator {
     /// The packet `p` was declared lost. Returns what a controller needs to judge whether
     /// in-flight data was too high when it was sent.
     pub fn on_packet_lost(&mut self, p: &PacketSendState) -> LostPacketSample {
-        self.lost += p.size;
+        self.lost = self.lost.saturating_add(p.size);
         LostPacketSample {
             size: p.size,
             tx_in_flight: p.tx_in_flight,
@@ -199,7 +199,7 @@ impl DeliveryRateEstimator {
     /// `C.app_limited = max(C.delivered + C.inflight, 1)`. Samples from packets sent until
     /// that much has been delivered are marked application-limited.
     pub fn on_app_limited(&mut self, bytes_in_flight: u64) {
-        self.app_limited = (self.delivered + bytes_in_flight).max(1);
+        self.app_limited = self.delivered.saturating_add(bytes_in_flight).max(1);
     }
 
     /// Finish the sample for the current ack (the draft's `GenerateRateSample()`), given the

@@ -58,7 +58,7 @@ const BASELINE_MAX: f64 = 0.10;
 impl Bbr {
     /// The transport's loss event: recovery bookkeeping, then `HandleLostPacket()`.
     pub(super) fn on_loss_event(&mut self, now: Instant, loss: &Loss) {
-        self.congestion.round_loss_events += 1;
+        self.congestion.round_loss_events = self.congestion.round_loss_events.saturating_add(1);
         self.congestion.round_lost_bytes = self
             .congestion
             .round_lost_bytes

@@ -34,7 +34,7 @@ impl Bbr {
         //#     EnterProbeBW()
         if self.state == State::Drain
             && (self.inflight <= self.inflight(1.0)
-                || self.round.round_count > self.drain_start_round + DRAIN_MAX_ROUNDS)
+                || self.round.round_count > self.drain_start_round.saturating_add(DRAIN_MAX_ROUNDS))
         {
             self.enter_probe_bw(now);
         }

@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::delivery_rate::{DeliveryRateEstimator, PacketSendState};
+use crate::delivery_rate::{DeliveryRateEstimator, LostPacketSample, PacketSendState};
 
 const MSS: u64 = 1200;
 
@@ -800,6 +800,57 @@ fn appendix_exiting_probe_up_on_loss() {
         "inflight_longterm {hi} vs path {cap}"
     );
     assert!(bbr.probe_bw.prev_probe_too_high);
+}
+
+/// "Exiting PROBE_UP on Loss When Application-Limited": a loss above 2% of the inflight at
+/// transmit ends UP (to DOWN, with prev_probe_too_high) even when the lost packet was sent
+/// app-limited. Per `HandleInflightTooHigh()`'s pseudocode an app-limited sample does not
+/// lower `inflight_longterm` ("if (!RS.is_app_limited)"), so it stays where it was.
+#[test]
+fn appendix_exiting_probe_up_on_loss_when_app_limited() {
+    let mut path = Path::new(20.0, 40, 2.0);
+    let mut bbr = Bbr::new(cfg(), path.now);
+    path.run(&mut bbr, Duration::from_secs(10), |b, _| {
+        b.state() == State::ProbeBwUp
+    });
+    assert_eq!(bbr.state(), State::ProbeBwUp);
+    let hi_before = bbr.inflight_longterm();
+    let now = path.now;
+    bbr.on_packet_lost(
+        now,
+        &LostPacketSample {
+            size: MSS,
+            tx_in_flight: 100 * MSS,
+            lost: 5 * MSS,
+            is_app_limited: true,
+        },
+    );
+    assert_eq!(bbr.state(), State::ProbeBwDown);
+    assert!(bbr.probe_bw.prev_probe_too_high);
+    assert_eq!(bbr.inflight_longterm(), hi_before);
+    // The same loss when not app-limited sets inflight_longterm from InflightAtLoss (or the
+    // beta floor): re-run to UP on a fresh flow.
+    let mut path = Path::new(20.0, 40, 2.0);
+    let mut bbr = Bbr::new(cfg(), path.now);
+    path.run(&mut bbr, Duration::from_secs(10), |b, _| {
+        b.state() == State::ProbeBwUp
+    });
+    bbr.on_packet_lost(
+        path.now,
+        &LostPacketSample {
+            size: MSS,
+            tx_in_flight: 100 * MSS,
+            lost: 5 * MSS,
+            is_app_limited: false,
+        },
+    );
+    assert_eq!(bbr.state(), State::ProbeBwDown);
+    let hi = bbr.inflight_longterm().expect("set by the loss");
+    let floor = (BETA * bbr.bdp().min(bbr.cwnd) as f64) as u64;
+    assert!(
+        hi >= floor.min(100 * MSS) && hi <= (100 * MSS).max(floor),
+        "{hi}"
+    );
 }
 
 /// ProbeRTT every ~5 s keeps min_rtt fresh and the trace of a 12 s run stable.
