@@ -113,6 +113,9 @@ fn main() {
         "{{\"contender\":\"amst-tcp\",\"streams\":{streams},\"chunk\":{chunk},\"msg\":{msg},\"gbit_s\":{:.2}}}",
         ours / 1e9
     );
+    if env("AMST_BENCH_IPERF", 1) == 0 {
+        return;
+    }
     let Some(p8) = iperf3(streams as u32, secs) else {
         println!("iperf3 not available; no comparison (apt-get install -y iperf3)");
         return;
