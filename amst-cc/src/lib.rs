@@ -34,5 +34,6 @@ pub mod quinn;
 pub mod sim;
 pub mod slow_start;
 
+pub use bbr::{Bbr, BbrConfig};
 pub use controller::{Ack, CongestionController, ControllerMetrics, Loss, Phase, RateSample};
 pub use cubic::{Cubic, CubicConfig};
