@@ -2,7 +2,6 @@
 //! (passive) or, on an idle link, runs its budgeted active probe, and feeds the result to
 //! the [`Classifier`].
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -30,8 +29,8 @@ pub struct ProbeStats {
     pub last_burst: u64,
 }
 
-/// Probe rates remembered for the budget.
-const RATE_FILTER: usize = 10;
+/// RTT differences below this never count as a path change for the probe budget.
+const RTT_JITTER_FLOOR: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// Byte counter at the end of the previous period, per transport object.
 #[derive(Clone, Copy, Debug)]
@@ -43,21 +42,31 @@ struct Baseline {
 
 /// Samples a live session once per [`step`](Self::step) and classifies it.
 ///
-/// Passive when the transport moved at least `busy_bytes` in the period: the RTT is the
-/// transport's smoothed RTT and the bandwidth its delivery-rate estimate, or, if it has
-/// none, the bytes moved per second (a lower bound: see [`Bandwidth::lower_bound`]).
-/// Active when idle: one [`Transport::probe`] whose burst is at most
-/// `probe.max_fraction` (1 %) of the measured bandwidth × period.
+/// - **Busy** (the transport moved at least `busy_bytes` in the period): passive. The RTT
+///   is the transport's smoothed RTT. The bandwidth is its delivery-rate estimate, trusted
+///   as a measurement only if the application moved at least half that rate (otherwise the
+///   flow was application-limited and the rate is a lower bound); without an estimate, the
+///   bytes moved per second, as a lower bound.
+/// - **Idle**: active. An RTT ping ([`Transport::probe`] with no burst), then a packet train
+///   within the budget ([`probe_budget`](Self::probe_budget): 1 % of the rate × period,
+///   at most 4 MiB). A train's rate is a lower bound: it proves a fast path, never a slow
+///   one. If the ping shows the RTT moved by the change-point margin (×1.5, and ≥ 1 ms),
+///   the train is skipped and the remembered rates are dropped, so that a stale fast rate
+///   never sizes a train on a slow new path.
+///
+/// A transport that answers `probe` with [`Error::Unavailable`] is measured passively only.
 pub struct Detector {
     config: DetectorConfig,
     classifier: Classifier,
     source: Box<dyn PathSource>,
     baseline: Option<Baseline>,
     stats: ProbeStats,
-    /// Rates of the latest probe bursts (a max filter over `RATE_FILTER` probes): the
-    /// budget's reference. Each is a lower bound of the path's rate, so 1 % of their
-    /// maximum is at most 1 % of the real rate.
-    probe_rates: VecDeque<u64>,
+    /// The highest rate seen on this path: probe trains' rates are lower bounds, so their
+    /// maximum is the best lower bound, and 1 % of it is at most 1 % of the real rate. A
+    /// measured passive rate replaces it; a path change (RTT moved, transport swapped)
+    /// clears it. A sliding window would not do: trains sized by a low
+    /// estimate measure a low rate, and the budget would spiral down.
+    rate_floor: Option<u64>,
     /// Bytes a period's probing uses beyond its burst (the RTT ping, pongs, framing),
     /// learnt from answers.
     probe_overhead: u64,
@@ -91,7 +100,7 @@ impl Detector {
             source: Box::new(source),
             baseline: None,
             stats: ProbeStats::default(),
-            probe_rates: VecDeque::with_capacity(RATE_FILTER),
+            rate_floor: None,
             probe_overhead: 256,
             probe_unsupported: None,
         })
@@ -131,22 +140,18 @@ impl Detector {
 
     /// The probe's byte budget for the next period: `max_fraction` of the reference rate ×
     /// period, never more than `max_burst` plus the probe's own overhead. The reference is
-    /// the highest of the last 10 probe rates and the classifier's estimate; before any
-    /// rate is known it is the bootstrap burst (16 KiB).
+    /// the highest rate seen on this path (trains, passive samples, the classifier's
+    /// estimate); before any is known it is the bootstrap burst (16 KiB).
     ///
-    /// Probe rates are lower bounds of the path's rate (a short train is held back by TCP's
-    /// window, the sender, the train's length; it cannot beat the bottleneck), so this is
-    /// at most `max_fraction` of the real rate, with one bounded exception: after the path
-    /// slows down, the remembered rate is too high until a probe RTT shows the change (see
-    /// [`step`](Self::step)), which clears it.
+    /// Train rates are lower bounds of the path's rate (a short train is held back by
+    /// TCP's window, the sender, its own length; it cannot beat the bottleneck), so this is
+    /// at most `max_fraction` of the real rate while the path stays the same. A path change
+    /// that shows in the RTT clears the reference (see [`step`](Self::step)); a pure drop
+    /// in rate on an idle link cannot be seen by lower bounds, and until traffic measures
+    /// it, trains stay sized by the old rate (at most `max_burst`).
     pub fn probe_budget(&self) -> u64 {
         let p = &self.config.probe;
-        let rate = self
-            .probe_rates
-            .iter()
-            .copied()
-            .chain(self.classifier.estimate().1)
-            .max();
+        let rate = self.rate_floor.max(self.classifier.estimate().1);
         match rate {
             None => p.bootstrap_burst.min(p.max_burst) + self.probe_overhead,
             Some(r) => {
@@ -181,6 +186,7 @@ impl Detector {
             }
             Some(b) if b.transport != id => {
                 tracing::debug!(target: "amst_detect", "transport swapped; counters re-baselined");
+                self.rate_floor = None;
                 None
             }
             _ => None,
@@ -205,7 +211,10 @@ impl Detector {
             // busy: then it moved at least half that rate. An application-limited rate (a
             // trickle of RPCs on a fast link) is only a lower bound.
             let bandwidth = match metrics.delivery_rate {
-                Some(d) if moved_per_sec >= d as f64 / 2.0 => Some(Bandwidth::measured(d)),
+                Some(d) if moved_per_sec >= d as f64 / 2.0 => {
+                    self.rate_floor = Some(d);
+                    Some(Bandwidth::measured(d))
+                }
                 Some(d) => Some(Bandwidth::at_least(d.max(moved_per_sec as u64))),
                 None => delta.map(|(_, per_sec)| Bandwidth::at_least(per_sec as u64)),
             };
@@ -255,12 +264,14 @@ impl Detector {
         };
         let margin = self.config.classifier.step_margin;
         let moved = self.classifier.estimate().0.is_some_and(|est| {
-            let (a, b) = (ping.rtt.as_secs_f64(), est.as_secs_f64().max(1e-9));
-            a / b > margin || b / a.max(1e-9) > margin
+            let (a, b) = (ping.rtt.as_secs_f64(), est.as_secs_f64());
+            // Sub-millisecond RTTs jitter by ×2 on their own; that is not a new path.
+            (a - b).abs() >= RTT_JITTER_FLOOR.as_secs_f64()
+                && (a / b.max(1e-9) > margin || b / a.max(1e-9) > margin)
         });
         if moved {
             tracing::debug!(target: "amst_detect", rtt = ?ping.rtt, "RTT moved; burst skipped, rate memory cleared");
-            self.probe_rates.clear();
+            self.rate_floor = None;
             return obs;
         }
         let budget = self.probe_budget();
@@ -274,10 +285,7 @@ impl Detector {
             self.probe_overhead =
                 (s.bytes_used.saturating_sub(burst) + ping.bytes_used).clamp(64, 64 * 1024);
             if let Some(rate) = s.delivery_rate {
-                if self.probe_rates.len() == RATE_FILTER {
-                    self.probe_rates.pop_front();
-                }
-                self.probe_rates.push_back(rate);
+                self.rate_floor = self.rate_floor.max(Some(rate));
                 obs.bandwidth = Some(Bandwidth::at_least(rate));
             }
         }

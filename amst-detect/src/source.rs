@@ -16,7 +16,8 @@ use amst_core::Transport;
 /// use amst_detect::PathSource;
 ///
 /// let (a, _b) = InMemoryTransport::pair(4);
-/// // Stands in for `ArcSwap<Arc<dyn Transport>>`; with arc-swap: `move || active.load_full()`.
+/// // Stands in for `ArcSwap<Arc<dyn Transport>>`; with arc-swap:
+/// // `move || Arc::clone(&**active.load())`.
 /// let active: Arc<RwLock<Arc<dyn Transport>>> = Arc::new(RwLock::new(Arc::new(a)));
 /// let source = move || active.read().unwrap().clone();
 /// assert!(source.current().is_some());

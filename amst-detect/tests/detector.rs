@@ -26,6 +26,9 @@ struct LinkState {
     app_rate: u64,
     /// Whether `metrics()` carries a delivery-rate estimate while busy.
     reports_delivery_rate: bool,
+    /// Trains shorter than the bandwidth-delay product measure only `burst / rtt`, as a
+    /// real TCP train does when its window, not the bottleneck, limits it.
+    trains_window_limited: bool,
 }
 
 #[derive(Debug)]
@@ -47,6 +50,7 @@ impl ScriptedLink {
                 rate,
                 app_rate: 0,
                 reports_delivery_rate: true,
+                trains_window_limited: false,
             }),
             app_bytes: Mutex::new((0.0, Instant::now())),
             probes: Mutex::new(Vec::new()),
@@ -115,9 +119,14 @@ impl Transport for ScriptedLink {
             let used = burst_bytes + PROBE_OVERHEAD;
             self.probes.lock().unwrap().push((burst_bytes, used));
             self.probe_bytes.fetch_add(used, Ordering::Relaxed);
+            let measured = if s.trains_window_limited {
+                s.rate.min((burst_bytes as f64 / s.rtt.as_secs_f64()) as u64)
+            } else {
+                s.rate
+            };
             Ok(PathSample {
                 rtt: s.rtt,
-                delivery_rate: (burst_bytes > 0).then_some(s.rate),
+                delivery_rate: (burst_bytes > 0).then_some(measured),
                 bytes_used: used,
             })
         })
@@ -231,6 +240,30 @@ async fn probe_traffic_stays_within_one_percent_of_the_measured_rate() {
             100.0 * last as f64 / (rate as f64 * period.as_secs_f64()),
         );
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn window_limited_trains_do_not_shrink_the_budget() {
+    // 80 ms, 200 Mbit/s, the default 5 s period: a train of B bytes measures B / 80 ms, and
+    // 1 % of that × 5 s is 0.625 B. Sized by its own last measurement the budget would
+    // shrink each period until only pings were left; sized by the best lower bound seen,
+    // it holds.
+    let link = ScriptedLink::new(Duration::from_millis(80), GBIT_PER_SEC / 5);
+    link.set(|s| s.trains_window_limited = true);
+    let mut det = Detector::new(DetectorConfig::default(), link.clone()).unwrap();
+    for _ in 0..30 {
+        det.step().await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    let trains = link.trains();
+    assert_eq!(trains.len(), 30, "{trains:?}");
+    assert_eq!(trains[0].0, 16 * 1024);
+    // The bootstrap train's 16 KiB / 80 ms = 204.8 kB/s; 1 % of it over 5 s.
+    let budget = (0.01 * (16384.0 / 0.08_f64) * 5.0) as u64;
+    assert_eq!(det.probe_budget(), budget);
+    assert!(trains[1..].iter().all(|t| t.0 == trains[1].0), "{trains:?}");
+    assert_eq!(trains[1].0, budget - 2 * PROBE_OVERHEAD);
+    assert_eq!(det.mode(), Mode::Internet);
 }
 
 #[tokio::test(start_paused = true)]
