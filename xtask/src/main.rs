@@ -8,8 +8,11 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("ci") => ci(),
         Some("fuzz") => fuzz(&args[1..]),
+        Some("bench") => bench(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask ci | fuzz [--time SECONDS] [--build-only]");
+            eprintln!(
+                "usage: cargo xtask ci | bench [--quick] [--no-gate] [--scenario ID]... | fuzz [--time SECONDS] [--build-only]"
+            );
             return ExitCode::from(2);
         }
     };
@@ -85,6 +88,23 @@ fn ci() -> Result<(), String> {
     } else {
         Err(failures.join("\n"))
     }
+}
+
+/// The end-to-end perf gates: amst-bench's `amst-e2e` in release, writing
+/// `target/bench/report.md`, `samples.json` and SVG plots, and failing when a gate in
+/// `bench/gates.toml` fails (unless `--no-gate`).
+fn bench(args: &[String]) -> Result<(), String> {
+    let mut cmd = vec![
+        "run",
+        "--release",
+        "-p",
+        "amst-bench",
+        "--bin",
+        "amst-e2e",
+        "--",
+    ];
+    cmd.extend(args.iter().map(String::as_str));
+    run("cargo", &cmd)
 }
 
 /// Builds every cargo-fuzz target and runs each for `--time` seconds (default 60). cargo-fuzz

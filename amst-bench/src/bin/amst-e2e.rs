@@ -1,0 +1,643 @@
+//! `amst-e2e`: the end-to-end scenarios behind `cargo xtask bench`.
+//!
+//! Each scenario interleaves its contenders (A B A B …) and derives the ratios the gates in
+//! `bench/gates.toml` read. Run it through `cargo xtask bench [--quick] [--no-gate]`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use amst_bench::report::{Contender, Report, Scenario};
+use amst_bench::{gates, iperf, plot};
+use amst_core::Transport;
+use amst_core::codec::Psk;
+use amst_linkem::LinkEm;
+use amst_quic::{
+    CongestionControl, Identity, PeerVerification, QuicConfig, QuicListener, QuicTransport,
+};
+use amst_tcp::{TcpConfig, TcpListener, TcpTransport};
+use bytes::Bytes;
+
+const MESSAGE: usize = 4 << 20;
+const PSK: &[u8] = b"amst benchmark key, loopback only";
+
+struct Opts {
+    quick: bool,
+    gate: bool,
+    out: PathBuf,
+    only: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--role-receiver") {
+        return receiver_role();
+    }
+    let mut opts = Opts {
+        quick: false,
+        gate: true,
+        out: PathBuf::from("target/bench"),
+        only: Vec::new(),
+    };
+    let mut it = args.into_iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--quick" => opts.quick = true,
+            "--no-gate" => opts.gate = false,
+            "--out" => opts.out = it.next().map(PathBuf::from).unwrap_or(opts.out),
+            "--scenario" => opts.only.extend(it.next()),
+            other => {
+                eprintln!("amst-e2e: unknown argument {other:?}");
+                eprintln!("usage: amst-e2e [--quick] [--no-gate] [--out DIR] [--scenario ID]...");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let wanted = |id: &str| opts.only.is_empty() || opts.only.iter().any(|o| o == id);
+    let rounds = 3;
+    let mut scenarios = Vec::new();
+    for streams in [8usize, 1] {
+        let id = format!("loopback-{streams}");
+        if wanted(&id) {
+            let bytes = if opts.quick { 512 << 20 } else { 4 << 30 };
+            scenarios.push(loopback(&id, streams, bytes, rounds));
+        }
+    }
+    let wan_secs = if opts.quick { 6 } else { 20 };
+    if wanted("wan-tcp") {
+        scenarios.push(wan_tcp(Duration::from_secs(wan_secs), rounds));
+    }
+    if wanted("wan-quic") {
+        scenarios.push(wan_quic(Duration::from_secs(wan_secs), rounds));
+    }
+    if wanted("rss") {
+        let (small, large) = if opts.quick {
+            (256 << 20, 1 << 30)
+        } else {
+            (1 << 30, 4 << 30)
+        };
+        scenarios.push(rss(small, large));
+    }
+    if wanted("rdma") {
+        scenarios.push(Scenario::skipped(
+            "rdma",
+            "amst-rdma in two Soft-RoCE VMs vs ib_send_bw",
+            "amst-rdma is not built yet",
+        ));
+    }
+
+    let report = Report {
+        date: utc_now(),
+        machine: machine(),
+        quick: opts.quick,
+        scenarios,
+    };
+    let gate_file = PathBuf::from("bench/gates.toml");
+    let (lines, passed) = match gates::load(&gate_file) {
+        Ok(g) => gates::check(&g, &report),
+        Err(e) => (vec![format!("could not read gates: {e}")], false),
+    };
+    if let Err(e) = report.write(&opts.out, &lines) {
+        eprintln!(
+            "amst-e2e: writing the report into {}: {e}",
+            opts.out.display()
+        );
+        return ExitCode::FAILURE;
+    }
+    write_plots(&report, &opts.out);
+    println!("{}", report.markdown(&lines));
+    println!("report: {}", opts.out.join("report.md").display());
+    if opts.gate && !passed {
+        eprintln!("amst-e2e: a performance gate failed (see above)");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn psk() -> Psk {
+    Psk::new(PSK).expect("benchmark key is long enough")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(5201)
+}
+
+/// A payload whose messages are slices of one buffer, so the sender never copies.
+fn payload() -> Bytes {
+    Bytes::from(
+        (0..MESSAGE)
+            .map(|i| (i * 131 % 251) as u8)
+            .collect::<Vec<_>>(),
+    )
+}
+
+/// Sends `bytes` (or for `duration`) over `client`, while a receiver counts into `received`;
+/// returns the goodput in bit/s over the sending interval and the receiver's series.
+async fn drive(
+    client: Arc<dyn Transport>,
+    received: Arc<AtomicU64>,
+    bytes: Option<u64>,
+    duration: Option<Duration>,
+) -> Result<(f64, Vec<(f64, f64)>), String> {
+    let data = payload();
+    let start = Instant::now();
+    let sampler = {
+        let received = received.clone();
+        tokio::spawn(async move {
+            let mut series = Vec::new();
+            let mut last = 0u64;
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let now = received.load(Ordering::Relaxed);
+                series.push((
+                    start.elapsed().as_secs_f64(),
+                    (now - last) as f64 * 8.0 / 0.5 / 1e9,
+                ));
+                last = now;
+                if series.len() > 600 {
+                    break;
+                }
+            }
+            series
+        })
+    };
+    let mut sent = 0u64;
+    loop {
+        if bytes.is_some_and(|b| sent >= b) || duration.is_some_and(|d| start.elapsed() >= d) {
+            break;
+        }
+        let n = bytes.map_or(MESSAGE as u64, |b| (b - sent).min(MESSAGE as u64)) as usize;
+        client
+            .send(data.slice(..n))
+            .await
+            .map_err(|e| e.to_string())?;
+        sent += n as u64;
+    }
+    let goodput = match duration {
+        Some(d) => {
+            // Fixed-time runs count what the receiver had at the deadline, as iperf3 -t does.
+            let at_deadline = received.load(Ordering::Relaxed);
+            at_deadline as f64 * 8.0 / d.as_secs_f64()
+        }
+        None => {
+            client.flush().await.map_err(|e| e.to_string())?;
+            sent as f64 * 8.0 / start.elapsed().as_secs_f64()
+        }
+    };
+    sampler.abort();
+    let series = sampler.await.unwrap_or_default();
+    let _ = tokio::time::timeout(Duration::from_secs(30), client.close()).await;
+    Ok((goodput, series))
+}
+
+async fn count_into(server: Arc<dyn Transport>, received: Arc<AtomicU64>) {
+    while let Ok(Some(m)) = server.recv().await {
+        received.fetch_add(m.len() as u64, Ordering::Relaxed);
+    }
+}
+
+fn loopback(id: &str, streams: usize, bytes: u64, rounds: usize) -> Scenario {
+    let mut s = Scenario::new(
+        id,
+        format!(
+            "loopback bulk, {} MiB, {streams} stream(s): amst-tcp vs iperf3 -P {streams}",
+            bytes >> 20
+        ),
+    );
+    if !iperf::available() {
+        return Scenario::skipped(id, s.description, "iperf3 is not installed");
+    }
+    let mut amst = Contender::new(format!("amst-tcp {streams} streams"), "Gbit/s");
+    let mut reference = Contender::new(format!("iperf3 -P {streams}"), "Gbit/s");
+    let rt = runtime();
+    for _ in 0..rounds {
+        let config = TcpConfig {
+            adaptive: false,
+            ..TcpConfig::datacenter(psk()).with_streams(streams)
+        };
+        match rt.block_on(amst_tcp_once(
+            config,
+            "127.0.0.1:0".parse().unwrap(),
+            Some(bytes),
+            None,
+        )) {
+            Ok((bps, series)) => {
+                amst.samples.push(bps / 1e9);
+                amst.timeseries = series;
+            }
+            Err(e) => eprintln!("{id}: amst-tcp run failed: {e}"),
+        }
+        let port = free_port();
+        let server = iperf::server(Command::new("iperf3"), "127.0.0.1", port);
+        std::thread::sleep(Duration::from_millis(300));
+        let p = streams.to_string();
+        match server.and_then(|mut srv| {
+            let r = iperf::client(
+                Command::new("iperf3"),
+                "127.0.0.1",
+                port,
+                Duration::ZERO,
+                Some(bytes),
+                &["-P", &p],
+            );
+            let _ = srv.wait();
+            r
+        }) {
+            Ok(r) => {
+                reference.samples.push(r.received_bps / 1e9);
+                reference.timeseries = r.intervals.iter().map(|&(t, b)| (t, b / 1e9)).collect();
+            }
+            Err(e) => eprintln!("{id}: iperf3 run failed: {e}"),
+        }
+    }
+    if let (Some(a), Some(b)) = (amst.summary(), reference.summary()) {
+        s.metrics
+            .insert("ratio_vs_iperf3".into(), a.median / b.median);
+    }
+    s.contenders = vec![amst, reference];
+    s
+}
+
+async fn amst_tcp_once(
+    config: TcpConfig,
+    bind: SocketAddr,
+    bytes: Option<u64>,
+    duration: Option<Duration>,
+) -> Result<(f64, Vec<(f64, f64)>), String> {
+    let listener = TcpListener::bind(bind, config.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    let addr = listener.local_addr();
+    let received = Arc::new(AtomicU64::new(0));
+    let counter = received.clone();
+    let server = tokio::spawn(async move {
+        let session: Arc<dyn Transport> =
+            Arc::new(listener.accept().await.map_err(|e| e.to_string())?);
+        count_into(session, counter).await;
+        Ok::<_, String>(())
+    });
+    let client: Arc<dyn Transport> = Arc::new(
+        TcpTransport::connect(addr, config)
+            .await
+            .map_err(|e| e.to_string())?,
+    );
+    let out = drive(client, received, bytes, duration).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
+    out
+}
+
+/// The internet benchmark link: 200 Mbit/s, 100 ms RTT, 1% loss, a 1 BDP queue.
+const WAN_RATE: u64 = 200_000_000;
+const WAN_RTT: Duration = Duration::from_millis(100);
+
+fn wan_link() -> Result<LinkEm, String> {
+    amst_linkem::check_privileges()?;
+    let bdp = WAN_RATE / 8 * WAN_RTT.as_millis() as u64 / 1000;
+    LinkEm::builder()
+        .rate_bps(WAN_RATE)
+        .rtt(WAN_RTT)
+        .loss(0.01)
+        .queue_bytes(bdp)
+        .start()
+        .map_err(|e| format!("could not start the emulated link: {e}"))
+}
+
+fn wan_tcp(duration: Duration, rounds: usize) -> Scenario {
+    let id = "wan-tcp";
+    let desc = format!(
+        "amst-linkem 200 Mbit/s, 100 ms RTT, 1% loss, 1 BDP queue, {} s: amst internet profile vs iperf3 (cubic, bbr, -P 8), as a fraction of the link rate",
+        duration.as_secs()
+    );
+    if !iperf::available() {
+        return Scenario::skipped(id, desc, "iperf3 is not installed");
+    }
+    let link = match wan_link() {
+        Ok(l) => l,
+        Err(e) => return Scenario::skipped(id, desc, e),
+    };
+    let mut s = Scenario::new(id, desc);
+    let mut amst = Contender::new("amst internet profile", "Mbit/s");
+    let mut others = [
+        (
+            Contender::new("iperf3 -C cubic", "Mbit/s"),
+            vec!["-C", "cubic"],
+        ),
+        (Contender::new("iperf3 -C bbr", "Mbit/s"), vec!["-C", "bbr"]),
+        (
+            Contender::new("iperf3 -P 8 -C cubic", "Mbit/s"),
+            vec!["-P", "8", "-C", "cubic"],
+        ),
+    ];
+    let server_ip = link.right().addr();
+    for _ in 0..rounds {
+        let port = free_port();
+        let config = TcpConfig::internet(psk());
+        let bind: SocketAddr = (server_ip, port).into();
+        let received = Arc::new(AtomicU64::new(0));
+        let counter = received.clone();
+        let server_config = config.clone();
+        let server = link.right().spawn_tokio(async move {
+            let listener = TcpListener::bind(bind, server_config)
+                .await
+                .map_err(|e| e.to_string())?;
+            let session: Arc<dyn Transport> =
+                Arc::new(listener.accept().await.map_err(|e| e.to_string())?);
+            count_into(session, counter).await;
+            Ok::<_, String>(())
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let run = link.left().block_on(async move {
+            let client: Arc<dyn Transport> = Arc::new(
+                TcpTransport::connect(bind, config)
+                    .await
+                    .map_err(|e| e.to_string())?,
+            );
+            drive(client, received, None, Some(duration)).await
+        });
+        match run {
+            Ok((bps, series)) => {
+                amst.samples.push(bps / 1e6);
+                amst.timeseries = series.into_iter().map(|(t, g)| (t, g * 1e3)).collect();
+            }
+            Err(e) => eprintln!("wan-tcp: amst run failed: {e}"),
+        }
+        let _ = server.join();
+        for (c, extra) in others.iter_mut() {
+            let port = free_port();
+            let server =
+                iperf::server(link.right().command("iperf3"), &server_ip.to_string(), port);
+            std::thread::sleep(Duration::from_millis(300));
+            let r = server.and_then(|mut srv| {
+                let r = iperf::client(
+                    link.left().command("iperf3"),
+                    &server_ip.to_string(),
+                    port,
+                    duration,
+                    None,
+                    extra,
+                );
+                let _ = srv.wait();
+                r
+            });
+            match r {
+                Ok(r) => {
+                    c.samples.push(r.received_bps / 1e6);
+                    c.timeseries = r.intervals.iter().map(|&(t, b)| (t, b / 1e6)).collect();
+                }
+                Err(e) => eprintln!("wan-tcp: {} failed: {e}", c.name),
+            }
+        }
+    }
+    let link_mbps = WAN_RATE as f64 / 1e6;
+    if let Some(a) = amst.summary() {
+        s.metrics
+            .insert("amst_fraction_of_link".into(), a.median / link_mbps);
+    }
+    for (c, _) in &others {
+        if let Some(sum) = c.summary() {
+            let key = format!(
+                "{}_fraction_of_link",
+                c.name.replace([' ', '-'], "_").trim_matches('_')
+            );
+            s.metrics.insert(key, sum.median / link_mbps);
+        }
+    }
+    s.contenders = std::iter::once(amst)
+        .chain(others.into_iter().map(|(c, _)| c))
+        .collect();
+    s
+}
+
+fn wan_quic(duration: Duration, rounds: usize) -> Scenario {
+    let id = "wan-quic";
+    let desc = format!(
+        "amst-linkem 200 Mbit/s, 100 ms RTT, 1% loss, {} s: amst-quic with amst-cc BBR vs quinn's Cubic",
+        duration.as_secs()
+    );
+    let link = match wan_link() {
+        Ok(l) => l,
+        Err(e) => return Scenario::skipped(id, desc, e),
+    };
+    let mut s = Scenario::new(id, desc);
+    let mut contenders = [
+        (
+            Contender::new("amst-quic + amst-cc BBR", "Mbit/s"),
+            CongestionControl::AmstBbr,
+        ),
+        (
+            Contender::new("amst-quic + quinn Cubic", "Mbit/s"),
+            CongestionControl::QuinnCubic,
+        ),
+    ];
+    let server_ip = link.right().addr();
+    for _ in 0..rounds {
+        for (c, cc) in contenders.iter_mut() {
+            let port = free_port();
+            let bind: SocketAddr = (server_ip, port).into();
+            let identity = match Identity::self_signed(&["localhost"]) {
+                Ok(i) => i,
+                Err(e) => return Scenario::skipped(id, s.description, format!("certificate: {e}")),
+            };
+            let pin = identity.fingerprint();
+            let base = QuicConfig::new(psk())
+                .for_path(WAN_RATE, WAN_RTT)
+                .with_congestion(*cc);
+            let server_config = base.clone().with_identity(identity);
+            let client_config = base.with_verification(PeerVerification::Pinned(vec![pin]));
+            let received = Arc::new(AtomicU64::new(0));
+            let counter = received.clone();
+            let server = link.right().spawn_tokio(async move {
+                let listener =
+                    QuicListener::bind(bind, server_config).map_err(|e| e.to_string())?;
+                let session: Arc<dyn Transport> =
+                    Arc::new(listener.accept().await.map_err(|e| e.to_string())?);
+                count_into(session, counter).await;
+                Ok::<_, String>(())
+            });
+            std::thread::sleep(Duration::from_millis(300));
+            let run = link.left().block_on(async move {
+                let client: Arc<dyn Transport> = Arc::new(
+                    QuicTransport::connect(bind, "localhost", client_config)
+                        .await
+                        .map_err(|e| e.to_string())?,
+                );
+                drive(client, received, None, Some(duration)).await
+            });
+            match run {
+                Ok((bps, series)) => {
+                    c.samples.push(bps / 1e6);
+                    c.timeseries = series.into_iter().map(|(t, g)| (t, g * 1e3)).collect();
+                }
+                Err(e) => eprintln!("wan-quic: {} failed: {e}", c.name),
+            }
+            let _ = server.join();
+        }
+    }
+    if let (Some(bbr), Some(cubic)) = (contenders[0].0.summary(), contenders[1].0.summary()) {
+        s.metrics.insert(
+            "bbr_over_quinn_cubic".into(),
+            bbr.median / cubic.median.max(1e-9),
+        );
+        s.metrics.insert(
+            "bbr_fraction_of_link".into(),
+            bbr.median / (WAN_RATE as f64 / 1e6),
+        );
+    }
+    s.contenders = contenders.into_iter().map(|(c, _)| c).collect();
+    s
+}
+
+/// Peak RSS of a receiver process: the receive window bounds memory, so 4× the data must not
+/// take 4× the memory.
+fn rss(small: u64, large: u64) -> Scenario {
+    let mut s = Scenario::new(
+        "rss",
+        format!(
+            "receiver peak RSS (VmHWM) for {} MiB vs {} MiB over loopback, 8 streams",
+            small >> 20,
+            large >> 20
+        ),
+    );
+    let mut c = Contender::new("receiver VmHWM", "MiB");
+    for bytes in [small, large] {
+        match rss_once(bytes) {
+            Ok(mib) => c.samples.push(mib),
+            Err(e) => return Scenario::skipped("rss", s.description, e),
+        }
+    }
+    s.metrics
+        .insert("rss_growth_4g_over_1g".into(), c.samples[1] / c.samples[0]);
+    s.metrics.insert("rss_small_mib".into(), c.samples[0]);
+    s.metrics.insert("rss_large_mib".into(), c.samples[1]);
+    s.contenders = vec![c];
+    s
+}
+
+fn rss_once(bytes: u64) -> Result<f64, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut child = Command::new(exe)
+        .arg("--role-receiver")
+        .stdout(Stdio::piped())
+        .stdin(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("could not start the receiver process: {e}"))?;
+    let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
+    let addr: SocketAddr = lines
+        .next()
+        .and_then(Result::ok)
+        .and_then(|l| l.trim().parse().ok())
+        .ok_or("the receiver did not print its address")?;
+    let config = TcpConfig {
+        adaptive: false,
+        ..TcpConfig::datacenter(psk()).with_streams(8)
+    };
+    runtime().block_on(async {
+        let client: Arc<dyn Transport> = Arc::new(
+            TcpTransport::connect(addr, config)
+                .await
+                .map_err(|e| e.to_string())?,
+        );
+        drive(client, Arc::new(AtomicU64::new(0)), Some(bytes), None).await
+    })?;
+    let hwm_kib: f64 = lines
+        .next()
+        .and_then(Result::ok)
+        .and_then(|l| l.trim().parse().ok())
+        .ok_or("the receiver did not report its peak RSS")?;
+    let _ = child.wait();
+    Ok(hwm_kib / 1024.0)
+}
+
+/// The child side of the RSS scenario: receive one session, discard it, print VmHWM in KiB.
+fn receiver_role() -> ExitCode {
+    let rt = runtime();
+    let result: Result<(), String> = rt.block_on(async {
+        let config = TcpConfig::datacenter(psk());
+        let listener = TcpListener::bind("127.0.0.1:0".parse().unwrap(), config)
+            .await
+            .map_err(|e| e.to_string())?;
+        println!("{}", listener.local_addr());
+        std::io::stdout().flush().map_err(|e| e.to_string())?;
+        let session = listener.accept().await.map_err(|e| e.to_string())?;
+        while let Ok(Some(_)) = session.recv().await {}
+        Ok(())
+    });
+    if let Err(e) = result {
+        eprintln!("receiver: {e}");
+        return ExitCode::FAILURE;
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let hwm = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    println!("{hwm}");
+    ExitCode::SUCCESS
+}
+
+fn write_plots(report: &Report, out: &std::path::Path) {
+    for s in &report.scenarios {
+        let series: Vec<(String, Vec<(f64, f64)>)> = s
+            .contenders
+            .iter()
+            .filter(|c| !c.timeseries.is_empty())
+            .map(|c| (c.name.clone(), c.timeseries.clone()))
+            .collect();
+        if series.is_empty() {
+            continue;
+        }
+        let unit = s.contenders.first().map_or("", |c| c.unit.as_str());
+        let path = out.join(format!("{}.svg", s.id));
+        if let Err(e) = plot::lines(
+            &path,
+            &format!("{}: goodput over time", s.id),
+            unit,
+            &series,
+        ) {
+            eprintln!("plot {}: {e}", path.display());
+        }
+    }
+}
+
+fn utc_now() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn machine() -> String {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem_kib = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    format!(
+        "Linux {}, {cores} cores, {} GiB",
+        kernel.trim(),
+        mem_kib / (1 << 20)
+    )
+}
