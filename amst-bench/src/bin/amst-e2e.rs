@@ -109,6 +109,13 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     write_plots(&report, &opts.out);
+    if !opts.quick && opts.only.is_empty() {
+        // The README links this file: the latest full run, written only by the harness.
+        let latest = PathBuf::from("bench/latest.md");
+        if let Err(e) = std::fs::write(&latest, report.markdown(&lines)) {
+            eprintln!("amst-e2e: writing {}: {e}", latest.display());
+        }
+    }
     println!("{}", report.markdown(&lines));
     println!("report: {}", opts.out.join("report.md").display());
     if opts.gate && !passed {
