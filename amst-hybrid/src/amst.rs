@@ -1,0 +1,507 @@
+//! `Amst`, the object applications use, and `AmstListener`, which yields server sessions.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use amst_core::codec::{SessionId, random_bytes};
+use amst_core::{Mode, Transport};
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::metrics::AmstMetrics;
+use crate::session::{Role, Shared, hex, lock};
+use crate::wire::{self, HybridFrame};
+use crate::{Acceptor, AmstConfig, Connected, Connector, Error, Result};
+
+/// One hybrid session with one peer: send and receive messages, whichever transports carry
+/// them, across mode switches.
+///
+/// Cloning is cheap and shares the session, so many tasks can send concurrently; messages
+/// from one `Amst` are delivered in the order their `send` calls queued them. The session ends
+/// when [`close`](Amst::close) is called or the last clone is dropped.
+#[derive(Clone, Debug)]
+pub struct Amst {
+    inner: Arc<Owner>,
+}
+
+#[derive(Debug)]
+struct Owner {
+    shared: Arc<Shared>,
+    auto: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        self.shared.shut_down();
+        if let Some(t) = lock(&self.auto).take() {
+            t.abort();
+        }
+    }
+}
+
+impl Amst {
+    fn from_shared(shared: Arc<Shared>) -> Self {
+        Amst {
+            inner: Arc::new(Owner {
+                shared,
+                auto: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// Connects to an `Amst` server (or a plain AMST peer) through `connector`, in
+    /// `config.initial_mode`, and starts following the detector when `config.auto_mode`.
+    pub async fn connect_with(connector: Arc<dyn Connector>, config: AmstConfig) -> Result<Amst> {
+        config.validate()?;
+        let profiles = config.lanes_for(config.initial_mode)?;
+        let first = profiles[0].clone();
+        let Connected { transport, hybrid } = connector.connect(&first).await?;
+        if !hybrid {
+            warn!(
+                "the peer does not speak the hybrid protocol: plain session on one {} transport, no mode switching",
+                first.preset
+            );
+            let shared = Shared::new(
+                Role::Client,
+                config,
+                [0; 16],
+                false,
+                transport,
+                Some(first.clone()),
+                first.preset,
+                None,
+                0,
+            );
+            return Ok(Amst::from_shared(shared));
+        }
+        let (vmin, vmax) = config.hybrid_versions;
+        transport
+            .send(
+                HybridFrame::Open {
+                    version_min: vmin,
+                    version_max: vmax,
+                }
+                .encode(),
+            )
+            .await?;
+        let reply = tokio::time::timeout(config.attach_timeout, transport.recv())
+            .await
+            .map_err(|_| {
+                Error::Core(amst_core::Error::Timeout {
+                    what: "waiting for the server's OpenAck",
+                    after: config.attach_timeout,
+                })
+            })??
+            .ok_or_else(|| Error::Closed("the server closed before answering Open".into()))?;
+        let session_id = match HybridFrame::decode(reply)? {
+            HybridFrame::OpenAck {
+                version,
+                session_id,
+            } => {
+                if version < vmin || version > vmax {
+                    return Err(Error::VersionMismatch {
+                        ours_min: vmin,
+                        ours_max: vmax,
+                        theirs_min: version,
+                        theirs_max: version,
+                    });
+                }
+                session_id
+            }
+            HybridFrame::Reject { reason } => {
+                let _ = transport.close().await;
+                return Err(Error::Rejected(reason));
+            }
+            other => {
+                return Err(Error::protocol(format!(
+                    "expected OpenAck from the server, got {other:?}"
+                )));
+            }
+        };
+        let start_mode = if profiles.len() == 1 {
+            config.initial_mode
+        } else {
+            first.preset
+        };
+        let auto = config.auto_mode;
+        let shared = Shared::new(
+            Role::Client,
+            config,
+            session_id,
+            true,
+            transport,
+            Some(first),
+            start_mode,
+            Some(connector),
+            1,
+        );
+        info!(session = %hex(&session_id), mode = %start_mode, "hybrid session open");
+        let amst = Amst::from_shared(shared.clone());
+        if profiles.len() > 1 {
+            shared.switch_to(amst_core::Mode::Hybrid, false).await?;
+        }
+        if auto {
+            amst.start_auto_mode();
+        }
+        Ok(amst)
+    }
+
+    /// Serves `Amst` sessions on transports from `acceptor`.
+    pub fn listen_with(acceptor: Arc<dyn Acceptor>, config: AmstConfig) -> Result<AmstListener> {
+        config.validate()?;
+        let local_addr = acceptor.local_addr();
+        let (tx, rx) = mpsc::channel(64);
+        let task = tokio::spawn(accept_loop(acceptor, config, tx));
+        Ok(AmstListener {
+            rx: tokio::sync::Mutex::new(rx),
+            local_addr,
+            task,
+        })
+    }
+
+    fn start_auto_mode(&self) {
+        #[cfg(feature = "detect")]
+        {
+            let task = crate::auto::spawn(&self.inner.shared);
+            *lock(&self.inner.auto) = task;
+        }
+        #[cfg(not(feature = "detect"))]
+        warn!("auto mode is on but amst-hybrid was built without the `detect` feature; staying in the initial mode");
+    }
+
+    fn shared(&self) -> &Arc<Shared> {
+        &self.inner.shared
+    }
+
+    /// Queues a message. Resolves once it is accepted (it may wait for the send window);
+    /// delivery is whole, exactly once and in order, across mode switches.
+    pub async fn send(&self, message: Bytes) -> Result<()> {
+        self.shared().send(message).await.map(|_| ())
+    }
+
+    /// Sends a message and waits until the peer acknowledged it, calling
+    /// `progress(transferred, total)` along the way: `transferred` is the bytes the carrying
+    /// transport has put on the wire since the send began (an estimate when other messages
+    /// share it), capped below `total` until the acknowledgement, then exactly `total`.
+    pub async fn send_with_progress<F>(&self, message: Bytes, mut progress: F) -> Result<()>
+    where
+        F: FnMut(u64, u64) + Send,
+    {
+        let total = message.len() as u64;
+        let s = self.shared();
+        let wire_now = |s: &Shared| {
+            let r = s.route.load();
+            let t = r.pick(total as usize).transport.clone();
+            let ptr = Arc::as_ptr(&t) as *const () as usize;
+            (ptr, t.metrics().bytes_sent)
+        };
+        let (mut which, mut base) = wire_now(s);
+        progress(0, total);
+        let seq = s.send(message).await?;
+        if !s.hybrid {
+            s.flush().await?;
+            progress(total, total);
+            return Ok(());
+        }
+        let mut last = 0;
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            if s.is_acked(seq) {
+                progress(total, total);
+                return Ok(());
+            }
+            s.check_open()?;
+            let (now_which, sent) = wire_now(s);
+            if now_which != which {
+                // A switch: count from here on the new transport.
+                which = now_which;
+                base = sent.saturating_sub(last);
+            }
+            let est = sent.saturating_sub(base).min(total.saturating_sub(1));
+            if est > last {
+                last = est;
+                progress(est, total);
+            }
+            tick.tick().await;
+        }
+    }
+
+    /// Resolves when every message sent so far has been acknowledged by the peer.
+    pub async fn flush(&self) -> Result<()> {
+        self.shared().flush().await
+    }
+
+    /// The next message, or `None` once the peer has closed and everything it sent has been
+    /// delivered.
+    pub async fn recv(&self) -> Result<Option<Bytes>> {
+        self.shared().recv().await
+    }
+
+    /// The mode of the current route.
+    pub fn mode(&self) -> Mode {
+        self.shared().route.load().mode
+    }
+
+    /// Switches to `mode` now and holds it there (the auto loop stops deciding until
+    /// [`release_mode`](Amst::release_mode)). On a server this asks the client, which owns
+    /// the connections, and waits until it has switched.
+    pub async fn force_mode(&self, mode: Mode) -> Result<()> {
+        let s = self.shared();
+        s.pinned.store(true, std::sync::atomic::Ordering::Release);
+        match s.role {
+            Role::Client => s.switch_to(mode, false).await.map(|_| ()),
+            Role::Server => s.request_mode(mode).await,
+        }
+    }
+
+    /// Switches to `mode` even if it is current, through fresh transports (a failover test,
+    /// or to pick up new settings).
+    pub async fn reconnect(&self, mode: Mode) -> Result<()> {
+        self.shared().switch_to(mode, true).await.map(|_| ())
+    }
+
+    /// Lets the detector decide the mode again.
+    pub fn release_mode(&self) {
+        self.shared()
+            .pinned
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether both ends speak the hybrid protocol (false: a plain peer, no switching).
+    pub fn is_hybrid(&self) -> bool {
+        self.shared().hybrid
+    }
+
+    /// The hybrid session id (all zeroes for a plain session).
+    pub fn session_id(&self) -> SessionId {
+        self.shared().session_id
+    }
+
+    /// Whether this end connected or accepted.
+    pub fn role(&self) -> Role {
+        self.shared().role
+    }
+
+    /// Every measured switch duration (swap to first acknowledged message on the new
+    /// transport), oldest first, up to the last 4096.
+    pub fn switch_durations(&self) -> Vec<Duration> {
+        lock(&self.shared().switch_stats).durations.clone()
+    }
+
+    /// The current route's transport (the low-latency one in hybrid mode), e.g. for a
+    /// detector or for transport-specific statistics.
+    pub fn active_transport(&self) -> Arc<dyn Transport> {
+        self.shared().route.load().low.transport.clone()
+    }
+
+    /// A snapshot of the session's counters.
+    pub fn metrics(&self) -> AmstMetrics {
+        let s = self.shared();
+        let r = s.route.load_full();
+        let low = r.low.transport.metrics();
+        let bulk = (!Arc::ptr_eq(&r.low, &r.bulk)).then(|| r.bulk.transport.metrics());
+        let (unacked_messages, unacked_bytes) = s.unacked();
+        let (messages_received, bytes_received, duplicates_dropped) = if s.hybrid {
+            s.merger_stats()
+        } else {
+            (low.messages_received, low.bytes_received, 0)
+        };
+        let sw = lock(&s.switch_stats).clone();
+        use std::sync::atomic::Ordering::Relaxed;
+        AmstMetrics {
+            mode: r.mode,
+            transport: low.kind,
+            bulk_transport: bulk.as_ref().map(|b| b.kind),
+            generation: r.generation,
+            hybrid: s.hybrid,
+            throughput_bps: s.throughput(),
+            streams: low.active_streams + bulk.as_ref().map_or(0, |b| b.active_streams),
+            messages_sent: s.instruments.n_messages_sent.load(Relaxed),
+            bytes_sent: s.instruments.n_bytes_sent.load(Relaxed),
+            bytes_acked: s.acked_bytes(),
+            unacked_messages,
+            unacked_bytes,
+            messages_received,
+            bytes_received,
+            duplicates_dropped,
+            chunks_retransmitted: low.chunks_retransmitted
+                + bulk.as_ref().map_or(0, |b| b.chunks_retransmitted),
+            rtt: low.rtt,
+            min_rtt: low.min_rtt,
+            switches: sw.switches,
+            last_switch_resent: sw.last_resent,
+            last_switch_duration: sw.durations.last().copied(),
+            open_transports: s.live_lanes(),
+        }
+    }
+
+    /// Waits until everything sent is acknowledged, says goodbye, and closes every
+    /// transport. The peer's `recv` returns `None` after the last message.
+    pub async fn close(&self) -> Result<()> {
+        if let Some(t) = lock(&self.inner.auto).take() {
+            t.abort();
+        }
+        self.shared().close().await
+    }
+}
+
+/// Accepts `Amst` sessions. Transports that attach to an existing session (a client switching
+/// modes) are routed to it in the background; `accept` yields only new sessions.
+#[derive(Debug)]
+pub struct AmstListener {
+    rx: tokio::sync::Mutex<mpsc::Receiver<Result<Amst>>>,
+    local_addr: Option<SocketAddr>,
+    task: JoinHandle<()>,
+}
+
+impl AmstListener {
+    /// The next new session.
+    pub async fn accept(&self) -> Result<Amst> {
+        self.rx
+            .lock()
+            .await
+            .recv()
+            .await
+            .unwrap_or_else(|| Err(Error::Closed("the listener stopped".into())))
+    }
+
+    /// The address the listener is bound to, if it has one.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.local_addr
+    }
+}
+
+impl Drop for AmstListener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+type Registry = Arc<Mutex<HashMap<SessionId, Weak<Shared>>>>;
+
+async fn accept_loop(
+    acceptor: Arc<dyn Acceptor>,
+    config: AmstConfig,
+    tx: mpsc::Sender<Result<Amst>>,
+) {
+    let sessions: Registry = Arc::default();
+    loop {
+        match acceptor.accept().await {
+            Ok(c) => {
+                tokio::spawn(incoming(c, config.clone(), sessions.clone(), tx.clone()));
+            }
+            Err(Error::Closed(reason)) => {
+                info!("listener stopped: {reason}");
+                return;
+            }
+            Err(e) => warn!("incoming transport refused: {e}"),
+        }
+        if tx.is_closed() {
+            return;
+        }
+    }
+}
+
+async fn incoming(c: Connected, config: AmstConfig, sessions: Registry, tx: mpsc::Sender<Result<Amst>>) {
+    let Connected { transport, hybrid } = c;
+    if !hybrid {
+        info!("plain (non-hybrid) peer: session without switching");
+        let mode = config.initial_mode;
+        let shared = Shared::new(
+            Role::Server, config, [0; 16], false, transport, None, mode, None, 0,
+        );
+        let _ = tx.send(Ok(Amst::from_shared(shared))).await;
+        return;
+    }
+    let first = match tokio::time::timeout(config.attach_timeout, transport.recv()).await {
+        Ok(Ok(Some(m))) => m,
+        other => {
+            warn!("a new transport sent no hybrid Open or Attach: {other:?}");
+            let _ = transport.close().await;
+            return;
+        }
+    };
+    let reject = |reason: String| {
+        let transport = transport.clone();
+        async move {
+            warn!("rejecting a transport: {reason}");
+            let _ = transport
+                .send(HybridFrame::Reject { reason }.encode())
+                .await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), transport.close()).await;
+        }
+    };
+    match HybridFrame::decode(first) {
+        Ok(HybridFrame::Open {
+            version_min,
+            version_max,
+        }) => {
+            let version = match wire::negotiate(config.hybrid_versions, (version_min, version_max))
+            {
+                Ok(v) => v,
+                Err(e) => return reject(e.to_string()).await,
+            };
+            let session_id: SessionId = random_bytes();
+            if let Err(e) = transport
+                .send(
+                    HybridFrame::OpenAck {
+                        version,
+                        session_id,
+                    }
+                    .encode(),
+                )
+                .await
+            {
+                warn!("answering Open failed: {e}");
+                return;
+            }
+            let mode = config.initial_mode;
+            let shared = Shared::new(
+                Role::Server,
+                config,
+                session_id,
+                true,
+                transport,
+                None,
+                mode,
+                None,
+                1,
+            );
+            {
+                let mut reg = lock(&sessions);
+                reg.retain(|_, w| w.strong_count() > 0);
+                reg.insert(session_id, Arc::downgrade(&shared));
+            }
+            info!(session = %hex(&session_id), version, "hybrid session accepted");
+            let _ = tx.send(Ok(Amst::from_shared(shared))).await;
+        }
+        Ok(HybridFrame::Attach {
+            session_id,
+            generation,
+            index,
+            count,
+            mode,
+        }) => {
+            let session = lock(&sessions).get(&session_id).and_then(Weak::upgrade);
+            match session {
+                Some(s) if s.check_open().is_ok() => {
+                    let lane = s.add_lane(transport, None);
+                    s.on_attach(lane, generation, index, count, mode).await;
+                }
+                _ => {
+                    reject(format!(
+                        "unknown or closed hybrid session {}",
+                        hex(&session_id)
+                    ))
+                    .await
+                }
+            }
+        }
+        Ok(other) => reject(format!("expected Open or Attach first, got {other:?}")).await,
+        Err(e) => reject(format!("bad first message: {e}")).await,
+    }
+}

@@ -1,0 +1,61 @@
+//! AMST's hybrid manager: one [`Amst`] session over switchable transports.
+//!
+//! The active route (one transport, or two in hybrid mode) lives in an `ArcSwap`; a mode
+//! change from the detector, or a forced one, dials or reuses transports, attaches them to
+//! the session at the server, swaps the route and resends every message the old transport had
+//! not seen acknowledged. Every message carries a hybrid sequence number, and the receiver
+//! merges deliveries from old and new transports: exactly once, in order, bounded memory.
+//!
+//! The sans-IO halves are [`SendLedger`] and [`ReceiveMerger`]; [`wire`] is the frame codec.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use amst_core::{Mode, codec::Psk};
+//! use amst_hybrid::{Amst, AmstConfig, memory_network};
+//! use bytes::Bytes;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> amst_hybrid::Result<()> {
+//! let config = AmstConfig::builder(Psk::new(b"correct horse battery")?)
+//!     .auto_mode(false)
+//!     .initial_mode(Mode::Datacenter)
+//!     .build()?;
+//! let (connector, acceptor) = memory_network(64);
+//! let listener = Amst::listen_with(Arc::new(acceptor), config.clone())?;
+//! let client = Amst::connect_with(Arc::new(connector), config).await?;
+//! let server = listener.accept().await?;
+//!
+//! client.send(Bytes::from_static(b"before")).await?;
+//! client.force_mode(Mode::Internet).await?; // a new transport; nothing lost or repeated
+//! client.send(Bytes::from_static(b"after")).await?;
+//! assert_eq!(server.recv().await?.as_deref(), Some(&b"before"[..]));
+//! assert_eq!(server.recv().await?.as_deref(), Some(&b"after"[..]));
+//! assert_eq!(client.metrics().switches, 1);
+//! client.close().await?;
+//! assert_eq!(server.recv().await?, None);
+//! # Ok(())
+//! # }
+//! ```
+
+mod amst;
+#[cfg(feature = "detect")]
+mod auto;
+mod config;
+mod connect;
+mod error;
+pub mod ledger;
+pub mod merger;
+mod metrics;
+mod session;
+pub mod wire;
+
+pub use amst::{Amst, AmstListener};
+pub use config::{AmstConfig, AmstConfigBuilder, Congestion, LaneProfile};
+#[cfg(feature = "in-memory")]
+pub use connect::{MemoryAcceptor, MemoryConnector, memory_network};
+pub use connect::{Acceptor, Connected, Connector};
+pub use error::{Error, Result};
+pub use ledger::SendLedger;
+pub use merger::ReceiveMerger;
+pub use metrics::AmstMetrics;
+pub use session::Role;
