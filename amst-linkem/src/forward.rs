@@ -162,6 +162,8 @@ pub(crate) struct Forwarder {
 impl Forwarder {
     pub(crate) fn run(self) {
         sys::set_min_timer_slack();
+        let prio = sys::raise_thread_priority();
+        tracing::debug!("forwarder running at {prio}");
         let now_ns = || self.epoch.elapsed().as_nanos() as u64;
         let mut generation = self
             .shared

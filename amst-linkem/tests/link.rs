@@ -304,10 +304,16 @@ fn full_queue_drops_packets_and_bounds_rtt() {
 }
 
 /// Sends a timestamped UDP probe every 2 ms from left to an echo server on right, and
-/// returns (send time, receive time) per answered probe, relative to `t0`.
-fn probe_rtts(link: &LinkEm, t0: Instant, duration: Duration) -> Vec<(Duration, Duration)> {
+/// returns (send time, receive time) per answered probe, relative to `t0`, and the number
+/// of probes sent. The probing threads run at real-time priority, like the forwarder.
+fn probe_rtts(
+    link: &LinkEm,
+    t0: Instant,
+    duration: Duration,
+) -> (Vec<(Duration, Duration)>, usize) {
     let echo_addr = SocketAddr::from((link.right().addr(), 7));
     let echo = link.right().spawn_tokio(async move {
+        common::realtime_thread();
         let sock = tokio::net::UdpSocket::bind(echo_addr).await.unwrap();
         let mut buf = [0u8; 64];
         while let Ok(Ok((n, from))) =
@@ -322,6 +328,7 @@ fn probe_rtts(link: &LinkEm, t0: Instant, duration: Duration) -> Vec<(Duration, 
         .unwrap();
     let rx = sock.try_clone().unwrap();
     let receiver = std::thread::spawn(move || {
+        common::realtime_thread();
         let mut got = Vec::new();
         let mut buf = [0u8; 64];
         while let Ok(n) = rx.recv(&mut buf) {
@@ -332,15 +339,22 @@ fn probe_rtts(link: &LinkEm, t0: Instant, duration: Duration) -> Vec<(Duration, 
         }
         got
     });
-    let start = Instant::now();
-    while start.elapsed() < duration {
-        let now = t0.elapsed().as_nanos() as u64;
-        sock.send_to(&now.to_le_bytes(), echo_addr).unwrap();
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    let sender = std::thread::spawn(move || {
+        common::realtime_thread();
+        let start = Instant::now();
+        let mut sent = 0;
+        while start.elapsed() < duration {
+            let now = t0.elapsed().as_nanos() as u64;
+            sock.send_to(&now.to_le_bytes(), echo_addr).unwrap();
+            sent += 1;
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        sent
+    });
+    let sent = sender.join().unwrap();
     let got = receiver.join().unwrap();
     echo.join().unwrap();
-    got
+    (got, sent)
 }
 
 #[test]
@@ -354,13 +368,14 @@ fn runtime_change_shows_new_rtt_within_one_rtt() {
     let changer = {
         let link = link.clone();
         std::thread::spawn(move || {
+            common::realtime_thread();
             std::thread::sleep(change_at.saturating_sub(t0.elapsed()));
             let t = t0.elapsed();
             link.update(|p| p.delay = new_rtt / 2).unwrap();
             t
         })
     };
-    let probes = probe_rtts(&link, t0, Duration::from_millis(1200));
+    let (probes, sent) = probe_rtts(&link, t0, Duration::from_millis(1200));
     let changed = changer.join().unwrap();
     let is_new = |(s, r): &(Duration, Duration)| {
         (*r - *s).as_secs_f64() <= new_rtt.as_secs_f64() * 1.1 + 0.001
@@ -396,7 +411,7 @@ fn runtime_change_shows_new_rtt_within_one_rtt() {
         before >= 0.95 && after >= 0.95,
         "before {before}, after {after}"
     );
-    assert!(probes.len() > 400, "probes lost: {}", probes.len());
+    assert_eq!(probes.len(), sent, "probes lost on a lossless link");
 }
 
 #[test]

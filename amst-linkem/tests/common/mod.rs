@@ -70,3 +70,11 @@ pub fn ping(
 pub fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len() as f64
 }
+
+/// Puts the calling thread at real-time priority, like the forwarder, so that a busy CI
+/// machine does not add its scheduling delays to what a probe measures. Best effort.
+pub fn realtime_thread() {
+    let param = libc::sched_param { sched_priority: 1 };
+    // SAFETY: affects only the calling thread; failure leaves the normal priority.
+    unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+}
