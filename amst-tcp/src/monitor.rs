@@ -51,6 +51,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
         .pacing
         .then(|| Pacer::new(shared.config.congestion, Instant::now()));
     let mut app_limited = false;
+    let mut smoother = tuner::LossSmoother::default();
     loop {
         tokio::select! {
             _ = shared.ack_timer.notified() => {
@@ -104,6 +105,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             period.streams = shared.stream_count();
             period.chunk = shared.chunk_size.load(Ordering::Relaxed);
             period.app_limited = app_limited;
+            smoother.smooth(&mut period);
             adapt(&shared, &period);
             period = Aggregate::default();
             app_limited = false;

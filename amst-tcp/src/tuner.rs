@@ -116,6 +116,26 @@ pub fn target_chunk(a: &Aggregate) -> usize {
     (pow2 as usize).clamp(MIN_CHUNK, MAX_CHUNK)
 }
 
+/// Smooths the loss rate across adaptation periods (EWMA, weight 1/4 for the newest), so that
+/// one burst of queue drops does not flip the chunk size back and forth.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LossSmoother {
+    loss: Option<f64>,
+}
+
+impl LossSmoother {
+    /// Replaces the period's loss with the smoothed value (by rescaling `retransmitted`).
+    pub fn smooth(&mut self, a: &mut Aggregate) {
+        if a.sent == 0 {
+            return;
+        }
+        let l = a.loss();
+        let s = self.loss.map_or(l, |p| 0.75 * p + 0.25 * l);
+        self.loss = Some(s);
+        a.retransmitted = (s * a.sent as f64) as u64;
+    }
+}
+
 /// One adaptation step: move the stream count one step toward the target (a quarter of the
 /// way, at least one stream) and the chunk size straight to its target, but only when they
 /// differ enough to matter (hysteresis). App-limited or empty periods change nothing.
@@ -216,6 +236,20 @@ mod tests {
         let lossy = target_chunk(&agg(1_000.0, 20, 0.05, 4, 1 << 17));
         assert!(lossy < clean, "{lossy} < {clean}");
         assert!(lossy.is_power_of_two() && clean.is_power_of_two());
+    }
+
+    #[test]
+    fn one_lossy_period_is_damped() {
+        let mut sm = LossSmoother::default();
+        let mut clean = agg(1_000.0, 20, 0.001, 4, 1 << 17);
+        sm.smooth(&mut clean);
+        let mut burst = agg(1_000.0, 20, 0.08, 4, 1 << 17);
+        sm.smooth(&mut burst);
+        assert!(
+            burst.loss() > 0.015 && burst.loss() < 0.03,
+            "{}",
+            burst.loss()
+        );
     }
 
     #[test]
