@@ -60,7 +60,7 @@ impl Amst {
         let profiles = config.lanes_for(config.initial_mode)?;
         let first = profiles[0].clone();
         let Connected { transport, hybrid } = connector.connect(&first).await?;
-        if !hybrid {
+        if hybrid == Some(false) {
             warn!(
                 "the peer does not speak the hybrid protocol: plain session on one {} transport, no mode switching",
                 first.preset
@@ -92,7 +92,7 @@ impl Amst {
             .await
             .map_err(|_| {
                 Error::Core(amst_core::Error::Timeout {
-                    what: "waiting for the server's OpenAck",
+                    what: "waiting for the server's hybrid OpenAck (a plain AMST server never sends one)",
                     after: config.attach_timeout,
                 })
             })??
@@ -164,13 +164,19 @@ impl Amst {
     }
 
     fn start_auto_mode(&self) {
-        #[cfg(feature = "detect")]
-        {
-            let task = crate::auto::spawn(&self.inner.shared);
-            *lock(&self.inner.auto) = task;
-        }
-        #[cfg(not(feature = "detect"))]
-        warn!("auto mode is on but amst-hybrid was built without the `detect` feature; staying in the initial mode");
+        *lock(&self.inner.auto) = crate::auto::spawn(&self.inner.shared);
+    }
+
+    /// Connects to an `Amst` server over amst-tcp.
+    pub async fn connect(addr: SocketAddr, config: AmstConfig) -> Result<Amst> {
+        let connector = crate::TcpConnector::new(addr, &config);
+        Amst::connect_with(Arc::new(connector), config).await
+    }
+
+    /// Listens for `Amst` clients over amst-tcp.
+    pub async fn listen(addr: SocketAddr, config: AmstConfig) -> Result<AmstListener> {
+        let acceptor = crate::TcpAcceptor::bind(addr, &config).await?;
+        Amst::listen_with(Arc::new(acceptor), config)
     }
 
     fn shared(&self) -> &Arc<Shared> {
@@ -408,23 +414,55 @@ async fn accept_loop(
 
 async fn incoming(c: Connected, config: AmstConfig, sessions: Registry, tx: mpsc::Sender<Result<Amst>>) {
     let Connected { transport, hybrid } = c;
-    if !hybrid {
-        info!("plain (non-hybrid) peer: session without switching");
+    let plain = |first: Option<Bytes>| {
+        info!("plain (non-hybrid) peer: session without mode switching");
         let mode = config.initial_mode;
         let shared = Shared::new(
-            Role::Server, config, [0; 16], false, transport, None, mode, None, 0,
+            Role::Server,
+            config.clone(),
+            [0; 16],
+            false,
+            transport.clone(),
+            None,
+            mode,
+            None,
+            0,
         );
-        let _ = tx.send(Ok(Amst::from_shared(shared))).await;
+        if let Some(m) = first {
+            shared.stash_first(m);
+        }
+        Amst::from_shared(shared)
+    };
+    if hybrid == Some(false) {
+        let _ = tx.send(Ok(plain(None))).await;
         return;
     }
-    let first = match tokio::time::timeout(config.attach_timeout, transport.recv()).await {
-        Ok(Ok(Some(m))) => m,
-        other => {
+    let first = match (
+        hybrid,
+        tokio::time::timeout(config.attach_timeout, transport.recv()).await,
+    ) {
+        (_, Ok(Ok(Some(m)))) => m,
+        // A silent peer on a transport that cannot tell: a plain client waiting for us.
+        (None, Err(_)) => {
+            let _ = tx.send(Ok(plain(None))).await;
+            return;
+        }
+        (_, other) => {
             warn!("a new transport sent no hybrid Open or Attach: {other:?}");
             let _ = transport.close().await;
             return;
         }
     };
+    let decoded = HybridFrame::decode(first.clone());
+    if hybrid.is_none()
+        && !matches!(
+            decoded,
+            Ok(HybridFrame::Open { .. }) | Ok(HybridFrame::Attach { .. })
+        )
+    {
+        let _ = tx.send(Ok(plain(Some(first)))).await;
+        return;
+    }
     let reject = |reason: String| {
         let transport = transport.clone();
         async move {
@@ -435,7 +473,7 @@ async fn incoming(c: Connected, config: AmstConfig, sessions: Registry, tx: mpsc
             let _ = tokio::time::timeout(Duration::from_secs(2), transport.close()).await;
         }
     };
-    match HybridFrame::decode(first) {
+    match decoded {
         Ok(HybridFrame::Open {
             version_min,
             version_max,

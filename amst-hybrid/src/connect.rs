@@ -16,8 +16,10 @@ pub struct Connected {
     /// The transport.
     pub transport: Arc<dyn Transport>,
     /// Whether both ends advertised `capabilities::HYBRID`: only then do messages carry
-    /// hybrid frames. A plain peer gets plain messages and no switching.
-    pub hybrid: bool,
+    /// hybrid frames. A plain peer gets plain messages and no switching. `None` when the
+    /// transport cannot tell: the server then recognises a hybrid client by its first
+    /// message (an Open with its magic, or an Attach) and treats anything else as plain.
+    pub hybrid: Option<bool>,
 }
 
 impl fmt::Debug for Connected {
@@ -113,7 +115,7 @@ mod memory {
             self.tx
                 .send(Connected {
                     transport: Arc::new(b),
-                    hybrid: self.client_hybrid && self.server_hybrid,
+                    hybrid: Some(self.client_hybrid && self.server_hybrid),
                 })
                 .map_err(|_| Error::Closed("the in-memory acceptor is gone".into()))?;
             Ok(Arc::new(a))
@@ -130,7 +132,7 @@ mod memory {
                 let transport = self.connect_raw()?;
                 Ok(Connected {
                     transport,
-                    hybrid: self.client_hybrid && self.server_hybrid,
+                    hybrid: Some(self.client_hybrid && self.server_hybrid),
                 })
             })
         }

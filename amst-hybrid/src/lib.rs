@@ -38,7 +38,6 @@
 //! ```
 
 mod amst;
-#[cfg(feature = "detect")]
 mod auto;
 mod config;
 mod connect;
@@ -47,6 +46,7 @@ pub mod ledger;
 pub mod merger;
 mod metrics;
 mod session;
+mod tcp;
 pub mod wire;
 
 pub use amst::{Amst, AmstListener};
@@ -59,3 +59,4 @@ pub use ledger::SendLedger;
 pub use merger::ReceiveMerger;
 pub use metrics::AmstMetrics;
 pub use session::Role;
+pub use tcp::{TcpAcceptor, TcpConnector, tcp_config};

@@ -150,6 +150,8 @@ pub(crate) struct Shared {
     /// Set by `force_mode`: the auto loop leaves the mode alone.
     pub pinned: AtomicBool,
     rate: Mutex<(Instant, u64, f64)>,
+    /// A plain session's first message, read while telling plain from hybrid.
+    plain_first: Mutex<Option<Bytes>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -226,6 +228,7 @@ impl Shared {
             peer_said_bye: AtomicBool::new(false),
             pinned: AtomicBool::new(false),
             rate: Mutex::new((Instant::now(), 0, 0.0)),
+            plain_first: Mutex::new(None),
         });
         shared.instruments.mode(mode);
         if hybrid {
@@ -449,6 +452,10 @@ impl Shared {
 
     pub async fn recv(&self) -> Result<Option<Bytes>> {
         if !self.hybrid {
+            if let Some(m) = lock(&self.plain_first).take() {
+                self.instruments.received(m.len());
+                return Ok(Some(m));
+            }
             let lane = self.route.load().low.clone();
             let m = lane.transport.recv().await?;
             if let Some(m) = &m {
@@ -918,7 +925,7 @@ impl Shared {
                         .connect(p)
                         .await
                         .map_err(|e| failed(format!("connecting a {} lane: {e}", p.preset)))?;
-                    if !c.hybrid {
+                    if c.hybrid == Some(false) {
                         return Err(failed(
                             "the new transport did not negotiate HYBRID".into(),
                         ));
@@ -1075,6 +1082,11 @@ impl Shared {
         }
         self.shut_down();
         result
+    }
+
+    /// Plain sessions: `msg` was read before the session existed; `recv` returns it first.
+    pub fn stash_first(&self, msg: Bytes) {
+        *lock(&self.plain_first) = Some(msg);
     }
 
     pub fn live_lanes(&self) -> usize {

@@ -7,7 +7,7 @@
 //! 0x01 Data       seq:u64 payload..         a message small enough to copy behind a header
 //! 0x02 DataHead   seq:u64 len:u64           the NEXT transport message on this transport is
 //!                                           the payload, verbatim (large messages: no copy)
-//! 0x10 Open       vmin:u16 vmax:u16         first message of a new hybrid session
+//! 0x10 Open       "AMHY" vmin:u16 vmax:u16  first message of a new hybrid session
 //! 0x11 OpenAck    version:u16 session:[16]
 //! 0x12 Attach     session:[16] gen:u64 index:u8 count:u8 mode:u8
 //! 0x13 AttachAck  gen:u64
@@ -35,6 +35,10 @@ pub const HYBRID_VERSION_MAX: u16 = 1;
 /// Messages up to this size are copied behind their header in one transport message; larger
 /// ones go as a header message plus the payload untouched.
 pub const INLINE_MAX: usize = 16 << 10;
+
+/// Opens every Open frame, so that a server can tell a hybrid client from a plain one whose
+/// transport does not report capabilities.
+pub const OPEN_MAGIC: [u8; 4] = *b"AMHY";
 
 /// Longest Reject reason sent.
 pub const MAX_REASON: usize = 1024;
@@ -157,6 +161,7 @@ impl HybridFrame {
                 version_max,
             } => {
                 b.put_u8(OPEN);
+                b.put_slice(&OPEN_MAGIC);
                 b.put_u16(*version_min);
                 b.put_u16(*version_max);
             }
@@ -245,7 +250,11 @@ impl HybridFrame {
                 }
             }
             OPEN => {
-                exact(&msg, 4, "Open")?;
+                exact(&msg, 8, "Open")?;
+                if msg[..4] != OPEN_MAGIC {
+                    return Err(Error::protocol("Open frame without the hybrid magic"));
+                }
+                msg.advance(4);
                 HybridFrame::Open {
                     version_min: msg.get_u16(),
                     version_max: msg.get_u16(),
@@ -436,6 +445,7 @@ mod tests {
             (&[0x99][..], "unknown hybrid frame kind 0x99"),
             (&[DATA, 0, 0][..], "truncated Data"),
             (&[OPEN, 0, 1][..], "Open frame has 2 body bytes"),
+            (&[OPEN, b'X', b'M', b'H', b'Y', 0, 1, 0, 1][..], "without the hybrid magic"),
             (&[MODE_REQUEST, 9][..], "unknown mode byte 9"),
         ] {
             let err = HybridFrame::decode(Bytes::copy_from_slice(bytes))
