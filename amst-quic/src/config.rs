@@ -129,7 +129,10 @@ pub struct QuicConfig {
 impl fmt::Debug for QuicConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("QuicConfig")
-            .field("identity", &self.identity.as_ref().map(Identity::fingerprint))
+            .field(
+                "identity",
+                &self.identity.as_ref().map(Identity::fingerprint),
+            )
             .field("verification", &self.verification)
             .field("congestion", &self.congestion)
             .field("mapping", &self.mapping)
@@ -204,7 +207,10 @@ impl QuicConfig {
         if self.window < u64::from(self.max_chunk) {
             return bad(
                 "window",
-                format!("is {} bytes, below max_chunk ({})", self.window, self.max_chunk),
+                format!(
+                    "is {} bytes, below max_chunk ({})",
+                    self.window, self.max_chunk
+                ),
             );
         }
         if self.window > (1 << 40) {

@@ -148,7 +148,11 @@ pub(crate) async fn server(
     };
     if hello.nonce != binding(conn)? {
         tracing::warn!(peer = %conn.remote_address(), "PSK handshake not bound to this TLS session");
-        return reject(conn, CloseCode::AuthFailed, ProtocolError::AuthFailed.into());
+        return reject(
+            conn,
+            CloseCode::AuthFailed,
+            ProtocolError::AuthFailed.into(),
+        );
     }
     let hs = ServerHandshake::new(config.psk.clone(), random_bytes(), capabilities::QUIC);
     let (ack, awaiting) = match hs.on_hello(&hello, random_bytes()) {
@@ -171,13 +175,15 @@ pub(crate) async fn server(
 }
 
 async fn write(send: &mut quinn::SendStream, frame: &Frame) -> Result<()> {
-    send.write_all(&frame.to_bytes()).await.map_err(|e| match e {
-        quinn::WriteError::ConnectionLost(c) => connection_error(&c),
-        other => Error::io(
-            "writing the QUIC control stream",
-            io::Error::new(io::ErrorKind::ConnectionAborted, other),
-        ),
-    })
+    send.write_all(&frame.to_bytes())
+        .await
+        .map_err(|e| match e {
+            quinn::WriteError::ConnectionLost(c) => connection_error(&c),
+            other => Error::io(
+                "writing the QUIC control stream",
+                io::Error::new(io::ErrorKind::ConnectionAborted, other),
+            ),
+        })
 }
 
 fn controller(cc: CongestionControl) -> Arc<dyn ControllerFactory + Send + Sync> {

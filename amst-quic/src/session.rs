@@ -111,16 +111,29 @@ impl FrameReader {
     /// The next frame, or `None` when the stream ended cleanly between frames.
     pub(crate) async fn next(&mut self) -> std::result::Result<Option<Frame>, ReadFail> {
         loop {
-            if let Some(f) = self.decoder.decode(&mut self.buf).map_err(ReadFail::Protocol)? {
+            if let Some(f) = self
+                .decoder
+                .decode(&mut self.buf)
+                .map_err(ReadFail::Protocol)?
+            {
                 return Ok(Some(f));
             }
-            if let Some(need) = self.decoder.frame_len(&self.buf).map_err(ReadFail::Protocol)? {
+            if let Some(need) = self
+                .decoder
+                .frame_len(&self.buf)
+                .map_err(ReadFail::Protocol)?
+            {
                 // Validated against the limits, so this reserve is bounded.
                 self.buf.reserve(need.saturating_sub(self.buf.len()));
             }
             match self.stream.read_chunk(usize::MAX, true).await {
                 Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk.bytes),
-                Ok(None) => return self.decoder.decode_eof(&mut self.buf).map_err(ReadFail::Protocol),
+                Ok(None) => {
+                    return self
+                        .decoder
+                        .decode_eof(&mut self.buf)
+                        .map_err(ReadFail::Protocol);
+                }
                 Err(e) => return Err(ReadFail::Stream(e)),
             }
         }
@@ -247,8 +260,10 @@ impl Shared {
             if g.is_none() {
                 if let Failure::Protocol(p) = &f {
                     tracing::warn!(error = %p, "closing the QUIC session: the peer broke the protocol");
-                    self.conn
-                        .close(close_code(CloseCode::ProtocolError), p.to_string().as_bytes());
+                    self.conn.close(
+                        close_code(CloseCode::ProtocolError),
+                        p.to_string().as_bytes(),
+                    );
                 }
                 *g = Some(f);
             }
@@ -334,11 +349,13 @@ impl Shared {
         }
     }
 
-    /// Closes without draining (the handle was dropped).
+    /// Closes without draining (`abort`, or the handle was dropped).
     pub(crate) fn abort(&self) {
         if self.failure().is_none() {
-            self.conn
-                .close(close_code(CloseCode::Aborted), b"transport dropped");
+            self.conn.close(
+                close_code(CloseCode::Aborted),
+                b"aborted by the application",
+            );
         }
         self.fail(Failure::Closed);
     }
@@ -659,7 +676,14 @@ async fn acker(shared: Arc<Shared>) {
         buf.clear();
         Frame::Ack(now.0.clone()).encode(&mut buf);
         Frame::Credit(now.1).encode(&mut buf);
-        if shared.control_tx.lock().await.write_all(&buf).await.is_err() {
+        if shared
+            .control_tx
+            .lock()
+            .await
+            .write_all(&buf)
+            .await
+            .is_err()
+        {
             break;
         }
         last = Some(now);

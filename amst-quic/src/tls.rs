@@ -109,7 +109,10 @@ impl Identity {
     }
 
     /// A chain and key already in DER.
-    pub fn from_der(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> Result<Self> {
+    pub fn from_der(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<Self> {
         if chain.is_empty() {
             return Err(Error::Config {
                 field: "identity",
@@ -171,8 +174,9 @@ fn tls_err(field: &'static str, e: impl fmt::Display) -> Error {
 pub(crate) fn server_crypto(config: &QuicConfig) -> Result<rustls::ServerConfig> {
     let id = config.identity.as_ref().ok_or_else(|| Error::Config {
         field: "identity",
-        reason: "a listener needs a certificate: use Identity::self_signed or Identity::from_pem_files"
-            .into(),
+        reason:
+            "a listener needs a certificate: use Identity::self_signed or Identity::from_pem_files"
+                .into(),
     })?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -192,7 +196,9 @@ pub(crate) fn client_crypto(config: &QuicConfig) -> Result<rustls::ClientConfig>
         PeerVerification::Roots(roots) => {
             let mut store = rustls::RootCertStore::empty();
             for r in roots {
-                store.add(r.clone()).map_err(|e| tls_err("verification", e))?;
+                store
+                    .add(r.clone())
+                    .map_err(|e| tls_err("verification", e))?;
             }
             builder.with_root_certificates(store).with_no_client_auth()
         }

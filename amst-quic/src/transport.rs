@@ -39,10 +39,7 @@ fn handshake_error(what: String, e: &ConnectionError, config: &QuicConfig) -> Er
     };
     Error::io(
         what,
-        io::Error::new(
-            io::ErrorKind::ConnectionRefused,
-            format!("{text}{hint}"),
-        ),
+        io::Error::new(io::ErrorKind::ConnectionRefused, format!("{text}{hint}")),
     )
 }
 
@@ -60,7 +57,8 @@ impl QuicTransport {
         } else {
             (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
         };
-        let socket = UdpSocket::bind(any).map_err(|e| Error::io(format!("binding UDP {any}"), e))?;
+        let socket =
+            UdpSocket::bind(any).map_err(|e| Error::io(format!("binding UDP {any}"), e))?;
         Self::connect_with_socket(socket, addr, server_name, config).await
     }
 
@@ -73,8 +71,13 @@ impl QuicTransport {
         config: QuicConfig,
     ) -> Result<Self> {
         config.validate()?;
-        let endpoint = Endpoint::new(EndpointConfig::default(), None, socket, Arc::new(TokioRuntime))
-            .map_err(endpoint_error)?;
+        let endpoint = Endpoint::new(
+            EndpointConfig::default(),
+            None,
+            socket,
+            Arc::new(TokioRuntime),
+        )
+        .map_err(endpoint_error)?;
         let crypto = QuicClientConfig::try_from(tls::client_crypto(&config)?).map_err(|e| {
             Error::Config {
                 field: "verification",
@@ -96,17 +99,33 @@ impl QuicTransport {
                 what: "the QUIC handshake",
                 after: t,
             })?
-            .map_err(|e| handshake_error(format!("QUIC handshake with {addr} failed"), &e, &config))?;
+            .map_err(|e| {
+                handshake_error(format!("QUIC handshake with {addr} failed"), &e, &config)
+            })?;
         let (control_tx, control_rx) = handshake::client(&conn, &config).await?;
         tracing::debug!(%addr, cc = %config.congestion, "QUIC transport connected");
         Ok(QuicTransport {
-            shared: Shared::start(conn, Some(endpoint), Arc::new(config), control_tx, control_rx),
+            shared: Shared::start(
+                conn,
+                Some(endpoint),
+                Arc::new(config),
+                control_tx,
+                control_rx,
+            ),
         })
     }
 
     /// The peer's address.
     pub fn remote_address(&self) -> SocketAddr {
         self.shared.conn.remote_address()
+    }
+
+    /// Ends the connection at once, without draining: the peer sees
+    /// [`Error::PeerClosed`] with [`CloseCode::Aborted`](amst_core::codec::CloseCode::Aborted).
+    /// Messages not yet acknowledged are lost to this transport (`messages_acked` says which
+    /// were delivered), which is what a switch away from a dead path needs.
+    pub fn abort(&self) {
+        self.shared.abort();
     }
 
     /// quinn's connection statistics (packets, losses, congestion events, path RTT).
@@ -160,7 +179,8 @@ pub struct QuicListener {
 impl QuicListener {
     /// Listens on `addr`. The config needs an [`identity`](QuicConfig::identity).
     pub fn bind(addr: SocketAddr, config: QuicConfig) -> Result<Self> {
-        let socket = UdpSocket::bind(addr).map_err(|e| Error::io(format!("binding UDP {addr}"), e))?;
+        let socket =
+            UdpSocket::bind(addr).map_err(|e| Error::io(format!("binding UDP {addr}"), e))?;
         Self::from_socket(socket, config)
     }
 
@@ -226,7 +246,9 @@ impl QuicListener {
 
     /// Stops accepting and closes every connection it accepted.
     pub fn close(&self) {
-        self.endpoint
-            .close(crate::session::close_code(amst_core::codec::CloseCode::Normal), b"listener closed");
+        self.endpoint.close(
+            crate::session::close_code(amst_core::codec::CloseCode::Normal),
+            b"listener closed",
+        );
     }
 }

@@ -27,14 +27,19 @@ async fn pair_with(
     let listener = QuicListener::bind("127.0.0.1:0".parse().unwrap(), scfg).unwrap();
     let addr = listener.local_addr().unwrap();
     let accept = tokio::spawn(async move { listener.accept().await });
-    let c = QuicTransport::connect(addr, "localhost", ccfg).await.unwrap();
+    let c = QuicTransport::connect(addr, "localhost", ccfg)
+        .await
+        .unwrap();
     let s = accept.await.unwrap().unwrap();
     (c, s)
 }
 
 async fn pair() -> (QuicTransport, QuicTransport) {
-    pair_with(|s| s, |c, id| c.with_verification(PeerVerification::Pinned(vec![id.fingerprint()])))
-        .await
+    pair_with(
+        |s| s,
+        |c, id| c.with_verification(PeerVerification::Pinned(vec![id.fingerprint()])),
+    )
+    .await
 }
 
 /// A deterministic pseudo-random byte stream (xorshift), so the test needs no RNG crate.
@@ -94,12 +99,23 @@ async fn transfers_256_mib_with_equal_sha256() {
     let (client, sent_hash, sent_count) = sender.await.unwrap();
     assert_eq!(got, TOTAL);
     assert_eq!(count, sent_count);
-    assert_eq!(hash.finish().as_ref(), sent_hash.as_ref(), "SHA-256 differs");
+    assert_eq!(
+        hash.finish().as_ref(),
+        sent_hash.as_ref(),
+        "SHA-256 differs"
+    );
     let m = server.metrics();
     assert_eq!(m.messages_received, count);
-    assert_eq!(m.bytes_received, TOTAL as u64, "no chunk should arrive twice");
+    assert_eq!(
+        m.bytes_received, TOTAL as u64,
+        "no chunk should arrive twice"
+    );
     client.close().await.unwrap();
-    assert_eq!(server.recv().await.unwrap(), None, "a graceful close ends the stream");
+    assert_eq!(
+        server.recv().await.unwrap(),
+        None,
+        "a graceful close ends the stream"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -118,7 +134,11 @@ async fn ten_thousand_small_messages_arrive_in_order() {
     for i in 0..n {
         let m = server.recv().await.unwrap().unwrap();
         assert_eq!(m.len(), 4 + (i % 97) as usize);
-        assert_eq!(u32::from_be_bytes(m[..4].try_into().unwrap()), i, "out of order");
+        assert_eq!(
+            u32::from_be_bytes(m[..4].try_into().unwrap()),
+            i,
+            "out of order"
+        );
         assert!(m[4..].iter().all(|&b| b == i as u8));
     }
     let client = sender.await.unwrap();
@@ -147,8 +167,15 @@ async fn per_message_streams_deliver_in_order() {
     });
     for i in 0..n {
         let m = server.recv().await.unwrap().unwrap();
-        assert_eq!(u32::from_be_bytes(m[..4].try_into().unwrap()), i, "out of order");
-        assert!(m[4..].iter().all(|&b| b == (i % 251) as u8), "corrupt message {i}");
+        assert_eq!(
+            u32::from_be_bytes(m[..4].try_into().unwrap()),
+            i,
+            "out of order"
+        );
+        assert!(
+            m[4..].iter().all(|&b| b == (i % 251) as u8),
+            "corrupt message {i}"
+        );
     }
     let client = sender.await.unwrap();
     assert_eq!(client.metrics().messages_acked, u64::from(n));
@@ -202,7 +229,9 @@ async fn both_directions_at_once() {
     for (tx, rx) in [(a.clone(), b.clone()), (b.clone(), a.clone())] {
         hs.push(tokio::spawn(async move {
             for i in 0..200u32 {
-                tx.send(Bytes::from(vec![i as u8; 10_000 + i as usize])).await.unwrap();
+                tx.send(Bytes::from(vec![i as u8; 10_000 + i as usize]))
+                    .await
+                    .unwrap();
             }
             tx.flush().await.unwrap();
         }));
@@ -284,7 +313,10 @@ async fn probe_measures_rtt_and_rate_over_datagrams_during_bulk_transfer() {
         server
     });
     let s = client.probe(0).await.unwrap();
-    assert!(s.rtt > Duration::ZERO && s.rtt < Duration::from_secs(1), "{s:?}");
+    assert!(
+        s.rtt > Duration::ZERO && s.rtt < Duration::from_secs(1),
+        "{s:?}"
+    );
     assert_eq!(s.delivery_rate, None);
     let s = client.probe(256 << 10).await.unwrap();
     assert!(s.delivery_rate.is_some_and(|r| r > 0), "{s:?}");
@@ -306,7 +338,8 @@ async fn every_congestion_controller_carries_data() {
         CongestionControl::QuinnBbr,
         CongestionControl::QuinnNewReno,
     ] {
-        let (client, server) = pair_with(|s| s.with_congestion(cc), |c, _| c.with_congestion(cc)).await;
+        let (client, server) =
+            pair_with(|s| s.with_congestion(cc), |c, _| c.with_congestion(cc)).await;
         for i in 0..8u8 {
             client.send(Bytes::from(vec![i; 300_000])).await.unwrap();
         }
@@ -319,18 +352,20 @@ async fn every_congestion_controller_carries_data() {
     }
 }
 
-async fn connect_err(
-    client: impl FnOnce(QuicConfig, &Identity) -> QuicConfig,
-) -> (Error, Error) {
+async fn connect_err(client: impl FnOnce(QuicConfig, &Identity) -> QuicConfig) -> (Error, Error) {
     let id = Identity::self_signed(&["localhost"]).unwrap();
-    let listener =
-        QuicListener::bind("127.0.0.1:0".parse().unwrap(), QuicConfig::new(psk()).with_identity(id.clone()))
-            .unwrap();
+    let listener = QuicListener::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        QuicConfig::new(psk()).with_identity(id.clone()),
+    )
+    .unwrap();
     let addr = listener.local_addr().unwrap();
     let accept = tokio::spawn(async move { listener.accept().await });
     let mut cfg = client(QuicConfig::new(psk()), &id);
     cfg.handshake_timeout = Duration::from_secs(5);
-    let c = QuicTransport::connect(addr, "localhost", cfg).await.unwrap_err();
+    let c = QuicTransport::connect(addr, "localhost", cfg)
+        .await
+        .unwrap_err();
     let s = tokio::time::timeout(Duration::from_secs(10), accept)
         .await
         .expect("the listener should fail the attempt, not hang")
@@ -373,9 +408,18 @@ async fn a_wrong_psk_is_rejected_on_both_sides() {
     })
     .await;
     eprintln!("client: {c}\nserver: {s}");
-    assert!(matches!(c, Error::Protocol(ProtocolError::AuthFailed)), "{c:?}");
     assert!(
-        matches!(s, Error::PeerClosed { code: CloseCode::AuthFailed, .. }),
+        matches!(c, Error::Protocol(ProtocolError::AuthFailed)),
+        "{c:?}"
+    );
+    assert!(
+        matches!(
+            s,
+            Error::PeerClosed {
+                code: CloseCode::AuthFailed,
+                ..
+            }
+        ),
         "{s:?}"
     );
 }
@@ -403,8 +447,20 @@ async fn usable_as_arc_dyn_transport_and_send_after_close_fails() {
     client.send(Bytes::from_static(b"x")).await.unwrap();
     assert_eq!(server.recv().await.unwrap().as_deref(), Some(&b"x"[..]));
     client.close().await.unwrap();
-    assert!(matches!(client.send(Bytes::new()).await, Err(Error::Closed)));
+    assert!(matches!(
+        client.send(Bytes::new()).await,
+        Err(Error::Closed)
+    ));
     assert_eq!(server.recv().await.unwrap(), None);
     let e = server.send(Bytes::from_static(b"y")).await.unwrap_err();
-    assert!(matches!(e, Error::PeerClosed { code: CloseCode::Normal, .. }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            Error::PeerClosed {
+                code: CloseCode::Normal,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
 }
