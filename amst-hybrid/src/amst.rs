@@ -412,7 +412,12 @@ async fn accept_loop(
     }
 }
 
-async fn incoming(c: Connected, config: AmstConfig, sessions: Registry, tx: mpsc::Sender<Result<Amst>>) {
+async fn incoming(
+    c: Connected,
+    config: AmstConfig,
+    sessions: Registry,
+    tx: mpsc::Sender<Result<Amst>>,
+) {
     let Connected { transport, hybrid } = c;
     let plain = |first: Option<Bytes>| {
         info!("plain (non-hybrid) peer: session without mode switching");

@@ -13,8 +13,10 @@ use crate::session::Shared;
 
 /// The detector settings a session's configuration implies.
 pub(crate) fn detector_config(shared: &Shared) -> DetectorConfig {
-    let mut dc = DetectorConfig::default();
-    dc.period = shared.config.check_period;
+    let mut dc = DetectorConfig {
+        period: shared.config.check_period,
+        ..Default::default()
+    };
     dc.classifier.switch_confidence = shared.config.switch_threshold;
     dc.classifier.initial_mode = shared.route.load().mode;
     dc

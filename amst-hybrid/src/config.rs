@@ -128,7 +128,10 @@ impl AmstConfig {
             ack_poll_interval: Duration::from_millis(1),
             attach_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(30),
-            hybrid_versions: (crate::wire::HYBRID_VERSION_MIN, crate::wire::HYBRID_VERSION_MAX),
+            hybrid_versions: (
+                crate::wire::HYBRID_VERSION_MIN,
+                crate::wire::HYBRID_VERSION_MAX,
+            ),
         }
     }
 
@@ -376,7 +379,10 @@ mod tests {
             .build()
             .unwrap_err()
             .to_string();
-        assert!(err.contains("internet_streams") && err.contains("4..=512"), "{err}");
+        assert!(
+            err.contains("internet_streams") && err.contains("4..=512"),
+            "{err}"
+        );
         let err = AmstConfig::builder(psk())
             .enable_datacenter(false)
             .enable_internet(false)

@@ -106,7 +106,10 @@ mod memory {
 
         /// Every profile dialed so far, in order.
         pub fn dialed(&self) -> Vec<LaneProfile> {
-            self.dialed.lock().unwrap_or_else(|e| e.into_inner()).clone()
+            self.dialed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
         }
 
         /// Connects without a profile, as a plain transport user would; returns the client end.

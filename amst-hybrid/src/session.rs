@@ -553,7 +553,8 @@ impl Shared {
                         head = Some((seq, len));
                     }
                     HybridFrame::AttachAck { generation } if self.role == Role::Client => {
-                        self.attach.send_modify(|a| a.acked = a.acked.max(generation));
+                        self.attach
+                            .send_modify(|a| a.acked = a.acked.max(generation));
                     }
                     HybridFrame::Reject { reason } => {
                         warn!(lane = lane.id, "peer rejected: {reason}");
@@ -648,8 +649,8 @@ impl Shared {
             if lane.dead.load(Ordering::Acquire) || *self.shutdown.borrow() {
                 return;
             }
-            let waiting = lock(&self.ledger).lane_outstanding(lane.id)
-                || lock(&lane.switch_mark).is_some();
+            let waiting =
+                lock(&self.ledger).lane_outstanding(lane.id) || lock(&lane.switch_mark).is_some();
             if waiting {
                 tokio::time::sleep(poll).await;
             } else {
@@ -677,7 +678,10 @@ impl Shared {
                 let took = t0.elapsed();
                 lock(&self.switch_stats).record(took);
                 self.instruments.switch_duration(took);
-                debug!(lane = lane.id, "first message after the switch acked in {took:?}");
+                debug!(
+                    lane = lane.id,
+                    "first message after the switch acked in {took:?}"
+                );
             }
         }
     }
@@ -688,7 +692,11 @@ impl Shared {
         let dt = r.0.elapsed();
         if dt >= Duration::from_millis(200) {
             let inst = (acked - r.1) as f64 / dt.as_secs_f64();
-            r.2 = if r.2 == 0.0 { inst } else { 0.5 * r.2 + 0.5 * inst };
+            r.2 = if r.2 == 0.0 {
+                inst
+            } else {
+                0.5 * r.2 + 0.5 * inst
+            };
             *r = (Instant::now(), acked, r.2);
         }
     }
@@ -714,7 +722,9 @@ impl Shared {
                 let mode = self.route.load().mode;
                 tokio::spawn(async move {
                     if let Err(e) = me.switch_to(mode, true).await {
-                        me.fail(format!("transport failed ({reason}) and reconnecting failed: {e}"));
+                        me.fail(format!(
+                            "transport failed ({reason}) and reconnecting failed: {e}"
+                        ));
                     }
                 });
             }
@@ -926,9 +936,7 @@ impl Shared {
                         .await
                         .map_err(|e| failed(format!("connecting a {} lane: {e}", p.preset)))?;
                     if c.hybrid == Some(false) {
-                        return Err(failed(
-                            "the new transport did not negotiate HYBRID".into(),
-                        ));
+                        return Err(failed("the new transport did not negotiate HYBRID".into()));
                     }
                     let l = self.add_lane(c.transport, Some(p.clone()));
                     dialed.push(l.clone());

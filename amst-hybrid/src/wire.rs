@@ -383,7 +383,10 @@ mod tests {
                 seq: 7,
                 payload: Bytes::from_static(b"hi"),
             },
-            HybridFrame::DataHead { seq: 9, len: 1 << 30 },
+            HybridFrame::DataHead {
+                seq: 9,
+                len: 1 << 30,
+            },
             HybridFrame::Open {
                 version_min: 1,
                 version_max: 3,
@@ -426,7 +429,11 @@ mod tests {
             }
         );
         let body = body.unwrap();
-        assert_eq!(body.as_ptr(), big.as_ptr(), "the payload must be the same buffer");
+        assert_eq!(
+            body.as_ptr(),
+            big.as_ptr(),
+            "the payload must be the same buffer"
+        );
         let (one, none) = encode_data(6, &Bytes::from_static(b"small"));
         assert!(none.is_none());
         assert_eq!(
@@ -445,7 +452,10 @@ mod tests {
             (&[0x99][..], "unknown hybrid frame kind 0x99"),
             (&[DATA, 0, 0][..], "truncated Data"),
             (&[OPEN, 0, 1][..], "Open frame has 2 body bytes"),
-            (&[OPEN, b'X', b'M', b'H', b'Y', 0, 1, 0, 1][..], "without the hybrid magic"),
+            (
+                &[OPEN, b'X', b'M', b'H', b'Y', 0, 1, 0, 1][..],
+                "without the hybrid magic",
+            ),
             (&[MODE_REQUEST, 9][..], "unknown mode byte 9"),
         ] {
             let err = HybridFrame::decode(Bytes::copy_from_slice(bytes))

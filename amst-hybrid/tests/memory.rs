@@ -67,7 +67,12 @@ async fn forced_switches_under_traffic_lose_and_repeat_nothing() {
         let crx = client.clone();
         let got_down = tokio::spawn(async move { receive_checked(&crx, N).await });
         let mut switches = 0;
-        for mode in [Mode::Internet, Mode::Datacenter, Mode::Internet, Mode::Datacenter] {
+        for mode in [
+            Mode::Internet,
+            Mode::Datacenter,
+            Mode::Internet,
+            Mode::Datacenter,
+        ] {
             tokio::time::sleep(Duration::from_millis(15)).await;
             client.force_mode(mode).await.unwrap();
             assert_eq!(client.mode(), mode);
@@ -75,10 +80,7 @@ async fn forced_switches_under_traffic_lose_and_repeat_nothing() {
         }
         up.await.unwrap();
         down.await.unwrap();
-        assert_eq!(
-            got_up.await.unwrap().as_ref(),
-            digest_of(N, 4096).as_ref()
-        );
+        assert_eq!(got_up.await.unwrap().as_ref(), digest_of(N, 4096).as_ref());
         assert_eq!(got_down.await.unwrap().as_ref(), digest_of(N, 300).as_ref());
         client.flush().await.unwrap();
         let m = client.metrics();
@@ -195,7 +197,11 @@ async fn hybrid_mode_splits_by_size_and_keeps_order() {
         }
         up.await.unwrap();
         let small_frames = low.metrics().messages_sent - low_before;
-        assert_eq!(small_frames, n - n / 10, "only the small ones on the low-latency lane");
+        assert_eq!(
+            small_frames,
+            n - n / 10,
+            "only the small ones on the low-latency lane"
+        );
         client.close().await.unwrap();
     })
     .await;
@@ -249,7 +255,11 @@ async fn warm_transports_are_reused_on_the_way_back() {
             client.send(Bytes::from(vec![i as u8])).await.unwrap();
             assert_eq!(server.recv().await.unwrap().unwrap()[0], i as u8);
         }
-        assert_eq!(connector.dialed().len(), 2, "one transport per profile, reused");
+        assert_eq!(
+            connector.dialed().len(),
+            2,
+            "one transport per profile, reused"
+        );
         assert_eq!(client.metrics().open_transports, 2);
         assert_eq!(client.metrics().switches, 3);
     })
@@ -311,11 +321,21 @@ async fn plain_peer_without_hybrid_capability() {
         let server = listener.accept().await.unwrap();
         assert!(!server.is_hybrid());
         plain.send(Bytes::from_static(b"v1 hello")).await.unwrap();
-        assert_eq!(server.recv().await.unwrap().as_deref(), Some(&b"v1 hello"[..]));
+        assert_eq!(
+            server.recv().await.unwrap().as_deref(),
+            Some(&b"v1 hello"[..])
+        );
         server.send(Bytes::from_static(b"raw reply")).await.unwrap();
         // No hybrid header: the plain peer sees exactly the bytes sent.
-        assert_eq!(plain.recv().await.unwrap().as_deref(), Some(&b"raw reply"[..]));
-        let err = server.force_mode(Mode::Internet).await.unwrap_err().to_string();
+        assert_eq!(
+            plain.recv().await.unwrap().as_deref(),
+            Some(&b"raw reply"[..])
+        );
+        let err = server
+            .force_mode(Mode::Internet)
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("needs a hybrid peer"), "{err}");
 
         // And an Amst client facing a plain server falls back the same way.
@@ -326,7 +346,10 @@ async fn plain_peer_without_hybrid_capability() {
             .unwrap();
         let raw_server = acceptor_accept(acceptor).await;
         client.send(Bytes::from_static(b"abc")).await.unwrap();
-        assert_eq!(raw_server.recv().await.unwrap().as_deref(), Some(&b"abc"[..]));
+        assert_eq!(
+            raw_server.recv().await.unwrap().as_deref(),
+            Some(&b"abc"[..])
+        );
         assert!(!client.metrics().hybrid);
     })
     .await;
@@ -358,7 +381,9 @@ async fn unknown_hybrid_versions_are_rejected_clearly() {
         // Overlapping ranges pick the highest common version and work.
         let mut config = builder().build().unwrap();
         config.hybrid_versions = (1, 5);
-        let c = Amst::connect_with(Arc::new(connector), config).await.unwrap();
+        let c = Amst::connect_with(Arc::new(connector), config)
+            .await
+            .unwrap();
         assert!(c.is_hybrid());
     })
     .await;
@@ -386,7 +411,10 @@ async fn attach_to_an_unknown_session_is_rejected() {
         let reply = HybridFrame::decode(t.recv().await.unwrap().unwrap()).unwrap();
         match reply {
             HybridFrame::Reject { reason } => {
-                assert!(reason.contains("unknown or closed hybrid session"), "{reason}")
+                assert!(
+                    reason.contains("unknown or closed hybrid session"),
+                    "{reason}"
+                )
             }
             other => panic!("expected Reject, got {other:?}"),
         }

@@ -168,7 +168,10 @@ async fn plain_amst_tcp_client_talks_to_an_amst_server() {
             Some(&b"v1 says hi"[..])
         );
         server.send(Bytes::from_static(b"no header")).await.unwrap();
-        assert_eq!(plain.recv().await.unwrap().as_deref(), Some(&b"no header"[..]));
+        assert_eq!(
+            plain.recv().await.unwrap().as_deref(),
+            Some(&b"no header"[..])
+        );
         assert!(server.force_mode(Mode::Internet).await.is_err());
     })
     .await;
@@ -186,7 +189,10 @@ async fn quic_profile_falls_back_to_tcp_until_amst_quic_is_wired() {
             .unwrap();
         let (client, server, _l) = tcp_pair(config).await;
         client.force_mode(Mode::Internet).await.unwrap();
-        client.send(Bytes::from_static(b"over the fallback")).await.unwrap();
+        client
+            .send(Bytes::from_static(b"over the fallback"))
+            .await
+            .unwrap();
         assert_eq!(
             server.recv().await.unwrap().as_deref(),
             Some(&b"over the fallback"[..])

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use amst_core::{Mode, codec::Psk};
-use amst_hybrid::{Amst, AmstConfig, AmstConfigBuilder, AmstListener, MemoryConnector, memory_network};
+use amst_hybrid::{
+    Amst, AmstConfig, AmstConfigBuilder, AmstListener, MemoryConnector, memory_network,
+};
 use bytes::{BufMut, Bytes, BytesMut};
 use ring::digest;
 
