@@ -40,7 +40,7 @@
 //! by RTT or by a delivery rate measured while the application kept the path busy.
 //!
 //! Probe overhead with the default configuration, measured on amst-tcp: at most 4 MiB plus
-//! framing per 5 s period (the cap, reached on loopback), about 30 kB per period at 80 ms /
+//! framing per 5 s period (the cap, reached on loopback), 30–35 kB per period at 80 ms /
 //! 200 Mbit/s; the README has the table and the command.
 
 mod classifier;

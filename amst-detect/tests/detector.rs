@@ -120,7 +120,8 @@ impl Transport for ScriptedLink {
             self.probes.lock().unwrap().push((burst_bytes, used));
             self.probe_bytes.fetch_add(used, Ordering::Relaxed);
             let measured = if s.trains_window_limited {
-                s.rate.min((burst_bytes as f64 / s.rtt.as_secs_f64()) as u64)
+                s.rate
+                    .min((burst_bytes as f64 / s.rtt.as_secs_f64()) as u64)
             } else {
                 s.rate
             };

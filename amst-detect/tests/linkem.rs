@@ -86,7 +86,12 @@ async fn loopback_linkem_classifies_datacenter() {
     let last = ds.last().unwrap();
     assert_eq!(last.mode, Mode::Datacenter, "{last}");
     assert!(last.rtt.unwrap() < Duration::from_millis(2), "{last}");
-    assert!(last.bandwidth.unwrap() >= GBIT_PER_SEC, "{last}");
+    // Trains give lower bounds; at least one of them proves the path fast.
+    assert!(
+        ds.iter()
+            .any(|d| d.bandwidth.is_some_and(|b| b >= GBIT_PER_SEC)),
+        "{last}"
+    );
     client.close().await.unwrap();
     server.await.unwrap();
 }
