@@ -234,3 +234,48 @@ fn linkem_flip_to_internet_is_detected_within_two_periods() {
         client.close().await.unwrap();
     });
 }
+
+#[test]
+fn linkem_short_slow_link_is_internet_once_traffic_measures_it() {
+    if skip("linkem_short_slow_link_is_internet_once_traffic_measures_it") {
+        return;
+    }
+    // 20 ms at 200 Mbit/s: idle, probe trains prove nothing about the rate and the RTT says
+    // hybrid; with a bulk transfer the transport's delivery rate proves < 1 Gbit/s.
+    let link = LinkEm::builder()
+        .params(link(Duration::from_millis(20), 200_000_000))
+        .start()
+        .unwrap();
+    let addr = serve(&link);
+    link.left().block_on(async move {
+        let client: Arc<dyn Transport> =
+            Arc::new(TcpTransport::connect(addr, tcp_config()).await.unwrap());
+        let mut det = Detector::new(config(Duration::from_millis(500)), client.clone()).unwrap();
+        println!("linkem 20 ms, 200 Mbit/s, idle:");
+        let idle = decide(&mut det, 3).await;
+        assert_eq!(idle.last().unwrap().mode, Mode::Hybrid, "{}", idle[2]);
+        let sender = {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let chunk = bytes::Bytes::from(vec![0u8; 1 << 20]);
+                for _ in 0..400 {
+                    if client.send(chunk.clone()).await.is_err() {
+                        break;
+                    }
+                }
+            })
+        };
+        println!("linkem 20 ms, 200 Mbit/s, bulk transfer:");
+        let busy = decide(&mut det, 6).await;
+        sender.abort();
+        let last = busy.last().unwrap();
+        assert_eq!(last.mode, Mode::Internet, "{last}");
+        assert!(
+            busy.iter()
+                .any(|d| d.source == Some(amst_detect::SampleSource::Passive)
+                    && d.bandwidth.is_some_and(|b| b < GBIT_PER_SEC)),
+            "a passive sample measured the slow rate: {last}"
+        );
+        drop(client);
+    });
+}
