@@ -1,0 +1,260 @@
+//! `amst explain --peer ADDR`: measure the path with the detector's probes and say which
+//! mode and settings AMST would pick, and why (in the spirit of `ucx_info`).
+
+use std::time::{Duration, Instant};
+
+use amst_core::Mode;
+use amst_detect::{Classifier, ClassifierConfig, Decision, Observation, SampleSource};
+use amst_tcp::tuner::{self, Aggregate, TunerBounds};
+use amst_tcp::{Congestion, TcpConfig};
+use serde::Serialize;
+
+use crate::backend::{self, Settings};
+use crate::cli::{CcArg, ExplainArgs};
+use crate::error::{CliResult, Failure};
+use crate::run::Global;
+use crate::size::{human_bits_per_sec, human_bytes};
+
+/// Round-trip probes.
+const RTT_PROBES: usize = 10;
+/// Delivery-rate bursts.
+const BURSTS: u64 = 3;
+
+/// The explanation, as `--json` prints it.
+#[derive(Debug, Serialize)]
+struct Explanation {
+    schema: &'static str,
+    peer: String,
+    rtt_min_us: u64,
+    rtt_median_us: u64,
+    rtt_probes: usize,
+    bandwidth_bytes_per_sec: Option<u64>,
+    bandwidth_bursts: Vec<u64>,
+    bdp_bytes: Option<u64>,
+    probe_bytes_used: u64,
+    mode: String,
+    confidence: f64,
+    reason: String,
+    why: String,
+    transport: String,
+    transport_note: String,
+    streams: usize,
+    streams_range: (usize, usize),
+    streams_for_bdp: usize,
+    chunk_bytes: usize,
+    chunk_for_path: usize,
+    cc: String,
+    pacing: bool,
+}
+
+/// Runs `amst explain`.
+pub async fn run(args: ExplainArgs, g: &Global) -> CliResult<()> {
+    let psk = crate::psk::load(args.psk.psk_file.as_deref(), g.psk_env.as_deref())?;
+    let peer = backend::resolve(&args.peer).await?;
+    let settings = Settings {
+        psk,
+        args: args.transport.clone(),
+    };
+    let t = backend::connect_probe(peer, &settings).await?;
+    let doing = format!("probing {peer}");
+    let probe = |burst: u64| {
+        let t = t.clone();
+        let doing = doing.clone();
+        async move {
+            t.probe(burst)
+                .await
+                .map_err(|e| Failure::from_amst(&doing, &e))
+        }
+    };
+
+    let mut classifier =
+        Classifier::new(ClassifierConfig::default()).expect("the default configuration is valid");
+    let mut rtts = Vec::with_capacity(RTT_PROBES);
+    let mut used = 0u64;
+    for _ in 0..RTT_PROBES {
+        let s = probe(0).await?;
+        used += s.bytes_used;
+        rtts.push(s.rtt);
+    }
+    let burst = (args.probe_bytes.0 / BURSTS).max(64 << 10);
+    let mut rates = Vec::new();
+    for _ in 0..BURSTS {
+        let s = probe(burst).await?;
+        used += s.bytes_used;
+        let obs = match s.delivery_rate {
+            Some(r) => {
+                rates.push(r);
+                Observation::new(s.rtt, r)
+            }
+            None => Observation::rtt_only(s.rtt),
+        };
+        classifier.observe(Instant::now(), obs.from_source(SampleSource::Probe));
+    }
+    for &r in &rtts {
+        classifier.observe(
+            Instant::now(),
+            Observation::rtt_only(r).from_source(SampleSource::Probe),
+        );
+    }
+    let decision = classifier.decide(Instant::now());
+    let _ = t.close().await;
+
+    let e = explain(peer.to_string(), &rtts, &rates, used, &decision, &args);
+    if g.json {
+        println!("{}", serde_json::to_string_pretty(&e).expect("serialises"));
+    } else {
+        print!("{}", human(&e));
+    }
+    Ok(())
+}
+
+fn explain(
+    peer: String,
+    rtts: &[Duration],
+    rates: &[u64],
+    used: u64,
+    d: &Decision,
+    args: &ExplainArgs,
+) -> Explanation {
+    let mut sorted = rtts.to_vec();
+    sorted.sort();
+    let min = sorted.first().copied().unwrap_or_default();
+    let median = sorted.get(sorted.len() / 2).copied().unwrap_or_default();
+    let best = rates.iter().copied().max();
+    let bdp = best.map(|r| (r as f64 * min.as_secs_f64()) as u64);
+    // The settings the chosen mode starts from (hybrid runs both profiles: show the bulk one).
+    let psk = crate::psk::random();
+    let mut profile = match d.mode {
+        Mode::Datacenter => TcpConfig::datacenter(psk),
+        Mode::Internet | Mode::Hybrid => TcpConfig::internet(psk),
+    };
+    if let Some(n) = args.transport.streams {
+        profile = profile.with_streams(n as usize);
+    }
+    if let Some(cc) = args.transport.cc {
+        profile.congestion = match cc {
+            CcArg::Bbr => Congestion::Bbr,
+            CcArg::Cubic => Congestion::Cubic,
+        };
+    }
+    if let Some(c) = args.transport.chunk {
+        profile.chunk_size = c.0 as usize;
+    }
+    let agg = Aggregate {
+        delivered: best.unwrap_or(0),
+        interval: Duration::from_secs(1),
+        min_rtt: Some(min),
+        srtt: Some(median),
+        streams: profile.streams,
+        chunk: profile.chunk_size,
+        ..Aggregate::default()
+    };
+    let bounds = TunerBounds {
+        min_streams: profile.min_streams,
+        max_streams: profile.max_streams,
+        congestion: profile.congestion,
+    };
+    let (transport, note) = match d.mode {
+        Mode::Datacenter => (
+            "tcp",
+            "RDMA would be preferred here; this build has no RDMA transport, so many TCP streams",
+        ),
+        Mode::Internet => (
+            "tcp",
+            "QUIC is an alternative here; this build has no QUIC transport, so paced TCP streams",
+        ),
+        Mode::Hybrid => (
+            "tcp",
+            "small messages go on the low-latency lane, bulk on the many-stream lane",
+        ),
+    };
+    Explanation {
+        schema: "amst-explain/1",
+        peer,
+        rtt_min_us: min.as_micros() as u64,
+        rtt_median_us: median.as_micros() as u64,
+        rtt_probes: rtts.len(),
+        bandwidth_bytes_per_sec: best,
+        bandwidth_bursts: rates.to_vec(),
+        bdp_bytes: bdp,
+        probe_bytes_used: used,
+        mode: d.mode.to_string(),
+        confidence: d.confidence,
+        reason: d.reason.as_str().to_string(),
+        why: d.to_string(),
+        transport: transport.into(),
+        transport_note: note.into(),
+        streams: profile.streams,
+        streams_range: (profile.min_streams, profile.max_streams),
+        streams_for_bdp: tuner::target_streams(&agg, &bounds),
+        chunk_bytes: profile.chunk_size,
+        chunk_for_path: tuner::target_chunk(&agg),
+        cc: profile.congestion.as_str().into(),
+        pacing: profile.pacing,
+    }
+}
+
+fn human(e: &Explanation) -> String {
+    let ms = |us: u64| format!("{:.3} ms", us as f64 / 1e3);
+    let bw = e
+        .bandwidth_bytes_per_sec
+        .map_or("not measured".into(), |b| {
+            format!(
+                "{} (best of {} bursts)",
+                human_bits_per_sec(b as f64),
+                e.bandwidth_bursts.len()
+            )
+        });
+    let rows = [
+        ("peer", e.peer.clone()),
+        (
+            "rtt",
+            format!(
+                "min {}, median {} ({} probes)",
+                ms(e.rtt_min_us),
+                ms(e.rtt_median_us),
+                e.rtt_probes
+            ),
+        ),
+        ("bandwidth", bw),
+        ("bdp", e.bdp_bytes.map_or("-".into(), human_bytes)),
+        ("probe traffic", human_bytes(e.probe_bytes_used)),
+        ("", String::new()),
+        (
+            "mode",
+            format!("{} (confidence {:.2}, {})", e.mode, e.confidence, e.reason),
+        ),
+        ("why", e.why.clone()),
+        ("", String::new()),
+        (
+            "transport",
+            format!("{} — {}", e.transport, e.transport_note),
+        ),
+        (
+            "streams",
+            format!(
+                "{} at start, tuned within {}..={} (this path's BDP needs {})",
+                e.streams, e.streams_range.0, e.streams_range.1, e.streams_for_bdp
+            ),
+        ),
+        (
+            "chunk size",
+            format!(
+                "{} at start (the tuner's target for this path: {})",
+                human_bytes(e.chunk_bytes as u64),
+                human_bytes(e.chunk_for_path as u64)
+            ),
+        ),
+        ("cc", e.cc.clone()),
+        ("pacing", if e.pacing { "on" } else { "off" }.to_string()),
+    ];
+    let mut out = String::from("# amst explain\n");
+    for (k, v) in rows {
+        if k.is_empty() {
+            out.push_str("#\n");
+        } else {
+            out.push_str(&format!("#   {k:<14} {v}\n"));
+        }
+    }
+    out
+}

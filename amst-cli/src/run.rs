@@ -1,0 +1,65 @@
+//! The entry point behind `main`: parse, set up logs and metrics, dispatch, map failures to
+//! exit codes.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Command};
+use crate::error::CliResult;
+
+/// What every subcommand may consult.
+#[derive(Clone, Debug)]
+pub struct Global {
+    /// `--json`.
+    pub json: bool,
+    /// `--quiet`.
+    pub quiet: bool,
+    /// The value of `AMST_PSK`, read once.
+    pub psk_env: Option<String>,
+}
+
+/// Runs `amst` with the process's arguments and returns its exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    crate::telemetry::init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("amst")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("amst: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(dispatch(cli));
+    // Sessions torn down by the failure may still have tasks parked; do not wait on them.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("amst: {}", f.message);
+            ExitCode::from(f.kind.exit_code())
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> CliResult<()> {
+    let g = Global {
+        json: cli.json,
+        quiet: cli.quiet,
+        psk_env: std::env::var(crate::psk::PSK_ENV).ok(),
+    };
+    if let Some(addr) = cli.metrics_addr {
+        crate::telemetry::install_prometheus(addr)?;
+    }
+    match cli.command {
+        Command::Serve(a) => crate::serve::run(a, &g).await,
+        Command::Send(a) => crate::send::run(a, &g).await,
+        Command::Demo(a) => crate::demo::run(a, &g).await,
+        Command::Explain(a) => crate::explain::run(a, &g).await,
+    }
+}

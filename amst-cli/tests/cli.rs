@@ -1,0 +1,488 @@
+//! The `amst` binary as a user runs it: real processes, real sockets on 127.0.0.1, real
+//! files. Ports are picked by the OS (`127.0.0.1:0`) and read back from `amst serve`'s first
+//! line, so tests never race for a port.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use ring::digest;
+
+const KEY: &str = "correct horse battery staple 0123456789";
+
+const AMST: &str = env!("CARGO_BIN_EXE_amst");
+
+/// `amst` to run to completion, with a time limit.
+fn amst() -> assert_cmd::Command {
+    let mut c = assert_cmd::Command::new(AMST);
+    c.env_remove("AMST_PSK").env_remove("RUST_LOG");
+    c
+}
+
+/// `amst` to spawn and watch.
+fn amst_spawn() -> Command {
+    let mut c = Command::new(AMST);
+    c.env_remove("AMST_PSK").env_remove("RUST_LOG");
+    c
+}
+
+/// Runs with a time limit and returns the output whatever the exit status.
+trait Run {
+    fn run(&mut self, secs: u64) -> std::process::Output;
+}
+
+impl Run for assert_cmd::Command {
+    fn run(&mut self, secs: u64) -> std::process::Output {
+        self.timeout(Duration::from_secs(secs))
+            .output()
+            .expect("amst runs")
+    }
+}
+
+fn key_file(dir: &Path, key: &str) -> PathBuf {
+    let p = dir.join("amst.key");
+    std::fs::write(&p, format!("{key}\n")).unwrap();
+    p
+}
+
+/// A running `amst serve`, killed on drop.
+struct Serve {
+    child: Child,
+    addr: String,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Serve {
+    fn start(args: &[&str]) -> Serve {
+        let mut cmd = amst_spawn();
+        cmd.arg("serve")
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd.spawn().expect("amst serve starts");
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("serve> {line}");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let first = lines
+            .recv_timeout(Duration::from_secs(60))
+            .expect("amst serve prints its address");
+        let addr = first
+            .split("listening on ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no address in {first:?}"))
+            .to_string();
+        Serve { child, addr, lines }
+    }
+
+    /// Ctrl-C, then everything it printed, and its exit status.
+    fn interrupt(mut self) -> (Vec<String>, std::process::ExitStatus) {
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGINT);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "amst serve did not stop on Ctrl-C"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut out = Vec::new();
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(2)) {
+            out.push(l);
+        }
+        (out, status)
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn sha256_file(p: &Path) -> Vec<u8> {
+    let mut f = std::fs::File::open(p).unwrap();
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        ctx.update(&buf[..n]);
+    }
+    ctx.finish().as_ref().to_vec()
+}
+
+/// Pseudo-random content (xorshift), so that a misplaced block changes the checksum.
+fn write_random_file(p: &Path, len: usize) {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(p).unwrap());
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut left = len;
+    let mut block = vec![0u8; 1 << 16];
+    while left > 0 {
+        for w in block.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            w.copy_from_slice(&x.to_le_bytes()[..w.len()]);
+        }
+        let n = left.min(block.len());
+        f.write_all(&block[..n]).unwrap();
+        left -= n;
+    }
+    f.flush().unwrap();
+}
+
+fn stdout_of(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr_of(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn demo_runs_and_prints_the_report() {
+    let o = amst().args(["demo", "--size", "64M"]).run(120);
+    let out = stdout_of(&o);
+    assert!(o.status.success(), "{out}\n{}", stderr_of(&o));
+    for field in [
+        "bytes          67108864 (64.0 MiB)",
+        "goodput",
+        "mode",
+        "transport",
+        "streams",
+        "retransmits",
+        "mode switches",
+        "rtt            min",
+        "verified by the receiver",
+    ] {
+        assert!(out.contains(field), "missing {field:?} in:\n{out}");
+    }
+}
+
+#[test]
+fn send_and_serve_move_a_100_mib_file_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), KEY);
+    let src = dir.path().join("big.bin");
+    write_random_file(&src, 100 << 20);
+    let out_dir = dir.path().join("received");
+    let serve = Serve::start(&[
+        "--output",
+        out_dir.to_str().unwrap(),
+        "--psk-file",
+        key.to_str().unwrap(),
+    ]);
+    let o = amst()
+        .args(["send", &serve.addr])
+        .arg(&src)
+        .arg("--psk-file")
+        .arg(&key)
+        .run(120);
+    let report = stdout_of(&o);
+    assert!(o.status.success(), "{report}\n{}", stderr_of(&o));
+    assert!(
+        report.contains("bytes          104857600 (100.0 MiB)"),
+        "{report}"
+    );
+    assert!(report.contains("stored as      big.bin"), "{report}");
+    let received = out_dir.join("big.bin");
+    assert_eq!(sha256_file(&received), sha256_file(&src));
+
+    let (lines, status) = serve.interrupt();
+    assert!(status.success(), "serve exits 0 after Ctrl-C: {status:?}");
+    let all = lines.join("\n");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("\"big.bin\" 100.0 MiB") && l.contains("ok")),
+        "one line per session:\n{all}"
+    );
+    assert!(
+        all.contains("1 session(s) (0 failed), 1 transfer(s) ok, 0 failed, 100.0 MiB received"),
+        "summary:\n{all}"
+    );
+}
+
+#[test]
+fn json_report_parses_and_has_the_documented_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), KEY);
+    let serve = Serve::start(&["--discard", "--psk-file", key.to_str().unwrap()]);
+    let o = amst()
+        .args(["send", &serve.addr, "--size", "8M", "--json", "--psk-file"])
+        .arg(&key)
+        .run(120);
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    let v: serde_json::Value =
+        serde_json::from_slice(&o.stdout).expect("stdout is one JSON object");
+    assert_eq!(v["schema"], "amst-report/1");
+    assert_eq!(v["start"]["command"], "send");
+    assert_eq!(v["start"]["size"], 8 << 20);
+    assert_eq!(v["start"]["kind"], "generated");
+    assert_eq!(v["end"]["bytes"], 8 << 20);
+    assert_eq!(v["end"]["verified"], true);
+    assert!(v["end"]["bits_per_second"].as_f64().unwrap() > 0.0);
+    assert!(v["end"]["seconds"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["end"]["sha256"].as_str().unwrap().len(), 64);
+    for k in [
+        "mode",
+        "transport",
+        "streams",
+        "retransmits",
+        "mode_switches",
+        "rtt_min_us",
+        "rtt_avg_us",
+    ] {
+        assert!(v["end"].get(k).is_some(), "end.{k} missing");
+    }
+    let intervals = v["intervals"].as_array().unwrap();
+    assert!(!intervals.is_empty());
+    let sum: u64 = intervals.iter().map(|i| i["bytes"].as_u64().unwrap()).sum();
+    assert_eq!(sum, 8 << 20, "intervals add up to the transfer");
+    assert!(v["error"].is_null());
+}
+
+#[test]
+fn a_wrong_key_is_an_authentication_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = key_file(dir.path(), KEY);
+    let serve = Serve::start(&["--discard", "--psk-file", good.to_str().unwrap()]);
+    let o = amst()
+        .args(["send", &serve.addr, "--size", "1M"])
+        .env("AMST_PSK", "a different key of some length")
+        .run(60);
+    assert_eq!(
+        o.status.code(),
+        Some(4),
+        "exit code 4 for auth: {}",
+        stderr_of(&o)
+    );
+    let err = stderr_of(&o);
+    assert!(err.contains("authentication failed"), "{err}");
+    assert!(err.contains("pre-shared key"), "{err}");
+}
+
+#[test]
+fn a_missing_file_is_named_before_any_connection() {
+    let o = amst()
+        .args(["send", "127.0.0.1:9", "/nonexistent/dir/data.bin"])
+        .env("AMST_PSK", KEY)
+        .run(30);
+    assert_eq!(o.status.code(), Some(7));
+    assert_eq!(
+        stderr_of(&o).trim_end(),
+        "amst: cannot read /nonexistent/dir/data.bin: no such file"
+    );
+}
+
+#[test]
+fn bad_addresses_and_absent_peers_are_explained() {
+    let o = amst()
+        .args(["send", "no-port-here", "--size", "1M"])
+        .env("AMST_PSK", KEY)
+        .run(30);
+    assert_eq!(o.status.code(), Some(3));
+    assert!(
+        stderr_of(&o).contains("bad address \"no-port-here\": expected HOST:PORT"),
+        "{}",
+        stderr_of(&o)
+    );
+
+    // A port nobody listens on: bind one, note it, close it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let o = amst()
+        .args(["send", &format!("127.0.0.1:{port}"), "--size", "1M"])
+        .env("AMST_PSK", KEY)
+        .run(60);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr_of(&o));
+    let err = stderr_of(&o);
+    assert!(
+        err.contains(&format!("connecting to 127.0.0.1:{port} failed")),
+        "{err}"
+    );
+    assert!(err.contains("unreachable"), "{err}");
+
+    let o = amst().args(["send", "127.0.0.1:9", "--size", "1M"]).run(30);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr_of(&o).contains("no pre-shared key"),
+        "{}",
+        stderr_of(&o)
+    );
+
+    let o = amst()
+        .args(["send", "127.0.0.1:9", "--size", "12X"])
+        .run(30);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr_of(&o).contains("invalid size \"12X\""),
+        "{}",
+        stderr_of(&o)
+    );
+}
+
+fn scrape(addr: &str) -> String {
+    let mut s = TcpStream::connect(addr).expect("the metrics endpoint accepts");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
+}
+
+fn counter(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find(|l| l.starts_with(name) && !l.starts_with('#'))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|v| v as u64)
+}
+
+#[test]
+fn prometheus_byte_counters_grow_during_a_transfer() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), KEY);
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics = format!("127.0.0.1:{metrics_port}");
+    let serve = Serve::start(&[
+        "--discard",
+        "--psk-file",
+        key.to_str().unwrap(),
+        "--metrics-addr",
+        &metrics,
+    ]);
+    // 96 MiB at 32 MiB/s: about 3 s of transfer to watch.
+    let mut send = amst_spawn()
+        .args([
+            "send",
+            &serve.addr,
+            "--size",
+            "96M",
+            "--rate",
+            "32M",
+            "--quiet",
+            "--psk-file",
+        ])
+        .arg(&key)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let v = counter(&scrape(&metrics), "amst_cli_received_bytes_total").unwrap_or(0);
+        if seen.last() != Some(&v) {
+            seen.push(v);
+        }
+        if v >= 96 << 20 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let status = send.wait().unwrap();
+    assert!(status.success());
+    let mid: Vec<_> = seen.iter().filter(|&&v| v > 0 && v < 96 << 20).collect();
+    assert!(
+        mid.len() >= 2,
+        "at least two distinct mid-transfer values: {seen:?}"
+    );
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "increasing: {seen:?}");
+    assert_eq!(*seen.last().unwrap(), 96 << 20);
+    let text = scrape(&metrics);
+    assert!(text.contains("amst_cli_sessions_total 1"), "{text}");
+    assert!(
+        text.contains("amst_cli_transfers_total{result=\"ok\"} 1"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_full_disk_on_the_receiver_is_a_clean_abort() {
+    // A 4 MiB tmpfs in a private mount namespace: needs root and unshare(1).
+    let root = unsafe { libc::geteuid() } == 0;
+    let unshare = Command::new("unshare").arg("--version").output().is_ok();
+    if !root || !unshare {
+        eprintln!(
+            "skipping: needs root and unshare(1) for a private tmpfs (root={root}, unshare={unshare})"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), KEY);
+    let mnt = dir.path().join("small");
+    std::fs::create_dir(&mnt).unwrap();
+    let src = dir.path().join("too-big.bin");
+    write_random_file(&src, 16 << 20);
+    let amst_bin = Path::new(AMST);
+    let script = format!(
+        "mount -t tmpfs -o size=4m amst-test {mnt} && exec {bin} serve --listen 127.0.0.1:0 --output {mnt} --psk-file {key}",
+        mnt = mnt.display(),
+        bin = amst_bin.display(),
+        key = key.display()
+    );
+    let mut child = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let addr = first
+        .split("listening on ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address in {first:?}"))
+        .to_string();
+    let o = amst()
+        .args(["send", &addr])
+        .arg(&src)
+        .arg("--psk-file")
+        .arg(&key)
+        .run(60);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        o.status.code(),
+        Some(6),
+        "disk exit code: {}",
+        stderr_of(&o)
+    );
+    let err = stderr_of(&o);
+    assert!(err.contains("the receiver's disk is full"), "{err}");
+    assert!(err.contains("partial file was removed"), "{err}");
+}
