@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use amst_linkem::{Direction, LinkEm, QueueLimit, Schedule};
-use common::{mean, ping};
+use common::{mean, median, ping};
 
 #[test]
 fn ping_rtt_matches_configured_delay() {
@@ -27,11 +27,14 @@ fn ping_rtt_matches_configured_delay() {
         );
         assert_eq!(rtts.len(), 10, "all pings answered");
         let want = 2.0 * one_way_ms as f64;
-        let avg = mean(&rtts);
-        eprintln!("configured RTT {want} ms, measured avg {avg:.3} ms, all {rtts:?}");
+        let med = median(&rtts);
+        eprintln!(
+            "configured RTT {want} ms, measured median {med:.3} ms, mean {:.3} ms, all {rtts:?}",
+            mean(&rtts)
+        );
         assert!(
-            (avg - want).abs() <= 0.1 * want + 1.0,
-            "avg RTT {avg} vs configured {want}"
+            (med - want).abs() <= 0.1 * want + 1.0,
+            "median RTT {med} vs configured {want}"
         );
         // Packets may leave up to 5 µs early rather than oversleep.
         assert!(
@@ -443,7 +446,7 @@ fn schedule_changes_the_link_at_the_given_time() {
         Duration::from_millis(50),
     );
     assert_eq!(rtts.len(), 5);
-    assert!((mean(&rtts) - 30.0).abs() <= 0.1 * 30.0 + 1.0, "{rtts:?}");
+    assert!((median(&rtts) - 30.0).abs() <= 0.1 * 30.0 + 1.0, "{rtts:?}");
     assert!(rtts.iter().all(|&r| r >= 29.95), "{rtts:?}");
 }
 
@@ -465,12 +468,12 @@ fn jitter_spreads_rtt_within_bounds() {
     let m = mean(&rtts);
     let sd = (rtts.iter().map(|r| (r - m).powi(2)).sum::<f64>() / rtts.len() as f64).sqrt();
     eprintln!("RTT mean {m:.2} ms, sd {sd:.2} ms: {rtts:?}");
-    // Two legs of 10 ms ± 4 ms (uniform): RTT in [12, 28], sd about 3.3 ms; the upper
-    // bound gets the usual 10% + 1 ms for a busy machine.
-    assert!(
-        rtts.iter().all(|&r| (11.95..=31.8).contains(&r)),
-        "{rtts:?}"
-    );
+    // Two legs of 10 ms ± 4 ms (uniform): RTT in [12, 28], sd about 3.3 ms. None may be
+    // shorter; 90% must be within the upper bound plus the usual 10% + 1 ms (a busy
+    // machine can delay ping between its user-space send stamp and the send).
+    assert!(rtts.iter().all(|&r| r >= 11.95), "{rtts:?}");
+    let within = rtts.iter().filter(|&&r| r <= 31.8).count();
+    assert!(within >= 18, "{rtts:?}");
     assert!(sd > 1.0, "no jitter visible: sd {sd}");
 }
 

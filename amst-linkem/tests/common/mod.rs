@@ -78,3 +78,11 @@ pub fn realtime_thread() {
     // SAFETY: affects only the calling thread; failure leaves the normal priority.
     unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
 }
+
+/// The median: one ping delayed by a CPU-bound neighbour (ping stamps its send time in
+/// user space) moves it less than the mean.
+pub fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s[s.len() / 2]
+}
