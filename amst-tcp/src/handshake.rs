@@ -302,6 +302,19 @@ pub(crate) async fn redial(shared: Arc<Shared>, addr: SocketAddr, slot: u16) {
                 }
                 return;
             }
+            Err(Error::Io { source, .. })
+                if source.kind() == io::ErrorKind::ConnectionRefused
+                    && shared.stream_count() == 0 =>
+            {
+                // Nobody listens any more and no stream is left: the peer is gone.
+                shared.fail(Fatal::PeerClosed {
+                    code: CloseCode::Aborted,
+                    reason: format!(
+                        "every stream was lost and re-dialling {addr} was refused ({source})"
+                    ),
+                });
+                return;
+            }
             Err(e) => {
                 if started.elapsed() >= shared.config.reconnect_timeout {
                     if shared.stream_count() == 0 {

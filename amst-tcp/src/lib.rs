@@ -23,6 +23,7 @@
 //! let server = tokio::spawn(async move {
 //!     let session = listener.accept().await?;
 //!     let msg = session.recv().await?;
+//!     assert_eq!(session.recv().await?, None); // the client closed gracefully
 //!     Ok::<_, amst_core::Error>(msg)
 //! });
 //! let client = TcpTransport::connect(addr, config).await?;

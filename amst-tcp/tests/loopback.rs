@@ -130,13 +130,13 @@ async fn a_message_larger_than_the_window_flows_in_bounded_memory() {
         let m = server.recv().await.unwrap().unwrap();
         // A second, small message: the window is not stuck after the big one.
         let m2 = server.recv().await.unwrap().unwrap();
-        (m, m2, server.buffer_stats())
+        (m, m2, server.buffer_stats(), server)
     });
     client.send(big).await.unwrap();
     client.send(Bytes::from_static(b"after")).await.unwrap();
     client.flush().await.unwrap();
     let tx_stats = client.buffer_stats();
-    let (m, m2, rx_stats) = rx.await.unwrap();
+    let (m, m2, rx_stats, _server) = rx.await.unwrap();
     assert!(m == expect, "large message corrupted");
     assert_eq!(&m2[..], b"after");
     // The sender never had more than the window (plus one chunk) unacknowledged beyond the
