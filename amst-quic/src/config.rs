@@ -201,6 +201,13 @@ impl QuicConfig {
         self
     }
 
+    /// Sets how long the peer may stay silent before the connection fails (keep-alives go
+    /// at a third of it).
+    pub fn with_idle_timeout(mut self, idle_timeout: Duration) -> Self {
+        self.idle_timeout = idle_timeout;
+        self
+    }
+
     /// Checks every value; errors name the field.
     pub fn validate(&self) -> Result<()> {
         let bad = |field: &'static str, reason: String| Err(Error::Config { field, reason });
@@ -226,6 +233,12 @@ impl QuicConfig {
             return bad(
                 "max_message",
                 format!("is {}; use 1 ..= 1 TiB", self.max_message),
+            );
+        }
+        if self.idle_timeout < Duration::from_millis(100) {
+            return bad(
+                "idle_timeout",
+                format!("is {:?}; at least 100 ms", self.idle_timeout),
             );
         }
         if self.alpn.is_empty() || self.alpn.len() > 255 {

@@ -25,11 +25,13 @@ fn config(cc: CongestionControl) -> QuicConfig {
     QuicConfig::new(Psk::new(b"linkem test key of enough length").unwrap())
         .for_path(RATE_BPS, RTT)
         .with_congestion(cc)
+        .with_idle_timeout(Duration::from_secs(4))
 }
 
 /// Sends 1 MiB messages for `RUN` and returns the goodput in bit/s: the messages the
 /// receiver acknowledged whole within the run, over the run's length.
 fn goodput(link: &LinkEm, cc: CongestionControl, port: u16) -> f64 {
+    let t0 = Instant::now();
     let id = Identity::self_signed(&["amst-linkem-right"]).unwrap();
     let pin = id.fingerprint();
     let server_addr = SocketAddr::from((link.right().addr(), port));
@@ -54,6 +56,7 @@ fn goodput(link: &LinkEm, cc: CongestionControl, port: u16) -> f64 {
         let t = QuicTransport::connect_with_socket(socket, server_addr, "amst-linkem-right", ccfg)
             .await
             .unwrap();
+        eprintln!("{cc}: connected after {:?}", t0.elapsed());
         let payload = Bytes::from(vec![0x5au8; MESSAGE]);
         let start = Instant::now();
         let deadline = tokio::time::Instant::now() + RUN;
@@ -72,7 +75,9 @@ fn goodput(link: &LinkEm, cc: CongestionControl, port: u16) -> f64 {
         tokio::time::sleep(Duration::from_millis(300)).await;
         out
     });
+    eprintln!("{cc}: client done after {:?}", t0.elapsed());
     let received = server.join().unwrap();
+    eprintln!("{cc}: server done after {:?}", t0.elapsed());
     assert!(
         received >= acked * MESSAGE as u64,
         "acked more than the receiver got"
