@@ -52,7 +52,6 @@ pub mod wire;
 pub use amst::{Amst, AmstListener};
 pub use config::{AmstConfig, AmstConfigBuilder, Congestion, LaneProfile};
 pub use connect::{Acceptor, Connected, Connector};
-#[cfg(feature = "in-memory")]
 pub use connect::{MemoryAcceptor, MemoryConnector, memory_network};
 pub use error::{Error, Result};
 pub use ledger::SendLedger;

@@ -445,7 +445,13 @@ impl Shared {
     }
 
     pub fn throughput(&self) -> f64 {
-        lock(&self.rate).2
+        let r = *lock(&self.rate);
+        if r.0.elapsed() > Duration::from_secs(1) {
+            // Nothing acknowledged lately: the rate since the last sample, decaying to 0.
+            let acked = lock(&self.ledger).acked_bytes();
+            return (acked - r.1) as f64 / r.0.elapsed().as_secs_f64();
+        }
+        r.2
     }
 
     // ---- receiving ---------------------------------------------------------------------------
