@@ -38,7 +38,14 @@ impl ControllerFactory for Spy {
 }
 
 impl Controller for SpyController {
-    fn on_ack(&mut self, now: Instant, sent: Instant, bytes: u64, app_limited: bool, rtt: &RttEstimator) {
+    fn on_ack(
+        &mut self,
+        now: Instant,
+        sent: Instant,
+        bytes: u64,
+        app_limited: bool,
+        rtt: &RttEstimator,
+    ) {
         if let Ok(mut g) = self.out.lock() {
             g.get_or_insert(*rtt);
         }
@@ -78,27 +85,40 @@ fn capture_rtt_estimator() -> RttEstimator {
     rt.block_on(async move {
         let key = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
         let cert = key.cert.der().clone();
-        let private = rustls::pki_types::PrivateKeyDer::Pkcs8(key.signing_key.serialize_der().into());
+        let private =
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.signing_key.serialize_der().into());
         let mut transport = quinn::TransportConfig::default();
         transport.congestion_controller_factory(spy);
         let transport = Arc::new(transport);
-        let mut sc = quinn::ServerConfig::with_single_cert(vec![cert.clone()], private).expect("server");
+        let mut sc =
+            quinn::ServerConfig::with_single_cert(vec![cert.clone()], private).expect("server");
         sc.transport_config(transport.clone());
-        let server = quinn::Endpoint::server(sc, SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).expect("bind");
+        let server =
+            quinn::Endpoint::server(sc, SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).expect("bind");
         let addr = server.local_addr().expect("addr");
         let mut roots = rustls::RootCertStore::empty();
         roots.add(cert).expect("root");
         let mut cc = quinn::ClientConfig::with_root_certificates(Arc::new(roots)).expect("client");
         cc.transport_config(transport);
-        let mut client = quinn::Endpoint::client(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).expect("bind");
+        let mut client =
+            quinn::Endpoint::client(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).expect("bind");
         client.set_default_client_config(cc);
         let srv = tokio::spawn(async move {
-            let conn = server.accept().await.expect("incoming").await.expect("accept");
+            let conn = server
+                .accept()
+                .await
+                .expect("incoming")
+                .await
+                .expect("accept");
             let mut r = conn.accept_uni().await.expect("uni");
             let _ = r.read_to_end(1 << 20).await;
             conn.close(0u32.into(), b"");
         });
-        let conn = client.connect(addr, "localhost").expect("connect").await.expect("handshake");
+        let conn = client
+            .connect(addr, "localhost")
+            .expect("connect")
+            .await
+            .expect("handshake");
         let mut s = conn.open_uni().await.expect("open");
         s.write_all(&[7u8; 64 * 1024]).await.expect("write");
         s.finish().expect("finish");
@@ -106,8 +126,7 @@ fn capture_rtt_estimator() -> RttEstimator {
         conn.close(0u32.into(), b"");
         client.wait_idle().await;
     });
-    let rtt = out.lock().expect("lock").take().expect("an ack was seen");
-    rtt
+    out.lock().expect("lock").take().expect("an ack was seen")
 }
 
 fn rate_sample(delivered: u64) -> RateSample {
@@ -130,7 +149,11 @@ fn bench(c: &mut Criterion) {
     let mut bbr = Bbr::new(BbrConfig::with_datagram_size(MSS), t0);
     for cc in [&mut cubic as &mut dyn CongestionController, &mut bbr] {
         cc.on_packet_sent(t0, 100 * MSS, 100 * MSS);
-        cc.on_rtt_sample(t0 + Duration::from_millis(20), Duration::from_millis(20), Duration::ZERO);
+        cc.on_rtt_sample(
+            t0 + Duration::from_millis(20),
+            Duration::from_millis(20),
+            Duration::ZERO,
+        );
     }
 
     let mut now = t0 + Duration::from_millis(20);
@@ -170,7 +193,13 @@ fn bench(c: &mut Criterion) {
     g.bench_function("quinn_cubic", |b| {
         b.iter(|| {
             now += STEP;
-            quinn_cubic.on_ack(now, now - Duration::from_millis(20), black_box(MSS), false, &rtt_estimator);
+            quinn_cubic.on_ack(
+                now,
+                now - Duration::from_millis(20),
+                black_box(MSS),
+                false,
+                &rtt_estimator,
+            );
         })
     });
 

@@ -300,7 +300,10 @@ impl ControllerFactory for CubicFactory {
     fn build(self: Arc<Self>, _now: Instant, current_mtu: u16) -> Box<dyn Controller> {
         let mut config = self.config.clone();
         config.base.max_datagram_size = u64::from(current_mtu);
-        Box::new(QuinnController::new(Cubic::new(config), WindowMapping::Cwnd))
+        Box::new(QuinnController::new(
+            Cubic::new(config),
+            WindowMapping::Cwnd,
+        ))
     }
 }
 

@@ -156,7 +156,13 @@ impl HyStart {
     /// `bytes_acked` were acknowledged; `resolved` is the running total of bytes acked or
     /// lost, `sent` the running total of bytes sent, `mss` the datagram size. Returns how to
     /// grow the window.
-    pub fn on_ack(&mut self, bytes_acked: u64, resolved: u64, sent: u64, mss: u64) -> SlowStartAction {
+    pub fn on_ack(
+        &mut self,
+        bytes_acked: u64,
+        resolved: u64,
+        sent: u64,
+        mss: u64,
+    ) -> SlowStartAction {
         // Round bookkeeping. RFC 9406 §4.2: "At the start of each round during standard slow
         // start and CSS, initialize the variables used to compute the last round's and
         // current round's minimum RTT: lastRoundMinRTT = currentRoundMinRTT;
@@ -224,7 +230,10 @@ mod tests {
         round(&mut hs, &mut sent, &mut resolved, 126 * MS, 10);
         assert_eq!(hs.phase(), SlowStartPhase::Conservative);
         assert_eq!(hs.css_baseline_min_rtt(), Some(126 * MS));
-        assert_eq!(hs.on_ack(1000, resolved, sent, 1000), SlowStartAction::Grow(250));
+        assert_eq!(
+            hs.on_ack(1000, resolved, sent, 1000),
+            SlowStartAction::Grow(250)
+        );
         for _ in 0..5 {
             round(&mut hs, &mut sent, &mut resolved, 130 * MS, 10);
         }
@@ -246,6 +255,9 @@ mod tests {
     #[test]
     fn unpaced_growth_is_capped_at_l_segments() {
         let mut hs = HyStart::new(false);
-        assert_eq!(hs.on_ack(20_000, 20_000, 40_000, 1000), SlowStartAction::Grow(8000));
+        assert_eq!(
+            hs.on_ack(20_000, 20_000, 40_000, 1000),
+            SlowStartAction::Grow(8000)
+        );
     }
 }

@@ -173,8 +173,14 @@ fn window_follows_the_cubic_function_within_one_mss() {
     }
     // The cubic region covers the concave part, K and beyond.
     assert!(checked > 5_000, "only {checked} acks checked");
-    assert!(last_cubic_t > 1.3 * k, "cubic region ended at {last_cubic_t:.2} s, K = {k:.2} s");
-    assert!(reno_friendly > 0, "W_est (alpha = 1 after cwnd_prior) should overtake eventually");
+    assert!(
+        last_cubic_t > 1.3 * k,
+        "cubic region ended at {last_cubic_t:.2} s, K = {k:.2} s"
+    );
+    assert!(
+        reno_friendly > 0,
+        "W_est (alpha = 1 after cwnd_prior) should overtake eventually"
+    );
     eprintln!("worst |cwnd - W_cubic(t)| = {worst:.3} segments over {checked} acks");
     assert!(worst < 0.1, "tracking error {worst} segments");
 }
@@ -222,7 +228,10 @@ fn reno_friendly_estimate_switches_alpha_to_one_at_cwnd_prior() {
         d.ack();
     }
     let grown = (d.cc.growth().w_est() - start) / MSS as f64;
-    assert!((grown - alpha).abs() < 0.05, "grew {grown} segments, alpha {alpha}");
+    assert!(
+        (grown - alpha).abs() < 0.05,
+        "grew {grown} segments, alpha {alpha}"
+    );
     for _ in 0..20_000 {
         d.ack();
         if d.cc.growth().w_est() >= d.cc.growth().cwnd_prior() + 2.0 * MSS as f64 {
@@ -259,7 +268,10 @@ fn growth_per_rtt_is_clamped_to_one_and_a_half() {
         }
         let ratio = d.cc.cwnd() as f64 / before as f64;
         assert!(ratio <= 1.5 + 1e-9, "grew ×{ratio}");
-        assert!(ratio > 1.49, "clamped growth should reach ×1.5, got ×{ratio}");
+        assert!(
+            ratio > 1.49,
+            "clamped growth should reach ×1.5, got ×{ratio}"
+        );
     }
 }
 

@@ -31,20 +31,28 @@ async fn transfer(factory: Arc<dyn ControllerFactory + Send + Sync>) -> Duration
     let key = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
     let cert = key.cert.der().clone();
     let private = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.signing_key.serialize_der()));
-    let mut server_config = ServerConfig::with_single_cert(vec![cert.clone()], private).expect("server config");
+    let mut server_config =
+        ServerConfig::with_single_cert(vec![cert.clone()], private).expect("server config");
     server_config.transport_config(transport(factory.clone()));
-    let server = Endpoint::server(server_config, SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).expect("server");
+    let server = Endpoint::server(server_config, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+        .expect("server");
     let server_addr = server.local_addr().expect("addr");
 
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert).expect("root");
-    let mut client_config = ClientConfig::with_root_certificates(Arc::new(roots)).expect("client config");
+    let mut client_config =
+        ClientConfig::with_root_certificates(Arc::new(roots)).expect("client config");
     client_config.transport_config(transport(factory));
     let mut client = Endpoint::client(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).expect("client");
     client.set_default_client_config(client_config);
 
     let receiver = tokio::spawn(async move {
-        let conn = server.accept().await.expect("incoming").await.expect("accept");
+        let conn = server
+            .accept()
+            .await
+            .expect("incoming")
+            .await
+            .expect("accept");
         let mut recv = conn.accept_uni().await.expect("stream");
         let mut got = 0usize;
         let mut buf = vec![0u8; CHUNK];

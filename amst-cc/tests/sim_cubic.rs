@@ -61,7 +61,10 @@ fn cubic_fills_a_clean_one_bdp_link() {
     assert!(steady > 0.95 * 100e6, "steady throughput {steady}");
     assert!(f.goodput_bps > 0.9 * 100e6, "goodput {}", f.goodput_bps);
     assert_eq!(r.link.random_drops, 0);
-    assert!(r.link.overflow_drops > 0, "CUBIC must fill the buffer to find the limit");
+    assert!(
+        r.link.overflow_drops > 0,
+        "CUBIC must fill the buffer to find the limit"
+    );
     // Queueing: a loss-based controller sits on the buffer.
     assert!(r.link.mean_queue_delay > Duration::from_millis(20));
 }
@@ -90,7 +93,10 @@ fn cubic_collapses_at_one_percent_loss_and_bbr_does_not() {
     // Mathis et al.: a loss-based AIMD flow gets about MSS/RTT × 1.22/√p ≈ 1.5 Mbit/s here.
     assert!(gc < 0.10 * 100e6, "CUBIC did not collapse: {gc}");
     assert!(gc > 0.005 * 100e6, "CUBIC stalled completely: {gc}");
-    assert!(gb > 5.0 * gc, "expected BBR ≫ CUBIC at 1% loss: BBR {gb}, CUBIC {gc}");
+    assert!(
+        gb > 5.0 * gc,
+        "expected BBR ≫ CUBIC at 1% loss: BBR {gb}, CUBIC {gc}"
+    );
 }
 
 #[test]
@@ -131,7 +137,12 @@ fn cubic_follows_a_tenfold_bandwidth_drop() {
     assert!(after <= 10e6 * 1.001, "after the drop {after}");
     assert!(after > 0.85 * 10e6, "after the drop {after}");
     // The drop overflows the (now 10 BDP) queue, which CUBIC answers with a reduction.
-    assert!(r.flows[0].phase_trace.iter().any(|p| p.at > secs(10) && p.phase == Phase::Recovery));
+    assert!(
+        r.flows[0]
+            .phase_trace
+            .iter()
+            .any(|p| p.at > secs(10) && p.phase == Phase::Recovery)
+    );
 }
 
 #[test]
@@ -146,7 +157,8 @@ fn two_cubic_flows_share_the_link() {
     let jain = r.jain_index(secs(30), secs(60));
     eprintln!("Jain's index over 30..60 s: {jain:.3}");
     assert!(jain > 0.9, "Jain's index {jain}");
-    let total = r.throughput_between(0, secs(30), secs(60)) + r.throughput_between(1, secs(30), secs(60));
+    let total =
+        r.throughput_between(0, secs(30), secs(60)) + r.throughput_between(1, secs(30), secs(60));
     assert!(total > 0.9 * 20e6, "total {total}");
     let shares = r.shares();
     assert_eq!(shares.len(), r.samples.len());
@@ -165,7 +177,10 @@ fn finite_flow_completes_and_reports_it() {
     assert_eq!(f.delivered_bytes, 10_000_500, "whole packets of 1500 bytes");
     let done = f.completed_at.expect("completed");
     // 10 MB at 50 Mbit/s is 1.6 s of serialisation; slow start adds a few RTTs.
-    assert!(done > Duration::from_millis(1600) && done < secs(4), "{done:?}");
+    assert!(
+        done > Duration::from_millis(1600) && done < secs(4),
+        "{done:?}"
+    );
 }
 
 #[test]
@@ -176,7 +191,12 @@ fn report_has_csv_and_time_series() {
     let csv = r.to_csv();
     assert_eq!(csv.lines().count(), 31);
     assert!(csv.starts_with("t_ms,"));
-    assert!(r.samples.iter().skip(10).all(|s| s.flows[0].throughput_bps > 5e6));
+    assert!(
+        r.samples
+            .iter()
+            .skip(10)
+            .all(|s| s.flows[0].throughput_bps > 5e6)
+    );
 }
 
 #[cfg(feature = "sim-plot")]

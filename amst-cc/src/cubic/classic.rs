@@ -189,7 +189,9 @@ impl<G: WindowGrowth> LossBased<G> {
         self.slow_start.on_congestion();
         // Reduce from the whole-byte window the transport saw, so that the result is
         // exactly β × cwnd().
-        let reduced = self.growth.on_congestion_event(self.cwnd.floor(), self.mss());
+        let reduced = self
+            .growth
+            .on_congestion_event(self.cwnd.floor(), self.mss());
         // RFC 9438 §4.6: "cwnd = max(ssthresh, 2)  // reduction on loss, cwnd >= 2 SMSS".
         self.cwnd = reduced.max(self.minimum_window());
         self.ssthresh = self.cwnd as u64;
@@ -238,10 +240,12 @@ impl<G: WindowGrowth> CongestionController for LossBased<G> {
             if hystart {
                 // The slow-start part counts rounds even when app-limited, but the window
                 // does not grow then.
-                match self
-                    .slow_start
-                    .on_ack(ack.bytes_acked, self.resolved_total, self.sent_total, mss)
-                {
+                match self.slow_start.on_ack(
+                    ack.bytes_acked,
+                    self.resolved_total,
+                    self.sent_total,
+                    mss,
+                ) {
                     SlowStartAction::Grow(n) if !app_limited => self.cwnd += n as f64,
                     SlowStartAction::Grow(_) => {}
                     SlowStartAction::EnterCongestionAvoidance => {

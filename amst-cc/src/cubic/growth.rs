@@ -14,8 +14,14 @@ use std::time::{Duration, Instant};
 pub trait WindowGrowth: Clone + fmt::Debug + Send + Sync + 'static {
     /// A new ack of `bytes_acked` arrived in congestion avoidance (not in recovery, not
     /// application-limited). Returns the new cwnd.
-    fn on_ack(&mut self, now: Instant, cwnd: f64, bytes_acked: u64, srtt: Duration, mss: f64)
-    -> f64;
+    fn on_ack(
+        &mut self,
+        now: Instant,
+        cwnd: f64,
+        bytes_acked: u64,
+        srtt: Duration,
+        mss: f64,
+    ) -> f64;
 
     /// A congestion event (loss or ECN-CE) with cwnd at `cwnd` before the reduction. Returns
     /// the reduced cwnd, which is also the new ssthresh.

@@ -38,7 +38,10 @@ enum Event {
     /// A packet reached its receiver.
     Arrive(Packet),
     /// An ack reached its sender.
-    AckArrive { flow: usize, pn: u64 },
+    AckArrive {
+        flow: usize,
+        pn: u64,
+    },
     SendTimer(usize),
     LossTimer(usize),
     Sample,
@@ -422,7 +425,13 @@ impl Engine {
         let owd = nanos(self.link.link.rtt) / 2;
         let at = (now + owd).max(self.link.last_ack_arrival[p.flow]);
         self.link.last_ack_arrival[p.flow] = at;
-        self.push(at, Event::AckArrive { flow: p.flow, pn: p.pn });
+        self.push(
+            at,
+            Event::AckArrive {
+                flow: p.flow,
+                pn: p.pn,
+            },
+        );
     }
 
     fn try_send(&mut self, f: usize) {
@@ -565,16 +574,14 @@ impl Engine {
             };
             if largest - pn >= PACKET_THRESHOLD || p.sent <= lost_send_time {
                 // A loss of a packet sent after the current episode began opens a new one.
-                if s.episode.id == 0 || p.sent > s.episode.started {
-                    if !new_episode {
-                        new_episode = true;
-                        s.episode = Episode {
-                            id: s.next_episode,
-                            started: s.sent.back().map_or(now, |b| b.sent),
-                            ..Episode::default()
-                        };
-                        s.next_episode += 1;
-                    }
+                if (s.episode.id == 0 || p.sent > s.episode.started) && !new_episode {
+                    new_episode = true;
+                    s.episode = Episode {
+                        id: s.next_episode,
+                        started: s.sent.back().map_or(now, |b| b.sent),
+                        ..Episode::default()
+                    };
+                    s.next_episode += 1;
                 }
                 s.episode.lost += 1;
                 s.sent[i].state = SentState::Lost;
@@ -669,8 +676,7 @@ impl Engine {
                             s.srtt = Some((7 * srtt + rtt) / 8);
                         }
                     }
-                    s.cc
-                        .on_rtt_sample(t_now, Duration::from_nanos(rtt), Duration::ZERO);
+                    s.cc.on_rtt_sample(t_now, Duration::from_nanos(rtt), Duration::ZERO);
                 }
                 let min_rtt = s.min_rtt.map(Duration::from_nanos);
                 let rs = s.est.generate_rate_sample(min_rtt);

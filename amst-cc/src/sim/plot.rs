@@ -16,6 +16,9 @@ const COLOURS: [RGBColor; 6] = [
     RGBColor(140, 86, 75),
 ];
 
+/// A labelled line: name, points, colour.
+type Line<'a> = (String, &'a Vec<(f64, f64)>, RGBColor);
+
 pub(super) fn write_svg(report: &Report, path: &Path) -> Result<(), String> {
     let err = |e: &dyn std::fmt::Display| e.to_string();
     let root = SVGBackend::new(path, (1000, 900)).into_drawing_area();
@@ -43,14 +46,20 @@ pub(super) fn write_svg(report: &Report, path: &Path) -> Result<(), String> {
         .collect();
 
     let max_of = |v: &mut dyn Iterator<Item = f64>| v.fold(1e-3, f64::max) * 1.1;
-    let y_tput = max_of(&mut tput.iter().flatten().map(|p| p.1).chain(link.iter().map(|p| p.1)));
+    let y_tput = max_of(
+        &mut tput
+            .iter()
+            .flatten()
+            .map(|p| p.1)
+            .chain(link.iter().map(|p| p.1)),
+    );
     let y_cwnd = max_of(&mut cwnd.iter().flatten().map(|p| p.1));
     let y_delay = max_of(&mut delay.iter().map(|p| p.1));
 
     let draw = |area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
-                    title: &str,
-                    y_max: f64,
-                    lines: &[(String, &Vec<(f64, f64)>, RGBColor)]|
+                title: &str,
+                y_max: f64,
+                lines: &[Line<'_>]|
      -> Result<(), String> {
         let mut chart = ChartBuilder::on(area)
             .caption(title, ("sans-serif", 18))
@@ -77,7 +86,7 @@ pub(super) fn write_svg(report: &Report, path: &Path) -> Result<(), String> {
         Ok(())
     };
 
-    let mut lines: Vec<(String, &Vec<(f64, f64)>, RGBColor)> = report
+    let mut lines: Vec<Line<'_>> = report
         .flows
         .iter()
         .enumerate()
@@ -91,7 +100,7 @@ pub(super) fn write_svg(report: &Report, path: &Path) -> Result<(), String> {
         y_delay,
         &[("queue".into(), &delay, RGBColor(0, 0, 0))],
     )?;
-    let lines: Vec<(String, &Vec<(f64, f64)>, RGBColor)> = report
+    let lines: Vec<Line<'_>> = report
         .flows
         .iter()
         .enumerate()

@@ -133,9 +133,9 @@ impl Report {
 
     /// Mean throughput of flow `flow` over samples ending in `(from, to]`, bits per second.
     pub fn throughput_between(&self, flow: usize, from: Duration, to: Duration) -> f64 {
-        let (sum, n) = self
-            .window(from, to)
-            .fold((0.0, 0usize), |(s, n), x| (s + x.flows[flow].throughput_bps, n + 1));
+        let (sum, n) = self.window(from, to).fold((0.0, 0usize), |(s, n), x| {
+            (s + x.flows[flow].throughput_bps, n + 1)
+        });
         if n == 0 { 0.0 } else { sum / n as f64 }
     }
 
@@ -157,7 +157,13 @@ impl Report {
                 let shares = s
                     .flows
                     .iter()
-                    .map(|f| if total > 0.0 { f.throughput_bps / total } else { 0.0 })
+                    .map(|f| {
+                        if total > 0.0 {
+                            f.throughput_bps / total
+                        } else {
+                            0.0
+                        }
+                    })
                     .collect();
                 (s.at, shares)
             })
@@ -168,7 +174,9 @@ impl Report {
     pub fn mean_queue_delay_between(&self, from: Duration, to: Duration) -> Duration {
         let (sum, n) = self
             .window(from, to)
-            .fold((Duration::ZERO, 0u32), |(s, n), x| (s + x.queue_delay, n + 1));
+            .fold((Duration::ZERO, 0u32), |(s, n), x| {
+                (s + x.queue_delay, n + 1)
+            });
         if n == 0 { Duration::ZERO } else { sum / n }
     }
 
