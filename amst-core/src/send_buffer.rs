@@ -117,6 +117,18 @@ impl SendBuffer {
     /// The next chunk to send, at most `max_chunk` payload bytes: a retransmission first,
     /// else new data if credit allows. Record where it went with [`on_sent`](Self::on_sent).
     pub fn next_chunk(&mut self, max_chunk: usize) -> Option<Outgoing> {
+        self.take_chunk(max_chunk, true)
+    }
+
+    /// Like [`next_chunk`](Self::next_chunk), but leaves the chunk's `crc` at 0, so that a
+    /// caller holding this buffer behind a lock can compute it after releasing the lock with
+    /// [`DataChunk::seal`]. Retransmitted chunks come back unsealed too: a buffer used this
+    /// way must have every chunk sealed before it goes out.
+    pub fn next_chunk_unsealed(&mut self, max_chunk: usize) -> Option<Outgoing> {
+        self.take_chunk(max_chunk, false)
+    }
+
+    fn take_chunk(&mut self, max_chunk: usize, seal: bool) -> Option<Outgoing> {
         while let Some((key, ())) = self.retransmit.pop_first() {
             let Some(f) = self.unacked.get(&key) else {
                 continue;
@@ -138,7 +150,18 @@ impl SendBuffer {
             return None;
         }
         let payload = msg.slice(*msg_offset as usize..(*msg_offset + take) as usize);
-        let chunk = DataChunk::new(start, *id, *msg_offset, msg.len() as u64, payload);
+        let chunk = if seal {
+            DataChunk::new(start, *id, *msg_offset, msg.len() as u64, payload)
+        } else {
+            DataChunk {
+                session_offset: start,
+                msg_id: *id,
+                msg_offset: *msg_offset,
+                msg_len: msg.len() as u64,
+                crc: 0,
+                payload,
+            }
+        };
         *msg_offset += take;
         self.queued_bytes -= take;
         self.next_offset = start + take;

@@ -302,3 +302,33 @@ fn has_message_tracks_what_pop_would_return() {
     assert!(!rx.has_message());
     assert_eq!(rx.pop(), None);
 }
+
+#[test]
+fn unsealed_chunks_match_sealed_ones_once_sealed() {
+    let msg = Bytes::from((0..100_000u32).map(|i| (i * 31) as u8).collect::<Vec<_>>());
+    let mut a = SendBuffer::new(1 << 20);
+    let mut b = SendBuffer::new(1 << 20);
+    let credit = Credit {
+        limit: 1 << 20,
+        max_msg_id: 10,
+    };
+    a.on_credit(credit);
+    b.on_credit(credit);
+    a.push(msg.clone()).unwrap();
+    b.push(msg).unwrap();
+    let now = Instant::now();
+    while let Some(sealed) = a.next_chunk(30_000) {
+        let mut raw = b.next_chunk_unsealed(30_000).unwrap();
+        assert_eq!(raw.chunk.crc, 0);
+        raw.chunk.seal();
+        assert_eq!(raw.chunk, sealed.chunk);
+        assert!(raw.chunk.crc_ok());
+        b.on_sent(&raw.chunk, 0, now);
+    }
+    // A retransmission comes back unsealed, and seals to the same CRC.
+    assert_eq!(b.requeue_path(0), 4);
+    let mut again = b.next_chunk_unsealed(30_000).unwrap();
+    assert!(again.retransmit);
+    again.chunk.seal();
+    assert!(again.chunk.crc_ok());
+}

@@ -117,7 +117,9 @@ fn take_chunks(shared: &Shared, path: PathId, batch: &mut Vec<DataChunk>) {
         let mut tx = lock(&shared.tx);
         let mut bytes = 0usize;
         while batch.len() < MAX_BATCH && bytes < max {
-            let Some(out) = tx.sb.next_chunk(max) else {
+            // Unsealed: the CRC is computed below, after the lock is released, so writers
+            // checksum in parallel and never hold each other up.
+            let Some(out) = tx.sb.next_chunk_unsealed(max) else {
                 break;
             };
             tx.sb.on_sent(&out.chunk, path, now);
@@ -126,6 +128,9 @@ fn take_chunks(shared: &Shared, path: PathId, batch: &mut Vec<DataChunk>) {
         }
         tx.sb.has_sendable()
     };
+    for c in batch.iter_mut() {
+        c.seal();
+    }
     if !batch.is_empty() {
         shared.space.notify_waiters();
     }

@@ -104,6 +104,12 @@ impl DataChunk {
         }
     }
 
+    /// Computes the CRC32C of the payload into `crc` (for chunks taken with
+    /// [`SendBuffer::next_chunk_unsealed`](crate::SendBuffer::next_chunk_unsealed)).
+    pub fn seal(&mut self) {
+        self.crc = crc32c::crc32c(&self.payload);
+    }
+
     /// The end of this chunk in the session byte sequence.
     pub fn session_end(&self) -> u64 {
         self.session_offset + self.payload.len() as u64
