@@ -3,15 +3,18 @@
 
 use std::process::{Command, ExitCode};
 
+mod rdma_vm;
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("ci") => ci(),
         Some("fuzz") => fuzz(&args[1..]),
         Some("bench") => bench(&args[1..]),
+        Some("rdma-vm") => rdma_vm::rdma_vm(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask ci | bench [--quick] [--no-gate] [--scenario ID]... | fuzz [--time SECONDS] [--build-only]"
+                "usage: cargo xtask ci | bench [--quick] [--no-gate] [--scenario ID]... | fuzz [--time SECONDS] [--build-only] | rdma-vm [--help]"
             );
             return ExitCode::from(2);
         }
