@@ -77,7 +77,7 @@ impl StreamMapping {
 
 impl Default for StreamMapping {
     fn default() -> Self {
-        StreamMapping::Striped { streams: 2 }
+        StreamMapping::Striped { streams: 4 }
     }
 }
 
@@ -145,7 +145,7 @@ impl fmt::Debug for QuicConfig {
 }
 
 impl QuicConfig {
-    /// Defaults: amst-cc BBR, two striped streams, 256 KiB chunks, 1 GiB messages, a 32 MiB
+    /// Defaults: amst-cc BBR, four striped streams, 256 KiB chunks, 1 GiB messages, a 32 MiB
     /// window (about 2.5 × the BDP of 1 Gbit/s × 100 ms), PSK-bound verification.
     pub fn new(psk: Psk) -> Self {
         QuicConfig {

@@ -393,8 +393,14 @@ impl Shared {
             return Err(unavailable("the path's datagrams are too small for a Ping"));
         }
         let timeout = Duration::from_secs(2) + 4 * self.conn.rtt();
+        // Pongs that never come must not leave their waiters behind.
+        let mut guard = ProbeGuard {
+            shared: self,
+            ids: Vec::new(),
+        };
         let (rtt, mut used) = {
             let (id, rx) = self.register_probe();
+            guard.ids.push(id);
             let sent = Instant::now();
             self.send_ping(id, 0).await?;
             let pong = tokio::time::timeout(timeout, rx)
@@ -413,6 +419,7 @@ impl Shared {
             let mut waits = Vec::with_capacity(count);
             for _ in 0..count {
                 let (id, rx) = self.register_probe();
+                guard.ids.push(id);
                 self.send_ping(id, (size - overhead) as u32).await?;
                 waits.push(rx);
                 used += size as u64;
@@ -498,6 +505,21 @@ impl Shared {
 
     pub(crate) fn is_closed(&self) -> bool {
         self.failure().is_some()
+    }
+}
+
+/// Removes a probe's waiters from the table however the probe ends.
+struct ProbeGuard<'a> {
+    shared: &'a Shared,
+    ids: Vec<u64>,
+}
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        let mut probes = lock(&self.shared.probes);
+        for id in &self.ids {
+            probes.remove(id);
+        }
     }
 }
 
