@@ -173,10 +173,27 @@ impl Amst {
         Amst::connect_with(Arc::new(connector), config).await
     }
 
-    /// Listens for `Amst` clients over amst-tcp.
+    /// Listens for `Amst` clients over amst-tcp on `addr`, and over amst-quic on the same
+    /// port number (UDP) when `config.internet_transport` or `datacenter_transport` is QUIC.
+    /// A QUIC listener that cannot start is logged and left out.
     pub async fn listen(addr: SocketAddr, config: AmstConfig) -> Result<AmstListener> {
-        let acceptor = crate::TcpAcceptor::bind(addr, &config).await?;
-        Amst::listen_with(Arc::new(acceptor), config)
+        let tcp = crate::TcpAcceptor::bind(addr, &config).await?;
+        let wants_quic = [config.internet_transport, config.datacenter_transport]
+            .contains(&amst_core::TransportKind::Quic);
+        if !wants_quic {
+            return Amst::listen_with(Arc::new(tcp), config);
+        }
+        let bound = tcp.local_addr().unwrap_or(addr);
+        match crate::QuicAcceptor::bind(bound, &config) {
+            Ok(quic) => {
+                let multi = crate::MultiAcceptor::new(vec![Arc::new(tcp), Arc::new(quic)]);
+                Amst::listen_with(Arc::new(multi), config)
+            }
+            Err(e) => {
+                warn!("QUIC listener unavailable on UDP {bound}: {e}; serving TCP only");
+                Amst::listen_with(Arc::new(tcp), config)
+            }
+        }
     }
 
     fn shared(&self) -> &Arc<Shared> {

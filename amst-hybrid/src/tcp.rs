@@ -12,11 +12,16 @@ use tracing::warn;
 use crate::{Acceptor, AmstConfig, Congestion, Connected, Connector, LaneProfile, Result};
 
 /// Dials amst-tcp transports to one server address.
+///
+/// Lanes whose profile asks for QUIC are dialed with amst-quic to the same port number over
+/// UDP (an `Amst::listen` server binds both); if that fails, or for RDMA (amst-rdma is not
+/// wired in yet), the lane falls back to TCP with a logged reason.
 #[derive(Debug, Clone)]
 pub struct TcpConnector {
     addr: SocketAddr,
     psk: Psk,
     max_message: u64,
+    config: AmstConfig,
 }
 
 impl TcpConnector {
@@ -26,6 +31,7 @@ impl TcpConnector {
             addr,
             psk: config.psk.clone(),
             max_message: config.max_message,
+            config: config.clone(),
         }
     }
 
@@ -57,13 +63,23 @@ pub fn tcp_config(psk: &Psk, profile: &LaneProfile, max_message: u64) -> TcpConf
 impl Connector for TcpConnector {
     fn connect<'a>(&'a self, profile: &'a LaneProfile) -> BoxFuture<'a, Result<Connected>> {
         Box::pin(async move {
-            if profile.transport != TransportKind::Tcp {
-                // QUIC (amst-quic) and RDMA (amst-rdma) are not wired in yet: the hook for
-                // them is here, keyed by `profile.transport`.
-                warn!(
-                    "{} transport unavailable in this build (amst-hybrid has no {} connector yet); falling back to TCP for the {} lane",
-                    profile.transport, profile.transport, profile.preset
-                );
+            match profile.transport {
+                TransportKind::Tcp => {}
+                TransportKind::Quic => {
+                    let q = crate::quic::quic_config(&self.config, profile);
+                    match crate::quic::connect_quic(self.addr, q).await {
+                        Ok(c) => return Ok(c),
+                        Err(e) => warn!(
+                            "QUIC transport unavailable ({e}); falling back to TCP for the {} lane",
+                            profile.preset
+                        ),
+                    }
+                }
+                // The hook for amst-rdma: dial it here when the crate and a device exist.
+                other => warn!(
+                    "{other} transport unavailable in this build (amst-hybrid has no {other} connector yet); falling back to TCP for the {} lane",
+                    profile.preset
+                ),
             }
             let t = TcpTransport::connect(self.addr, self.tcp_config(profile)).await?;
             Ok(Connected {

@@ -177,18 +177,79 @@ async fn plain_amst_tcp_client_talks_to_an_amst_server() {
     .await;
 }
 
-/// QUIC is not wired in yet (amst-quic): a QUIC internet profile falls back to TCP with a
-/// logged reason, and switching still works. Hook: when amst-quic lands, this test should
-/// assert `TransportKind::Quic` after the switch.
+/// TCP datacenter lane ↔ QUIC internet lane (amst-quic, amst-cc BBR) under 10k messages each
+/// way: exactly once, in order, SHA-256 equal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn quic_profile_falls_back_to_tcp_until_amst_quic_is_wired() {
-    within(30, async {
+async fn tcp_datacenter_quic_internet_and_back_under_traffic() {
+    within(120, async {
+        const N: u64 = 10_000;
         let config = builder()
             .internet_transport(TransportKind::Quic)
             .build()
             .unwrap();
         let (client, server, _l) = tcp_pair(config).await;
-        client.force_mode(Mode::Internet).await.unwrap();
+        assert_eq!(client.metrics().transport, TransportKind::Tcp);
+        let tx = client.clone();
+        let up = tokio::spawn(async move {
+            for i in 0..N {
+                tx.send(message(i, 8192)).await.unwrap();
+            }
+        });
+        let stx = server.clone();
+        let down = tokio::spawn(async move {
+            for i in 0..N {
+                stx.send(message(i, 512)).await.unwrap();
+            }
+        });
+        let srx = server.clone();
+        let got_up = tokio::spawn(async move { receive_checked(&srx, N).await });
+        let crx = client.clone();
+        let got_down = tokio::spawn(async move { receive_checked(&crx, N).await });
+        for mode in [
+            Mode::Internet,
+            Mode::Datacenter,
+            Mode::Internet,
+            Mode::Datacenter,
+        ] {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            client.force_mode(mode).await.unwrap();
+            let want = if mode == Mode::Internet {
+                TransportKind::Quic
+            } else {
+                TransportKind::Tcp
+            };
+            assert_eq!(client.metrics().transport, want);
+            assert_eq!(server.metrics().transport, want);
+        }
+        up.await.unwrap();
+        down.await.unwrap();
+        assert_eq!(got_up.await.unwrap().as_ref(), digest_of(N, 8192).as_ref());
+        assert_eq!(got_down.await.unwrap().as_ref(), digest_of(N, 512).as_ref());
+        let mut d = client.switch_durations();
+        d.sort();
+        println!(
+            "tcp<->quic switches under traffic: {} timed; p50 {:?} p99 {:?}",
+            d.len(),
+            percentile(&d, 0.5),
+            percentile(&d, 0.99)
+        );
+        client.close().await.unwrap();
+        assert_eq!(server.recv().await.unwrap(), None);
+    })
+    .await;
+}
+
+/// RDMA is not wired in (amst-rdma): an RDMA datacenter profile falls back to TCP with a
+/// logged reason, and the session works. Hook: when amst-rdma lands, dial it in
+/// `TcpConnector::connect` and assert `TransportKind::Rdma` here where a device exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rdma_profile_falls_back_to_tcp() {
+    within(30, async {
+        let config = builder()
+            .datacenter_transport(TransportKind::Rdma)
+            .build()
+            .unwrap();
+        let (client, server, _l) = tcp_pair(config).await;
         client
             .send(Bytes::from_static(b"over the fallback"))
             .await
