@@ -315,3 +315,41 @@ async fn both_directions_carry_data_at_once() {
     assert_eq!(sent_c, recv_s);
     assert_eq!(sent_s, recv_c);
 }
+
+#[test]
+fn the_transport_is_shareable_as_a_trait_object() {
+    fn send_sync<T: Send + Sync + 'static>() {}
+    send_sync::<amst_tcp::TcpTransport>();
+    send_sync::<amst_tcp::TcpListener>();
+    let _: Option<Arc<dyn Transport>> = None::<Arc<amst_tcp::TcpTransport>>.map(|t| t as _);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tuner_moves_streams_and_chunks_toward_the_path() {
+    init_tracing();
+    // Internet profile on loopback: the BDP is tiny, so the tuner walks the stream count down
+    // toward the profile's floor of 4 and shrinks the chunk size.
+    let mut cfg = amst_tcp::TcpConfig::internet(psk());
+    cfg.adapt_period = Duration::from_millis(200);
+    cfg.sample_period = Duration::from_millis(50);
+    let (client, server) = pair(cfg.clone(), cfg).await;
+    let rx = tokio::spawn(async move { (recv_all(&server).await, server) });
+    let first_chunk = client.chunk_size();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    let mut i = 0;
+    while tokio::time::Instant::now() < deadline
+        && (client.stream_stats().len() > 4 || client.chunk_size() == first_chunk)
+    {
+        client.send(message(i, 256 << 10)).await.unwrap();
+        i += 1;
+    }
+    let streams = client.stream_stats().len();
+    let chunk = client.chunk_size();
+    client.close().await.unwrap();
+    let ((bytes, msgs, _), _server) = rx.await.unwrap();
+    assert_eq!(msgs, i);
+    assert_eq!(bytes, i * (256 << 10));
+    assert!((4..8).contains(&streams), "streams {streams}");
+    assert!(chunk < first_chunk, "chunk {chunk} (was {first_chunk})");
+    assert!(chunk >= amst_tcp::MIN_CHUNK);
+}
