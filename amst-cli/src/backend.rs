@@ -1,20 +1,22 @@
 //! Opening sessions: the only module that knows which AMST library carries the data. It
-//! turns the command-line options into that library's configuration and hands back
-//! [`Link`]s.
+//! turns the command-line options into amst-hybrid's [`AmstConfig`] and hands back
+//! [`Link`]s over [`Amst`] sessions (amst-tcp underneath, amst-quic when asked for).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use amst_core::codec::Psk;
-use amst_core::{Mode, Transport, TransportKind};
-use amst_tcp::{Congestion, TcpConfig, TcpListener, TcpTransport};
+use amst_core::{BoxFuture, Mode, Transport, TransportKind};
+use amst_hybrid::{Amst, AmstConfig, AmstListener, Congestion};
+use bytes::Bytes;
 
 use crate::cli::{CcArg, ModeArg, TransportArg, TransportArgs};
 use crate::error::{CliResult, Failure, FailureKind};
-use crate::link::{Link, TransportLink};
+use crate::link::{self, Link, LinkError, LinkStats};
 
 /// The library name shown in reports.
-pub const ENGINE: &str = "amst-tcp";
+pub const ENGINE: &str = "amst-hybrid";
 
 /// What every session needs: the key and the transport options.
 #[derive(Clone, Debug)]
@@ -53,77 +55,157 @@ pub async fn resolve(addr: &str) -> CliResult<SocketAddr> {
         .ok_or_else(|| bad(format!("host {host:?} has no address")))
 }
 
-fn mode_of(args: &TransportArgs) -> Mode {
-    match args.mode {
-        ModeArg::Datacenter => Mode::Datacenter,
-        // Without the detector, auto starts where the seed starts: internet, the safe choice.
-        ModeArg::Internet | ModeArg::Auto => Mode::Internet,
+/// The amst-hybrid configuration the options ask for.
+pub fn config(s: &Settings) -> CliResult<AmstConfig> {
+    let a = &s.args;
+    let mut c = AmstConfig::new(s.psk.clone());
+    match a.mode {
+        ModeArg::Auto => c.auto_mode = true,
+        ModeArg::Datacenter => {
+            c.auto_mode = false;
+            c.initial_mode = Mode::Datacenter;
+        }
+        ModeArg::Internet => {
+            c.auto_mode = false;
+            c.initial_mode = Mode::Internet;
+        }
     }
-}
-
-fn check_transport(args: &TransportArgs) -> CliResult<()> {
-    let (kind, why) = match args.transport {
-        TransportArg::Tcp => return Ok(()),
-        TransportArg::Quic => (
-            TransportKind::Quic,
-            "this build of amst has no QUIC transport",
-        ),
-        TransportArg::Rdma => (
-            TransportKind::Rdma,
-            "this build of amst has no RDMA transport",
-        ),
-    };
-    Err(Failure::usage(format!(
-        "--transport {kind} is unavailable: {why}; use --transport tcp"
-    )))
-}
-
-fn tcp_config(s: &Settings) -> CliResult<TcpConfig> {
-    check_transport(&s.args)?;
-    let mut c = match mode_of(&s.args) {
-        Mode::Datacenter => TcpConfig::datacenter(s.psk.clone()),
-        _ => TcpConfig::internet(s.psk.clone()),
-    };
-    if let Some(n) = s.args.streams {
-        c = c.with_streams(n as usize);
+    match a.transport {
+        TransportArg::Tcp => {}
+        TransportArg::Quic => c.internet_transport = TransportKind::Quic,
+        TransportArg::Rdma => {
+            return Err(Failure::usage(
+                "--transport rdma is unavailable: amst-hybrid does not wire amst-rdma in yet \
+                 (and this host has no RDMA device); use --transport tcp or quic",
+            ));
+        }
     }
-    if let Some(cc) = s.args.cc {
+    if let Some(n) = a.streams {
+        let n = usize::from(n);
+        match a.mode {
+            ModeArg::Datacenter => c.datacenter_streams = n,
+            ModeArg::Internet => c.internet_streams = n,
+            ModeArg::Auto => {
+                c.datacenter_streams = n;
+                c.internet_streams = n;
+            }
+        }
+        c.min_streams = c.min_streams.min(n);
+        c.max_streams = c.max_streams.max(n);
+    }
+    if let Some(cc) = a.cc {
         c.congestion = match cc {
             CcArg::Bbr => Congestion::Bbr,
             CcArg::Cubic => Congestion::Cubic,
         };
     }
-    if let Some(chunk) = s.args.chunk {
+    if let Some(chunk) = a.chunk {
         c.chunk_size = usize::try_from(chunk.0).unwrap_or(usize::MAX);
     }
     c.validate()
-        .map_err(|e| Failure::from_amst("checking the options", &e))?;
+        .map_err(|e| hybrid_failure("checking the options", &e))?;
     Ok(c)
+}
+
+/// A sentence for an amst-hybrid error, finding the amst-core error inside when there is one.
+pub fn hybrid_failure(doing: &str, e: &amst_hybrid::Error) -> Failure {
+    match e {
+        amst_hybrid::Error::Core(core) => Failure::from_amst(doing, core),
+        amst_hybrid::Error::VersionMismatch { .. } => Failure::new(
+            FailureKind::Network,
+            format!("{doing} failed: the peer runs another amst version: {e}"),
+        ),
+        other => Failure::new(FailureKind::Network, format!("{doing} failed: {other}")),
+    }
+}
+
+fn boxed<T>(r: amst_hybrid::Result<T>) -> link::Result<T> {
+    r.map_err(|e| match e {
+        amst_hybrid::Error::Core(core) => Box::new(core) as LinkError,
+        other => Box::new(other) as LinkError,
+    })
+}
+
+/// An [`Amst`] session as a [`Link`].
+#[derive(Debug, Clone)]
+pub struct HybridLink(pub Arc<Amst>);
+
+impl Link for HybridLink {
+    fn send(&self, message: Bytes) -> BoxFuture<'_, link::Result<()>> {
+        Box::pin(async move { boxed(self.0.send(message).await) })
+    }
+
+    fn flush(&self) -> BoxFuture<'_, link::Result<()>> {
+        Box::pin(async move { boxed(self.0.flush().await) })
+    }
+
+    fn recv(&self) -> BoxFuture<'_, link::Result<Option<Bytes>>> {
+        Box::pin(async move { boxed(self.0.recv().await) })
+    }
+
+    fn close(&self) -> BoxFuture<'_, link::Result<()>> {
+        Box::pin(async move { boxed(self.0.close().await) })
+    }
+
+    fn stats(&self) -> LinkStats {
+        let m = self.0.metrics();
+        LinkStats {
+            mode: m.mode,
+            transport: m.transport,
+            streams: m.streams,
+            bytes_sent: m.bytes_sent,
+            bytes_received: m.bytes_received,
+            retransmits: m.chunks_retransmitted,
+            mode_switches: m.switches,
+            last_switch: m.last_switch_duration,
+            rtt: m.rtt,
+            min_rtt: m.min_rtt,
+        }
+    }
+
+    fn force_mode(&self, mode: Mode) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move { self.0.force_mode(mode).await.map_err(|e| e.to_string()) })
+    }
 }
 
 /// Connects to `peer` and authenticates.
 pub async fn connect(peer: SocketAddr, s: &Settings) -> CliResult<Arc<dyn Link>> {
-    let config = tcp_config(s)?;
-    let t = TcpTransport::connect(peer, config)
-        .await
-        .map_err(|e| Failure::from_amst(&format!("connecting to {peer}"), &e))?;
-    Ok(Arc::new(TransportLink::new(Arc::new(t), mode_of(&s.args))))
+    let amst = connect_amst(peer, s).await?;
+    Ok(Arc::new(HybridLink(Arc::new(amst))))
 }
 
-/// Connects for probing: the raw transport, which can measure the path.
-pub async fn connect_probe(peer: SocketAddr, s: &Settings) -> CliResult<Arc<dyn Transport>> {
-    let config = tcp_config(s)?;
-    let t = TcpTransport::connect(peer, config)
-        .await
-        .map_err(|e| Failure::from_amst(&format!("connecting to {peer}"), &e))?;
-    Ok(Arc::new(t))
+async fn connect_amst(peer: SocketAddr, s: &Settings) -> CliResult<Amst> {
+    let config = config(s)?;
+    let doing = format!("connecting to {peer}");
+    // The transports retry internally; a dead address must still fail in bounded time.
+    match tokio::time::timeout(Duration::from_secs(30), Amst::connect(peer, config)).await {
+        Ok(r) => r.map_err(|e| hybrid_failure(&doing, &e)),
+        Err(_) => Err(Failure::new(
+            FailureKind::Network,
+            format!("{doing} failed: no answer within 30 s (the peer is unreachable)"),
+        )),
+    }
+}
+
+/// Connects for probing: a session whose active transport can measure the path. The mode is
+/// pinned, so the detector inside the session does not switch while `explain` measures.
+pub async fn connect_probe(
+    peer: SocketAddr,
+    s: &Settings,
+) -> CliResult<(Arc<dyn Transport>, Arc<dyn Link>)> {
+    let mut s = s.clone();
+    if s.args.mode == ModeArg::Auto {
+        s.args.mode = ModeArg::Internet;
+    }
+    let amst = Arc::new(connect_amst(peer, &s).await?);
+    Ok((amst.active_transport(), Arc::new(HybridLink(amst))))
 }
 
 /// A bound server.
 #[derive(Debug)]
 pub struct Server {
-    listener: TcpListener,
-    mode: Mode,
+    listener: AmstListener,
+    local: SocketAddr,
 }
 
 /// One accepted session.
@@ -138,31 +220,29 @@ pub struct Accepted {
 impl Server {
     /// Binds `addr`.
     pub async fn bind(addr: SocketAddr, s: &Settings) -> CliResult<Server> {
-        let config = tcp_config(s)?;
-        let listener = TcpListener::bind(addr, config)
+        let config = config(s)?;
+        let listener = Amst::listen(addr, config)
             .await
-            .map_err(|e| Failure::from_amst(&format!("listening on {addr}"), &e))?;
-        Ok(Server {
-            listener,
-            mode: mode_of(&s.args),
-        })
+            .map_err(|e| hybrid_failure(&format!("listening on {addr}"), &e))?;
+        let local = listener.local_addr().unwrap_or(addr);
+        Ok(Server { listener, local })
     }
 
     /// The address actually bound.
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr()
+        self.local
     }
 
     /// The next authenticated session.
     pub async fn accept(&self) -> CliResult<Accepted> {
-        let t = self
+        let amst = self
             .listener
             .accept()
             .await
-            .map_err(|e| Failure::from_amst("accepting a session", &e))?;
-        let peer = format!("session {}", crate::protocol::hex(&t.session_id()[..4]));
+            .map_err(|e| hybrid_failure("accepting a session", &e))?;
+        let peer = format!("session {}", crate::protocol::hex(&amst.session_id()[..4]));
         Ok(Accepted {
-            link: Arc::new(TransportLink::new(Arc::new(t), self.mode)),
+            link: Arc::new(HybridLink(Arc::new(amst))),
             peer,
         })
     }

@@ -4,13 +4,13 @@
 use std::time::{Duration, Instant};
 
 use amst_core::Mode;
-use amst_detect::{Classifier, ClassifierConfig, Decision, Observation, SampleSource};
+use amst_detect::{Bandwidth, Classifier, ClassifierConfig, Decision, Observation, SampleSource};
+use amst_hybrid::{AmstConfig, Congestion, LaneProfile};
 use amst_tcp::tuner::{self, Aggregate, TunerBounds};
-use amst_tcp::{Congestion, TcpConfig};
 use serde::Serialize;
 
 use crate::backend::{self, Settings};
-use crate::cli::{CcArg, ExplainArgs};
+use crate::cli::ExplainArgs;
 use crate::error::{CliResult, Failure};
 use crate::run::Global;
 use crate::size::{human_bits_per_sec, human_bytes};
@@ -55,7 +55,8 @@ pub async fn run(args: ExplainArgs, g: &Global) -> CliResult<()> {
         psk,
         args: args.transport.clone(),
     };
-    let t = backend::connect_probe(peer, &settings).await?;
+    let config = backend::config(&settings)?;
+    let (t, link) = backend::connect_probe(peer, &settings).await?;
     let doing = format!("probing {peer}");
     let probe = |burst: u64| {
         let t = t.clone();
@@ -81,14 +82,18 @@ pub async fn run(args: ExplainArgs, g: &Global) -> CliResult<()> {
     for _ in 0..BURSTS {
         let s = probe(burst).await?;
         used += s.bytes_used;
-        let obs = match s.delivery_rate {
-            Some(r) => {
-                rates.push(r);
-                Observation::new(s.rtt, r)
-            }
-            None => Observation::rtt_only(s.rtt),
+        // A burst shows what the path reaches at least, not its limit (as amst-detect's own
+        // prober treats it): a slow-looking burst proves nothing, a fast one proves fast.
+        let bandwidth = s.delivery_rate.map(|r| {
+            rates.push(r);
+            Bandwidth::at_least(r)
+        });
+        let obs = Observation {
+            rtt: Some(s.rtt),
+            bandwidth,
+            source: SampleSource::Probe,
         };
-        classifier.observe(Instant::now(), obs.from_source(SampleSource::Probe));
+        classifier.observe(Instant::now(), obs);
     }
     for &r in &rtts {
         classifier.observe(
@@ -97,9 +102,10 @@ pub async fn run(args: ExplainArgs, g: &Global) -> CliResult<()> {
         );
     }
     let decision = classifier.decide(Instant::now());
-    let _ = t.close().await;
+    drop(t);
+    let _ = link.close().await;
 
-    let e = explain(peer.to_string(), &rtts, &rates, used, &decision, &args);
+    let e = explain(peer.to_string(), &rtts, &rates, used, &decision, &config);
     if g.json {
         println!("{}", serde_json::to_string_pretty(&e).expect("serialises"));
     } else {
@@ -114,7 +120,7 @@ fn explain(
     rates: &[u64],
     used: u64,
     d: &Decision,
-    args: &ExplainArgs,
+    config: &AmstConfig,
 ) -> Explanation {
     let mut sorted = rtts.to_vec();
     sorted.sort();
@@ -122,24 +128,17 @@ fn explain(
     let median = sorted.get(sorted.len() / 2).copied().unwrap_or_default();
     let best = rates.iter().copied().max();
     let bdp = best.map(|r| (r as f64 * min.as_secs_f64()) as u64);
-    // The settings the chosen mode starts from (hybrid runs both profiles: show the bulk one).
-    let psk = crate::psk::random();
-    let mut profile = match d.mode {
-        Mode::Datacenter => TcpConfig::datacenter(psk),
-        Mode::Internet | Mode::Hybrid => TcpConfig::internet(psk),
+    // The settings the chosen mode starts from; hybrid runs two lanes, show the bulk one.
+    let lanes = config.lanes_for(d.mode).unwrap_or_default();
+    let profile: LaneProfile = lanes
+        .last()
+        .cloned()
+        .or_else(|| config.profile(Mode::Internet))
+        .expect("at least one transport is enabled");
+    let congestion = match profile.congestion {
+        Congestion::Bbr => amst_tcp::Congestion::Bbr,
+        Congestion::Cubic => amst_tcp::Congestion::Cubic,
     };
-    if let Some(n) = args.transport.streams {
-        profile = profile.with_streams(n as usize);
-    }
-    if let Some(cc) = args.transport.cc {
-        profile.congestion = match cc {
-            CcArg::Bbr => Congestion::Bbr,
-            CcArg::Cubic => Congestion::Cubic,
-        };
-    }
-    if let Some(c) = args.transport.chunk {
-        profile.chunk_size = c.0 as usize;
-    }
     let agg = Aggregate {
         delivered: best.unwrap_or(0),
         interval: Duration::from_secs(1),
@@ -152,22 +151,20 @@ fn explain(
     let bounds = TunerBounds {
         min_streams: profile.min_streams,
         max_streams: profile.max_streams,
-        congestion: profile.congestion,
+        congestion,
     };
-    let (transport, note) = match d.mode {
-        Mode::Datacenter => (
-            "tcp",
-            "RDMA would be preferred here; this build has no RDMA transport, so many TCP streams",
-        ),
-        Mode::Internet => (
-            "tcp",
-            "QUIC is an alternative here; this build has no QUIC transport, so paced TCP streams",
-        ),
-        Mode::Hybrid => (
-            "tcp",
-            "small messages go on the low-latency lane, bulk on the many-stream lane",
-        ),
+    let note = match d.mode {
+        Mode::Datacenter => {
+            "RDMA would be preferred on a datacenter path; amst-hybrid does not wire amst-rdma in \
+             yet, so many parallel TCP streams under CUBIC"
+        }
+        Mode::Internet => {
+            "a few paced streams under BBR (or QUIC with --transport quic) keep the bottleneck \
+             queue short"
+        }
+        Mode::Hybrid => "small messages go on the low-latency lane, bulk on the other lane",
     };
+    let transport = profile.transport.to_string();
     Explanation {
         schema: "amst-explain/1",
         peer,
@@ -182,14 +179,14 @@ fn explain(
         confidence: d.confidence,
         reason: d.reason.as_str().to_string(),
         why: d.to_string(),
-        transport: transport.into(),
+        transport,
         transport_note: note.into(),
         streams: profile.streams,
         streams_range: (profile.min_streams, profile.max_streams),
         streams_for_bdp: tuner::target_streams(&agg, &bounds),
         chunk_bytes: profile.chunk_size,
         chunk_for_path: tuner::target_chunk(&agg),
-        cc: profile.congestion.as_str().into(),
+        cc: congestion.as_str().into(),
         pacing: profile.pacing,
     }
 }

@@ -111,27 +111,42 @@ pub async fn send_transfer(
         }
     };
     let trailer = Message::Trailer(Trailer { bytes, sha256 }).encode();
-    send_or_explain(link, trailer, &mut control, &doing).await?;
-    tokio::select! {
-        r = link.flush() => {
-            if let Err(e) = r {
-                return Err(explain(Failure::from_link(&doing, &e), &mut control).await);
+    // From here on the verdict may arrive at any moment, even before our own send or flush
+    // returns: whichever comes first, a verdict ends the wait.
+    let early = tokio::select! {
+        biased;
+        r = &mut control => Some(joined(r)?),
+        r = link.send(trailer) => match r {
+            Ok(()) => None,
+            Err(e) => return Err(explain(Failure::from_link(&doing, &e), &mut control).await),
+        },
+    };
+    let early = match early {
+        Some(r) => Some(r),
+        None => tokio::select! {
+            biased;
+            r = &mut control => Some(joined(r)?),
+            r = link.flush() => match r {
+                Ok(()) => None,
+                Err(e) => return Err(explain(Failure::from_link(&doing, &e), &mut control).await),
+            },
+        },
+    };
+    let receipt = match early {
+        Some(r) => r,
+        None => match tokio::time::timeout(opts.receipt_timeout, &mut control).await {
+            Ok(r) => joined(r)?,
+            Err(_) => {
+                control.abort();
+                return Err(Failure::new(
+                    FailureKind::Network,
+                    format!(
+                        "{peer} acknowledged every byte but sent no verdict within {:?}",
+                        opts.receipt_timeout
+                    ),
+                ));
             }
-        }
-        r = &mut control => return Err(early_receipt(r)),
-    }
-    let receipt = match tokio::time::timeout(opts.receipt_timeout, &mut control).await {
-        Ok(r) => joined(r)?,
-        Err(_) => {
-            control.abort();
-            return Err(Failure::new(
-                FailureKind::Network,
-                format!(
-                    "{peer} acknowledged every byte but sent no verdict within {:?}",
-                    opts.receipt_timeout
-                ),
-            ));
-        }
+        },
     };
     check_receipt(&receipt, bytes, &sha256)?;
     Ok(SendOutcome {

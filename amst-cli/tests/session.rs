@@ -57,6 +57,8 @@ async fn a_file_arrives_whole_and_is_stored_under_a_safe_name() {
         .await
         .unwrap();
     tx.close().await.unwrap();
+    // The in-memory pair ends the peer's stream only when this end is dropped.
+    drop(tx);
     let (report, received) = server.await.unwrap();
 
     assert_eq!(outcome.bytes, data.len() as u64);
@@ -137,6 +139,8 @@ async fn a_checksum_mismatch_is_rejected_and_nothing_is_kept() {
         "{r:?}"
     );
     tx.close().await.unwrap();
+    // The in-memory pair ends the peer's stream only when this end is dropped.
+    drop(tx);
     let report = server.await.unwrap();
     assert_eq!(report.transfers.len(), 1);
     let f: &Failure = report.transfers[0].result.as_ref().unwrap_err();
@@ -180,6 +184,8 @@ async fn a_short_transfer_is_an_integrity_failure() {
             .contains("announced 4000 bytes but sent 3000")
     );
     tx.close().await.unwrap();
+    // The in-memory pair ends the peer's stream only when this end is dropped.
+    drop(tx);
     server.await.unwrap();
 }
 
@@ -210,6 +216,8 @@ async fn the_sender_fails_when_the_receiver_reports_another_checksum() {
     assert_eq!(e.kind, FailureKind::Integrity);
     assert!(e.message.starts_with("checksum mismatch"), "{e}");
     tx.close().await.unwrap();
+    // The in-memory pair ends the peer's stream only when this end is dropped.
+    drop(tx);
     liar.await.unwrap();
 }
 
@@ -244,5 +252,7 @@ async fn an_early_rejection_stops_the_sender_with_the_receivers_reason() {
     );
     assert!(t0.elapsed() < std::time::Duration::from_secs(60));
     tx.close().await.unwrap();
+    // The in-memory pair ends the peer's stream only when this end is dropped.
+    drop(tx);
     refuser.await.unwrap();
 }
