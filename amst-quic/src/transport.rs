@@ -8,6 +8,7 @@ use amst_core::{BoxFuture, Error, PathSample, Result, Transport, TransportMetric
 use bytes::Bytes;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{ConnectionError, Endpoint, EndpointConfig, TokioRuntime};
+use tokio::sync::mpsc;
 
 use crate::config::{QuicConfig, SharedConfig};
 use crate::handshake;
@@ -174,10 +175,65 @@ impl Transport for QuicTransport {
 pub struct QuicListener {
     endpoint: Endpoint,
     config: SharedConfig,
+    ready: tokio::sync::Mutex<mpsc::Receiver<Result<QuicTransport>>>,
+    acceptor: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for QuicListener {
+    fn drop(&mut self) {
+        self.acceptor.abort();
+    }
+}
+
+/// Accepts connections and runs their handshakes concurrently, so that a slow or silent
+/// client holds up only itself (for at most `handshake_timeout`), not the listener.
+async fn accept_loop(
+    endpoint: Endpoint,
+    config: SharedConfig,
+    ready: mpsc::Sender<Result<QuicTransport>>,
+) {
+    // Bounds the handshakes in progress, so a flood of connections cannot pile up tasks.
+    let permits = Arc::new(tokio::sync::Semaphore::new(64));
+    while let Some(incoming) = endpoint.accept().await {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let (config, ready) = (config.clone(), ready.clone());
+        tokio::spawn(async move {
+            let r = handshake_incoming(incoming, config).await;
+            drop(permit);
+            let _ = ready.send(r).await;
+        });
+    }
+}
+
+async fn handshake_incoming(
+    incoming: quinn::Incoming,
+    config: SharedConfig,
+) -> Result<QuicTransport> {
+    let remote = incoming.remote_address();
+    let what = || format!("QUIC handshake from {remote} failed");
+    let connecting = incoming
+        .accept()
+        .map_err(|e| handshake_error(what(), &e, &config))?;
+    let t = config.handshake_timeout;
+    let conn = tokio::time::timeout(t, connecting)
+        .await
+        .map_err(|_| Error::Timeout {
+            what: "the QUIC handshake",
+            after: t,
+        })?
+        .map_err(|e| handshake_error(what(), &e, &config))?;
+    let (control_tx, control_rx) = handshake::server(&conn, &config).await?;
+    tracing::debug!(%remote, "QUIC transport accepted");
+    Ok(QuicTransport {
+        shared: Shared::start(conn, None, config, control_tx, control_rx),
+    })
 }
 
 impl QuicListener {
-    /// Listens on `addr`. The config needs an [`identity`](QuicConfig::identity).
+    /// Listens on `addr`. The config needs an [`identity`](QuicConfig::identity). Call from
+    /// within a tokio runtime: the handshakes run on it.
     pub fn bind(addr: SocketAddr, config: QuicConfig) -> Result<Self> {
         let socket =
             UdpSocket::bind(addr).map_err(|e| Error::io(format!("binding UDP {addr}"), e))?;
@@ -202,9 +258,14 @@ impl QuicListener {
             Arc::new(TokioRuntime),
         )
         .map_err(endpoint_error)?;
+        let config = Arc::new(config);
+        let (tx, rx) = mpsc::channel(16);
+        let acceptor = tokio::spawn(accept_loop(endpoint.clone(), config.clone(), tx));
         Ok(QuicListener {
             endpoint,
-            config: Arc::new(config),
+            config,
+            ready: tokio::sync::Mutex::new(rx),
+            acceptor,
         })
     }
 
@@ -222,26 +283,14 @@ impl QuicListener {
 
     /// The next connection that completes the TLS and PSK handshakes. A connection that fails
     /// them is an error naming why; the listener stays usable, so call `accept` again.
+    /// Handshakes run concurrently in the background, at most 64 at once.
     pub async fn accept(&self) -> Result<QuicTransport> {
-        let incoming = self.endpoint.accept().await.ok_or(Error::Closed)?;
-        let remote = incoming.remote_address();
-        let what = || format!("QUIC handshake from {remote} failed");
-        let connecting = incoming
-            .accept()
-            .map_err(|e| handshake_error(what(), &e, &self.config))?;
-        let t = self.config.handshake_timeout;
-        let conn = tokio::time::timeout(t, connecting)
+        self.ready
+            .lock()
             .await
-            .map_err(|_| Error::Timeout {
-                what: "the QUIC handshake",
-                after: t,
-            })?
-            .map_err(|e| handshake_error(what(), &e, &self.config))?;
-        let (control_tx, control_rx) = handshake::server(&conn, &self.config).await?;
-        tracing::debug!(%remote, "QUIC transport accepted");
-        Ok(QuicTransport {
-            shared: Shared::start(conn, None, self.config.clone(), control_tx, control_rx),
-        })
+            .recv()
+            .await
+            .unwrap_or(Err(Error::Closed))
     }
 
     /// Stops accepting and closes every connection it accepted.
