@@ -116,6 +116,20 @@ impl QuicTransport {
         })
     }
 
+    /// The quinn client configuration `connect` uses: TLS 1.3 on ring with the ALPN and
+    /// verification of `config`, and its windows and congestion controller. A connection made
+    /// with it alone is not yet an AMST transport (the PSK handshake is missing).
+    pub fn quinn_client_config(config: &QuicConfig) -> Result<quinn::ClientConfig> {
+        let crypto =
+            QuicClientConfig::try_from(tls::client_crypto(config)?).map_err(|e| Error::Config {
+                field: "verification",
+                reason: e.to_string(),
+            })?;
+        let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+        client.transport_config(Arc::new(handshake::transport_config(config)?));
+        Ok(client)
+    }
+
     /// The peer's address.
     pub fn remote_address(&self) -> SocketAddr {
         self.shared.conn.remote_address()

@@ -464,3 +464,48 @@ async fn usable_as_arc_dyn_transport_and_send_after_close_fails() {
         "{e:?}"
     );
 }
+
+#[tokio::test]
+async fn a_silent_client_does_not_hold_up_the_listener() {
+    let id = Identity::self_signed(&["localhost"]).unwrap();
+    let pin = PeerVerification::Pinned(vec![id.fingerprint()]);
+    let listener = Arc::new(
+        QuicListener::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            QuicConfig::new(psk()).with_identity(id),
+        )
+        .unwrap(),
+    );
+    let addr = listener.local_addr().unwrap();
+    // TLS completes, but the client never opens the control stream.
+    let raw = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let qc =
+        QuicTransport::quinn_client_config(&QuicConfig::new(psk()).with_verification(pin.clone()))
+            .unwrap();
+    let _silent = raw
+        .connect_with(qc, addr, "localhost")
+        .unwrap()
+        .await
+        .unwrap();
+    let l = listener.clone();
+    let accept = tokio::spawn(async move { l.accept().await });
+    let start = std::time::Instant::now();
+    let client = QuicTransport::connect(
+        addr,
+        "localhost",
+        QuicConfig::new(psk()).with_verification(pin),
+    )
+    .await
+    .unwrap();
+    let server = accept.await.unwrap().unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "the good client waited {:?} behind the silent one (handshake timeout 10 s)",
+        start.elapsed()
+    );
+    client.send(Bytes::from_static(b"through")).await.unwrap();
+    assert_eq!(
+        server.recv().await.unwrap().as_deref(),
+        Some(&b"through"[..])
+    );
+}
