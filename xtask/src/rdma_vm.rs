@@ -207,7 +207,10 @@ fn ensure_host_tools() -> Result<(), String> {
     }
     if missing_qemu && !backports.exists() {
         let has_any = Command::new("sh")
-            .args(["-c", "grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/"])
+            .args([
+                "-c",
+                "grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/",
+            ])
             .status()
             .map(|s| s.success())
             .unwrap_or(false);
@@ -469,13 +472,11 @@ fn ensure_initrd(cache: &Path, kernel: &Kernel) -> Result<PathBuf, String> {
     // The boot script lives in the rootfs because the share is not mounted yet when it starts.
     let tmp = out.with_extension("tmp");
     run_bounded(
-        Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "cd '{}' && find . | cpio -o -H newc --quiet | gzip -1 > '{}'",
-                dir.display(),
-                tmp.display()
-            )),
+        Command::new("sh").arg("-c").arg(format!(
+            "cd '{}' && find . | cpio -o -H newc --quiet | gzip -1 > '{}'",
+            dir.display(),
+            tmp.display()
+        )),
         Duration::from_secs(120),
         "building the initramfs",
     )?;
@@ -623,9 +624,15 @@ fn boot_pair(
     let mut vms = Vms(Vec::new());
     for (i, role) in ["server", "client"].iter().enumerate() {
         let nic = if i == 0 {
-            format!("socket,model=virtio-net-pci,mac=52:54:00:a5:00:0{},listen=127.0.0.1:{port}", i + 1)
+            format!(
+                "socket,model=virtio-net-pci,mac=52:54:00:a5:00:0{},listen=127.0.0.1:{port}",
+                i + 1
+            )
         } else {
-            format!("socket,model=virtio-net-pci,mac=52:54:00:a5:00:0{},connect=127.0.0.1:{port}", i + 1)
+            format!(
+                "socket,model=virtio-net-pci,mac=52:54:00:a5:00:0{},connect=127.0.0.1:{port}",
+                i + 1
+            )
         };
         let console = run.join(format!("{role}.log"));
         let append = format!(
@@ -695,7 +702,10 @@ fn boot_pair(
                 if !rest.starts_with("ok ") {
                     failures.push(format!("{role}: {rest}"));
                 }
-            } else if line.starts_with("AMST-INFO") || line.contains("Gb/sec") || line.contains("test result") {
+            } else if line.starts_with("AMST-INFO")
+                || line.contains("Gb/sec")
+                || line.contains("test result")
+            {
                 let _ = writeln!(out, "[{role}] {line}");
             } else if line.starts_with("AMST-DONE") {
                 finished = true;
@@ -704,7 +714,10 @@ fn boot_pair(
             }
         }
         if !finished {
-            failures.push(format!("{role}: guest script did not finish (see {})", log.display()));
+            failures.push(format!(
+                "{role}: guest script did not finish (see {})",
+                log.display()
+            ));
         }
     }
     if timed_out {
