@@ -1,0 +1,41 @@
+//! AMST's datacenter transport: reliable-connected (RC) queue pairs on RDMA verbs, through
+//! [sideway](https://docs.rs/sideway) (which loads libibverbs at run time), async on tokio.
+//!
+//! - [`bootstrap`]: a TCP connection authenticated with the pre-shared key (amst-core's
+//!   handshake), then an exchange of queue pair endpoints (QP number, GID, PSN, ring address
+//!   and key).
+//! - [`wire`]: the segment header every SEND and ring slot carries; messages cut into
+//!   segments and rebuilt, each with a CRC32C.
+//! - [`credit`]: receive credits and ring-slot accounting, sans-IO.
+//! - `verbs` (feature `rdma`): the queue pair, registered pools, the completion channel in
+//!   tokio's `AsyncFd`.
+//!
+//! Without the `rdma` feature, or without a device, construction returns
+//! [`Error::Unavailable`](amst_core::Error::Unavailable), and callers fall back to TCP:
+//!
+//! ```
+//! use amst_core::{Error, TransportKind, codec::Psk};
+//! use amst_rdma::{RdmaConfig, RdmaTransport};
+//!
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let config = RdmaConfig::new(Psk::new(b"a shared secret").unwrap());
+//! match RdmaTransport::connect("127.0.0.1:1".parse().unwrap(), config).await {
+//!     Ok(t) => drop(t),
+//!     Err(Error::Unavailable { transport: TransportKind::Rdma, reason }) => {
+//!         assert!(reason.starts_with("no RDMA device"));
+//!     }
+//!     Err(other) => println!("RDMA present but the peer is not: {other}"),
+//! }
+//! # });
+//! ```
+
+pub mod bootstrap;
+mod config;
+pub mod credit;
+mod transport;
+#[cfg(feature = "rdma")]
+mod verbs;
+pub mod wire;
+
+pub use config::RdmaConfig;
+pub use transport::{RdmaListener, RdmaTransport, devices};
