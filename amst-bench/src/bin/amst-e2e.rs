@@ -74,6 +74,9 @@ fn main() -> ExitCode {
     if wanted("wan-quic") {
         scenarios.push(wan_quic(Duration::from_secs(wan_secs), rounds));
     }
+    if wanted("switch") {
+        scenarios.push(switch(if opts.quick { 20 } else { 100 }));
+    }
     if wanted("rss") {
         let (small, large) = if opts.quick {
             (256 << 20, 1 << 30)
@@ -509,6 +512,108 @@ fn wan_quic(duration: Duration, rounds: usize) -> Scenario {
     }
     s.contenders = contenders.into_iter().map(|(c, _)| c).collect();
     s
+}
+
+/// Forced mode switches under continuous traffic through the hybrid manager over loopback:
+/// each switch's duration (swap to first acknowledgement on the new transport), and a check
+/// that the receiver got every message exactly once, in order.
+fn switch(switches: usize) -> Scenario {
+    let desc = format!(
+        "{switches} forced switches datacenter <-> internet (TCP profiles) under continuous traffic on loopback; duration from swap to first ack on the new transport"
+    );
+    let mut s = Scenario::new("switch", desc);
+    let result = runtime().block_on(switch_run(switches));
+    match result {
+        Ok((durations_ms, bad)) => {
+            let mut c = Contender::new("switch duration", "ms");
+            c.samples = durations_ms.clone();
+            if let Some(p50) = amst_bench::stats::percentile(&durations_ms, 50.0) {
+                s.metrics.insert("p50_ms".into(), p50);
+            }
+            if let Some(p99) = amst_bench::stats::percentile(&durations_ms, 99.0) {
+                s.metrics.insert("p99_ms".into(), p99);
+            }
+            s.metrics.insert("lost_or_duplicated".into(), bad as f64);
+            s.contenders = vec![c];
+            s
+        }
+        Err(e) => Scenario::skipped("switch", s.description, e),
+    }
+}
+
+async fn switch_run(switches: usize) -> Result<(Vec<f64>, u64), String> {
+    use amst_core::Mode;
+    use amst_hybrid::{Amst, AmstConfig};
+    let config = AmstConfig::builder(psk())
+        .auto_mode(false)
+        .initial_mode(Mode::Datacenter)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let listener = Amst::listen("127.0.0.1:0".parse().unwrap(), config.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().ok_or("listener has no address")?;
+    let client = Arc::new(
+        Amst::connect(addr, config)
+            .await
+            .map_err(|e| e.to_string())?,
+    );
+    let server = listener.accept().await.map_err(|e| e.to_string())?;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Every message carries its own sequence number, so the receiver can check the order.
+    let sender = {
+        let (client, stop) = (client.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let mut m = vec![0u8; 16 << 10];
+                m[..8].copy_from_slice(&n.to_be_bytes());
+                client
+                    .send(Bytes::from(m))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                n += 1;
+            }
+            client.flush().await.map_err(|e| e.to_string())?;
+            Ok::<u64, String>(n)
+        })
+    };
+    let receiver = tokio::spawn(async move {
+        let (mut expected, mut bad) = (0u64, 0u64);
+        while let Ok(Some(m)) = server.recv().await {
+            let n = u64::from_be_bytes(m[..8].try_into().unwrap_or_default());
+            if n != expected {
+                bad += 1;
+            }
+            expected = n + 1;
+        }
+        (expected, bad)
+    });
+    let mut mode = Mode::Datacenter;
+    for _ in 0..switches {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        mode = if mode == Mode::Datacenter {
+            Mode::Internet
+        } else {
+            Mode::Datacenter
+        };
+        client.force_mode(mode).await.map_err(|e| e.to_string())?;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::Relaxed);
+    let sent = sender.await.map_err(|e| e.to_string())??;
+    let durations: Vec<f64> = client
+        .switch_durations()
+        .iter()
+        .map(|d| d.as_secs_f64() * 1e3)
+        .collect();
+    client.close().await.map_err(|e| e.to_string())?;
+    let (received, bad) = tokio::time::timeout(Duration::from_secs(30), receiver)
+        .await
+        .map_err(|_| "the receiver did not finish")?
+        .map_err(|e| e.to_string())?;
+    let missing = sent.abs_diff(received);
+    Ok((durations, bad + missing))
 }
 
 /// Peak RSS of a receiver process: the receive window bounds memory, so 4× the data must not
