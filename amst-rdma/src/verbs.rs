@@ -507,7 +507,18 @@ impl Session {
             if st.acked >= target {
                 return Some(Ok(()));
             }
-            st.fatal.as_ref().map(|f| Err(f.to_error()))
+            if let Some(f) = &st.fatal {
+                return Some(Err(f.to_error()));
+            }
+            st.closed.then(|| {
+                Err(Error::PeerClosed {
+                    code: CloseCode::Aborted,
+                    reason: format!(
+                        "the session ended with {} of {target} messages acknowledged",
+                        st.acked
+                    ),
+                })
+            })
         })
         .await
     }
@@ -517,11 +528,13 @@ impl Session {
             if let Some(m) = st.delivered.pop_front() {
                 return Some(Ok(Some(m)));
             }
-            if let Some(f) = &st.fatal {
-                return Some(Err(f.to_error()));
-            }
+            // A graceful close that arrived wins over a QP error after it (the peer tears its
+            // QP down right behind its Close).
             if st.peer_closed {
                 return Some(Ok(None));
+            }
+            if let Some(f) = &st.fatal {
+                return Some(Err(f.to_error()));
             }
             if st.closed {
                 return Some(Err(Error::Closed));
@@ -559,7 +572,18 @@ impl Session {
                 if st.close_sent && st.acked >= st.messages_sent {
                     return Some(Ok(()));
                 }
-                st.fatal.as_ref().map(|f| Err(f.to_error()))
+                if let Some(f) = &st.fatal {
+                    return Some(Err(f.to_error()));
+                }
+                st.closed.then(|| {
+                    Err(Error::PeerClosed {
+                        code: CloseCode::Aborted,
+                        reason: format!(
+                            "the peer closed first; {} of {} messages acknowledged",
+                            st.acked, st.messages_sent
+                        ),
+                    })
+                })
             }),
         )
         .await
@@ -642,10 +666,8 @@ impl Driver {
                 r = stream.read(&mut byte) => {
                     let peer_closed = s.lock().peer_closed;
                     match r {
-                        Ok(0) | Err(_) if peer_closed => {
-                            // Expected after a graceful close; keep serving the QP.
-                            std::future::pending::<()>().await;
-                        }
+                        // The peer closed gracefully and then tore its QP down: done.
+                        Ok(0) | Err(_) if peer_closed => return Ok(()),
                         Ok(0) => return Err(Fatal::PeerClosed("the peer's bootstrap connection closed: the peer is gone".into())),
                         Ok(_) => return Err(Fatal::Protocol(ProtocolError::Inconsistent("unexpected bytes on the RDMA bootstrap connection".into()))),
                         Err(e) => return Err(Fatal::Io(format!("bootstrap connection failed: {e}"))),

@@ -11,7 +11,7 @@
 //!
 //! Flags: `--setup-only` (prepare the cache and stop), `--no-amst` (only the rxe and
 //! ibv_rc_pingpong checks), `--keep` (keep the per-run folder), `--timeout SECONDS` (guest
-//! run limit, default 600).
+//! run limit, default 1500).
 
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
@@ -94,7 +94,7 @@ impl Opts {
             setup_only: false,
             no_amst: false,
             keep: false,
-            timeout: Duration::from_secs(600),
+            timeout: Duration::from_secs(1500),
         };
         let mut it = args.iter();
         while let Some(a) = it.next() {
@@ -497,7 +497,6 @@ fn build_test_binaries(root: &Path, share: &Path) -> Result<Vec<String>, String>
                 "amst-rdma",
                 "--features",
                 "rdma",
-                "--release",
                 "--no-run",
                 "--message-format=json",
             ])
@@ -535,11 +534,20 @@ fn build_test_binaries(root: &Path, share: &Path) -> Result<Vec<String>, String>
 /// The per-run guest script: network, rxe, the checks, then the amst-rdma tests.
 fn write_guest_script(share: &Path, tests: &[String]) -> Result<(), String> {
     let mut amst = String::new();
+    let env = "env AMST_RDMA_ROLE=$ROLE AMST_RDMA_PEER=$PEER AMST_RDMA_DEVICE=rxe0";
     for t in tests {
         // Every test binary runs on both sides; role and peer come from the environment.
         amst.push_str(&format!(
-            "step \"amst {t}\" 300 env AMST_RDMA_ROLE=$ROLE AMST_RDMA_PEER=$PEER AMST_RDMA_DEVICE=rxe0 \
-             /mnt/amst/{t} --test-threads 1 --include-ignored\n"
+            "step \"amst {t}\" 900 {env} /mnt/amst/{t} --test-threads 1 --nocapture\n"
+        ));
+    }
+    if let Some(vm) = tests.iter().find(|t| t.starts_with("vm-")) {
+        // The bulk test again over a lossy link (netem in the guest kernel).
+        amst.push_str(&format!(
+            "step \"netem loss 1%\" 30 tc qdisc add dev eth0 root netem loss 1%\n\
+             step \"amst bulk under 1% loss\" 900 {env} AMST_RDMA_BULK_MIB=16 AMST_RDMA_PORT_SHIFT=100 \
+             /mnt/amst/{vm} --test-threads 1 --nocapture t1_bulk\n\
+             tc qdisc del dev eth0 root 2>/dev/null\n"
         ));
     }
     let script = format!(
@@ -549,7 +557,7 @@ export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 ROLE=$1; ME=$2; PEER=$3
 step() {{ name=$1; limit=$2; shift 2
   if timeout "$limit" "$@" > /tmp/step.log 2>&1; then echo "AMST-STEP ok $name"; else echo "AMST-STEP fail($?) $name"; fi
-  sed 's/^/    /' /tmp/step.log | tail -n 60; }}
+  sed 's/^/    /' /tmp/step.log | tail -n 80; }}
 ip link set lo up
 ip link set eth0 mtu 4200 2>/dev/null || true
 ip addr add $ME/24 dev eth0
