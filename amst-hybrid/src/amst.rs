@@ -373,7 +373,8 @@ impl Amst {
 }
 
 /// Accepts `Amst` sessions. Transports that attach to an existing session (a client switching
-/// modes) are routed to it in the background; `accept` yields only new sessions.
+/// modes) are routed to it in the background; `accept` yields only new sessions. Keep the
+/// listener alive while its sessions may switch: dropping it stops the attaching too.
 #[derive(Debug)]
 pub struct AmstListener {
     rx: tokio::sync::Mutex<mpsc::Receiver<Result<Amst>>>,

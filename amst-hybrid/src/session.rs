@@ -426,6 +426,12 @@ impl Shared {
             if let Some(f) = lock(&self.fatal).as_ref() {
                 return Err(Error::Closed(f.clone()));
             }
+            if self.peer_said_bye.load(Ordering::Acquire) && self.live_lanes() == 0 {
+                let (n, _) = self.unacked();
+                return Err(Error::Closed(format!(
+                    "the peer closed with {n} of our messages unacknowledged"
+                )));
+            }
             notified.await;
         }
     }
@@ -754,6 +760,7 @@ impl Shared {
         lock(&self.ledger).remove_lane(lane.id);
         lane.kick.notify_one();
         self.route_changed.notify_waiters();
+        self.room.notify_waiters();
     }
 
     async fn close_lane(self: &Arc<Self>, lane: &Arc<Lane>) {
@@ -1076,8 +1083,13 @@ impl Shared {
                 self.flush().await?;
                 let messages = lock(&self.ledger).next_seq();
                 let lane = self.route.load().low.clone();
-                self.send_control(&lane, HybridFrame::Bye { messages })
-                    .await?;
+                let bye = self
+                    .send_control(&lane, HybridFrame::Bye { messages })
+                    .await;
+                // After the peer's own Bye its transports may already be gone.
+                if !self.peer_said_bye.load(Ordering::Acquire) {
+                    bye?;
+                }
             }
             Ok::<_, Error>(())
         }

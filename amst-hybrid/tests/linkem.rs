@@ -127,6 +127,16 @@ fn auto_mode_follows_a_link_flip_without_loss() {
         Mode::Internet,
         "auto mode did not follow the flip in {took:?}"
     );
-    assert_eq!(after.streams, 8, "the internet profile's streams");
+    // The internet profile opens 8 streams; amst-tcp's tuner may then move within 4..=16.
+    assert!(
+        (4..=16).contains(&after.streams),
+        "internet profile streams, got {}",
+        after.streams
+    );
+    assert!(
+        before.streams > 16,
+        "datacenter profile before, got {}",
+        before.streams
+    );
     assert!(after.switches >= 1);
 }

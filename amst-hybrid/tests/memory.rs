@@ -243,6 +243,27 @@ async fn concurrent_senders_with_a_switch() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_sides_close_cleanly() {
+    within(20, async {
+        let (client, server, _, _l) = memory_pair(builder().build().unwrap()).await;
+        client
+            .send(Bytes::from_static(b"last words"))
+            .await
+            .unwrap();
+        server.send(Bytes::from_static(b"reply")).await.unwrap();
+        assert_eq!(client.recv().await.unwrap().as_deref(), Some(&b"reply"[..]));
+        client.close().await.unwrap();
+        assert_eq!(
+            server.recv().await.unwrap().as_deref(),
+            Some(&b"last words"[..])
+        );
+        assert_eq!(server.recv().await.unwrap(), None);
+        server.close().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn warm_transports_are_reused_on_the_way_back() {
     within(20, async {
         let config = builder().keep_warm(true).build().unwrap();
