@@ -71,7 +71,12 @@ pub async fn run(args: DemoArgs, g: &Global) -> CliResult<()> {
     )
     .await;
     if let Some(t) = switch_task {
-        t.abort();
+        // Never leave a switch half done before closing; after a failure, just stop it.
+        if r.is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        } else {
+            t.abort();
+        }
     }
     let _ = link.close().await;
     let served = tokio::time::timeout(Duration::from_secs(30), receiver).await;

@@ -197,7 +197,7 @@ fn human(e: &Explanation) -> String {
         .bandwidth_bytes_per_sec
         .map_or("not measured".into(), |b| {
             format!(
-                "{} (best of {} bursts)",
+                "at least {} (best of {} probe bursts)",
                 human_bits_per_sec(b as f64),
                 e.bandwidth_bursts.len()
             )

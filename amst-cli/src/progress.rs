@@ -204,13 +204,19 @@ async fn observe(
                 to: s.mode.to_string(),
                 duration_ms: s.last_switch.map(|d| d.as_secs_f64() * 1e3),
             });
-            if let Some(b) = &bar {
-                b.println(format!(
-                    "mode switch {} → {} at {}",
-                    obs.last.mode,
-                    s.mode,
-                    human_bytes(done)
-                ));
+            let line = format!(
+                "mode switch {} → {} at {}{}",
+                obs.last.mode,
+                s.mode,
+                human_bytes(done),
+                s.last_switch
+                    .map(|d| format!(" (took {:.1} ms)", d.as_secs_f64() * 1e3))
+                    .unwrap_or_default()
+            );
+            match (&bar, display) {
+                (Some(b), _) => b.println(line),
+                (None, Display::Lines) => eprintln!("{line}"),
+                _ => {}
             }
         }
         if let Some(b) = &bar {

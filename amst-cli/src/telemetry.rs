@@ -8,11 +8,11 @@ use tracing_subscriber::EnvFilter;
 
 use crate::error::{CliResult, Failure, FailureKind};
 
-/// Logs go to stderr, filtered by `RUST_LOG`. Without it, warnings everywhere and the
-/// mode-change events of the CLI and the hybrid manager at info.
+/// Logs go to stderr, filtered by `RUST_LOG` (default: warnings only; the progress display
+/// already shows mode switches). `RUST_LOG=info` adds the `mode changed` event and the
+/// libraries' session events.
 pub fn init_tracing() {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("warn,amst_cli=info,amst_hybrid=info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

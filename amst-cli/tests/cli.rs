@@ -179,6 +179,9 @@ fn demo_runs_and_prints_the_report() {
     ] {
         assert!(out.contains(field), "missing {field:?} in:\n{out}");
     }
+    // The demo forces one switch under traffic through the hybrid manager.
+    assert!(out.contains("mode switches  1 ("), "one switch:\n{out}");
+    assert!(out.contains("[amst-hybrid]"), "{out}");
 }
 
 #[test]
