@@ -47,8 +47,25 @@ async fn write_frame(stream: &TcpStream, frame: &Frame) -> Result<()> {
     Ok(())
 }
 
-async fn read_frame(stream: &TcpStream, buf: &mut BytesMut, decoder: &Decoder) -> Result<Frame> {
+/// Reads one handshake frame. Only `allowed` kinds are accepted, judged from the first byte,
+/// so that nothing before the proof can make us buffer more than a Hello.
+async fn read_frame(
+    stream: &TcpStream,
+    buf: &mut BytesMut,
+    decoder: &Decoder,
+    allowed: &[FrameKind],
+    state: &'static str,
+) -> Result<Frame> {
     loop {
+        if let Some(&b) = buf.first() {
+            match FrameKind::from_u8(b) {
+                Some(kind) if allowed.contains(&kind) => {}
+                Some(kind) => {
+                    return Err(ProtocolError::UnexpectedFrame { got: kind, state }.into());
+                }
+                None => return Err(ProtocolError::UnknownFrameType(b).into()),
+            }
+        }
         if let Some(f) = decoder.decode(buf)? {
             return Ok(f);
         }
@@ -128,7 +145,15 @@ async fn dial_inner(
     write_frame(&stream, &Frame::Hello(hello)).await?;
     let decoder = handshake_decoder();
     let mut buf = BytesMut::with_capacity(256);
-    let ack = match read_frame(&stream, &mut buf, &decoder).await? {
+    let ack = match read_frame(
+        &stream,
+        &mut buf,
+        &decoder,
+        &[FrameKind::HelloAck, FrameKind::Close],
+        "waiting for HelloAck",
+    )
+    .await?
+    {
         Frame::HelloAck(a) => a,
         Frame::Close(c) => return Err(rejected(c)),
         other => {
@@ -158,14 +183,16 @@ pub(crate) enum Accepted {
 }
 
 /// Runs the server side of the handshake on a freshly accepted stream. `find` looks a
-/// session up by id. On failure the peer gets a Close naming the reason.
+/// session up by id; `session_cap` says why no new session may start, if it may not. On failure the peer gets a Close naming the reason.
 pub(crate) async fn accept(
     stream: TcpStream,
     config: &TcpConfig,
     find: impl Fn(&SessionId) -> Option<Arc<Shared>>,
+    session_cap: impl Fn() -> Option<String>,
 ) -> Result<Accepted> {
     let limit = config.handshake_timeout;
-    let result = tokio::time::timeout(limit, accept_inner(&stream, config, find)).await;
+    let result =
+        tokio::time::timeout(limit, accept_inner(&stream, config, find, session_cap)).await;
     let (session, established, leftover) = match result {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => {
@@ -203,10 +230,19 @@ async fn accept_inner(
     stream: &TcpStream,
     config: &TcpConfig,
     find: impl Fn(&SessionId) -> Option<Arc<Shared>>,
+    session_cap: impl Fn() -> Option<String>,
 ) -> Result<(Option<Arc<Shared>>, Established, BytesMut)> {
     let decoder = handshake_decoder();
     let mut buf = BytesMut::with_capacity(256);
-    let hello = match read_frame(stream, &mut buf, &decoder).await? {
+    let hello = match read_frame(
+        stream,
+        &mut buf,
+        &decoder,
+        &[FrameKind::Hello],
+        "waiting for Hello",
+    )
+    .await?
+    {
         Frame::Hello(h) => h,
         other => {
             return Err(ProtocolError::UnexpectedFrame {
@@ -217,6 +253,12 @@ async fn accept_inner(
         }
     };
     let (session, id) = if hello.session_id == [0; 16] {
+        if let Some(reason) = session_cap() {
+            return Err(Error::Config {
+                field: "max_sessions",
+                reason,
+            });
+        }
         (None, random_bytes::<16>())
     } else {
         match find(&hello.session_id) {
@@ -248,7 +290,15 @@ async fn accept_inner(
     );
     let (ack, awaiting) = hs.on_hello(&hello, id)?;
     write_frame(stream, &Frame::HelloAck(ack)).await?;
-    let proof = match read_frame(stream, &mut buf, &decoder).await? {
+    let proof = match read_frame(
+        stream,
+        &mut buf,
+        &decoder,
+        &[FrameKind::Auth],
+        "waiting for the client's Auth proof",
+    )
+    .await?
+    {
         Frame::Auth(p) => p,
         other => {
             return Err(ProtocolError::UnexpectedFrame {

@@ -128,7 +128,13 @@ async fn accept_loop(
         );
         tokio::spawn(async move {
             let find = |id: &SessionId| lock(&sessions).get(id).and_then(Weak::upgrade);
-            let accepted = match handshake::accept(stream, &config, find).await {
+            let cap = || {
+                let mut map = lock(&sessions);
+                map.retain(|_, w| w.strong_count() > 0);
+                (map.len() >= config.max_sessions)
+                    .then(|| format!("this server already serves {} sessions", map.len()))
+            };
+            let accepted = match handshake::accept(stream, &config, find, cap).await {
                 Ok(a) => a,
                 Err(e) => {
                     lock(&rejects).log(peer, &e);

@@ -308,7 +308,7 @@ impl Shared {
 
     /// Ends the session with an error: tells the peer (best effort), stops every task and
     /// wakes every waiter, who will report it.
-    pub(crate) fn fail(&self, fatal: Fatal) {
+    pub(crate) fn fail(self: &Arc<Self>, fatal: Fatal) {
         {
             let mut life = lock(&self.life);
             if life.fatal.is_some() || life.closed {
@@ -317,18 +317,33 @@ impl Shared {
             warn!(session = %hex(&self.session_id), error = %fatal.to_error(), "session failed");
             life.fatal = Some(fatal.clone());
         }
-        if !matches!(fatal, Fatal::PeerClosed { .. }) {
-            // Best effort: write Close straight to one socket, no writer involved.
-            let frame = Frame::Close(amst_core::codec::Close::new(
-                fatal.close_code(),
-                fatal.to_error().to_string(),
-            ))
-            .to_bytes();
-            if let Some(e) = lock(&self.streams).first() {
-                let _ = e.sock.send(&frame);
-            }
+        self.wake_all();
+        if matches!(fatal, Fatal::PeerClosed { .. }) || self.stream_count() == 0 {
+            self.teardown();
+            return;
         }
-        self.teardown();
+        // Tell the peer why through a writer (never by writing to a socket a writer may be
+        // in the middle of a frame on), then tear down once it is out or after a grace period.
+        let gen_ = self.queue_frame(Frame::Close(amst_core::codec::Close::new(
+            fatal.close_code(),
+            fatal.to_error().to_string(),
+        )));
+        let me = self.clone();
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(250);
+            loop {
+                let written = me.ctrl_written.notified();
+                tokio::pin!(written);
+                written.as_mut().enable();
+                if me.ctrl_written_gen.load(Ordering::Acquire) >= gen_ {
+                    break;
+                }
+                if tokio::time::timeout_at(deadline, written).await.is_err() {
+                    break;
+                }
+            }
+            me.teardown();
+        });
     }
 
     /// Aborts every task and shuts every stream. Idempotent.
