@@ -1078,33 +1078,47 @@ impl Shared {
         if self.closing.load(Ordering::Acquire) {
             return Ok(());
         }
+        let peer_gone = self.peer_said_bye.load(Ordering::Acquire);
         let result = async {
-            if self.hybrid {
+            if self.hybrid && !peer_gone {
                 self.flush().await?;
                 let messages = lock(&self.ledger).next_seq();
                 let lane = self.route.load().low.clone();
-                let bye = self
-                    .send_control(&lane, HybridFrame::Bye { messages })
-                    .await;
-                // After the peer's own Bye its transports may already be gone.
-                if !self.peer_said_bye.load(Ordering::Acquire) {
-                    bye?;
+                self.send_control(&lane, HybridFrame::Bye { messages })
+                    .await?;
+            } else if self.hybrid {
+                // The peer said goodbye first: it reads nothing more, so only give the ack
+                // pumps a moment and check that it had acknowledged everything we sent.
+                let _ = tokio::time::timeout(Duration::from_millis(200), self.flush()).await;
+                let (n, _) = self.unacked();
+                if n > 0 {
+                    return Err(Error::Closed(format!(
+                        "the peer closed with {n} of our messages unacknowledged"
+                    )));
                 }
             }
             Ok::<_, Error>(())
         }
         .await;
         self.closing.store(true, Ordering::Release);
-        let lanes: Vec<Arc<Lane>> = lock(&self.lanes).values().cloned().collect();
-        for l in &lanes {
-            let _ = tokio::time::timeout(self.config.drain_timeout, l.transport.close()).await;
-        }
+        let mut lanes: Vec<Arc<dyn Transport>> = lock(&self.lanes)
+            .values()
+            .map(|l| l.transport.clone())
+            .collect();
         if !self.hybrid {
-            let _ = tokio::time::timeout(
-                self.config.drain_timeout,
-                self.route.load().low.transport.close(),
-            )
-            .await;
+            lanes = vec![self.route.load().low.transport.clone()];
+        }
+        let drain = self.config.drain_timeout;
+        let closing = async move {
+            for t in lanes {
+                let _ = tokio::time::timeout(drain, t.close()).await;
+            }
+        };
+        if peer_gone {
+            // Nothing of ours is left to drain; release in the background.
+            tokio::spawn(closing);
+        } else {
+            closing.await;
         }
         self.shut_down();
         result
