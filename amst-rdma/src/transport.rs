@@ -121,6 +121,13 @@ impl RdmaTransport {
     pub fn abort(&self) {
         self.inner.abort();
     }
+
+    /// Test hook: destroys only the queue pair and keeps the bootstrap connection open, so
+    /// the peer sees nothing but failing work requests (retry exceeded).
+    #[doc(hidden)]
+    pub fn destroy_qp_keep_bootstrap(&self) {
+        self.inner.destroy_qp_keep_bootstrap();
+    }
 }
 
 impl Transport for RdmaTransport {

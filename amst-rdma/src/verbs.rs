@@ -261,6 +261,8 @@ pub(crate) struct Session {
     wake_driver: Notify,
     changed: Notify,
     aborted: AtomicBool,
+    keep_bootstrap: AtomicBool,
+    parked: Mutex<Option<TcpStream>>,
 }
 
 impl std::fmt::Debug for Session {
@@ -423,6 +425,8 @@ impl Session {
             wake_driver: Notify::new(),
             changed: Notify::new(),
             aborted: AtomicBool::new(false),
+            keep_bootstrap: AtomicBool::new(false),
+            parked: Mutex::new(None),
         }))
     }
 
@@ -436,7 +440,14 @@ impl Session {
             .expect("started once");
         let me = Arc::clone(self);
         tokio::spawn(async move {
-            let r = Driver::new(&me, verbs).run(&me, stream).await;
+            let r = match Driver::new(&me, verbs).run(&me, stream).await {
+                Ok(Some(stream)) => {
+                    *me.parked.lock().unwrap_or_else(|p| p.into_inner()) = Some(stream);
+                    Ok(())
+                }
+                Ok(None) => Ok(()),
+                Err(f) => Err(f),
+            };
             let mut st = me.lock();
             if let Err(f) = r {
                 warn!(error = ?f, "RDMA session failed");
@@ -446,6 +457,13 @@ impl Session {
             drop(st);
             me.changed.notify_waiters();
         });
+    }
+
+    /// Test hook: destroys the QP but keeps the bootstrap connection open, so the peer can
+    /// only learn of it from its failing work requests.
+    pub(crate) fn destroy_qp_keep_bootstrap(&self) {
+        self.keep_bootstrap.store(true, Ordering::SeqCst);
+        self.abort();
     }
 
     pub(crate) fn abort(&self) {
@@ -642,12 +660,17 @@ impl Driver {
         }
     }
 
-    async fn run(mut self, s: &Session, mut stream: TcpStream) -> std::result::Result<(), Fatal> {
+    /// Runs until the session ends; returns the bootstrap stream when asked to keep it.
+    async fn run(
+        mut self,
+        s: &Session,
+        mut stream: TcpStream,
+    ) -> std::result::Result<Option<TcpStream>, Fatal> {
         self.arm()?;
         let mut byte = [0u8; 1];
         loop {
             if s.aborted.load(Ordering::SeqCst) {
-                return Ok(());
+                return Ok(s.keep_bootstrap.load(Ordering::SeqCst).then_some(stream));
             }
             self.poll(s)?;
             self.pump(s)?;
@@ -667,7 +690,7 @@ impl Driver {
                     let peer_closed = s.lock().peer_closed;
                     match r {
                         // The peer closed gracefully and then tore its QP down: done.
-                        Ok(0) | Err(_) if peer_closed => return Ok(()),
+                        Ok(0) | Err(_) if peer_closed => return Ok(None),
                         Ok(0) => return Err(Fatal::PeerClosed("the peer's bootstrap connection closed: the peer is gone".into())),
                         Ok(_) => return Err(Fatal::Protocol(ProtocolError::Inconsistent("unexpected bytes on the RDMA bootstrap connection".into()))),
                         Err(e) => return Err(Fatal::Io(format!("bootstrap connection failed: {e}"))),

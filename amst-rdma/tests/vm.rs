@@ -274,3 +274,50 @@ async fn t4_peer_qp_destroyed_is_an_error() {
         }
     }
 }
+
+/// The peer's QP disappears while its bootstrap connection stays up: only the RC layer can
+/// tell (retry exceeded), and that must surface as an error, not a hang.
+#[tokio::test]
+async fn t5_peer_qp_gone_with_bootstrap_alive_is_an_error() {
+    let Some((role, peer)) = vm() else {
+        eprintln!("skip: not in the rdma-vm guests");
+        return;
+    };
+    let t = pair(role, peer, 18_505).await;
+    match role {
+        Role::Server => {
+            for _ in 0..3 {
+                recv(&t).await;
+            }
+            t.destroy_qp_keep_bootstrap();
+            // Hold the bootstrap connection open while the client finds out.
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        }
+        Role::Client => {
+            let start = Instant::now();
+            let err = loop {
+                assert!(
+                    start.elapsed() < Duration::from_secs(50),
+                    "no error 50 s after the peer's QP was destroyed"
+                );
+                let r = tokio::time::timeout(Duration::from_secs(50), async {
+                    t.send(Bytes::from(vec![7u8; 1 << 20])).await?;
+                    t.flush().await
+                })
+                .await
+                .expect("send/flush hung after the peer's QP was destroyed");
+                if let Err(e) = r {
+                    break e;
+                }
+            };
+            println!(
+                "AMST-INFO peer QP destroyed, bootstrap alive -> error after {:.1?}: {err}",
+                start.elapsed()
+            );
+            assert!(
+                err.to_string().contains("work completion failed"),
+                "the error must come from the failed work request: {err}"
+            );
+        }
+    }
+}

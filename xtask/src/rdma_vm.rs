@@ -704,15 +704,20 @@ fn boot_pair(
         let f = fs::File::open(&log).map_err(|e| format!("{}: {e}", log.display()))?;
         let mut finished = false;
         let mut out = std::io::stderr().lock();
+        let mut after_bw_header = false;
         for line in BufReader::new(f).lines().map_while(Result::ok) {
+            if std::mem::take(&mut after_bw_header) {
+                let _ = writeln!(out, "[{role}] ib_send_bw: {}", line.trim());
+            }
+            after_bw_header = line.contains("BW average[Gb/sec]");
             if let Some(rest) = line.strip_prefix("AMST-STEP ") {
                 let _ = writeln!(out, "[{role}] {rest}");
                 if !rest.starts_with("ok ") {
                     failures.push(format!("{role}: {rest}"));
                 }
-            } else if line.starts_with("AMST-INFO")
-                || line.contains("Gb/sec")
+            } else if line.contains("AMST-INFO")
                 || line.contains("test result")
+                || line.contains("panicked")
             {
                 let _ = writeln!(out, "[{role}] {line}");
             } else if line.starts_with("AMST-DONE") {
