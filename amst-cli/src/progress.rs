@@ -262,6 +262,13 @@ async fn observe(
     if let Some(b) = bar {
         b.finish_and_clear();
     }
+    // A switch's duration is known only once the new route's first ack arrives, which may
+    // be after the sample that saw the switch.
+    if let (Some(w), Some(d)) = (obs.switches.last_mut(), obs.last.last_switch)
+        && w.duration_ms.is_none()
+    {
+        w.duration_ms = Some(d.as_secs_f64() * 1e3);
+    }
     obs.rtt_min = rtt.min;
     obs.rtt_avg = (rtt.n > 0).then(|| rtt.sum / rtt.n);
     obs
