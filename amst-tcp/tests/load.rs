@@ -65,13 +65,13 @@ fn mix(mut z: u64) -> u64 {
 /// moderate (about 250 MB) while both ends of the range occur, and bytes that differ per
 /// message (a slice of the pool at a seeded offset).
 fn message(s: u64, i: u64) -> Bytes {
-    let r = mix(s << 32 | i);
+    let r = mix((s << 32) | i);
     let len = if i % 97 == 0 {
         MAX_MSG
     } else if i % 89 == 0 {
         0
     } else {
-        (r % (1 << (r >> 59) % 17)) as usize
+        (r % (1 << ((r >> 59) % 17))) as usize
     };
     let pool = pool();
     let off = (mix(r) % (pool.len() - len) as u64) as usize;
