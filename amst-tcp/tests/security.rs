@@ -237,11 +237,6 @@ async fn a_huge_frame_announced_before_auth_is_dropped_within_the_handshake_time
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "amst-tcp bug: the handshake reads with Decoder::default() (handshake.rs:88-90, \
-            read_frame at :53), which accepts a pre-auth Data header of up to 4 MiB and \
-            buffers its body until the handshake timeout; fix: reject any frame but Hello \
-            (then Auth) from its header, e.g. Limits with max_chunk 0 / kind check in \
-            read_frame before reserving"]
 async fn a_huge_frame_announced_before_auth_is_refused_from_its_header() {
     init_tracing();
     let mut cfg = config(1);
@@ -268,9 +263,6 @@ fn rss() -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "amst-tcp bug: pre-auth clients can make the server buffer a whole Data body \
-            (4 MiB each, no cap on concurrent handshakes): 32 of them grow RSS by ~128 MiB; \
-            same fix as a_huge_frame_announced_before_auth_is_refused_from_its_header"]
 async fn pre_auth_bodies_do_not_grow_server_memory() {
     init_tracing();
     let mut cfg = config(1);
@@ -447,11 +439,6 @@ async fn the_session_cap_frees_a_slot_when_a_session_ends() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "amst-tcp bug: max_sessions is checked after the handshake (listener.rs:146-161) \
-            and the stream is dropped without a Close, so the client's connect succeeds and \
-            it later fails with a misleading 'names no live session'; fix: check the cap in \
-            handshake::accept_inner before the HelloAck when hello.session_id is zero and \
-            return Error::Config (sent as Close(LimitExceeded))"]
 async fn the_session_cap_refuses_a_new_session_with_an_error_naming_the_limit() {
     init_tracing();
     let mut cfg = config(1);
