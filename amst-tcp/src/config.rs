@@ -76,6 +76,10 @@ pub struct TcpConfig {
     /// A session with no live stream for this long fails (the client keeps re-dialling until
     /// then).
     pub reconnect_timeout: Duration,
+    /// With data outstanding, a session that hears nothing from the peer (no ack, no Pong to
+    /// the Pings sent every third of this) for this long fails with `Error::Timeout`: a hung
+    /// or frozen peer whose kernel still acknowledges TCP.
+    pub idle_timeout: Duration,
     /// TCP keepalive idle time; `None` turns keepalive off.
     pub keepalive: Option<Duration>,
     /// `SO_SNDBUF` override; `None` leaves kernel autotuning on.
@@ -115,6 +119,7 @@ impl TcpConfig {
             handshake_timeout: Duration::from_secs(10),
             stall_timeout: Duration::from_secs(3),
             reconnect_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(10),
             keepalive: Some(Duration::from_secs(15)),
             send_buffer_size: None,
             recv_buffer_size: None,
@@ -197,6 +202,12 @@ impl TcpConfig {
         }
         if self.send_queue == 0 {
             return bad("send_queue", "is 0".into());
+        }
+        if self.idle_timeout < Duration::from_millis(100) {
+            return bad(
+                "idle_timeout",
+                format!("is {:?}; at least 100 ms", self.idle_timeout),
+            );
         }
         if self.sample_period.is_zero() {
             return bad("sample_period", "is 0".into());

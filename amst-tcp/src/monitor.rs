@@ -74,6 +74,9 @@ pub(crate) async fn run(shared: Arc<Shared>) {
         app_limited |= starved;
 
         check_stalls(&shared, now, srtt);
+        if !check_idle(&shared) {
+            return;
+        }
 
         if let Some(p) = pacer.as_mut() {
             let sample = Aggregate {
@@ -178,6 +181,39 @@ fn check_stalls(shared: &Shared, now: Instant, srtt: Option<Duration>) {
         );
         shared.tx_wake.notify_one();
     }
+}
+
+/// With data outstanding, pings the peer after a third of the idle timeout of silence and
+/// fails the session after all of it. Returns false once the session failed.
+fn check_idle(shared: &Arc<Shared>) -> bool {
+    let outstanding = !lock(&shared.tx).sb.is_empty();
+    let now_ns = shared.now_ns();
+    if !outstanding {
+        // Idle sessions are kept by keepalive; start the clock afresh for the next send.
+        shared.last_heard.store(now_ns, Ordering::Relaxed);
+        return true;
+    }
+    let silent =
+        Duration::from_nanos(now_ns.saturating_sub(shared.last_heard.load(Ordering::Relaxed)));
+    let limit = shared.config.idle_timeout;
+    if silent >= limit {
+        warn!(session = %hex(&shared.session_id), silent_ms = silent.as_millis() as u64,
+            "peer silent with data outstanding; idle timeout");
+        shared.fail(crate::session::Fatal::Timeout {
+            what: "waiting for the peer with data outstanding (idle timeout)",
+            after: limit,
+        });
+        return false;
+    }
+    if silent >= limit / 3 {
+        let id = shared.next_ping.fetch_add(1, Ordering::Relaxed);
+        shared.queue_frame(amst_core::codec::Frame::Ping(amst_core::codec::Ping {
+            id,
+            timestamp_ns: now_ns,
+            padding: 0,
+        }));
+    }
+    true
 }
 
 /// Caps every stream's kernel pacing at the aggregate rate divided by the stream count.

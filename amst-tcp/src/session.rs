@@ -140,6 +140,8 @@ pub(crate) struct Shared {
     pub delivery_rate: AtomicU64,
     pub srtt_us: AtomicU64,
     pub min_rtt_us: AtomicU64,
+    /// When a frame last arrived from the peer, ns since `epoch`.
+    pub last_heard: AtomicU64,
 }
 
 impl std::fmt::Debug for Shared {
@@ -218,6 +220,7 @@ impl Shared {
             delivery_rate: AtomicU64::new(0),
             srtt_us: AtomicU64::new(0),
             min_rtt_us: AtomicU64::new(0),
+            last_heard: AtomicU64::new(0),
         });
         let monitor = tokio::spawn(crate::monitor::run(shared.clone()));
         lock(&shared.tasks).push(monitor.abort_handle());

@@ -224,6 +224,9 @@ async fn read_loop(
                 }
             }
         }
+        if !frames.is_empty() {
+            shared.last_heard.store(shared.now_ns(), Ordering::Relaxed);
+        }
         if !frames.is_empty() && !handle_frames(shared, path, ctl, &mut frames) {
             return Ok(ReadEnd::Fatal);
         }
