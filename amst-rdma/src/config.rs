@@ -37,7 +37,8 @@ pub struct RdmaConfig {
     /// The RC ack timeout exponent (4.096 µs × 2^n) and retry count: together they bound how
     /// long a dead peer takes to surface as a retry-exceeded error.
     pub ack_timeout: u8,
-    /// See [`ack_timeout`](Self::ack_timeout).
+    /// See [`ack_timeout`](Self::ack_timeout). At most 6: Soft-RoCE (rxe) treats 7 as
+    /// "retry forever", which would turn a dead peer into a hang.
     pub retry_count: u8,
 }
 
@@ -57,7 +58,7 @@ impl RdmaConfig {
             max_message: 1 << 30,
             handshake_timeout: Duration::from_secs(10),
             ack_timeout: 14,
-            retry_count: 7,
+            retry_count: 6,
         }
     }
 
@@ -91,10 +92,19 @@ impl RdmaConfig {
         if self.small_max == 0 {
             return bad("small_max", "is 0".into());
         }
-        if self.ack_timeout > 31 || self.retry_count > 7 {
+        if self.ack_timeout > 31 {
             return bad(
                 "ack_timeout",
-                "must be at most 31 with retry_count at most 7".into(),
+                format!("is {}; at most 31", self.ack_timeout),
+            );
+        }
+        if self.retry_count > 6 {
+            return bad(
+                "retry_count",
+                format!(
+                    "is {}; at most 6 (7 means retry forever on rxe)",
+                    self.retry_count
+                ),
             );
         }
         Ok(())
@@ -125,6 +135,15 @@ mod tests {
             Err(Error::Config { field, .. }) => assert_eq!(field, "slot_size"),
             other => panic!("{other:?}"),
         }
+        let mut bad = c.clone();
+        bad.retry_count = 7;
+        assert!(matches!(
+            bad.validate(),
+            Err(Error::Config {
+                field: "retry_count",
+                ..
+            })
+        ));
         let mut bad = c;
         bad.port = 0;
         assert!(matches!(
