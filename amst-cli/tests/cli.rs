@@ -431,6 +431,9 @@ fn prometheus_byte_counters_grow_during_a_transfer() {
         text.contains("amst_cli_transfers_total{result=\"ok\"} 1"),
         "{text}"
     );
+    // amst-hybrid's own counters reach the same recorder through the metrics facade.
+    let lib = counter(&text, "amst_bytes_received_total{role=\"server\"}").unwrap_or(0);
+    assert!(lib >= 96 << 20, "library byte counter {lib}:\n{text}");
 }
 
 #[test]
@@ -488,4 +491,67 @@ fn a_full_disk_on_the_receiver_is_a_clean_abort() {
     let err = stderr_of(&o);
     assert!(err.contains("the receiver's disk is full"), "{err}");
     assert!(err.contains("partial file was removed"), "{err}");
+}
+
+#[test]
+fn explain_measures_the_path_and_names_a_mode_and_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), KEY);
+    let serve = Serve::start(&["--discard", "--psk-file", key.to_str().unwrap()]);
+    let o = amst()
+        .args([
+            "explain",
+            "--peer",
+            &serve.addr,
+            "--probe-bytes",
+            "4M",
+            "--json",
+            "--psk-file",
+        ])
+        .arg(&key)
+        .run(60);
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
+    assert_eq!(v["schema"], "amst-explain/1");
+    assert_eq!(v["rtt_probes"], 10);
+    assert!(v["rtt_median_us"].as_u64().unwrap() >= v["rtt_min_us"].as_u64().unwrap());
+    assert!(
+        v["probe_bytes_used"].as_u64().unwrap() >= 3 << 20,
+        "the bursts were sent"
+    );
+    let mode = v["mode"].as_str().unwrap();
+    assert!(
+        ["datacenter", "internet", "hybrid"].contains(&mode),
+        "{mode}"
+    );
+    // Loopback RTT is far below the 10 ms datacenter bound: never internet.
+    assert_ne!(mode, "internet", "{v}");
+    assert!(v["why"].as_str().unwrap().contains("rtt"), "{v}");
+    assert!(v["streams"].as_u64().unwrap() >= 1);
+    assert!(["bbr", "cubic"].contains(&v["cc"].as_str().unwrap()));
+
+    let o = amst()
+        .args([
+            "explain",
+            "--peer",
+            &serve.addr,
+            "--probe-bytes",
+            "1M",
+            "--psk-file",
+        ])
+        .arg(&key)
+        .run(60);
+    assert!(o.status.success());
+    let text = stdout_of(&o);
+    for row in [
+        "#   rtt ",
+        "#   mode ",
+        "#   why ",
+        "#   transport ",
+        "#   streams ",
+        "#   chunk size ",
+        "#   cc ",
+    ] {
+        assert!(text.contains(row), "missing {row:?}:\n{text}");
+    }
 }
