@@ -160,7 +160,7 @@ impl<G: WindowGrowth> LossBased<G> {
     }
 
     fn minimum_window(&self) -> f64 {
-        (self.config.minimum_window_packets * self.config.max_datagram_size) as f64
+        self.config.minimum_window_packets as f64 * self.config.max_datagram_size as f64
     }
 
     fn in_slow_start(&self) -> bool {
@@ -205,11 +205,11 @@ impl<G: WindowGrowth> LossBased<G> {
 
 impl<G: WindowGrowth> CongestionController for LossBased<G> {
     fn on_packet_sent(&mut self, now: Instant, bytes: u64, bytes_in_flight: u64) {
-        self.sent_total += bytes;
+        self.sent_total = self.sent_total.saturating_add(bytes);
         self.bytes_in_flight = bytes_in_flight;
         // The window is full again: the application-limited period is over.
         if let Some(since) = self.app_limited_since
-            && bytes_in_flight + self.config.max_datagram_size > self.cwnd as u64
+            && bytes_in_flight.saturating_add(self.config.max_datagram_size) > self.cwnd as u64
         {
             self.app_limited_since = None;
             self.growth
@@ -218,7 +218,7 @@ impl<G: WindowGrowth> CongestionController for LossBased<G> {
     }
 
     fn on_ack(&mut self, now: Instant, ack: &Ack) {
-        self.resolved_total += ack.bytes_acked;
+        self.resolved_total = self.resolved_total.saturating_add(ack.bytes_acked);
         self.bytes_in_flight = ack.bytes_in_flight;
         if let Some(r) = self.recovery {
             if self.resolved_total <= r.end_marker {
@@ -275,7 +275,7 @@ impl<G: WindowGrowth> CongestionController for LossBased<G> {
     }
 
     fn on_loss(&mut self, now: Instant, loss: &Loss) {
-        self.resolved_total += loss.bytes_lost;
+        self.resolved_total = self.resolved_total.saturating_add(loss.bytes_lost);
         self.bytes_in_flight = loss.bytes_in_flight;
         if loss.persistent_congestion {
             // RFC 9002 §7.6.2: "When persistent congestion is declared, the sender's
@@ -307,7 +307,7 @@ impl<G: WindowGrowth> CongestionController for LossBased<G> {
         let min_rtt = self.min_rtt.map_or(rtt, |m| m.min(rtt));
         self.min_rtt = Some(min_rtt);
         // RFC 9002 §5.3: subtract the ack delay only when the result stays above min_rtt.
-        let adjusted = if rtt >= min_rtt + ack_delay {
+        let adjusted = if rtt >= min_rtt.saturating_add(ack_delay) {
             rtt - ack_delay
         } else {
             rtt
@@ -319,8 +319,9 @@ impl<G: WindowGrowth> CongestionController for LossBased<G> {
             }
             Some(srtt) => {
                 let diff = srtt.abs_diff(adjusted);
-                self.rttvar = (self.rttvar * 3 + diff) / 4;
-                self.srtt = Some((srtt * 7 + adjusted) / 8);
+                // Weighted as RFC 9002 §5.3 says, without overflowing on absurd samples.
+                self.rttvar = self.rttvar / 4 * 3 + diff / 4;
+                self.srtt = Some(srtt / 8 * 7 + adjusted / 8);
             }
         }
         // HyStart++ looks at raw samples: it wants the queue, not a smoothed estimate.
@@ -336,7 +337,8 @@ impl<G: WindowGrowth> CongestionController for LossBased<G> {
     }
 
     fn on_mtu_update(&mut self, max_datagram_size: u64) {
-        self.config.max_datagram_size = max_datagram_size.max(1);
+        // Same sanity bound as BBR: no real path has datagrams over 16 MiB.
+        self.config.max_datagram_size = max_datagram_size.clamp(1, crate::bbr::MAX_DATAGRAM_SIZE);
         self.cwnd = self.cwnd.max(self.minimum_window());
     }
 
