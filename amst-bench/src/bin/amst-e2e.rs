@@ -89,7 +89,7 @@ fn main() -> ExitCode {
         scenarios.push(Scenario::skipped(
             "rdma",
             "amst-rdma in two Soft-RoCE VMs vs ib_send_bw",
-            "amst-rdma is not built yet",
+            "needs the Soft-RoCE VMs: run `cargo xtask rdma-vm`, which measures against ib_send_bw",
         ));
     }
 
