@@ -3,6 +3,8 @@
 //! environment variable), every stream of a live session dropped at once, and a chunk
 //! corrupted in flight by a frame-aware proxy.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -317,21 +319,6 @@ async fn a_frozen_receiving_process_gives_the_sender_an_error_in_time() {
 
 // ----- all streams at once -----
 
-async fn pair(client: TcpConfig, server: TcpConfig) -> (TcpTransport, TcpTransport) {
-    let listener = TcpListener::bind("127.0.0.1:0".parse().unwrap(), server)
-        .await
-        .unwrap();
-    let addr = listener.local_addr();
-    let accept = tokio::spawn(async move {
-        let s = listener.accept().await.unwrap();
-        // Re-dialled streams attach through the listener: keep it for the test.
-        std::mem::forget(listener);
-        s
-    });
-    let c = TcpTransport::connect(addr, client).await.unwrap();
-    (c, accept.await.unwrap())
-}
-
 async fn wait_streams(t: &TcpTransport, n: usize) {
     for _ in 0..500 {
         if t.stream_stats().len() == n {
@@ -346,7 +333,7 @@ async fn wait_streams(t: &TcpTransport, n: usize) {
 async fn dropping_every_stream_at_once_reconnects_and_completes() {
     init_tracing();
     let streams = 4;
-    let (client, server) = pair(config(streams), config(streams)).await;
+    let (client, server) = common::pair(config(streams), config(streams)).await;
     let (client, server) = (Arc::new(client), Arc::new(server));
     let count = 512u64; // 128 MiB
     let rx = {
