@@ -23,6 +23,7 @@
 
 pub mod clock;
 pub mod codec;
+mod crc;
 mod error;
 #[cfg(feature = "in-memory")]
 mod in_memory;
@@ -33,6 +34,7 @@ mod reassembly;
 mod send_buffer;
 mod transport;
 
+pub use crc::{crc32c, crc32c_append};
 pub use error::{Error, ProtocolError, Result};
 #[cfg(feature = "in-memory")]
 pub use in_memory::InMemoryTransport;

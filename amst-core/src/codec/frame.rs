@@ -93,7 +93,7 @@ impl DataChunk {
         msg_len: u64,
         payload: Bytes,
     ) -> Self {
-        let crc = crc32c::crc32c(&payload);
+        let crc = crate::crc32c(&payload);
         DataChunk {
             session_offset,
             msg_id,
@@ -107,7 +107,7 @@ impl DataChunk {
     /// Computes the CRC32C of the payload into `crc` (for chunks taken with
     /// [`SendBuffer::next_chunk_unsealed`](crate::SendBuffer::next_chunk_unsealed)).
     pub fn seal(&mut self) {
-        self.crc = crc32c::crc32c(&self.payload);
+        self.crc = crate::crc32c(&self.payload);
     }
 
     /// The end of this chunk in the session byte sequence.
@@ -117,7 +117,7 @@ impl DataChunk {
 
     /// Whether the payload still matches the CRC.
     pub fn crc_ok(&self) -> bool {
-        crc32c::crc32c(&self.payload) == self.crc
+        crate::crc32c(&self.payload) == self.crc
     }
 }
 

@@ -353,7 +353,7 @@ impl Decoder {
                         ),
                     ));
                 }
-                let actual = crc32c::crc32c(&b);
+                let actual = crate::crc32c(&b);
                 if actual != crc {
                     return Err(ProtocolError::ChunkCorrupt {
                         msg_id,
