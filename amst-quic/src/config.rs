@@ -124,6 +124,12 @@ pub struct QuicConfig {
     pub handshake_timeout: Duration,
     /// The connection fails after this long without hearing from the peer.
     pub idle_timeout: Duration,
+    /// 0-RTT resumption. A listener accepts early data and a
+    /// [`QuicConnector`](crate::QuicConnector) that holds a session ticket from an earlier
+    /// connection to the same server name sends its AMST Hello (nothing else) in 0-RTT,
+    /// saving one round trip; see the README for why only the Hello. Off: tickets still
+    /// resume TLS, but nothing is sent early and a listener refuses early data.
+    pub zero_rtt: bool,
 }
 
 impl fmt::Debug for QuicConfig {
@@ -140,13 +146,14 @@ impl fmt::Debug for QuicConfig {
             .field("max_message", &self.max_message)
             .field("max_chunk", &self.max_chunk)
             .field("alpn", &String::from_utf8_lossy(&self.alpn))
+            .field("zero_rtt", &self.zero_rtt)
             .finish_non_exhaustive()
     }
 }
 
 impl QuicConfig {
     /// Defaults: amst-cc BBR, four striped streams, 256 KiB chunks, 1 GiB messages, a 32 MiB
-    /// window (about 2.5 × the BDP of 1 Gbit/s × 100 ms), PSK-bound verification.
+    /// window (about 2.5 × the BDP of 1 Gbit/s × 100 ms), PSK-bound verification, 0-RTT on.
     pub fn new(psk: Psk) -> Self {
         QuicConfig {
             psk,
@@ -160,6 +167,7 @@ impl QuicConfig {
             alpn: ALPN.to_vec(),
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
+            zero_rtt: true,
         }
     }
 
@@ -205,6 +213,12 @@ impl QuicConfig {
     /// at a third of it).
     pub fn with_idle_timeout(mut self, idle_timeout: Duration) -> Self {
         self.idle_timeout = idle_timeout;
+        self
+    }
+
+    /// Turns 0-RTT resumption on (the default) or off.
+    pub fn with_zero_rtt(mut self, zero_rtt: bool) -> Self {
+        self.zero_rtt = zero_rtt;
         self
     }
 

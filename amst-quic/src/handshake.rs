@@ -5,6 +5,13 @@
 //! server accepts the Hello only if it equals its own export. Both HMACs cover that nonce,
 //! so a man in the middle (who has one TLS session with each side, hence two different
 //! exports) cannot relay the handshake, even when the certificate was not checked.
+//!
+//! On a resumed session the Hello may go in 0-RTT, before any exporter exists. Its nonce is
+//! then random and it carries [`EARLY_HELLO`]. That is safe because the client holds tickets
+//! only from connections whose handshake already authenticated the server (the connector keeps
+//! a ticket only after the AMST handshake on its connection succeeded), so a session resumed
+//! from one has no man in the middle to relay through. The proof and all data still wait for
+//! the completed handshake.
 
 use std::io;
 use std::sync::Arc;
@@ -74,30 +81,34 @@ fn unexpected(got: FrameKind, state: &'static str) -> Error {
     Error::Protocol(ProtocolError::UnexpectedFrame { got, state })
 }
 
-/// The connecting side: opens the control stream and proves the key.
-pub(crate) async fn client(
-    conn: &Connection,
-    config: &QuicConfig,
-) -> Result<(quinn::SendStream, FrameReader)> {
-    let t = config.handshake_timeout;
-    let (mut send, recv) = tokio::time::timeout(t, conn.open_bi())
+/// A capability bit of amst-quic's own: the client sent this Hello in 0-RTT, on a TLS session
+/// resumed from a ticket it kept only after an authenticated connection, so its nonce is
+/// random rather than the (not yet available) exporter. Both MACs cover the capabilities, so a
+/// man in the middle cannot set or clear it without failing the handshake. Bit 32 is outside
+/// amst-core's range of shared capabilities.
+pub(crate) const EARLY_HELLO: u64 = 1 << 32;
+
+async fn open_control(conn: &Connection, t: Duration) -> Result<(quinn::SendStream, FrameReader)> {
+    let (send, recv) = tokio::time::timeout(t, conn.open_bi())
         .await
         .map_err(|_| Error::Timeout {
             what: "opening the QUIC control stream",
             after: t,
         })?
         .map_err(|e| connection_error(&e))?;
-    let mut reader = FrameReader::new(recv, Limits::default());
-    let (hs, hello) = ClientHandshake::new(
-        config.psk.clone(),
-        binding(conn)?,
-        [0; 16],
-        0,
-        1,
-        capabilities::QUIC,
-    );
-    write(&mut send, &Frame::Hello(hello)).await?;
-    let ack = match next_frame(conn, &mut reader, t, "waiting for the server's HelloAck").await? {
+    Ok((send, FrameReader::new(recv, Limits::default())))
+}
+
+/// Checks the server's HelloAck and sends the client's proof.
+async fn finish_client(
+    conn: &Connection,
+    config: &QuicConfig,
+    hs: ClientHandshake,
+    send: &mut quinn::SendStream,
+    reader: &mut FrameReader,
+) -> Result<()> {
+    let t = config.handshake_timeout;
+    let ack = match next_frame(conn, reader, t, "waiting for the server's HelloAck").await? {
         Frame::HelloAck(a) => a,
         other => {
             let e = unexpected(other.kind(), "waiting for HelloAck");
@@ -115,15 +126,92 @@ pub(crate) async fn client(
             return reject(conn, code, Error::Protocol(p));
         }
     };
-    write(&mut send, &Frame::Auth(proof)).await?;
-    Ok((send, reader))
+    write(send, &Frame::Auth(proof)).await
 }
 
-/// The accepting side: answers the Hello and checks the client's proof.
-pub(crate) async fn server(
+/// The connecting side on a full handshake: opens the control stream and proves the key, with
+/// the Hello bound to this TLS session by its exporter.
+pub(crate) async fn client(
     conn: &Connection,
     config: &QuicConfig,
 ) -> Result<(quinn::SendStream, FrameReader)> {
+    let (mut send, mut reader) = open_control(conn, config.handshake_timeout).await?;
+    let (hs, hello) = ClientHandshake::new(
+        config.psk.clone(),
+        binding(conn)?,
+        [0; 16],
+        0,
+        1,
+        capabilities::QUIC,
+    );
+    write(&mut send, &Frame::Hello(hello)).await?;
+    finish_client(conn, config, hs, &mut send, &mut reader).await?;
+    Ok((send, reader))
+}
+
+/// The connecting side on a resumed session that may carry 0-RTT data: the Hello (and nothing
+/// else) goes early; the HelloAck comes back in the server's first flight, so the proof leaves
+/// one round trip sooner than on a full handshake. The proof and all data wait until the
+/// handshake completes, so they are never 0-RTT data. If the server rejected the early data,
+/// runs the full, exporter-bound handshake instead. Returns whether the early Hello was used.
+pub(crate) async fn client_early(
+    conn: &Connection,
+    accepted: quinn::ZeroRttAccepted,
+    config: &QuicConfig,
+) -> Result<(quinn::SendStream, FrameReader, bool)> {
+    let t = config.handshake_timeout;
+    let (mut send, mut reader) = open_control(conn, t).await?;
+    let (hs, hello) = ClientHandshake::new(
+        config.psk.clone(),
+        random_bytes(),
+        [0; 16],
+        0,
+        1,
+        capabilities::QUIC | EARLY_HELLO,
+    );
+    // A write error here means 0-RTT was rejected already; `accepted` says so below.
+    let sent = write(&mut send, &Frame::Hello(hello)).await;
+    let accepted = tokio::time::timeout(t, accepted)
+        .await
+        .map_err(|_| Error::Timeout {
+            what: "the QUIC handshake",
+            after: t,
+        })?;
+    if let Some(e) = conn.close_reason() {
+        return Err(connection_error(&e));
+    }
+    if !accepted {
+        tracing::debug!(peer = %conn.remote_address(), "0-RTT rejected; full PSK handshake");
+        drop((send, reader));
+        let (send, reader) = client(conn, config).await?;
+        return Ok((send, reader, false));
+    }
+    sent?;
+    finish_client(conn, config, hs, &mut send, &mut reader).await?;
+    Ok((send, reader, true))
+}
+
+/// What the accepting side learned from a completed handshake.
+pub(crate) struct Accepted {
+    pub(crate) control_tx: quinn::SendStream,
+    pub(crate) control_rx: FrameReader,
+    /// The client's Hello came early (0-RTT) and was answered before the TLS handshake ended.
+    pub(crate) early: bool,
+}
+
+/// The accepting side: answers the Hello and checks the client's proof.
+///
+/// `complete` resolves when the TLS handshake is complete or the connection failed.
+/// Before that, the only thing done is answering an early Hello: a HelloAck is idempotent
+/// and creates nothing, so a replayed 0-RTT Hello gains an attacker one HelloAck it cannot
+/// decrypt. The proof is checked, and the session created, only on a completed handshake,
+/// so the proof was not 0-RTT data and cannot be a replay.
+pub(crate) async fn server(
+    conn: &Connection,
+    config: &QuicConfig,
+    complete: impl std::future::Future,
+    early_answered: impl Fn(),
+) -> Result<Accepted> {
     let t = config.handshake_timeout;
     let (mut send, recv) = match tokio::time::timeout(t, conn.accept_bi()).await {
         Err(_) => {
@@ -146,20 +234,57 @@ pub(crate) async fn server(
             return reject(conn, CloseCode::ProtocolError, e);
         }
     };
-    if hello.nonce != binding(conn)? {
-        tracing::warn!(peer = %conn.remote_address(), "PSK handshake not bound to this TLS session");
-        return reject(
-            conn,
-            CloseCode::AuthFailed,
-            ProtocolError::AuthFailed.into(),
-        );
+    let early = hello.capabilities & EARLY_HELLO != 0;
+    if early && !config.zero_rtt {
+        let e = Error::Protocol(ProtocolError::Malformed {
+            kind: FrameKind::Hello,
+            field: "capabilities",
+            reason: "asks for an early (0-RTT) handshake, which this listener has turned off"
+                .into(),
+        });
+        return reject(conn, CloseCode::ProtocolError, e);
     }
+    let wait_complete = async {
+        match tokio::time::timeout(t, complete).await {
+            Err(_) => reject(
+                conn,
+                CloseCode::ProtocolError,
+                Error::Timeout {
+                    what: "the QUIC handshake",
+                    after: t,
+                },
+            ),
+            // quinn resolves it with whether early data was accepted, or false if the
+            // connection failed: only the close reason tells the two apart.
+            Ok(_) => match conn.close_reason() {
+                Some(e) => Err(connection_error(&e)),
+                None => Ok(()),
+            },
+        }
+    };
     let hs = ServerHandshake::new(config.psk.clone(), random_bytes(), capabilities::QUIC);
     let (ack, awaiting) = match hs.on_hello(&hello, random_bytes()) {
         Ok(x) => x,
         Err(p) => return reject(conn, CloseCode::ProtocolError, p.into()),
     };
-    write(&mut send, &Frame::HelloAck(ack)).await?;
+    if early {
+        // 0.5-RTT: the HelloAck rides with the server's handshake flight.
+        write(&mut send, &Frame::HelloAck(ack)).await?;
+        early_answered();
+        wait_complete.await?;
+    } else {
+        // The exporter exists only once the handshake is complete.
+        wait_complete.await?;
+        if hello.nonce != binding(conn)? {
+            tracing::warn!(peer = %conn.remote_address(), "PSK handshake not bound to this TLS session");
+            return reject(
+                conn,
+                CloseCode::AuthFailed,
+                ProtocolError::AuthFailed.into(),
+            );
+        }
+        write(&mut send, &Frame::HelloAck(ack)).await?;
+    }
     let proof = match next_frame(conn, &mut reader, t, "waiting for the client's proof").await? {
         Frame::Auth(p) => p,
         other => {
@@ -171,7 +296,11 @@ pub(crate) async fn server(
         tracing::warn!(peer = %conn.remote_address(), "QUIC client failed PSK authentication");
         return reject(conn, CloseCode::AuthFailed, p.into());
     }
-    Ok((send, reader))
+    Ok(Accepted {
+        control_tx: send,
+        control_rx: reader,
+        early,
+    })
 }
 
 async fn write(send: &mut quinn::SendStream, frame: &Frame) -> Result<()> {

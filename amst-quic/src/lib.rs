@@ -39,11 +39,13 @@
 //! ```
 
 mod config;
+mod connector;
 mod handshake;
 mod session;
 mod tls;
 mod transport;
 
 pub use config::{ALPN, CongestionControl, PeerVerification, QuicConfig, StreamMapping};
+pub use connector::{ConnectorStats, QuicConnector};
 pub use tls::{Fingerprint, Identity, roots_from_pem_file};
-pub use transport::{QuicListener, QuicTransport};
+pub use transport::{ListenerStats, QuicListener, QuicTransport};

@@ -185,6 +185,11 @@ pub(crate) fn server_crypto(config: &QuicConfig) -> Result<rustls::ServerConfig>
         .with_single_cert(id.chain.clone(), id.key.clone_key())
         .map_err(|e| tls_err("identity", e))?;
     tls.alpn_protocols = vec![config.alpn.clone()];
+    // QUIC allows only 0 or u32::MAX here. Tickets stay single-use (rustls's default
+    // in-memory session cache, no stateless ticketer), so a replayed first flight cannot
+    // have its early data accepted a second time.
+    tls.max_early_data_size = if config.zero_rtt { u32::MAX } else { 0 };
+    tls.send_tls13_tickets = 2;
     Ok(tls)
 }
 
@@ -218,6 +223,7 @@ pub(crate) fn client_crypto(config: &QuicConfig) -> Result<rustls::ClientConfig>
             .with_no_client_auth(),
     };
     tls.alpn_protocols = vec![config.alpn.clone()];
+    tls.enable_early_data = config.zero_rtt;
     Ok(tls)
 }
 

@@ -3,6 +3,7 @@
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use amst_core::{BoxFuture, Error, PathSample, Result, Transport, TransportMetrics};
 use bytes::Bytes;
@@ -11,6 +12,7 @@ use quinn::{ConnectionError, Endpoint, EndpointConfig, TokioRuntime};
 use tokio::sync::mpsc;
 
 use crate::config::{QuicConfig, SharedConfig};
+use crate::connector::{QuicConnector, tls_failure};
 use crate::handshake;
 use crate::session::Shared;
 use crate::tls::{self, Fingerprint};
@@ -22,9 +24,10 @@ use crate::tls::{self, Fingerprint};
 #[derive(Debug)]
 pub struct QuicTransport {
     shared: Arc<Shared>,
+    early: bool,
 }
 
-fn handshake_error(what: String, e: &ConnectionError, config: &QuicConfig) -> Error {
+pub(crate) fn handshake_error(what: String, e: &ConnectionError, config: &QuicConfig) -> Error {
     // quinn names TLS alerts only by number; say what the two common ones mean.
     let text = e.to_string();
     let hint = if text.contains("error 120") || text.contains("no_application_protocol") {
@@ -49,18 +52,17 @@ fn endpoint_error(e: io::Error) -> Error {
 }
 
 impl QuicTransport {
+    pub(crate) fn new(shared: Arc<Shared>, early: bool) -> Self {
+        QuicTransport { shared, early }
+    }
+
     /// Connects to a [`QuicListener`] at `addr`, from a fresh UDP socket on an ephemeral
     /// port. `server_name` is checked against the certificate with
     /// [`PeerVerification::Roots`](crate::PeerVerification::Roots) and ignored otherwise.
+    /// Each call starts without session tickets, so it never resumes: keep a
+    /// [`QuicConnector`] for reconnects in 0-RTT.
     pub async fn connect(addr: SocketAddr, server_name: &str, config: QuicConfig) -> Result<Self> {
-        let any: SocketAddr = if addr.is_ipv6() {
-            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-        } else {
-            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-        };
-        let socket =
-            UdpSocket::bind(any).map_err(|e| Error::io(format!("binding UDP {any}"), e))?;
-        Self::connect_with_socket(socket, addr, server_name, config).await
+        QuicConnector::new(config)?.connect(addr, server_name).await
     }
 
     /// Like [`connect`](Self::connect), from a socket the caller bound (for example inside
@@ -71,49 +73,16 @@ impl QuicTransport {
         server_name: &str,
         config: QuicConfig,
     ) -> Result<Self> {
-        config.validate()?;
-        let endpoint = Endpoint::new(
-            EndpointConfig::default(),
-            None,
-            socket,
-            Arc::new(TokioRuntime),
-        )
-        .map_err(endpoint_error)?;
-        let crypto = QuicClientConfig::try_from(tls::client_crypto(&config)?).map_err(|e| {
-            Error::Config {
-                field: "verification",
-                reason: e.to_string(),
-            }
-        })?;
-        let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-        client.transport_config(Arc::new(handshake::transport_config(&config)?));
-        let connecting = endpoint
-            .connect_with(client, addr, server_name)
-            .map_err(|e| Error::Config {
-                field: "server_name",
-                reason: format!("cannot connect to {addr} as {server_name:?}: {e}"),
-            })?;
-        let t = config.handshake_timeout;
-        let conn = tokio::time::timeout(t, connecting)
+        QuicConnector::new(config)?
+            .connect_with_socket(socket, addr, server_name)
             .await
-            .map_err(|_| Error::Timeout {
-                what: "the QUIC handshake",
-                after: t,
-            })?
-            .map_err(|e| {
-                handshake_error(format!("QUIC handshake with {addr} failed"), &e, &config)
-            })?;
-        let (control_tx, control_rx) = handshake::client(&conn, &config).await?;
-        tracing::debug!(%addr, cc = %config.congestion, "QUIC transport connected");
-        Ok(QuicTransport {
-            shared: Shared::start(
-                conn,
-                Some(endpoint),
-                Arc::new(config),
-                control_tx,
-                control_rx,
-            ),
-        })
+    }
+
+    /// Whether this connection's AMST Hello went in 0-RTT on a resumed TLS session and was
+    /// accepted (on the listener's side: arrived that way), which saved one round trip.
+    /// False for a full handshake, including a 0-RTT attempt the server rejected.
+    pub fn resumed_with_0rtt(&self) -> bool {
+        self.early
     }
 
     /// The quinn client configuration `connect` uses: TLS 1.3 on ring with the ALPN and
@@ -189,6 +158,7 @@ impl Transport for QuicTransport {
 pub struct QuicListener {
     endpoint: Endpoint,
     config: SharedConfig,
+    counters: Arc<ListenerCounters>,
     ready: tokio::sync::Mutex<mpsc::Receiver<Result<QuicTransport>>>,
     acceptor: tokio::task::JoinHandle<()>,
 }
@@ -199,11 +169,34 @@ impl Drop for QuicListener {
     }
 }
 
+/// What a [`QuicListener`] has seen.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenerStats {
+    /// Connections that completed the TLS and PSK handshakes.
+    pub sessions: u64,
+    /// Of those, the ones whose Hello came in 0-RTT.
+    pub sessions_early: u64,
+    /// Early (0-RTT) Hellos answered with a HelloAck before the TLS handshake completed,
+    /// including ones whose connection then never completed (for example a replay).
+    pub early_hellos_answered: u64,
+    /// Connections that failed the TLS or PSK handshake, or timed out in it.
+    pub handshakes_failed: u64,
+}
+
+#[derive(Debug, Default)]
+struct ListenerCounters {
+    sessions: AtomicU64,
+    sessions_early: AtomicU64,
+    early_hellos: AtomicU64,
+    failed: AtomicU64,
+}
+
 /// Accepts connections and runs their handshakes concurrently, so that a slow or silent
 /// client holds up only itself (for at most `handshake_timeout`), not the listener.
 async fn accept_loop(
     endpoint: Endpoint,
     config: SharedConfig,
+    counters: Arc<ListenerCounters>,
     ready: mpsc::Sender<Result<QuicTransport>>,
 ) {
     // Bounds the handshakes in progress, so a flood of connections cannot pile up tasks.
@@ -212,9 +205,20 @@ async fn accept_loop(
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
         };
-        let (config, ready) = (config.clone(), ready.clone());
+        let (config, ready, counters) = (config.clone(), ready.clone(), counters.clone());
         tokio::spawn(async move {
-            let r = handshake_incoming(incoming, config).await;
+            let r = handshake_incoming(incoming, config, &counters).await;
+            match &r {
+                Ok(t) => {
+                    counters.sessions.fetch_add(1, Ordering::Relaxed);
+                    if t.early {
+                        counters.sessions_early.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Err(_) => {
+                    counters.failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
             drop(permit);
             let _ = ready.send(r).await;
         });
@@ -224,25 +228,48 @@ async fn accept_loop(
 async fn handshake_incoming(
     incoming: quinn::Incoming,
     config: SharedConfig,
+    counters: &ListenerCounters,
 ) -> Result<QuicTransport> {
     let remote = incoming.remote_address();
     let what = || format!("QUIC handshake from {remote} failed");
     let connecting = incoming
         .accept()
         .map_err(|e| handshake_error(what(), &e, &config))?;
-    let t = config.handshake_timeout;
-    let conn = tokio::time::timeout(t, connecting)
-        .await
-        .map_err(|_| Error::Timeout {
-            what: "the QUIC handshake",
-            after: t,
-        })?
-        .map_err(|e| handshake_error(what(), &e, &config))?;
-    let (control_tx, control_rx) = handshake::server(&conn, &config).await?;
-    tracing::debug!(%remote, "QUIC transport accepted");
-    Ok(QuicTransport {
-        shared: Shared::start(conn, None, config, control_tx, control_rx),
-    })
+    let answered = || {
+        counters.early_hellos.fetch_add(1, Ordering::Relaxed);
+    };
+    // With 0-RTT on, the connection is usable at once (0.5-RTT) so that an early Hello can be
+    // answered in the server's first flight; `handshake::server` does nothing else before the
+    // handshake completes. On the server side `into_0rtt` always succeeds.
+    let early = if config.zero_rtt {
+        connecting.into_0rtt()
+    } else {
+        Err(connecting)
+    };
+    let (conn, accepted) = match early {
+        Ok((conn, complete)) => {
+            let r = handshake::server(&conn, &config, complete, answered).await;
+            let r = r.map_err(|e| tls_failure(&conn, e, what(), &config));
+            (conn, r?)
+        }
+        Err(connecting) => {
+            let t = config.handshake_timeout;
+            let conn = tokio::time::timeout(t, connecting)
+                .await
+                .map_err(|_| Error::Timeout {
+                    what: "the QUIC handshake",
+                    after: t,
+                })?
+                .map_err(|e| handshake_error(what(), &e, &config))?;
+            let r = handshake::server(&conn, &config, std::future::ready(true), answered).await;
+            (conn, r?)
+        }
+    };
+    tracing::debug!(%remote, early = accepted.early, "QUIC transport accepted");
+    Ok(QuicTransport::new(
+        Shared::start(conn, None, config, accepted.control_tx, accepted.control_rx),
+        accepted.early,
+    ))
 }
 
 impl QuicListener {
@@ -273,11 +300,18 @@ impl QuicListener {
         )
         .map_err(endpoint_error)?;
         let config = Arc::new(config);
+        let counters = Arc::new(ListenerCounters::default());
         let (tx, rx) = mpsc::channel(16);
-        let acceptor = tokio::spawn(accept_loop(endpoint.clone(), config.clone(), tx));
+        let acceptor = tokio::spawn(accept_loop(
+            endpoint.clone(),
+            config.clone(),
+            counters.clone(),
+            tx,
+        ));
         Ok(QuicListener {
             endpoint,
             config,
+            counters,
             ready: tokio::sync::Mutex::new(rx),
             acceptor,
         })
@@ -288,6 +322,17 @@ impl QuicListener {
         self.endpoint
             .local_addr()
             .map_err(|e| Error::io("reading the listener's address", e))
+    }
+
+    /// Counts of sessions, early Hellos and failed handshakes.
+    pub fn stats(&self) -> ListenerStats {
+        let c = &self.counters;
+        ListenerStats {
+            sessions: c.sessions.load(Ordering::Relaxed),
+            sessions_early: c.sessions_early.load(Ordering::Relaxed),
+            early_hellos_answered: c.early_hellos.load(Ordering::Relaxed),
+            handshakes_failed: c.failed.load(Ordering::Relaxed),
+        }
     }
 
     /// The fingerprint of the certificate it presents, for a client to pin.
