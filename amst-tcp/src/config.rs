@@ -5,6 +5,8 @@ use std::time::Duration;
 use amst_core::codec::{PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, Psk};
 use amst_core::{Error, Result};
 
+use crate::tls::TcpTls;
+
 /// Smallest chunk the adaptive tuner picks.
 pub const MIN_CHUNK: usize = 16 << 10;
 /// Largest chunk the adaptive tuner picks.
@@ -95,13 +97,20 @@ pub struct TcpConfig {
     pub adapt_period: Duration,
     /// Most concurrent sessions a listener serves.
     pub max_sessions: usize,
+    /// Most connections a listener lets run their handshake at once; beyond it, new
+    /// connections are closed at once (slowloris protection).
+    pub max_pending_handshakes: usize,
+    /// TLS 1.3 on every stream, or `None` for plain TCP. Both sides must agree. Plain TCP is
+    /// authenticated (PSK) but readable on the wire.
+    pub tls: Option<TcpTls>,
     /// Protocol versions offered or accepted; for compatibility tests.
     #[doc(hidden)]
     pub versions: (u16, u16),
 }
 
 impl TcpConfig {
-    /// The internet profile: 8 streams (4–16), BBR, pacing on, 128 KiB chunks.
+    /// The internet profile: 8 streams (4–16), BBR, pacing on, 128 KiB chunks, TLS on
+    /// ([`TcpTls::psk_bound`]).
     pub fn internet(psk: Psk) -> Self {
         TcpConfig {
             profile: Profile::Internet,
@@ -127,11 +136,14 @@ impl TcpConfig {
             sample_period: Duration::from_millis(100),
             adapt_period: Duration::from_secs(1),
             max_sessions: 1024,
+            max_pending_handshakes: 256,
+            tls: Some(TcpTls::psk_bound()),
             versions: (PROTOCOL_VERSION_MIN, PROTOCOL_VERSION_MAX),
         }
     }
 
-    /// The datacenter profile: 64 streams (32–512), CUBIC, no pacing, 512 KiB chunks.
+    /// The datacenter profile: 64 streams (32–512), CUBIC, no pacing, 512 KiB chunks, TLS
+    /// off.
     pub fn datacenter(psk: Psk) -> Self {
         TcpConfig {
             profile: Profile::Datacenter,
@@ -146,8 +158,15 @@ impl TcpConfig {
             stall_timeout: Duration::from_secs(1),
             reconnect_timeout: Duration::from_secs(10),
             notsent_lowat: Some(1 << 20),
+            tls: None,
             ..TcpConfig::internet(psk)
         }
+    }
+
+    /// Turns TLS on with these settings, or off with `None`.
+    pub fn with_tls(mut self, tls: Option<TcpTls>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Sets the stream count at connect and widens the bounds to include it.
@@ -211,6 +230,12 @@ impl TcpConfig {
         }
         if self.sample_period.is_zero() {
             return bad("sample_period", "is 0".into());
+        }
+        if self.max_pending_handshakes == 0 {
+            return bad("max_pending_handshakes", "is 0; at least 1".into());
+        }
+        if let Some(tls) = &self.tls {
+            tls.validate()?;
         }
         Ok(())
     }

@@ -12,45 +12,46 @@ use amst_core::codec::{
 };
 use amst_core::{Error, ProtocolError, Result};
 use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{info, warn};
 
 use crate::config::TcpConfig;
+use crate::conn::Conn;
 use crate::session::{Fatal, Shared, hex, lock};
 use crate::sockopt::{self, Applied};
+use crate::tls::{ClientTls, ServerTls};
 
 /// Capabilities this transport offers.
 pub(crate) const CAPABILITIES: u64 = capabilities::HYBRID;
 
 /// A stream that passed the handshake, with bytes read past it.
 pub(crate) struct Authenticated {
-    pub stream: TcpStream,
+    pub stream: Conn,
     pub established: Established,
     pub leftover: BytesMut,
     pub applied: Applied,
 }
 
-async fn write_frame(stream: &TcpStream, frame: &Frame) -> Result<()> {
+/// The first byte of a TLS ClientHello record (content type "handshake").
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+async fn write_frame(stream: &mut Conn, frame: &Frame) -> Result<()> {
     let bytes = frame.to_bytes();
-    let mut off = 0;
-    while off < bytes.len() {
-        stream
-            .writable()
-            .await
-            .map_err(|e| Error::io("writing a handshake frame", e))?;
-        match stream.try_write(&bytes[off..]) {
-            Ok(n) => off += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(Error::io("writing a handshake frame", e)),
-        }
-    }
-    Ok(())
+    stream
+        .write_all(&bytes)
+        .await
+        .map_err(|e| Error::io("writing a handshake frame", e))?;
+    stream
+        .flush()
+        .await
+        .map_err(|e| Error::io("writing a handshake frame", e))
 }
 
 /// Reads one handshake frame. Only `allowed` kinds are accepted, judged from the first byte,
 /// so that nothing before the proof can make us buffer more than a Hello.
 async fn read_frame(
-    stream: &TcpStream,
+    stream: &mut Conn,
     buf: &mut BytesMut,
     decoder: &Decoder,
     allowed: &[FrameKind],
@@ -70,24 +71,22 @@ async fn read_frame(
             return Ok(f);
         }
         buf.reserve(256);
-        stream
-            .readable()
+        // Never more than the reservation: a Hello is small, and the rest of the buffer
+        // stays for frames after the handshake.
+        let n = (&mut *stream)
+            .take(256)
+            .read_buf(buf)
             .await
             .map_err(|e| Error::io("reading a handshake frame", e))?;
-        match stream.try_read_buf(buf) {
-            Ok(0) => {
-                decoder.decode_eof(buf)?;
-                return Err(Error::io(
-                    "reading a handshake frame",
-                    io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the peer closed the connection during the handshake",
-                    ),
-                ));
-            }
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(Error::io("reading a handshake frame", e)),
+        if n == 0 {
+            decoder.decode_eof(buf)?;
+            return Err(Error::io(
+                "reading a handshake frame",
+                io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the peer closed the connection during the handshake",
+                ),
+            ));
         }
     }
 }
@@ -107,15 +106,17 @@ fn handshake_decoder() -> Decoder {
     Decoder::default()
 }
 
-/// Dials one stream and authenticates it: a new session when `session` is `None`.
+/// Dials one stream and authenticates it: a new session when `session` is `None`. `tls` is
+/// the session's TLS client, if TLS is on.
 pub(crate) async fn dial(
     addr: SocketAddr,
     config: &TcpConfig,
+    tls: Option<&ClientTls>,
     session: Option<SessionId>,
     slot: u16,
 ) -> Result<Authenticated> {
     let limit = config.handshake_timeout;
-    tokio::time::timeout(limit, dial_inner(addr, config, session, slot))
+    tokio::time::timeout(limit, dial_inner(addr, config, tls, session, slot))
         .await
         .map_err(|_| Error::Timeout {
             what: "connecting and authenticating a stream",
@@ -126,6 +127,7 @@ pub(crate) async fn dial(
 async fn dial_inner(
     addr: SocketAddr,
     config: &TcpConfig,
+    tls: Option<&ClientTls>,
     session: Option<SessionId>,
     slot: u16,
 ) -> Result<Authenticated> {
@@ -133,20 +135,34 @@ async fn dial_inner(
         .await
         .map_err(|e| Error::io(format!("connecting to {addr}"), e))?;
     let applied = sockopt::tune(&stream, config);
+    // With TLS, the nonce is the session's exporter secret: the server checks it, which
+    // binds the PSK proof to this TLS session.
+    let (mut stream, nonce) = match tls {
+        None => (Conn::Plain(stream), random_bytes()),
+        Some(t) => {
+            let s = t
+                .connector
+                .connect(t.name.clone(), stream)
+                .await
+                .map_err(|e| crate::tls::dial_error(addr, e))?;
+            let nonce = crate::tls::binding(s.get_ref().1)?;
+            (Conn::Tls(Box::new(s.into())), nonce)
+        }
+    };
     let (hs, hello) = ClientHandshake::with_versions(
         config.psk.clone(),
-        random_bytes(),
+        nonce,
         session.unwrap_or([0; 16]),
         slot,
         config.max_streams as u16,
         CAPABILITIES,
         config.versions,
     );
-    write_frame(&stream, &Frame::Hello(hello)).await?;
+    write_frame(&mut stream, &Frame::Hello(hello)).await?;
     let decoder = handshake_decoder();
     let mut buf = BytesMut::with_capacity(256);
     let ack = match read_frame(
-        &stream,
+        &mut stream,
         &mut buf,
         &decoder,
         &[FrameKind::HelloAck, FrameKind::Close],
@@ -165,7 +181,7 @@ async fn dial_inner(
         }
     };
     let (proof, established) = hs.on_hello_ack(&ack)?;
-    write_frame(&stream, &Frame::Auth(proof)).await?;
+    write_frame(&mut stream, &Frame::Auth(proof)).await?;
     Ok(Authenticated {
         stream,
         established,
@@ -182,30 +198,34 @@ pub(crate) enum Accepted {
     Join(Arc<Shared>, Authenticated),
 }
 
-/// Runs the server side of the handshake on a freshly accepted stream. `find` looks a
-/// session up by id; `session_cap` says why no new session may start, if it may not. On failure the peer gets a Close naming the reason.
+/// Runs the server side of the handshake on a freshly accepted stream: TLS first if `tls`
+/// is set, then the PSK handshake. `find` looks a session up by id; `session_cap` says why
+/// no new session may start, if it may not. On failure the peer gets a Close naming the
+/// reason.
 pub(crate) async fn accept(
     stream: TcpStream,
     config: &TcpConfig,
+    tls: Option<&ServerTls>,
     find: impl Fn(&SessionId) -> Option<Arc<Shared>>,
     session_cap: impl Fn() -> Option<String>,
 ) -> Result<Accepted> {
     let limit = config.handshake_timeout;
-    let result =
-        tokio::time::timeout(limit, accept_inner(&stream, config, find, session_cap)).await;
-    let (session, established, leftover) = match result {
-        Ok(Ok(v)) => v,
-        Ok(Err(e)) => {
-            let code = match &e {
-                Error::Protocol(ProtocolError::AuthFailed) => CloseCode::AuthFailed,
-                Error::Config { .. } => CloseCode::LimitExceeded,
-                _ => CloseCode::ProtocolError,
-            };
-            if !matches!(e, Error::Io { .. }) {
-                let _ = write_frame(&stream, &Frame::Close(Close::new(code, e.to_string()))).await;
+    let applied = sockopt::tune(&stream, config);
+    let result = tokio::time::timeout(limit, async move {
+        let (mut conn, binding) = start_tls(stream, tls).await?;
+        match accept_inner(&mut conn, config, binding, find, session_cap).await {
+            Ok((session, established, leftover)) => Ok((conn, session, established, leftover)),
+            Err(e) => {
+                if !matches!(e, Error::Io { .. }) {
+                    let _ = write_frame(&mut conn, &Frame::Close(close_for(&e))).await;
+                }
+                Err(e)
             }
-            return Err(e);
         }
+    })
+    .await;
+    let (stream, session, established, leftover) = match result {
+        Ok(r) => r?,
         Err(_) => {
             return Err(Error::Timeout {
                 what: "waiting for the client's handshake",
@@ -213,7 +233,6 @@ pub(crate) async fn accept(
             });
         }
     };
-    let applied = sockopt::tune(&stream, config);
     let auth = Authenticated {
         stream,
         established,
@@ -226,9 +245,67 @@ pub(crate) async fn accept(
     })
 }
 
+fn close_for(e: &Error) -> Close {
+    let code = match e {
+        Error::Protocol(ProtocolError::AuthFailed) => CloseCode::AuthFailed,
+        Error::Config { field, .. } if field.starts_with("max_") => CloseCode::LimitExceeded,
+        _ => CloseCode::ProtocolError,
+    };
+    Close::new(code, e.to_string())
+}
+
+/// Looks at the first byte the client sent: a TLS ClientHello when TLS is on, an AMST Hello
+/// when it is off. A mismatch is refused at once with an error naming `tls`; a plaintext
+/// client is told so in plaintext, which it can read.
+async fn start_tls(stream: TcpStream, tls: Option<&ServerTls>) -> Result<(Conn, Option<[u8; 32]>)> {
+    let mut first = [0u8; 1];
+    let n = stream
+        .peek(&mut first)
+        .await
+        .map_err(|e| Error::io("reading a handshake frame", e))?;
+    let speaks_tls = n == 1 && first[0] == TLS_HANDSHAKE_RECORD;
+    match tls {
+        Some(t) if speaks_tls => {
+            let s = t
+                .acceptor
+                .accept(stream)
+                .await
+                .map_err(|e| Error::io("TLS handshake", e))?;
+            let binding = crate::tls::binding(s.get_ref().1)?;
+            Ok((Conn::Tls(Box::new(s.into())), Some(binding)))
+        }
+        Some(_) if n == 1 => {
+            let e = Error::Config {
+                field: "tls",
+                reason: "is on at this server, but the client spoke plaintext AMST: both sides \
+                         must set `tls` alike"
+                    .into(),
+            };
+            let mut conn = Conn::Plain(stream);
+            let _ = write_frame(&mut conn, &Frame::Close(close_for(&e))).await;
+            Err(e)
+        }
+        None if speaks_tls => {
+            let e = Error::Config {
+                field: "tls",
+                reason: "is off at this server, but the client started a TLS handshake: both \
+                         sides must set `tls` alike"
+                    .into(),
+            };
+            // The client cannot read a plaintext Close, but seeing plaintext is how it
+            // learns that TLS is off here.
+            let mut conn = Conn::Plain(stream);
+            let _ = write_frame(&mut conn, &Frame::Close(close_for(&e))).await;
+            Err(e)
+        }
+        _ => Ok((Conn::Plain(stream), None)),
+    }
+}
+
 async fn accept_inner(
-    stream: &TcpStream,
+    stream: &mut Conn,
     config: &TcpConfig,
+    binding: Option<[u8; 32]>,
     find: impl Fn(&SessionId) -> Option<Arc<Shared>>,
     session_cap: impl Fn() -> Option<String>,
 ) -> Result<(Option<Arc<Shared>>, Established, BytesMut)> {
@@ -252,6 +329,11 @@ async fn accept_inner(
             .into());
         }
     };
+    if binding.is_some_and(|b| hello.nonce != b) {
+        // Relayed from another TLS session: someone in the middle.
+        warn!("PSK handshake not bound to this TLS session");
+        return Err(ProtocolError::AuthFailed.into());
+    }
     let (session, id) = if hello.session_id == [0; 16] {
         if let Some(reason) = session_cap() {
             return Err(Error::Config {
@@ -330,7 +412,15 @@ pub(crate) async fn redial(shared: Arc<Shared>, addr: SocketAddr, slot: u16) {
         if shared.stream_count() >= target {
             return;
         }
-        match dial(addr, &shared.config, Some(shared.session_id), slot).await {
+        match dial(
+            addr,
+            &shared.config,
+            shared.client_tls.as_ref(),
+            Some(shared.session_id),
+            slot,
+        )
+        .await
+        {
             Ok(a) => {
                 match shared.attach(a.stream, slot, a.leftover, a.applied) {
                     Ok(path) => info!(session = %hex(&shared.session_id), slot, path,

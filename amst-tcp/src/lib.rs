@@ -35,6 +35,7 @@
 //! ```
 
 mod config;
+mod conn;
 mod handshake;
 mod listener;
 mod monitor;
@@ -43,6 +44,7 @@ mod session;
 mod sockopt;
 mod stats;
 mod stream;
+mod tls;
 mod transport;
 pub mod tuner;
 
@@ -50,4 +52,5 @@ pub use config::{Congestion, MAX_CHUNK, MIN_CHUNK, Profile, TcpConfig};
 pub use listener::TcpListener;
 pub use sockopt::{Applied, TcpInfo};
 pub use stats::{BufferStats, StreamStats};
+pub use tls::{Fingerprint, Identity, TcpTls, TlsVerify, roots_from_pem_file};
 pub use transport::TcpTransport;

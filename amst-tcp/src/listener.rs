@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -15,6 +16,7 @@ use tracing::{debug, info, warn};
 use crate::config::TcpConfig;
 use crate::handshake::{self, Accepted};
 use crate::session::{Role, Shared, hex, lock};
+use crate::tls::{Fingerprint, ServerTls};
 use crate::transport::TcpTransport;
 
 type Sessions = Arc<Mutex<HashMap<SessionId, Weak<Shared>>>>;
@@ -25,6 +27,8 @@ type Sessions = Arc<Mutex<HashMap<SessionId, Weak<Shared>>>>;
 #[derive(Debug)]
 pub struct TcpListener {
     local: SocketAddr,
+    pending: Arc<AtomicUsize>,
+    fingerprint: Option<Fingerprint>,
     incoming: tokio::sync::Mutex<mpsc::Receiver<TcpTransport>>,
     task: AbortHandle,
 }
@@ -65,6 +69,8 @@ impl TcpListener {
     /// Binds and starts accepting in the background.
     pub async fn bind(addr: SocketAddr, config: TcpConfig) -> Result<Self> {
         config.validate()?;
+        let tls = config.tls.as_ref().map(crate::tls::server).transpose()?;
+        let fingerprint = tls.as_ref().map(|t| t.fingerprint);
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| Error::io(format!("binding {addr}"), e))?;
@@ -72,10 +78,19 @@ impl TcpListener {
             .local_addr()
             .map_err(|e| Error::io("reading the bound address", e))?;
         let (tx, rx) = mpsc::channel(64);
-        let task = tokio::spawn(accept_loop(listener, Arc::new(config), tx));
-        info!(%local, "listening");
+        let pending = Arc::new(AtomicUsize::new(0));
+        let task = tokio::spawn(accept_loop(
+            listener,
+            Arc::new(config),
+            tls,
+            pending.clone(),
+            tx,
+        ));
+        info!(%local, tls = ?fingerprint, "listening");
         Ok(TcpListener {
             local,
+            pending,
+            fingerprint,
             incoming: tokio::sync::Mutex::new(rx),
             task: task.abort_handle(),
         })
@@ -84,6 +99,18 @@ impl TcpListener {
     /// The address actually bound (useful after binding port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local
+    }
+
+    /// The SHA-256 fingerprint of the certificate this listener presents, if TLS is on; a
+    /// client pins it with [`TcpTls::pinned`](crate::TcpTls::pinned).
+    pub fn fingerprint(&self) -> Option<Fingerprint> {
+        self.fingerprint
+    }
+
+    /// Connections whose handshake is in progress now (at most
+    /// [`max_pending_handshakes`](TcpConfig::max_pending_handshakes)).
+    pub fn pending_handshakes(&self) -> usize {
+        self.pending.load(Ordering::Relaxed)
     }
 
     /// The next authenticated session.
@@ -99,9 +126,20 @@ impl Drop for TcpListener {
     }
 }
 
+/// Counts a connection as pending for as long as it lives, even if its task is aborted.
+struct PendingGuard(Arc<AtomicUsize>);
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 async fn accept_loop(
     listener: tokio::net::TcpListener,
     config: Arc<TcpConfig>,
+    tls: Option<ServerTls>,
+    pending: Arc<AtomicUsize>,
     out: mpsc::Sender<TcpTransport>,
 ) {
     let sessions: Sessions = Arc::default();
@@ -120,11 +158,27 @@ async fn accept_loop(
                 continue;
             }
         };
-        let (config, sessions, out, rejects) = (
+        // Only the accept loop increments, so checking then adding cannot overshoot.
+        if pending.load(Ordering::Relaxed) >= config.max_pending_handshakes {
+            drop(stream);
+            let e = Error::Config {
+                field: "max_pending_handshakes",
+                reason: format!(
+                    "{} handshakes are already in progress; connection closed at once",
+                    config.max_pending_handshakes
+                ),
+            };
+            lock(&rejects).log(peer, &e);
+            continue;
+        }
+        pending.fetch_add(1, Ordering::Relaxed);
+        let guard = PendingGuard(pending.clone());
+        let (config, sessions, out, rejects, tls) = (
             config.clone(),
             sessions.clone(),
             out.clone(),
             rejects.clone(),
+            tls.clone(),
         );
         tokio::spawn(async move {
             let find = |id: &SessionId| lock(&sessions).get(id).and_then(Weak::upgrade);
@@ -134,7 +188,9 @@ async fn accept_loop(
                 (map.len() >= config.max_sessions)
                     .then(|| format!("this server already serves {} sessions", map.len()))
             };
-            let accepted = match handshake::accept(stream, &config, find, cap).await {
+            let accepted = handshake::accept(stream, &config, tls.as_ref(), find, cap).await;
+            drop(guard);
+            let accepted = match accepted {
                 Ok(a) => a,
                 Err(e) => {
                     lock(&rejects).log(peer, &e);
@@ -166,15 +222,18 @@ async fn accept_loop(
                             return;
                         }
                     }
-                    let shared = Shared::new((*config).clone(), Role::Server, id);
+                    let shared = Shared::new((*config).clone(), None, Role::Server, id);
+                    // Findable before the first frame goes out: the client dials its other
+                    // streams once it hears from us.
+                    lock(&sessions).insert(id, Arc::downgrade(&shared));
                     if let Err(e) =
                         shared.attach(a.stream, a.established.stream_index, a.leftover, a.applied)
                     {
                         warn!(%peer, error = %e, "first stream not attached");
+                        lock(&sessions).remove(&id);
                         shared.teardown();
                         return;
                     }
-                    lock(&sessions).insert(id, Arc::downgrade(&shared));
                     debug!(%peer, session = %hex(&id), "session accepted");
                     let transport = TcpTransport::from_shared(shared);
                     if out.send(transport).await.is_err() {

@@ -14,12 +14,12 @@ use amst_core::codec::{CloseCode, Frame, Limits, SessionId};
 use amst_core::{Error, PathId, ProtocolError, Reassembler, ReassemblyConfig, SendBuffer};
 use bytes::BytesMut;
 use socket2::Socket;
-use tokio::net::TcpStream;
 use tokio::sync::{Notify, oneshot};
 use tokio::task::AbortHandle;
 use tracing::{debug, info, warn};
 
 use crate::config::TcpConfig;
+use crate::conn::Conn;
 use crate::sockopt::{self, Applied};
 use crate::stats::{BufferStats, StreamCtl, StreamStats};
 
@@ -97,6 +97,8 @@ pub(crate) struct StreamEntry {
 /// Everything the stream tasks, the monitor and the public handle share.
 pub(crate) struct Shared {
     pub config: TcpConfig,
+    /// The client's TLS settings, built once so that every stream of the session uses them.
+    pub client_tls: Option<crate::tls::ClientTls>,
     pub role: Role,
     pub session_id: SessionId,
     pub limits: Limits,
@@ -142,6 +144,10 @@ pub(crate) struct Shared {
     pub min_rtt_us: AtomicU64,
     /// When a frame last arrived from the peer, ns since `epoch`.
     pub last_heard: AtomicU64,
+    /// A frame has arrived from the peer since the session started.
+    pub heard: AtomicBool,
+    /// The session failed locally: writers send the Close and half-close, readers drain.
+    pub failing: AtomicBool,
 }
 
 impl std::fmt::Debug for Shared {
@@ -166,8 +172,17 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// short against any RTT that matters for `flush`.
 pub(crate) const ACK_DELAY: Duration = Duration::from_millis(1);
 
+/// Longest wait, after this side failed the session, for the peer to read our Close and
+/// close its streams.
+const FAIL_LINGER: Duration = Duration::from_secs(2);
+
 impl Shared {
-    pub(crate) fn new(config: TcpConfig, role: Role, session_id: SessionId) -> Arc<Self> {
+    pub(crate) fn new(
+        config: TcpConfig,
+        client_tls: Option<crate::tls::ClientTls>,
+        role: Role,
+        session_id: SessionId,
+    ) -> Arc<Self> {
         let limits = Limits {
             max_message: config.max_message,
             ..Limits::default()
@@ -192,6 +207,7 @@ impl Shared {
                 peak: 0,
             }),
             config,
+            client_tls,
             role,
             session_id,
             limits,
@@ -221,6 +237,8 @@ impl Shared {
             srtt_us: AtomicU64::new(0),
             min_rtt_us: AtomicU64::new(0),
             last_heard: AtomicU64::new(0),
+            heard: AtomicBool::new(false),
+            failing: AtomicBool::new(false),
         });
         let monitor = tokio::spawn(crate::monitor::run(shared.clone()));
         lock(&shared.tasks).push(monitor.abort_handle());
@@ -320,33 +338,46 @@ impl Shared {
             warn!(session = %hex(&self.session_id), error = %fatal.to_error(), "session failed");
             life.fatal = Some(fatal.clone());
         }
-        self.wake_all();
         if matches!(fatal, Fatal::PeerClosed { .. }) || self.stream_count() == 0 {
+            self.wake_all();
             self.teardown();
             return;
         }
-        // Tell the peer why through a writer (never by writing to a socket a writer may be
-        // in the middle of a frame on), then tear down once it is out or after a grace period.
-        let gen_ = self.queue_frame(Frame::Close(amst_core::codec::Close::new(
-            fatal.close_code(),
-            fatal.to_error().to_string(),
-        )));
+        // Tell the peer why on every stream (writers finish the frame they are on, send the
+        // Close and half-close) and keep reading until it closes, then tear down. Closing
+        // at once would reset connections with unread data and could destroy the Close, and
+        // the peer would re-dial instead of reporting our reason.
+        self.failing.store(true, Ordering::Release);
+        self.wake_all();
+        for e in lock(&self.streams).iter() {
+            e.ctl.wake.notify_one();
+        }
         let me = self.clone();
         tokio::spawn(async move {
-            let deadline = tokio::time::Instant::now() + Duration::from_millis(250);
+            let deadline = tokio::time::Instant::now() + FAIL_LINGER;
             loop {
-                let written = me.ctrl_written.notified();
-                tokio::pin!(written);
-                written.as_mut().enable();
-                if me.ctrl_written_gen.load(Ordering::Acquire) >= gen_ {
+                let changed = me.streams_changed.notified();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                if me.stream_count() == 0 {
                     break;
                 }
-                if tokio::time::timeout_at(deadline, written).await.is_err() {
+                if tokio::time::timeout_at(deadline, changed).await.is_err() {
                     break;
                 }
             }
             me.teardown();
         });
+    }
+
+    /// The Close that tells the peer why this session failed, once it has.
+    pub(crate) fn fatal_close(&self) -> Option<Frame> {
+        let life = lock(&self.life);
+        let f = life.fatal.as_ref()?;
+        Some(Frame::Close(amst_core::codec::Close::new(
+            f.close_code(),
+            f.to_error().to_string(),
+        )))
     }
 
     /// Aborts every task and shuts every stream. Idempotent.
@@ -398,19 +429,20 @@ impl Shared {
     /// Puts an authenticated stream to work: a reader and a writer task.
     pub(crate) fn attach(
         self: &Arc<Self>,
-        stream: TcpStream,
+        stream: Conn,
         slot: u16,
         leftover: BytesMut,
         applied: Applied,
     ) -> Result<PathId, Error> {
         let sock = Arc::new(
-            socket2::SockRef::from(&stream)
+            socket2::SockRef::from(stream.tcp())
                 .try_clone()
                 .map_err(|e| Error::io("duplicating a stream descriptor", e))?,
         );
         let path = self.next_path.fetch_add(1, Ordering::Relaxed);
         let ctl = Arc::new(StreamCtl::default());
-        let stream = Arc::new(stream);
+        let tls = stream.is_tls();
+        let (read_side, write_side) = stream.split();
         let mut streams = lock(&self.streams);
         {
             let life = lock(&self.life);
@@ -431,14 +463,14 @@ impl Shared {
             self.clone(),
             path,
             ctl.clone(),
-            stream.clone(),
+            read_side,
             leftover,
         ));
         let writer = tokio::spawn(crate::stream::writer(
             self.clone(),
             path,
             ctl.clone(),
-            stream,
+            write_side,
         ));
         streams.push(StreamEntry {
             path,
@@ -458,7 +490,7 @@ impl Shared {
         self.request_ack();
         self.tx_wake.notify_one();
         self.streams_changed.notify_waiters();
-        debug!(session = %hex(&self.session_id), path, slot, streams = n, congestion = %applied.congestion, "stream attached");
+        debug!(session = %hex(&self.session_id), path, slot, streams = n, tls, congestion = %applied.congestion, "stream attached");
         Ok(path)
     }
 
@@ -553,7 +585,14 @@ impl Shared {
         let Some(slot) = self.free_slot() else {
             return;
         };
-        match crate::handshake::dial(addr, &self.config, Some(self.session_id), slot).await {
+        let dialled = crate::handshake::dial(
+            addr,
+            &self.config,
+            self.client_tls.as_ref(),
+            Some(self.session_id),
+            slot,
+        );
+        match dialled.await {
             Ok(a) => {
                 if let Err(e) = self.attach(a.stream, slot, a.leftover, a.applied) {
                     debug!(slot, error = %e, "added stream not attached");

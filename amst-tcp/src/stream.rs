@@ -14,8 +14,9 @@ use std::time::Instant;
 use amst_core::codec::{Close, CloseCode, DATA_HEADER_LEN, DataChunk, Decoder, Frame, Pong};
 use amst_core::{Inserted, PathId};
 use bytes::BytesMut;
-use tokio::net::TcpStream;
 use tracing::{debug, trace};
+
+use crate::conn::{ReadSide, WriteSide};
 
 use crate::session::{Fatal, Shared, lock};
 use crate::stats::StreamCtl;
@@ -30,9 +31,9 @@ pub(crate) async fn writer(
     shared: Arc<Shared>,
     path: PathId,
     ctl: Arc<StreamCtl>,
-    stream: Arc<TcpStream>,
+    mut stream: WriteSide,
 ) {
-    let result = write_loop(&shared, path, &ctl, &stream).await;
+    let result = write_loop(&shared, path, &ctl, &mut stream).await;
     match result {
         Ok(()) => {
             // Stopped on purpose: the reader ends the stream when the peer's FIN arrives.
@@ -57,7 +58,7 @@ async fn write_loop(
     shared: &Shared,
     path: PathId,
     ctl: &StreamCtl,
-    stream: &TcpStream,
+    stream: &mut WriteSide,
 ) -> io::Result<()> {
     let mut control = BytesMut::with_capacity(4096);
     let mut batch: Vec<DataChunk> = Vec::with_capacity(MAX_BATCH);
@@ -70,6 +71,17 @@ async fn write_loop(
         tokio::pin!(stream_woken);
         stream_woken.as_mut().enable();
 
+        if shared.failing.load(Ordering::Relaxed) {
+            // Every stream carries the reason, after whole frames only, then half-closes:
+            // whichever stream the peer reads first tells it why.
+            control.clear();
+            if let Some(close) = shared.fatal_close() {
+                close.encode(&mut control);
+                write_all(stream, &control, &[], &[]).await?;
+            }
+            stream.shutdown_write().await;
+            return Ok(());
+        }
         control.clear();
         let took_queued = shared.take_control(&mut control);
         batch.clear();
@@ -81,7 +93,7 @@ async fn write_loop(
             Frame::Close(Close::new(CloseCode::StreamClosed, "stream removed"))
                 .encode(&mut control);
             write_all(stream, &control, &[], &[]).await?;
-            stream_shutdown_write(stream);
+            stream.shutdown_write().await;
             return Ok(());
         }
         if control.is_empty() && batch.is_empty() {
@@ -143,7 +155,7 @@ fn take_chunks(shared: &Shared, path: PathId, batch: &mut Vec<DataChunk>) {
 /// Writes control bytes, then each header followed by its payload, with as few syscalls as
 /// the socket allows.
 async fn write_all(
-    stream: &TcpStream,
+    stream: &mut WriteSide,
     control: &[u8],
     headers: &[[u8; DATA_HEADER_LEN]],
     chunks: &[DataChunk],
@@ -158,20 +170,7 @@ async fn write_all(
             slices.push(IoSlice::new(&c.payload));
         }
     }
-    let mut rest: &mut [IoSlice<'_>] = &mut slices;
-    while !rest.is_empty() {
-        match stream.try_write_vectored(rest) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => IoSlice::advance_slices(&mut rest, n),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.writable().await?,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-fn stream_shutdown_write(stream: &TcpStream) {
-    let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write);
+    stream.write_all_vectored(&mut slices).await
 }
 
 /// How a reader ended.
@@ -187,15 +186,15 @@ pub(crate) async fn reader(
     shared: Arc<Shared>,
     path: PathId,
     ctl: Arc<StreamCtl>,
-    stream: Arc<TcpStream>,
+    mut stream: ReadSide,
     leftover: BytesMut,
 ) {
-    match read_loop(&shared, path, &ctl, &stream, leftover).await {
+    match read_loop(&shared, path, &ctl, &mut stream, leftover).await {
         Ok(ReadEnd::Eof) => {
             let graceful = ctl.stopping();
             shared.stream_ended(path, graceful, "peer closed the stream");
         }
-        Ok(ReadEnd::Fatal) => {}
+        Ok(ReadEnd::Fatal) => shared.stream_ended(path, true, "session failed"),
         Err(e) => shared.stream_ended(path, false, &format!("read failed: {e}")),
     }
 }
@@ -204,7 +203,7 @@ async fn read_loop(
     shared: &Arc<Shared>,
     path: PathId,
     ctl: &StreamCtl,
-    stream: &TcpStream,
+    stream: &mut ReadSide,
     mut buf: BytesMut,
 ) -> io::Result<ReadEnd> {
     let decoder = Decoder::new(shared.limits);
@@ -220,15 +219,21 @@ async fn read_loop(
                 Ok(None) => break,
                 Err(e) => {
                     shared.fail(Fatal::Protocol(e));
-                    return Ok(ReadEnd::Fatal);
+                    return drain(stream, buf).await;
                 }
             }
         }
         if !frames.is_empty() {
             shared.last_heard.store(shared.now_ns(), Ordering::Relaxed);
+            if !shared.heard.load(Ordering::Relaxed) {
+                shared.heard.store(true, Ordering::Relaxed);
+            }
         }
         if !frames.is_empty() && !handle_frames(shared, path, ctl, &mut frames) {
-            return Ok(ReadEnd::Fatal);
+            return drain(stream, buf).await;
+        }
+        if shared.failing.load(Ordering::Relaxed) {
+            return drain(stream, buf).await;
         }
         // Make room: exactly the rest of a known frame, or a fresh buffer for the next.
         let want = match decoder.frame_len(&buf) {
@@ -236,7 +241,7 @@ async fn read_loop(
             Ok(None) => hint,
             Err(e) => {
                 shared.fail(Fatal::Protocol(e));
-                return Ok(ReadEnd::Fatal);
+                return drain(stream, buf).await;
             }
         };
         if want > SMALL_READ {
@@ -245,19 +250,28 @@ async fn read_loop(
         if buf.capacity() < want {
             buf.reserve(want - buf.len());
         }
-        match stream.try_read_buf(&mut buf) {
-            Ok(0) => {
-                if buf.is_empty() {
-                    return Ok(ReadEnd::Eof);
-                }
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("stream ended inside a frame ({} bytes pending)", buf.len()),
-                ));
+        if stream.read_some(&mut buf).await? == 0 {
+            if buf.is_empty() {
+                return Ok(ReadEnd::Eof);
             }
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.readable().await?,
-            Err(e) => return Err(e),
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("stream ended inside a frame ({} bytes pending)", buf.len()),
+            ));
+        }
+    }
+}
+
+/// After the session failed: reads and drops whatever still comes until the peer closes (or
+/// the session's linger ends and aborts us), so that our socket is never closed with unread
+/// bytes, which would reset the connection and could destroy our Close before the peer
+/// reads it.
+async fn drain(stream: &mut ReadSide, mut buf: BytesMut) -> io::Result<ReadEnd> {
+    loop {
+        buf.clear();
+        buf.reserve(SMALL_READ);
+        if stream.read_some(&mut buf).await? == 0 {
+            return Ok(ReadEnd::Fatal);
         }
     }
 }

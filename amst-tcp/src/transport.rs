@@ -41,19 +41,34 @@ impl TcpTransport {
     /// re-dialled in the background.
     pub async fn connect(addr: SocketAddr, config: TcpConfig) -> Result<Self> {
         config.validate()?;
-        let first = handshake::dial(addr, &config, None, 0).await?;
+        let tls = config.tls.as_ref().map(crate::tls::client).transpose()?;
+        let first = handshake::dial(addr, &config, tls.as_ref(), None, 0).await?;
         let id = first.established.session_id;
         let n = config.streams;
-        let shared = Shared::new(config, Role::Client { addr }, id);
+        let shared = Shared::new(config, tls, Role::Client { addr }, id);
         let transport = TcpTransport {
             shared: shared.clone(),
         };
         shared.attach(first.stream, 0, first.leftover, first.applied)?;
+        // The server registers the session before its first frame (the initial credit):
+        // until we hear it, the other streams' Hellos could name a session it does not know.
+        let heard_by = Instant::now() + shared.config.handshake_timeout;
+        while !shared.heard.load(Ordering::Relaxed) && Instant::now() < heard_by {
+            if lock(&shared.life).fatal.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         let mut dials = tokio::task::JoinSet::new();
         for slot in 1..n as u16 {
-            let config = shared.config.clone();
-            dials
-                .spawn(async move { (slot, handshake::dial(addr, &config, Some(id), slot).await) });
+            let me = shared.clone();
+            dials.spawn(async move {
+                let tls = me.client_tls.as_ref();
+                (
+                    slot,
+                    handshake::dial(addr, &me.config, tls, Some(id), slot).await,
+                )
+            });
         }
         while let Some(res) = dials.join_next().await {
             let Ok((slot, res)) = res else { continue };
@@ -129,6 +144,7 @@ impl TcpTransport {
         let res = handshake::dial(
             addr,
             &self.shared.config,
+            self.shared.client_tls.as_ref(),
             Some(self.shared.session_id),
             slot,
         )

@@ -478,9 +478,6 @@ async fn the_session_cap_refuses_a_new_session_with_an_error_naming_the_limit() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known amst-tcp bug, about 1 run in 6: when the receiver fails the session, its \
-            Close(LimitExceeded) can lose the race with the socket shutdown; the sender then \
-            re-dials, is refused, and reports Aborted (or takes longer than 5 s) instead"]
 async fn the_message_cap_is_a_clear_error_on_both_sides() {
     init_tracing();
     let limit = 1u64 << 20;
