@@ -53,7 +53,8 @@ pub enum Inserted {
 struct Partial {
     base: u64,
     len: u64,
-    /// Zero-copy when the first chunk is the whole message; else one buffer of `len`.
+    /// Zero-copy when the first chunk is the whole message; else one buffer with room for
+    /// `len`, filled up to the furthest byte written (see [`write_at`]).
     buf: Option<BytesMut>,
     received: u64,
 }
@@ -100,6 +101,19 @@ impl Reassembler {
     /// that disagree about a message's size or place); the session should end.
     pub fn insert(&mut self, chunk: DataChunk) -> Result<Inserted, ProtocolError> {
         let len = chunk.payload.len() as u64;
+        // The decoder checks these too; chunks may also come from elsewhere (RDMA, tests).
+        if chunk
+            .msg_offset
+            .checked_add(len)
+            .is_none_or(|e| e > chunk.msg_len)
+            || chunk.session_offset < chunk.msg_offset
+            || chunk.session_offset.checked_add(chunk.msg_len).is_none()
+        {
+            return Err(ProtocolError::Inconsistent(format!(
+                "chunk of message {} at msg_offset {} (session offset {}) with {len} bytes does not fit its msg_len {}",
+                chunk.msg_id, chunk.msg_offset, chunk.session_offset, chunk.msg_len
+            )));
+        }
         let end = chunk.session_end();
         if end > self.granted {
             return Err(ProtocolError::CreditExceeded {
@@ -147,16 +161,15 @@ impl Reassembler {
         } else {
             let buf = partial
                 .buf
-                .get_or_insert_with(|| BytesMut::zeroed(chunk.msg_len as usize));
-            let at = chunk.msg_offset as usize;
-            buf[at..at + len as usize].copy_from_slice(&chunk.payload);
+                .get_or_insert_with(|| BytesMut::with_capacity(chunk.msg_len as usize));
+            write_at(buf, chunk.msg_offset as usize, &chunk.payload);
             if partial.received == partial.len
                 && let Some(p) = self.partial.remove(&chunk.msg_id)
             {
-                self.complete_message(
-                    chunk.msg_id,
-                    p.buf.map(BytesMut::freeze).unwrap_or_default(),
-                );
+                let msg = p.buf.map(BytesMut::freeze).unwrap_or_default();
+                // Every chunk ends within the message and was written, and all its bytes came.
+                debug_assert_eq!(msg.len() as u64, p.len);
+                self.complete_message(chunk.msg_id, msg);
             }
         }
         self.cumulative = self.received.contiguous_end(self.cumulative);
@@ -312,4 +325,16 @@ impl Reassembler {
     pub fn is_idle(&self) -> bool {
         self.partial.is_empty() && self.complete.is_empty()
     }
+}
+
+/// Copies `data` into `buf` at `at`. Chunks usually come in order, so this is an append into
+/// reserved capacity, without first zeroing the buffer; a chunk past the end zero-fills only
+/// the gap, which the missing chunks overwrite when they come.
+fn write_at(buf: &mut BytesMut, at: usize, data: &[u8]) {
+    if at > buf.len() {
+        buf.resize(at, 0);
+    }
+    let overlap = (at + data.len()).min(buf.len()) - at;
+    buf[at..at + overlap].copy_from_slice(&data[..overlap]);
+    buf.extend_from_slice(&data[overlap..]);
 }

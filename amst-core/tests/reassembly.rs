@@ -60,6 +60,53 @@ proptest! {
         prop_assert_eq!(rx.ack().messages, msgs.len() as u64);
     }
 
+    /// The common case, chunks in order, mixed with local swaps (several streams) and
+    /// resends cut at other sizes that overlap what came before; checks the copy into a
+    /// message's buffer, which appends in order and fills gaps later.
+    #[test]
+    fn mostly_in_order_with_swaps_and_overlapping_resends(
+        sizes in proptest::collection::vec(0usize..20_000, 1..20),
+        chunk in 50usize..3000,
+        recut in 50usize..3000,
+        swap_percent in 0u32..50,
+        resend_percent in 0u32..30,
+        seed in any::<u64>(),
+    ) {
+        let msgs = messages(&sizes);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut chunks = all_chunks(&msgs, chunk);
+        for i in 1..chunks.len() {
+            if rng.random_ratio(swap_percent, 100) {
+                chunks.swap(i - 1, i);
+            }
+        }
+        let recuts = all_chunks(&msgs, recut);
+        let (n, m) = (chunks.len(), recuts.len());
+        let mut stream = Vec::new();
+        for (i, c) in chunks.into_iter().enumerate() {
+            stream.push(c);
+            if rng.random_ratio(resend_percent, 100) {
+                // A resend of about the same region, cut differently: it may overlap what
+                // came, what did not yet, or both.
+                let near = i * m / n;
+                let j = rng.random_range(near.saturating_sub(2)..=(near + 2).min(m - 1));
+                stream.push(recuts[j].clone());
+            }
+        }
+
+        let mut rx = Reassembler::new(ReassemblyConfig { window: u64::MAX / 4, ..Default::default() });
+        let mut got = Vec::new();
+        for c in stream {
+            rx.insert(c).unwrap();
+            while let Some(m) = rx.pop() {
+                got.push(m);
+            }
+        }
+        prop_assert_eq!(&got, &msgs);
+        prop_assert!(rx.is_idle());
+        prop_assert_eq!(rx.buffered_bytes(), 0);
+    }
+
     #[test]
     fn lossy_reordering_link_delivers_everything_within_the_window(
         sizes in proptest::collection::vec(0usize..20_000, 1..30),
@@ -199,6 +246,24 @@ fn chunks_that_disagree_about_a_message_are_rejected() {
         rx.insert(gap),
         Err(ProtocolError::Inconsistent(_))
     ));
+}
+
+#[test]
+fn a_chunk_that_runs_past_its_message_is_rejected_not_a_panic() {
+    let mut rx = Reassembler::new(ReassemblyConfig::default());
+    rx.insert(DataChunk::new(0, 0, 0, 20, Bytes::from(vec![1u8; 10])))
+        .unwrap();
+    for bad in [
+        DataChunk::new(15, 0, 15, 20, Bytes::from(vec![1u8; 10])),
+        DataChunk::new(5, 0, 10, 20, Bytes::from(vec![1u8; 5])),
+        DataChunk::new(u64::MAX - 4, 0, 0, 20, Bytes::from(vec![1u8; 5])),
+    ] {
+        let err = rx.insert(bad).unwrap_err();
+        assert!(
+            matches!(&err, ProtocolError::Inconsistent(m) if m.contains("msg_len")),
+            "{err}"
+        );
+    }
 }
 
 #[test]
