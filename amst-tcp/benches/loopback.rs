@@ -1,4 +1,5 @@
-//! Loopback goodput of amst-tcp against `iperf3 -P 8` and `-P 1`, measured in the same run.
+//! Loopback goodput of amst-tcp (plain, and with TLS on every stream) against `iperf3 -P 8`
+//! and `-P 1`, measured in the same run.
 //!
 //! `cargo bench -p amst-tcp --bench loopback` (env: `AMST_BENCH_SECS`, default 5;
 //! `AMST_BENCH_STREAMS`, default 8; `AMST_BENCH_CHUNK`, default 256 KiB;
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use amst_core::Transport;
 use amst_core::codec::Psk;
-use amst_tcp::{TcpConfig, TcpListener, TcpTransport};
+use amst_tcp::{TcpConfig, TcpListener, TcpTls, TcpTransport};
 use bytes::Bytes;
 
 fn env(name: &str, default: u64) -> u64 {
@@ -56,8 +57,8 @@ fn iperf3(streams: u32, secs: u64) -> Option<f64> {
     v["end"]["sum_received"]["bits_per_second"].as_f64()
 }
 
-/// Runs amst-tcp for `secs`; returns received payload bits per second.
-fn amst(streams: usize, chunk: usize, msg: usize, secs: u64) -> f64 {
+/// Runs amst-tcp for `secs`, with TLS if `tls`; returns received payload bits per second.
+fn amst(streams: usize, chunk: usize, msg: usize, secs: u64, tls: bool) -> f64 {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -69,6 +70,7 @@ fn amst(streams: usize, chunk: usize, msg: usize, secs: u64) -> f64 {
         cfg.min_streams = 1;
         cfg.adaptive = false;
         cfg.chunk_size = chunk;
+        cfg.tls = tls.then(TcpTls::psk_bound);
         let listener = TcpListener::bind("127.0.0.1:0".parse().unwrap(), cfg.clone())
             .await
             .unwrap();
@@ -118,17 +120,28 @@ fn main() {
     let chunk = env("AMST_BENCH_CHUNK", 256 << 10) as usize;
     let msg = env("AMST_BENCH_MSG", chunk as u64) as usize;
     let with_iperf = env("AMST_BENCH_IPERF", 1) == 1;
+    let with_tls = env("AMST_BENCH_TLS", 1) == 1;
 
     // Interleaved rounds, so that a machine shared with other work loads every contender
     // alike; medians per contender and of the per-round ratios.
     let (mut ours, mut p8s, mut p1s, mut ratios) = (vec![], vec![], vec![], vec![]);
+    let (mut tlss, mut tls_ratios) = (vec![], vec![]);
     for round in 0..rounds {
-        let a = amst(streams, chunk, msg, secs);
+        let a = amst(streams, chunk, msg, secs, false);
         println!(
             "{{\"round\":{round},\"contender\":\"amst-tcp\",\"streams\":{streams},\"chunk\":{chunk},\"msg\":{msg},\"gbit_s\":{:.2}}}",
             a / 1e9
         );
         ours.push(a);
+        if with_tls {
+            let t = amst(streams, chunk, msg, secs, true);
+            println!(
+                "{{\"round\":{round},\"contender\":\"amst-tcp+tls\",\"streams\":{streams},\"chunk\":{chunk},\"msg\":{msg},\"gbit_s\":{:.2}}}",
+                t / 1e9
+            );
+            tlss.push(t);
+            tls_ratios.push(t / a);
+        }
         if !with_iperf {
             continue;
         }
@@ -148,6 +161,13 @@ fn main() {
         p8s.push(p8);
         p1s.push(p1.max(1.0));
         ratios.push(a / p8);
+    }
+    if !tlss.is_empty() {
+        println!(
+            "median: amst-tcp+tls {:.2} Gbit/s = {:.3} of plain amst-tcp (median of per-round ratios)",
+            median(tlss) / 1e9,
+            median(tls_ratios)
+        );
     }
     if ratios.is_empty() {
         println!("amst-tcp median {:.2} Gbit/s", median(ours) / 1e9);

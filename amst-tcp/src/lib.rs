@@ -7,7 +7,9 @@
 //! acknowledges it and goes out again on another stream if its stream dies or stalls.
 //! Sockets are tuned and verified (congestion control, `TCP_NODELAY`, `TCP_NOTSENT_LOWAT`,
 //! keepalive, pacing), `TCP_INFO` is sampled, and the stream count, chunk size and aggregate
-//! pacing rate (amst-cc's BBR) adapt to what is measured.
+//! pacing rate (amst-cc's BBR) adapt to what is measured. TLS 1.3 on every stream is
+//! optional ([`TcpTls`], on in the internet profile); the PSK handshake runs inside it and is
+//! bound to it.
 //!
 //! ```
 //! use amst_core::Transport;
