@@ -144,10 +144,9 @@ mod tests {
         b.metrics.insert("ratio".into(), 0.45);
         let c = Scenario::skipped("c", "", "no root");
         let report = Report {
-            date: String::new(),
-            machine: String::new(),
             quick: true,
             scenarios: vec![a, b, c],
+            ..Report::default()
         };
         let (lines, ok) = check(&gates, &report);
         assert!(!ok);

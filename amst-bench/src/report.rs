@@ -20,6 +20,9 @@ pub struct Contender {
     pub samples: Vec<f64>,
     /// Goodput over time from the median run, `(seconds, value)`, for plots.
     pub timeseries: Vec<(f64, f64)>,
+    /// Each run's series, by sample, until [`Contender::keep_median_series`] picks one.
+    #[serde(skip)]
+    runs: Vec<Vec<(f64, f64)>>,
 }
 
 impl Contender {
@@ -30,7 +33,27 @@ impl Contender {
             unit: unit.into(),
             samples: Vec::new(),
             timeseries: Vec::new(),
+            runs: Vec::new(),
         }
+    }
+
+    /// Records one run: its sample and its goodput-over-time series.
+    pub fn record(&mut self, sample: f64, series: Vec<(f64, f64)>) {
+        self.samples.push(sample);
+        self.runs.push(series);
+    }
+
+    /// Keeps the series of the run whose sample is the median (the lower middle one for an
+    /// even count), so the plot shows a typical run rather than the last.
+    pub fn keep_median_series(&mut self) {
+        if self.runs.len() != self.samples.len() || self.runs.is_empty() {
+            return;
+        }
+        let mut order: Vec<usize> = (0..self.samples.len()).collect();
+        order.sort_by(|&a, &b| self.samples[a].total_cmp(&self.samples[b]));
+        let mid = order[(order.len() - 1) / 2];
+        self.timeseries = std::mem::take(&mut self.runs[mid]);
+        self.runs.clear();
     }
 
     /// Median and spread of the samples.
@@ -52,6 +75,8 @@ pub struct Scenario {
     pub metrics: BTreeMap<String, f64>,
     /// Why the scenario did not run, if it did not.
     pub skipped: Option<String>,
+    /// Wall time the scenario took, set by the harness.
+    pub seconds: f64,
 }
 
 impl Scenario {
@@ -63,6 +88,7 @@ impl Scenario {
             contenders: Vec::new(),
             metrics: BTreeMap::new(),
             skipped: None,
+            seconds: 0.0,
         }
     }
 
@@ -88,28 +114,87 @@ impl Scenario {
     }
 }
 
+/// One criterion micro-benchmark's estimate, read from `target/criterion`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Micro {
+    /// Criterion's full id, `group/function`.
+    pub id: String,
+    /// Mean time per iteration in nanoseconds, with its 95 % confidence interval.
+    pub mean_ns: f64,
+    /// Lower end of the confidence interval.
+    pub lower_ns: f64,
+    /// Upper end of the confidence interval.
+    pub upper_ns: f64,
+    /// Bytes per iteration, when the bench declared a byte throughput.
+    pub bytes: Option<u64>,
+}
+
 /// The whole run.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct Report {
     /// When it ran (UTC, RFC 3339).
     pub date: String,
-    /// The machine: kernel, cores, memory.
+    /// `git describe --always --dirty` of the tree that was measured.
+    pub commit: String,
+    /// The machine: CPU model, cores, kernel, memory.
     pub machine: String,
     /// Whether this was `--quick`.
     pub quick: bool,
+    /// Sizes and durations relative to the full run (1 for a full run).
+    pub scale: f64,
     /// Every scenario.
     pub scenarios: Vec<Scenario>,
+    /// Criterion estimates folded in by `--micro`.
+    pub micro: Vec<Micro>,
 }
 
 impl Report {
+    /// Samples that look like a measurement artefact rather than a measurement: three or more
+    /// identical throughputs are what a deadline counting whole large messages produces.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for s in &self.scenarios {
+            for c in &s.contenders {
+                let identical = c.samples.len() >= 3
+                    && c.unit.ends_with("bit/s")
+                    && c.samples.windows(2).all(|w| w[0] == w[1]);
+                if identical {
+                    out.push(format!(
+                        "{} / {}: all {} samples are identical ({}), suspect quantised counting",
+                        s.id,
+                        c.name,
+                        c.samples.len(),
+                        c.samples[0]
+                    ));
+                }
+            }
+        }
+        out
+    }
+
     /// The Markdown report people read.
     pub fn markdown(&self, gate_lines: &[String]) -> String {
         let mut md = String::new();
         let _ = writeln!(md, "# AMST benchmark report\n");
+        let kind = if self.quick {
+            "quick (`cargo xtask bench --quick`)".to_string()
+        } else if self.scale == 1.0 {
+            "full (`cargo xtask bench`)".to_string()
+        } else {
+            format!(
+                "full at scale {} (not comparable with a full run)",
+                self.scale
+            )
+        };
         let _ = writeln!(
             md,
-            "- date: {}\n- machine: {}\n- quick: {}\n",
-            self.date, self.machine, self.quick
+            "- date: {}\n- commit: {}\n- machine: {}\n- run: {kind}\n",
+            self.date, self.commit, self.machine
+        );
+        let _ = writeln!(
+            md,
+            "Written by the harness; do not edit. Every contender ran interleaved with the \
+             others (A B A B …); ratios are between medians of the same run.\n"
         );
         let _ = writeln!(md, "| scenario | contender | median | min | max | n |");
         let _ = writeln!(md, "|---|---|---|---|---|---|");
@@ -136,14 +221,54 @@ impl Report {
                 let _ = writeln!(md, "| {} | **{k}** | **{v:.3}** | | | |", s.id);
             }
         }
-        let _ = writeln!(md, "\n## Scenarios\n");
-        for s in &self.scenarios {
-            let _ = writeln!(md, "- `{}`: {}", s.id, s.description);
-        }
         if !gate_lines.is_empty() {
-            let _ = writeln!(md, "\n## Gates\n");
+            let _ = writeln!(md, "\n## Gates (bench/gates.toml)\n");
             for g in gate_lines {
                 let _ = writeln!(md, "- {g}");
+            }
+        }
+        let warnings = self.warnings();
+        if !warnings.is_empty() {
+            let _ = writeln!(md, "\n## Warnings\n");
+            for w in &warnings {
+                let _ = writeln!(md, "- {w}");
+            }
+        }
+        if !self.micro.is_empty() {
+            let _ = writeln!(
+                md,
+                "\n## Micro-benchmarks (criterion, `--micro`)\n\n| bench | mean | 95 % CI | throughput |\n|---|---|---|---|"
+            );
+            for m in &self.micro {
+                let rate = m
+                    .bytes
+                    .map(|b| format!("{:.2} GB/s", b as f64 / m.mean_ns))
+                    .unwrap_or_default();
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} – {} | {rate} |",
+                    m.id,
+                    human_ns(m.mean_ns),
+                    human_ns(m.lower_ns),
+                    human_ns(m.upper_ns)
+                );
+            }
+        }
+        let total: f64 = self.scenarios.iter().map(|s| s.seconds).sum();
+        let _ = writeln!(md, "\n## Scenarios ({total:.0} s in all)\n");
+        for s in &self.scenarios {
+            let _ = writeln!(md, "- `{}` ({:.0} s): {}", s.id, s.seconds, s.description);
+        }
+        let plots: Vec<&str> = self
+            .scenarios
+            .iter()
+            .filter(|s| s.contenders.iter().any(|c| !c.timeseries.is_empty()))
+            .map(|s| s.id.as_str())
+            .collect();
+        if !plots.is_empty() {
+            let _ = writeln!(md, "\n## Plots\n");
+            for id in plots {
+                let _ = writeln!(md, "- [{id}]({id}.svg)");
             }
         }
         md
@@ -151,9 +276,126 @@ impl Report {
 
     /// Writes `report.md` and `samples.json` into `dir`.
     pub fn write(&self, dir: &Path, gate_lines: &[String]) -> io::Result<()> {
+        self.write_as(dir, "report.md", "samples.json", gate_lines)
+    }
+
+    /// Writes the Markdown and the JSON (every sample) into `dir` under the given names.
+    pub fn write_as(
+        &self,
+        dir: &Path,
+        markdown: &str,
+        json: &str,
+        gate_lines: &[String],
+    ) -> io::Result<()> {
         fs::create_dir_all(dir)?;
-        fs::write(dir.join("report.md"), self.markdown(gate_lines))?;
-        let json = serde_json::to_string_pretty(self).map_err(io::Error::other)?;
-        fs::write(dir.join("samples.json"), json)
+        fs::write(dir.join(markdown), self.markdown(gate_lines))?;
+        let text = serde_json::to_string_pretty(self).map_err(io::Error::other)?;
+        fs::write(dir.join(json), text + "\n")
+    }
+}
+
+fn human_ns(ns: f64) -> String {
+    if ns >= 1e6 {
+        format!("{:.3} ms", ns / 1e6)
+    } else if ns >= 1e3 {
+        format!("{:.3} µs", ns / 1e3)
+    } else {
+        format!("{ns:.1} ns")
+    }
+}
+
+/// Reads every criterion estimate under `dir` (`*/new/estimates.json` with its
+/// `benchmark.json`) written at or after `since` (so stale results of benches that did not run
+/// are left out), sorted by id.
+pub fn read_criterion(dir: &Path, since: std::time::SystemTime) -> Vec<Micro> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                if p.file_name().is_some_and(|n| n == "new") {
+                    if let Some(m) = read_one(&p, since) {
+                        out.push(m);
+                    }
+                } else if p.file_name().is_none_or(|n| n != "base" && n != "report") {
+                    stack.push(p);
+                }
+            }
+        }
+    }
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    out
+}
+
+fn read_one(new: &Path, since: std::time::SystemTime) -> Option<Micro> {
+    let est_path = new.join("estimates.json");
+    let fresh = fs::metadata(&est_path).ok()?.modified().ok()? >= since;
+    if !fresh {
+        return None;
+    }
+    let est: serde_json::Value = serde_json::from_str(&fs::read_to_string(est_path).ok()?).ok()?;
+    let bench: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(new.join("benchmark.json")).ok()?).ok()?;
+    let mean = &est["mean"];
+    Some(Micro {
+        id: bench["full_id"].as_str()?.to_string(),
+        mean_ns: mean["point_estimate"].as_f64()?,
+        lower_ns: mean["confidence_interval"]["lower_bound"].as_f64()?,
+        upper_ns: mean["confidence_interval"]["upper_bound"].as_f64()?,
+        bytes: bench["throughput"]["Bytes"].as_u64(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_fresh_criterion_estimates_and_flags_identical_samples() {
+        let dir = std::env::temp_dir().join(format!("amst-bench-crit-{}", std::process::id()));
+        let new = dir.join("codec/encode/new");
+        fs::create_dir_all(&new).unwrap();
+        fs::write(
+            new.join("estimates.json"),
+            r#"{"mean":{"point_estimate":2000.0,"confidence_interval":{"lower_bound":1900.0,"upper_bound":2100.0}}}"#,
+        )
+        .unwrap();
+        fs::write(
+            new.join("benchmark.json"),
+            r#"{"full_id":"codec/encode","throughput":{"Bytes":262144}}"#,
+        )
+        .unwrap();
+        let since = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+        let micro = read_criterion(&dir, since);
+        assert_eq!(micro.len(), 1);
+        assert_eq!(micro[0].id, "codec/encode");
+        assert_eq!(micro[0].bytes, Some(262144));
+        let later = std::time::SystemTime::now() + std::time::Duration::from_secs(60);
+        assert!(
+            read_criterion(&dir, later).is_empty(),
+            "stale estimates are left out"
+        );
+        let _ = fs::remove_dir_all(&dir);
+
+        let mut s = Scenario::new("wan", "");
+        let mut c = Contender::new("x", "Mbit/s");
+        c.samples = vec![5.592, 5.592, 5.592];
+        s.contenders.push(c);
+        let report = Report {
+            scale: 1.0,
+            scenarios: vec![s],
+            micro,
+            ..Report::default()
+        };
+        assert_eq!(report.warnings().len(), 1);
+        let md = report.markdown(&[]);
+        assert!(
+            md.contains("## Warnings") && md.contains("131.07 GB/s"),
+            "{md}"
+        );
     }
 }

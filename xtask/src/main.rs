@@ -14,7 +14,7 @@ fn main() -> ExitCode {
         Some("rdma-vm") => rdma_vm::rdma_vm(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask ci | bench [--quick] [--no-gate] [--scenario ID]... | fuzz [--time SECONDS] [--build-only] | rdma-vm [--help]"
+                "usage: cargo xtask ci | bench [--quick] [--no-gate] [--micro] [--scenario ID]... [--scale F] | fuzz [--time SECONDS] [--build-only] | rdma-vm [--help]"
             );
             return ExitCode::from(2);
         }
@@ -95,8 +95,42 @@ fn ci() -> Result<(), String> {
 
 /// The end-to-end perf gates: amst-bench's `amst-e2e` in release, writing
 /// `target/bench/report.md`, `samples.json` and SVG plots, and failing when a gate in
-/// `bench/gates.toml` fails (unless `--no-gate`).
+/// `bench/gates.toml` fails (unless `--no-gate`). A full run (no `--quick`, no `--scenario`)
+/// also writes `bench/latest.md`, `latest.json` and the plots there.
+///
+/// `--micro` first runs the criterion micro-benchmarks where they live (amst-core's codec,
+/// amst-cc's on_ack, amst-hybrid's ArcSwap hot path, amst-bench's reassembly) and folds their
+/// estimates into the report. Every other argument goes to `amst-e2e`.
 fn bench(args: &[String]) -> Result<(), String> {
+    let micro = args.iter().any(|a| a == "--micro");
+    let quick = args.iter().any(|a| a == "--quick");
+    let mut rest: Vec<String> = args.iter().filter(|a| *a != "--micro").cloned().collect();
+    if micro {
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_err(|e| e.to_string())?
+            .as_secs();
+        // Criterion's defaults (3 s warm-up, 5 s measuring) per bench; --quick halves both.
+        let timing: &[&str] = if quick {
+            &["--warm-up-time", "1", "--measurement-time", "2"]
+        } else {
+            &[]
+        };
+        let benches: [&[&str]; 4] = [
+            &["-p", "amst-core", "--benches"],
+            &["-p", "amst-cc", "--features", "quinn", "--bench", "on_ack"],
+            &["-p", "amst-hybrid", "--bench", "hot_path"],
+            &["-p", "amst-bench", "--bench", "reassembly"],
+        ];
+        for b in benches {
+            let mut cmd = vec!["bench"];
+            cmd.extend_from_slice(b);
+            cmd.push("--");
+            cmd.extend_from_slice(timing);
+            run("cargo", &cmd)?;
+        }
+        rest.extend(["--micro-since".to_string(), since.to_string()]);
+    }
     let mut cmd = vec![
         "run",
         "--release",
@@ -106,7 +140,7 @@ fn bench(args: &[String]) -> Result<(), String> {
         "amst-e2e",
         "--",
     ];
-    cmd.extend(args.iter().map(String::as_str));
+    cmd.extend(rest.iter().map(String::as_str));
     run("cargo", &cmd)
 }
 

@@ -21,8 +21,16 @@ use amst_quic::{
 };
 use amst_tcp::{TcpConfig, TcpListener, TcpTransport};
 use bytes::Bytes;
+use tokio::sync::Notify;
 
+/// Message size for fixed-size (loopback and RSS) runs, whose goodput is bytes over the time
+/// to send and flush them all.
 const MESSAGE: usize = 4 << 20;
+/// Message size for fixed-time (emulated link) runs, whose goodput is what the receiving
+/// application had at the deadline, in whole messages: the message is the counting step. With
+/// 4 MiB messages a 6 s run of a slow contender could only read 0, 5.59 or 11.18 Mbit/s (quinn
+/// Cubic gave 5.592 three times); 64 KiB makes the step 0.087 Mbit/s at 6 s, 0.026 at 20 s.
+const TIMED_MESSAGE: usize = 64 << 10;
 const PSK: &[u8] = b"amst benchmark key, loopback only";
 
 struct Opts {
@@ -30,7 +38,17 @@ struct Opts {
     gate: bool,
     out: PathBuf,
     only: Vec<String>,
+    /// Sizes and durations relative to the full run.
+    scale: f64,
+    /// Where a full run writes latest.md, latest.json and the plots.
+    latest_dir: Option<PathBuf>,
+    /// Fold in criterion estimates written at or after this Unix time.
+    micro_since: Option<u64>,
+    criterion_dir: PathBuf,
 }
+
+const USAGE: &str = "usage: amst-e2e [--quick] [--no-gate] [--out DIR] [--scenario ID]... \
+[--scale F] [--latest-dir DIR] [--micro-since UNIX_SECS] [--criterion-dir DIR]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -42,48 +60,92 @@ fn main() -> ExitCode {
         gate: true,
         out: PathBuf::from("target/bench"),
         only: Vec::new(),
+        scale: 1.0,
+        latest_dir: None,
+        micro_since: None,
+        criterion_dir: PathBuf::from("target/criterion"),
     };
     let mut it = args.into_iter();
     while let Some(a) = it.next() {
-        match a.as_str() {
-            "--quick" => opts.quick = true,
-            "--no-gate" => opts.gate = false,
-            "--out" => opts.out = it.next().map(PathBuf::from).unwrap_or(opts.out),
-            "--scenario" => opts.only.extend(it.next()),
-            other => {
-                eprintln!("amst-e2e: unknown argument {other:?}");
-                eprintln!("usage: amst-e2e [--quick] [--no-gate] [--out DIR] [--scenario ID]...");
-                return ExitCode::from(2);
+        let parsed = match a.as_str() {
+            "--quick" => {
+                opts.quick = true;
+                Ok(())
             }
+            "--no-gate" => {
+                opts.gate = false;
+                Ok(())
+            }
+            "--out" => value(&a, it.next()).map(|v| opts.out = PathBuf::from(v)),
+            "--scenario" => value(&a, it.next()).map(|v| opts.only.push(v)),
+            "--latest-dir" => value(&a, it.next()).map(|v| opts.latest_dir = Some(v.into())),
+            "--criterion-dir" => value(&a, it.next()).map(|v| opts.criterion_dir = v.into()),
+            "--scale" => value(&a, it.next()).and_then(|v| match v.parse::<f64>() {
+                Ok(f) if f > 0.0 && f <= 1.0 => {
+                    opts.scale = f;
+                    Ok(())
+                }
+                _ => Err(format!("--scale: {v:?} is not a number in (0, 1]")),
+            }),
+            "--micro-since" => value(&a, it.next()).and_then(|v| {
+                v.parse()
+                    .map(|t| opts.micro_since = Some(t))
+                    .map_err(|_| format!("--micro-since: {v:?} is not a Unix time in seconds"))
+            }),
+            other => Err(format!("unknown argument {other:?}")),
+        };
+        if let Err(e) = parsed {
+            eprintln!("amst-e2e: {e}\n{USAGE}");
+            return ExitCode::from(2);
         }
     }
     let wanted = |id: &str| opts.only.is_empty() || opts.only.iter().any(|o| o == id);
     let rounds = 3;
+    // Full sizes are the issue's (4 GiB loopback, 1 vs 4 GiB RSS); they take about 10 minutes on
+    // a 2-core VM. --scale shrinks them to check the full-run path quickly.
+    let scaled = |full: u64| ((full as f64 * opts.scale) as u64).max(16 << 20);
+    let secs = |full: f64| Duration::from_secs_f64((full * opts.scale).max(3.0));
     let mut scenarios = Vec::new();
     for streams in [8usize, 1] {
         let id = format!("loopback-{streams}");
         if wanted(&id) {
-            let bytes = if opts.quick { 512 << 20 } else { 4 << 30 };
-            scenarios.push(loopback(&id, streams, bytes, rounds));
+            let bytes = if opts.quick {
+                512 << 20
+            } else {
+                scaled(4 << 30)
+            };
+            scenarios.push(timed(|| loopback(&id, streams, bytes, rounds)));
         }
     }
-    let wan_secs = if opts.quick { 6 } else { 20 };
+    let wan_time = if opts.quick {
+        Duration::from_secs(6)
+    } else {
+        secs(20.0)
+    };
     if wanted("wan-tcp") {
-        scenarios.push(wan_tcp(Duration::from_secs(wan_secs), rounds));
+        scenarios.push(timed(|| wan_tcp(wan_time, rounds)));
     }
     if wanted("wan-quic") {
-        scenarios.push(wan_quic(Duration::from_secs(wan_secs), rounds));
+        scenarios.push(timed(|| wan_quic(wan_time, rounds)));
+    }
+    if wanted("cc-sim") {
+        let sim_time = if opts.quick {
+            Duration::from_secs(10)
+        } else {
+            secs(30.0)
+        };
+        scenarios.push(timed(|| cc_sim(sim_time)));
     }
     if wanted("switch") {
-        scenarios.push(switch(if opts.quick { 20 } else { 100 }));
+        scenarios.push(timed(|| switch(if opts.quick { 20 } else { 100 })));
     }
     if wanted("rss") {
         let (small, large) = if opts.quick {
             (256 << 20, 1 << 30)
         } else {
-            (1 << 30, 4 << 30)
+            (scaled(1 << 30), scaled(4 << 30))
         };
-        scenarios.push(rss(small, large));
+        scenarios.push(timed(|| rss(small, large)));
     }
     if wanted("rdma") {
         scenarios.push(Scenario::skipped(
@@ -93,11 +155,23 @@ fn main() -> ExitCode {
         ));
     }
 
+    for s in &mut scenarios {
+        for c in &mut s.contenders {
+            c.keep_median_series();
+        }
+    }
+    let micro = opts.micro_since.map_or_else(Vec::new, |t| {
+        let since = std::time::UNIX_EPOCH + Duration::from_secs(t);
+        amst_bench::report::read_criterion(&opts.criterion_dir, since)
+    });
     let report = Report {
         date: utc_now(),
+        commit: git_commit(),
         machine: machine(),
         quick: opts.quick,
+        scale: if opts.quick { 0.0 } else { opts.scale },
         scenarios,
+        micro,
     };
     let gate_file = PathBuf::from("bench/gates.toml");
     let (lines, passed) = match gates::load(&gate_file) {
@@ -112,20 +186,53 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     write_plots(&report, &opts.out);
-    if !opts.quick && opts.only.is_empty() {
-        // The README links this file: the latest full run, written only by the harness.
-        let latest = PathBuf::from("bench/latest.md");
-        if let Err(e) = std::fs::write(&latest, report.markdown(&lines)) {
-            eprintln!("amst-e2e: writing {}: {e}", latest.display());
-        }
-    }
     println!("{}", report.markdown(&lines));
     println!("report: {}", opts.out.join("report.md").display());
+    // The README links bench/latest.md: the latest full run, written only by the harness. A
+    // scaled run writes it only where --latest-dir says, so it cannot pass for a full one.
+    let full = !opts.quick && opts.only.is_empty();
+    let latest = match (&opts.latest_dir, full, opts.scale == 1.0) {
+        (Some(dir), true, _) => Some(dir.clone()),
+        (None, true, true) => Some(PathBuf::from("bench")),
+        (None, true, false) => {
+            println!("scaled run: bench/latest.* left alone (give --latest-dir to write them)");
+            None
+        }
+        _ => None,
+    };
+    if let Some(dir) = latest {
+        match report.write_as(&dir, "latest.md", "latest.json", &lines) {
+            Ok(()) => {
+                write_plots(&report, &dir);
+                println!("latest full run: {}", dir.join("latest.md").display());
+            }
+            Err(e) => {
+                eprintln!("amst-e2e: writing {}: {e}", dir.display());
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     if opts.gate && !passed {
-        eprintln!("amst-e2e: a performance gate failed (see above)");
+        eprintln!("amst-e2e: performance gates failed:");
+        for l in lines.iter().filter(|l| l.starts_with("FAIL")) {
+            eprintln!("  {l}");
+        }
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
+}
+
+/// Runs one scenario and records its wall time, which is what the full run's length is made of.
+fn timed(f: impl FnOnce() -> Scenario) -> Scenario {
+    let start = Instant::now();
+    let mut s = f();
+    s.seconds = start.elapsed().as_secs_f64();
+    eprintln!("amst-e2e: {} took {:.0} s", s.id, s.seconds);
+    s
+}
+
+fn value(flag: &str, v: Option<String>) -> Result<String, String> {
+    v.ok_or_else(|| format!("{flag} needs a value"))
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -157,7 +264,7 @@ fn payload() -> Bytes {
 }
 
 /// Sends `bytes` (or for `duration`) over `client`, while a receiver counts into `received`;
-/// returns the goodput in bit/s over the sending interval and the receiver's series.
+/// returns the goodput in bit/s and the receiver's series (Gbit/s every 0.5 s).
 async fn drive(
     client: Arc<dyn Transport>,
     received: Arc<AtomicU64>,
@@ -165,6 +272,11 @@ async fn drive(
     duration: Option<Duration>,
 ) -> Result<(f64, Vec<(f64, f64)>), String> {
     let data = payload();
+    let message = if duration.is_some() {
+        TIMED_MESSAGE
+    } else {
+        MESSAGE
+    };
     let start = Instant::now();
     let sampler = {
         let received = received.clone();
@@ -188,38 +300,74 @@ async fn drive(
             series
         })
     };
-    let mut sent = 0u64;
-    loop {
-        if bytes.is_some_and(|b| sent >= b) || duration.is_some_and(|d| start.elapsed() >= d) {
-            break;
+    // A fixed-time run reads the receiver's count on its own timer: a send waiting for credit
+    // can return long after the deadline, and reading then would credit the late bytes.
+    let deadline = duration.map(|d| {
+        let received = received.clone();
+        let at = tokio::time::Instant::from_std(start + d);
+        (
+            at,
+            tokio::spawn(async move {
+                tokio::time::sleep_until(at).await;
+                received.load(Ordering::Relaxed)
+            }),
+        )
+    });
+    let send_all = async {
+        let mut sent = 0u64;
+        while bytes.is_none_or(|b| sent < b) {
+            let n = bytes.map_or(message as u64, |b| (b - sent).min(message as u64)) as usize;
+            client
+                .send(data.slice(..n))
+                .await
+                .map_err(|e| e.to_string())?;
+            sent += n as u64;
         }
-        let n = bytes.map_or(MESSAGE as u64, |b| (b - sent).min(MESSAGE as u64)) as usize;
-        client
-            .send(data.slice(..n))
-            .await
-            .map_err(|e| e.to_string())?;
-        sent += n as u64;
-    }
-    let goodput = match duration {
-        Some(d) => {
-            // Fixed-time runs count what the receiver had at the deadline, as iperf3 -t does.
-            let at_deadline = received.load(Ordering::Relaxed);
+        Ok::<u64, String>(sent)
+    };
+    let goodput = match (deadline, duration) {
+        (Some((at, reading)), Some(d)) => {
+            // The deadline cancels a send in progress; the session is closed right after.
+            if let Ok(r) = tokio::time::timeout_at(at, send_all).await {
+                r?;
+            }
+            let at_deadline = reading.await.map_err(|e| e.to_string())?;
             at_deadline as f64 * 8.0 / d.as_secs_f64()
         }
-        None => {
+        _ => {
+            let sent = send_all.await?;
             client.flush().await.map_err(|e| e.to_string())?;
             sent as f64 * 8.0 / start.elapsed().as_secs_f64()
         }
     };
     sampler.abort();
     let series = sampler.await.unwrap_or_default();
-    let _ = tokio::time::timeout(Duration::from_secs(30), client.close()).await;
+    // After a fixed-time run the queued remainder is of no interest: do not wait long for it.
+    let linger = if duration.is_some() { 2 } else { 30 };
+    let _ = tokio::time::timeout(Duration::from_secs(linger), client.close()).await;
     Ok((goodput, series))
 }
 
 async fn count_into(server: Arc<dyn Transport>, received: Arc<AtomicU64>) {
     while let Ok(Some(m)) = server.recv().await {
         received.fetch_add(m.len() as u64, Ordering::Relaxed);
+    }
+}
+
+/// The receiving side of one run: accepts a session and counts what it delivers, until the
+/// session ends or `stop` fires. The sender stops it once it has its number, so a run does not
+/// wait for the session to wind down (or for an accept that never comes after a failed connect).
+async fn serve<F>(accept: F, counter: Arc<AtomicU64>, stop: Arc<Notify>) -> Result<(), String>
+where
+    F: std::future::Future<Output = Result<Arc<dyn Transport>, String>>,
+{
+    tokio::select! {
+        r = async {
+            let session = accept.await?;
+            count_into(session, counter).await;
+            Ok(())
+        } => r,
+        () = stop.notified() => Ok(()),
     }
 }
 
@@ -248,10 +396,7 @@ fn loopback(id: &str, streams: usize, bytes: u64, rounds: usize) -> Scenario {
             Some(bytes),
             None,
         )) {
-            Ok((bps, series)) => {
-                amst.samples.push(bps / 1e9);
-                amst.timeseries = series;
-            }
+            Ok((bps, series)) => amst.record(bps / 1e9, series),
             Err(e) => eprintln!("{id}: amst-tcp run failed: {e}"),
         }
         let port = free_port();
@@ -270,10 +415,10 @@ fn loopback(id: &str, streams: usize, bytes: u64, rounds: usize) -> Scenario {
             let _ = srv.wait();
             r
         }) {
-            Ok(r) => {
-                reference.samples.push(r.received_bps / 1e9);
-                reference.timeseries = r.intervals.iter().map(|&(t, b)| (t, b / 1e9)).collect();
-            }
+            Ok(r) => reference.record(
+                r.received_bps / 1e9,
+                r.intervals.iter().map(|&(t, b)| (t, b / 1e9)).collect(),
+            ),
             Err(e) => eprintln!("{id}: iperf3 run failed: {e}"),
         }
     }
@@ -297,18 +442,21 @@ async fn amst_tcp_once(
     let addr = listener.local_addr();
     let received = Arc::new(AtomicU64::new(0));
     let counter = received.clone();
-    let server = tokio::spawn(async move {
-        let session: Arc<dyn Transport> =
-            Arc::new(listener.accept().await.map_err(|e| e.to_string())?);
-        count_into(session, counter).await;
-        Ok::<_, String>(())
-    });
-    let client: Arc<dyn Transport> = Arc::new(
-        TcpTransport::connect(addr, config)
-            .await
-            .map_err(|e| e.to_string())?,
-    );
-    let out = drive(client, received, bytes, duration).await;
+    let stop = Arc::new(Notify::new());
+    let server = tokio::spawn(serve(
+        async move {
+            let s = listener.accept().await.map_err(|e| e.to_string())?;
+            Ok(Arc::new(s) as Arc<dyn Transport>)
+        },
+        counter,
+        stop.clone(),
+    ));
+    let connected = TcpTransport::connect(addr, config).await;
+    let out = match connected {
+        Ok(c) => drive(Arc::new(c), received, bytes, duration).await,
+        Err(e) => Err(e.to_string()),
+    };
+    stop.notify_one();
     let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
     out
 }
@@ -332,8 +480,9 @@ fn wan_link() -> Result<LinkEm, String> {
 fn wan_tcp(duration: Duration, rounds: usize) -> Scenario {
     let id = "wan-tcp";
     let desc = format!(
-        "amst-linkem 200 Mbit/s, 100 ms RTT, 1% loss, 1 BDP queue, {} s: amst internet profile vs iperf3 (cubic, bbr, -P 8), as a fraction of the link rate",
-        duration.as_secs()
+        "amst-linkem 200 Mbit/s, 100 ms RTT, 1% loss, 1 BDP queue, {} s: amst internet profile vs iperf3 (cubic, bbr, -P 8), as a fraction of the link rate; amst counts the {} KiB messages its receiver had at the deadline, iperf3 its receiver's bytes",
+        duration.as_secs(),
+        TIMED_MESSAGE >> 10
     );
     if !iperf::available() {
         return Scenario::skipped(id, desc, "iperf3 is not installed");
@@ -363,15 +512,18 @@ fn wan_tcp(duration: Duration, rounds: usize) -> Scenario {
         let received = Arc::new(AtomicU64::new(0));
         let counter = received.clone();
         let server_config = config.clone();
-        let server = link.right().spawn_tokio(async move {
-            let listener = TcpListener::bind(bind, server_config)
-                .await
-                .map_err(|e| e.to_string())?;
-            let session: Arc<dyn Transport> =
-                Arc::new(listener.accept().await.map_err(|e| e.to_string())?);
-            count_into(session, counter).await;
-            Ok::<_, String>(())
-        });
+        let stop = Arc::new(Notify::new());
+        let server = link.right().spawn_tokio(serve(
+            async move {
+                let listener = TcpListener::bind(bind, server_config)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let s = listener.accept().await.map_err(|e| e.to_string())?;
+                Ok(Arc::new(s) as Arc<dyn Transport>)
+            },
+            counter,
+            stop.clone(),
+        ));
         std::thread::sleep(Duration::from_millis(300));
         let run = link.left().block_on(async move {
             let client: Arc<dyn Transport> = Arc::new(
@@ -382,13 +534,16 @@ fn wan_tcp(duration: Duration, rounds: usize) -> Scenario {
             drive(client, received, None, Some(duration)).await
         });
         match run {
-            Ok((bps, series)) => {
-                amst.samples.push(bps / 1e6);
-                amst.timeseries = series.into_iter().map(|(t, g)| (t, g * 1e3)).collect();
-            }
+            Ok((bps, series)) => amst.record(
+                bps / 1e6,
+                series.into_iter().map(|(t, g)| (t, g * 1e3)).collect(),
+            ),
             Err(e) => eprintln!("wan-tcp: amst run failed: {e}"),
         }
-        let _ = server.join();
+        stop.notify_one();
+        if let Ok(Err(e)) = server.join() {
+            eprintln!("wan-tcp: amst server side: {e}");
+        }
         for (c, extra) in others.iter_mut() {
             let port = free_port();
             let server =
@@ -407,10 +562,10 @@ fn wan_tcp(duration: Duration, rounds: usize) -> Scenario {
                 r
             });
             match r {
-                Ok(r) => {
-                    c.samples.push(r.received_bps / 1e6);
-                    c.timeseries = r.intervals.iter().map(|&(t, b)| (t, b / 1e6)).collect();
-                }
+                Ok(r) => c.record(
+                    r.received_bps / 1e6,
+                    r.intervals.iter().map(|&(t, b)| (t, b / 1e6)).collect(),
+                ),
                 Err(e) => eprintln!("wan-tcp: {} failed: {e}", c.name),
             }
         }
@@ -438,8 +593,9 @@ fn wan_tcp(duration: Duration, rounds: usize) -> Scenario {
 fn wan_quic(duration: Duration, rounds: usize) -> Scenario {
     let id = "wan-quic";
     let desc = format!(
-        "amst-linkem 200 Mbit/s, 100 ms RTT, 1% loss, {} s: amst-quic with amst-cc BBR vs quinn's Cubic",
-        duration.as_secs()
+        "amst-linkem 200 Mbit/s, 100 ms RTT, 1% loss, 1 BDP queue, {} s: amst-quic with amst-cc BBR vs quinn's Cubic; both count the {} KiB messages the receiver had at the deadline",
+        duration.as_secs(),
+        TIMED_MESSAGE >> 10
     );
     let link = match wan_link() {
         Ok(l) => l,
@@ -473,31 +629,42 @@ fn wan_quic(duration: Duration, rounds: usize) -> Scenario {
             let client_config = base.with_verification(PeerVerification::Pinned(vec![pin]));
             let received = Arc::new(AtomicU64::new(0));
             let counter = received.clone();
-            let server = link.right().spawn_tokio(async move {
-                let listener =
-                    QuicListener::bind(bind, server_config).map_err(|e| e.to_string())?;
-                let session: Arc<dyn Transport> =
-                    Arc::new(listener.accept().await.map_err(|e| e.to_string())?);
-                count_into(session, counter).await;
-                Ok::<_, String>(())
-            });
+            let stop = Arc::new(Notify::new());
+            let server = link.right().spawn_tokio(serve(
+                async move {
+                    let listener =
+                        QuicListener::bind(bind, server_config).map_err(|e| e.to_string())?;
+                    let s = listener.accept().await.map_err(|e| e.to_string())?;
+                    Ok(Arc::new(s) as Arc<dyn Transport>)
+                },
+                counter,
+                stop.clone(),
+            ));
             std::thread::sleep(Duration::from_millis(300));
+            let began = Instant::now();
             let run = link.left().block_on(async move {
                 let client: Arc<dyn Transport> = Arc::new(
                     QuicTransport::connect(bind, "localhost", client_config)
                         .await
-                        .map_err(|e| e.to_string())?,
+                        .map_err(|e| format!("connecting: {e}"))?,
                 );
                 drive(client, received, None, Some(duration)).await
             });
             match run {
-                Ok((bps, series)) => {
-                    c.samples.push(bps / 1e6);
-                    c.timeseries = series.into_iter().map(|(t, g)| (t, g * 1e3)).collect();
-                }
-                Err(e) => eprintln!("wan-quic: {} failed: {e}", c.name),
+                Ok((bps, series)) => c.record(
+                    bps / 1e6,
+                    series.into_iter().map(|(t, g)| (t, g * 1e3)).collect(),
+                ),
+                Err(e) => eprintln!(
+                    "wan-quic: {} failed after {:.1} s: {e}",
+                    c.name,
+                    began.elapsed().as_secs_f64()
+                ),
             }
-            let _ = server.join();
+            stop.notify_one();
+            if let Ok(Err(e)) = server.join() {
+                eprintln!("wan-quic: {} server side: {e}", c.name);
+            }
         }
     }
     if let (Some(bbr), Some(cubic)) = (contenders[0].0.summary(), contenders[1].0.summary()) {
@@ -511,6 +678,63 @@ fn wan_quic(duration: Duration, rounds: usize) -> Scenario {
         );
     }
     s.contenders = contenders.into_iter().map(|(c, _)| c).collect();
+    s
+}
+
+/// amst-cc's BBR and CUBIC alone on the benchmark link in amst-cc's deterministic simulator:
+/// what the controllers do without any transport, kernel or emulator in the way.
+fn cc_sim(duration: Duration) -> Scenario {
+    use amst_cc::bbr::{Bbr, BbrConfig};
+    use amst_cc::cubic::{Cubic, CubicConfig};
+    use amst_cc::sim::{Flow, Link, Scenario as Sim};
+    const MSS: u64 = 1500;
+    let mut s = Scenario::new(
+        "cc-sim",
+        format!(
+            "amst-cc's simulator, 200 Mbit/s, 100 ms RTT, 1% random loss, 1 BDP droptail buffer, {} s, seed 42: BBR vs CUBIC alone on the link (deterministic: one sample each)",
+            duration.as_secs()
+        ),
+    );
+    let origin = Instant::now();
+    let flows: [(&str, Box<dyn amst_cc::CongestionController>); 2] = [
+        (
+            "amst-cc BBR (sim)",
+            Box::new(Bbr::new(BbrConfig::with_datagram_size(MSS), origin)),
+        ),
+        (
+            "amst-cc CUBIC (sim)",
+            Box::new(Cubic::new(CubicConfig::with_mss(MSS))),
+        ),
+    ];
+    for (name, controller) in flows {
+        let link = Link::new(WAN_RATE as f64, WAN_RTT)
+            .with_buffer_bdp(1.0)
+            .with_loss(0.01);
+        let r = Sim::new(link)
+            .seed(42)
+            .mss(MSS)
+            .duration(duration)
+            .flow(Flow::new(name, controller))
+            .run(origin);
+        let mut c = Contender::new(name, "Mbit/s");
+        c.record(
+            r.flows[0].goodput_bps / 1e6,
+            r.samples
+                .iter()
+                .map(|x| (x.at.as_secs_f64(), x.flows[0].throughput_bps / 1e6))
+                .collect(),
+        );
+        s.contenders.push(c);
+    }
+    if let (Some(bbr), Some(cubic)) = (s.contenders[0].summary(), s.contenders[1].summary()) {
+        let link_mbps = WAN_RATE as f64 / 1e6;
+        s.metrics
+            .insert("bbr_fraction_of_link".into(), bbr.median / link_mbps);
+        s.metrics
+            .insert("cubic_fraction_of_link".into(), cubic.median / link_mbps);
+        s.metrics
+            .insert("bbr_over_cubic".into(), bbr.median / cubic.median.max(1e-9));
+    }
     s
 }
 
@@ -720,7 +944,7 @@ fn write_plots(report: &Report, out: &std::path::Path) {
         let path = out.join(format!("{}.svg", s.id));
         if let Err(e) = plot::lines(
             &path,
-            &format!("{}: goodput over time", s.id),
+            &format!("{}: goodput over time (median run)", s.id),
             unit,
             &series,
         ) {
@@ -738,8 +962,27 @@ fn utc_now() -> String {
         .unwrap_or_default()
 }
 
+fn git_commit() -> String {
+    Command::new("git")
+        .args(["describe", "--always", "--dirty", "--abbrev=12"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
 fn machine() -> String {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .and_then(|v| v.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let mem_kib = std::fs::read_to_string("/proc/meminfo")
         .unwrap_or_default()
@@ -748,8 +991,8 @@ fn machine() -> String {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .unwrap_or(0);
     format!(
-        "Linux {}, {cores} cores, {} GiB",
-        kernel.trim(),
-        mem_kib / (1 << 20)
+        "{cpu}, {cores} cores, {:.1} GiB, Linux {}",
+        mem_kib as f64 / (1u64 << 20) as f64,
+        kernel.trim()
     )
 }
