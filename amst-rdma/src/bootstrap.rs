@@ -6,8 +6,8 @@ use std::io;
 use std::net::SocketAddr;
 
 use amst_core::codec::{
-    ClientHandshake, Close, CloseCode, Decoder, Established, Frame, ServerHandshake, capabilities,
-    random_bytes,
+    ClientHandshake, Close, CloseCode, Decoder, Established, Frame, FrameKind, ServerHandshake,
+    capabilities, random_bytes,
 };
 use amst_core::{Error, ProtocolError, Result};
 use bytes::BytesMut;
@@ -141,9 +141,26 @@ async fn write_frame(stream: &mut TcpStream, frame: &Frame) -> Result<()> {
         .map_err(|e| Error::io("writing a bootstrap frame", e))
 }
 
-async fn read_frame(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Frame> {
+/// Reads one handshake frame. Only `allowed` kinds are accepted, judged from the first byte,
+/// so that nothing before the proof can make us buffer more than a Hello (a Data header
+/// announcing a large body fails at once, not after its body arrived).
+async fn read_frame(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    allowed: &[FrameKind],
+    state: &'static str,
+) -> Result<Frame> {
     let decoder = Decoder::default();
     loop {
+        if let Some(&b) = buf.first() {
+            match FrameKind::from_u8(b) {
+                Some(kind) if allowed.contains(&kind) => {}
+                Some(kind) => {
+                    return Err(ProtocolError::UnexpectedFrame { got: kind, state }.into());
+                }
+                None => return Err(ProtocolError::UnknownFrameType(b).into()),
+            }
+        }
         if let Some(f) = decoder.decode(buf)? {
             return Ok(f);
         }
@@ -203,7 +220,14 @@ pub async fn dial(
         );
         write_frame(&mut stream, &Frame::Hello(hello)).await?;
         let mut buf = BytesMut::new();
-        let ack = match read_frame(&mut stream, &mut buf).await? {
+        let ack = match read_frame(
+            &mut stream,
+            &mut buf,
+            &[FrameKind::HelloAck, FrameKind::Close],
+            "waiting for HelloAck",
+        )
+        .await?
+        {
             Frame::HelloAck(a) => a,
             other => return Err(unexpected(&other, "waiting for HelloAck")),
         };
@@ -229,14 +253,22 @@ pub async fn accept(
     let _ = stream.set_nodelay(true);
     let r = tokio::time::timeout(limit, async {
         let mut buf = BytesMut::new();
-        let hello = match read_frame(stream, &mut buf).await? {
-            Frame::Hello(h) => h,
-            other => return Err(unexpected(&other, "waiting for Hello")),
-        };
+        let hello =
+            match read_frame(stream, &mut buf, &[FrameKind::Hello], "waiting for Hello").await? {
+                Frame::Hello(h) => h,
+                other => return Err(unexpected(&other, "waiting for Hello")),
+            };
         let hs = ServerHandshake::new(config.psk.clone(), random_bytes(), capabilities::RDMA);
         let (ack, awaiting) = hs.on_hello(&hello, random_bytes())?;
         write_frame(stream, &Frame::HelloAck(ack)).await?;
-        let proof = match read_frame(stream, &mut buf).await? {
+        let proof = match read_frame(
+            stream,
+            &mut buf,
+            &[FrameKind::Auth, FrameKind::Close],
+            "waiting for the Auth proof",
+        )
+        .await?
+        {
             Frame::Auth(p) => p,
             other => return Err(unexpected(&other, "waiting for the Auth proof")),
         };

@@ -57,7 +57,11 @@ impl RdmaConfig {
             send_window: 64 << 20,
             max_message: 1 << 30,
             handshake_timeout: Duration::from_secs(10),
-            ack_timeout: 14,
+            // 4.096 µs × 2^17 ≈ 0.54 s per try, so about 3.8 s over 7 tries before a dead
+            // peer is an error. 14 (67 ms) made starved but alive peers look dead: under
+            // qemu TCG a guest can stall for half a second, and rxe counted hundreds of
+            // spurious retransmissions and once gave up (retry exceeded) mid-transfer.
+            ack_timeout: 17,
             retry_count: 6,
         }
     }

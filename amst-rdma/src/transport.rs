@@ -97,9 +97,10 @@ impl RdmaListener {
             .accept()
             .await
             .map_err(|e| Error::io("accepting an RDMA bootstrap connection", e))?;
-        let (_, mut left) = crate::bootstrap::accept(&mut stream, &self.config).await?;
+        let (_, left) = crate::bootstrap::accept(&mut stream, &self.config).await?;
         #[cfg(feature = "rdma")]
         {
+            let mut left = left;
             let inner =
                 crate::verbs::Session::establish(&mut stream, &mut left, self.config.clone())
                     .await?;

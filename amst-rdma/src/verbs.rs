@@ -246,7 +246,9 @@ struct State {
     bytes_sent: u64,
     bytes_received: u64,
     closing: bool,
-    close_sent: bool,
+    /// Our Close segment's send completed: the peer's queue pair acknowledged it (RC), so it
+    /// is received, and tearing our queue pair down can no longer lose it.
+    close_delivered: bool,
     peer_closed: bool,
     closed: bool,
     fatal: Option<Fatal>,
@@ -577,7 +579,9 @@ impl Session {
     pub(crate) async fn close(&self) -> Result<()> {
         {
             let mut st = self.lock();
-            if let Some(f) = &st.fatal {
+            if let Some(f) = &st.fatal
+                && !(st.peer_closed && st.acked >= st.messages_sent)
+            {
                 return Err(f.to_error());
             }
             st.closing = true;
@@ -587,7 +591,16 @@ impl Session {
         tokio::time::timeout(
             limit,
             self.wait(|st| {
-                if st.close_sent && st.acked >= st.messages_sent {
+                // Wait for the Close's completion, not just its posting: destroying the queue
+                // pair with the Close still queued loses it, and the peer then sees its own
+                // in-flight segments fail against our dying queue pair (rxe answers them with
+                // RemoteInvalidRequest) instead of a graceful end.
+                if st.close_delivered && st.acked >= st.messages_sent {
+                    return Some(Ok(()));
+                }
+                // The peer closed first and acknowledged everything: our Close has no reader
+                // left, and an error from its teardown changes nothing.
+                if st.peer_closed && st.acked >= st.messages_sent {
                     return Some(Ok(()));
                 }
                 if let Some(f) = &st.fatal {
@@ -634,6 +647,8 @@ struct Driver {
     recv_buf: usize,
     slot: usize,
     close_posted: bool,
+    /// The send slot carrying our Close, until its completion.
+    close_slot: Option<usize>,
 }
 
 impl Driver {
@@ -656,6 +671,7 @@ impl Driver {
             recv_buf: c.recv_buf_size(),
             slot: c.slot_size as usize,
             close_posted: false,
+            close_slot: None,
             v,
         }
     }
@@ -807,6 +823,10 @@ impl Driver {
         if wr_id & WR_SEND == WR_SEND {
             let mut st = s.lock();
             st.bytes_sent += self.send_len[index];
+            if self.close_slot == Some(index) {
+                self.close_slot = None;
+                st.close_delivered = true;
+            }
             drop(st);
             self.free_send.push(index as u32);
             return Ok(());
@@ -915,9 +935,9 @@ impl Driver {
             && !self.free_send.is_empty()
         {
             let op = self.flow.on_post_control();
+            self.close_slot = self.free_send.last().map(|i| *i as usize);
             self.post(SegmentKind::Close, 0, 0, &[], op)?;
             self.close_posted = true;
-            s.lock().close_sent = true;
             posted = true;
         } else if self.flow.needs_update()
             && self.flow.can_send_control()

@@ -289,9 +289,13 @@ async fn t5_peer_qp_gone_with_bootstrap_alive_is_an_error() {
             for _ in 0..3 {
                 recv(&t).await;
             }
+            // Hold the bootstrap connection open until the client says it found out (a plain
+            // TCP connection on the next port), at most a minute.
+            let done = tokio::net::TcpListener::bind(SocketAddr::new([0, 0, 0, 0].into(), 18_515))
+                .await
+                .unwrap();
             t.destroy_qp_keep_bootstrap();
-            // Hold the bootstrap connection open while the client finds out.
-            tokio::time::sleep(Duration::from_secs(60)).await;
+            let _ = tokio::time::timeout(Duration::from_secs(60), done.accept()).await;
         }
         Role::Client => {
             let start = Instant::now();
@@ -314,6 +318,7 @@ async fn t5_peer_qp_gone_with_bootstrap_alive_is_an_error() {
                 "AMST-INFO peer QP destroyed, bootstrap alive -> error after {:.1?}: {err}",
                 start.elapsed()
             );
+            let _ = tokio::net::TcpStream::connect(SocketAddr::new(peer, 18_515)).await;
             assert!(
                 err.to_string().contains("work completion failed"),
                 "the error must come from the failed work request: {err}"
