@@ -176,24 +176,41 @@ impl Amst {
     /// Listens for `Amst` clients over amst-tcp on `addr`, and over amst-quic on the same
     /// port number (UDP) when `config.internet_transport` or `datacenter_transport` is QUIC.
     /// A QUIC listener that cannot start is logged and left out.
+    ///
+    /// With an RDMA datacenter transport it also listens for amst-rdma's bootstrap on the next
+    /// port number ([`RDMA_PORT_OFFSET`](crate::RDMA_PORT_OFFSET)); on a host without an RDMA
+    /// device that is logged and left out, and clients fall back to TCP.
     pub async fn listen(addr: SocketAddr, config: AmstConfig) -> Result<AmstListener> {
         let tcp = crate::TcpAcceptor::bind(addr, &config).await?;
-        let wants_quic = [config.internet_transport, config.datacenter_transport]
-            .contains(&amst_core::TransportKind::Quic);
-        if !wants_quic {
-            return Amst::listen_with(Arc::new(tcp), config);
-        }
         let bound = tcp.local_addr().unwrap_or(addr);
-        match crate::QuicAcceptor::bind(bound, &config) {
-            Ok(quic) => {
-                let multi = crate::MultiAcceptor::new(vec![Arc::new(tcp), Arc::new(quic)]);
-                Amst::listen_with(Arc::new(multi), config)
-            }
-            Err(e) => {
-                warn!("QUIC listener unavailable on UDP {bound}: {e}; serving TCP only");
-                Amst::listen_with(Arc::new(tcp), config)
+        let mut acceptors: Vec<Arc<dyn Acceptor>> = vec![Arc::new(tcp)];
+        let wants_quic = [
+            config.internet_transport,
+            config.datacenter_transport.kind(),
+        ]
+        .contains(&amst_core::TransportKind::Quic);
+        if wants_quic {
+            match crate::QuicAcceptor::bind(bound, &config) {
+                Ok(quic) => acceptors.push(Arc::new(quic)),
+                Err(e) => warn!("QUIC listener unavailable on UDP {bound}: {e}; serving TCP only"),
             }
         }
+        if config.datacenter_transport.kind() == amst_core::TransportKind::Rdma {
+            match crate::rdma_bootstrap_addr(bound) {
+                Some(boot) => match crate::RdmaAcceptor::bind(boot, &config).await {
+                    Ok(rdma) => acceptors.push(Arc::new(rdma)),
+                    Err(e) => warn!(
+                        "RDMA listener unavailable on {boot}: {e}; datacenter lanes fall back to TCP"
+                    ),
+                },
+                None => warn!("no port above {bound} for the RDMA bootstrap; serving TCP only"),
+            }
+        }
+        if acceptors.len() == 1 {
+            let only = acceptors.pop().expect("one acceptor");
+            return Amst::listen_with(only, config);
+        }
+        Amst::listen_with(Arc::new(crate::MultiAcceptor::new(acceptors)), config)
     }
 
     fn shared(&self) -> &Arc<Shared> {

@@ -16,6 +16,50 @@ pub enum Congestion {
     Cubic,
 }
 
+/// The transport of the datacenter profile.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub enum DatacenterTransport {
+    /// amst-tcp's datacenter preset (the seed's choice).
+    #[default]
+    Tcp,
+    /// amst-quic.
+    Quic,
+    /// amst-rdma on the named device (or the first with an active port) and GID index (or
+    /// the first RoCE v2 one with an IPv4 address). Needs amst-hybrid's feature `rdma` and a
+    /// device on both ends; otherwise the lane falls back to TCP with a logged warning.
+    Rdma {
+        /// Device name, e.g. `rxe0` or `mlx5_0`.
+        device: Option<String>,
+        /// GID index for RoCE v2.
+        gid_index: Option<u32>,
+    },
+}
+
+impl DatacenterTransport {
+    /// The transport kind a lane with this choice asks for.
+    pub fn kind(&self) -> TransportKind {
+        match self {
+            DatacenterTransport::Tcp => TransportKind::Tcp,
+            DatacenterTransport::Quic => TransportKind::Quic,
+            DatacenterTransport::Rdma { .. } => TransportKind::Rdma,
+        }
+    }
+}
+
+impl From<TransportKind> for DatacenterTransport {
+    /// `Rdma` picks the device and GID automatically.
+    fn from(kind: TransportKind) -> Self {
+        match kind {
+            TransportKind::Quic => DatacenterTransport::Quic,
+            TransportKind::Rdma => DatacenterTransport::Rdma {
+                device: None,
+                gid_index: None,
+            },
+            _ => DatacenterTransport::Tcp,
+        }
+    }
+}
+
 /// How one lane (one transport connection) is set up: what a [`Connector`](crate::Connector)
 /// needs to dial it. Two profiles are equal exactly when one connection can serve both.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -73,8 +117,8 @@ pub struct AmstConfig {
     pub switch_threshold: f64,
     /// In hybrid mode, messages below this go on the low-latency lane (seed: 1 MiB).
     pub small_message_threshold: usize,
-    /// The transport of the datacenter profile (TCP; RDMA when that crate is in).
-    pub datacenter_transport: TransportKind,
+    /// The transport of the datacenter profile (seed: TCP).
+    pub datacenter_transport: DatacenterTransport,
     /// The transport of the internet profile (TCP; QUIC when that crate is in).
     pub internet_transport: TransportKind,
     /// Keep the transports of a previous mode open for a quick switch back, instead of
@@ -118,7 +162,7 @@ impl AmstConfig {
             check_period: Duration::from_secs(5),
             switch_threshold: 0.7,
             small_message_threshold: 1 << 20,
-            datacenter_transport: TransportKind::Tcp,
+            datacenter_transport: DatacenterTransport::Tcp,
             internet_transport: TransportKind::Tcp,
             keep_warm: false,
             send_window: 64 << 20,
@@ -206,7 +250,7 @@ impl AmstConfig {
         let clamp = |n: usize| n.clamp(self.min_streams, self.max_streams);
         match preset {
             Mode::Datacenter if self.enable_datacenter => Some(LaneProfile {
-                transport: self.datacenter_transport,
+                transport: self.datacenter_transport.kind(),
                 preset: Mode::Datacenter,
                 streams: clamp(self.datacenter_streams),
                 min_streams: self.min_streams,
@@ -316,8 +360,6 @@ setters! {
     switch_threshold: f64,
     /// See [`AmstConfig::small_message_threshold`].
     small_message_threshold: usize,
-    /// See [`AmstConfig::datacenter_transport`].
-    datacenter_transport: TransportKind,
     /// See [`AmstConfig::internet_transport`].
     internet_transport: TransportKind,
     /// See [`AmstConfig::keep_warm`].
@@ -339,6 +381,12 @@ setters! {
 }
 
 impl AmstConfigBuilder {
+    /// See [`AmstConfig::datacenter_transport`]; a bare [`TransportKind`] converts.
+    pub fn datacenter_transport(mut self, value: impl Into<DatacenterTransport>) -> Self {
+        self.0.datacenter_transport = value.into();
+        self
+    }
+
     /// The configuration, validated.
     pub fn build(self) -> Result<AmstConfig> {
         self.0.validate()?;

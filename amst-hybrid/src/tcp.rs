@@ -14,8 +14,9 @@ use crate::{Acceptor, AmstConfig, Congestion, Connected, Connector, LaneProfile,
 /// Dials amst-tcp transports to one server address.
 ///
 /// Lanes whose profile asks for QUIC are dialed with amst-quic to the same port number over
-/// UDP (an `Amst::listen` server binds both); if that fails, or for RDMA (amst-rdma is not
-/// wired in yet), the lane falls back to TCP with a logged reason.
+/// UDP (an `Amst::listen` server binds both); lanes asking for RDMA are dialed with amst-rdma
+/// to the next port number ([`RDMA_PORT_OFFSET`](crate::RDMA_PORT_OFFSET)). If that fails (no
+/// RDMA device, no RDMA at the server), the lane falls back to TCP with a logged reason.
 #[derive(Debug, Clone)]
 pub struct TcpConnector {
     addr: SocketAddr,
@@ -57,6 +58,11 @@ pub fn tcp_config(psk: &Psk, profile: &LaneProfile, max_message: u64) -> TcpConf
     c.pacing = profile.pacing;
     c.chunk_size = profile.chunk_size.clamp(MIN_CHUNK, MAX_CHUNK);
     c.max_message = max_message;
+    // One amst-tcp listener (`TcpAcceptor`) serves every lane of a hybrid session, and it
+    // has one TLS setting: off, as in the datacenter preset. Lanes must match it, or the
+    // internet preset's TLS meets a plaintext server and fails. TLS on hybrid TCP lanes needs
+    // an acceptor with a certificate: not done yet.
+    c.tls = None;
     c
 }
 
@@ -75,9 +81,17 @@ impl Connector for TcpConnector {
                         ),
                     }
                 }
-                // The hook for amst-rdma: dial it here when the crate and a device exist.
+                TransportKind::Rdma => {
+                    match crate::rdma::connect_rdma(self.addr, &self.config).await {
+                        Ok(c) => return Ok(c),
+                        Err(e) => warn!(
+                            "RDMA transport unavailable ({e}); falling back to TCP for the {} lane",
+                            profile.preset
+                        ),
+                    }
+                }
                 other => warn!(
-                    "{other} transport unavailable in this build (amst-hybrid has no {other} connector yet); falling back to TCP for the {} lane",
+                    "{other} transport unavailable (amst-hybrid has no {other} connector); falling back to TCP for the {} lane",
                     profile.preset
                 ),
             }
