@@ -14,7 +14,7 @@
 //! run limit, default 1500).
 
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -36,6 +36,8 @@ const INITRD_MODULES: &[&str] = &[
     "9p",
     "ext4",
 ];
+/// Test targets built on the host and run in both guests, in this order.
+const VM_TEST_TARGETS: &[&str] = &["vm", "rdma_vm"];
 /// Guest addresses: the benchmarking range, never routed anywhere.
 const GUEST_IPS: [&str; 2] = ["198.18.0.1", "198.18.0.2"];
 
@@ -272,18 +274,34 @@ fn ensure_kernel(cache: &Path) -> Result<Kernel, String> {
     }
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let show = output_bounded(
-        Command::new("apt-cache").args(["show", &format!("linux-image-amd64/{SUITE}")]),
-        Duration::from_secs(60),
-        "apt-cache show linux-image-amd64",
-    )
-    .or_else(|_| {
+    let show = || {
         output_bounded(
-            Command::new("apt-cache").args(["show", "linux-image-amd64"]),
+            Command::new("apt-cache").args(["show", &format!("linux-image-amd64/{SUITE}")]),
             Duration::from_secs(60),
             "apt-cache show linux-image-amd64",
         )
-    })?;
+        .or_else(|_| {
+            output_bounded(
+                Command::new("apt-cache").args(["show", "linux-image-amd64"]),
+                Duration::from_secs(60),
+                "apt-cache show linux-image-amd64",
+            )
+        })
+        .ok()
+        .filter(|out| out.contains("linux-image-6.1.0-"))
+    };
+    // A fresh machine may have no package lists at all (container images drop them).
+    let show = match show() {
+        Some(out) => out,
+        None => {
+            run_bounded(
+                Command::new("apt-get").args(["update", "-q"]),
+                Duration::from_secs(300),
+                "apt-get update",
+            )?;
+            show().ok_or("apt-cache knows no linux-image-amd64 depending on a 6.1 kernel")?
+        }
+    };
     // Pick the 6.1 image the meta package points at (the backports one is newer).
     let pkg = show
         .lines()
@@ -484,25 +502,26 @@ fn ensure_initrd(cache: &Path, kernel: &Kernel) -> Result<PathBuf, String> {
     Ok(out)
 }
 
-/// `cargo test -p amst-rdma --features rdma --no-run`, then copies the test executables into
-/// the share. Returns their names.
+/// Builds the in-VM test targets (`vm` of amst-rdma, `rdma_vm` of amst-hybrid) with the same
+/// `--workspace --all-features` selection as `cargo xtask ci`, so that CI reuses its build
+/// instead of compiling the dependencies again with other features; then copies the test
+/// executables into the share. Returns their names.
 fn build_test_binaries(root: &Path, share: &Path) -> Result<Vec<String>, String> {
-    eprintln!("rdma-vm: building amst-rdma tests with --features rdma");
+    eprintln!("rdma-vm: building the in-VM tests (amst-rdma vm, amst-hybrid rdma_vm)");
     let out = output_bounded(
         Command::new("cargo")
             .current_dir(root)
             .args([
                 "test",
-                "-p",
-                "amst-rdma",
-                "--features",
-                "rdma",
+                "--workspace",
+                "--all-features",
                 "--no-run",
                 "--message-format=json",
             ])
+            .args(VM_TEST_TARGETS.iter().flat_map(|t| ["--test", t]))
             .stderr(Stdio::inherit()),
         Duration::from_secs(1800),
-        "building the amst-rdma test binaries",
+        "building the in-VM test binaries",
     )?;
     let mut names = Vec::new();
     for line in out.lines() {
@@ -526,38 +545,48 @@ fn build_test_binaries(root: &Path, share: &Path) -> Result<Vec<String>, String>
         names.push(name);
     }
     if names.is_empty() {
-        return Err("cargo built no amst-rdma test executable".into());
+        return Err("cargo built no in-VM test executable".into());
     }
     Ok(names)
 }
 
-/// The per-run guest script: network, rxe, the checks, then the amst-rdma tests.
+/// The per-run guest script: network, rxe, the checks, then the in-VM tests.
 fn write_guest_script(share: &Path, tests: &[String]) -> Result<(), String> {
     let mut amst = String::new();
     let env = "env AMST_RDMA_ROLE=$ROLE AMST_RDMA_PEER=$PEER AMST_RDMA_DEVICE=rxe0";
-    for t in tests {
+    let target_of = |name: &str| name.rsplit_once('-').map_or(name, |(t, _)| t).to_string();
+    for target in VM_TEST_TARGETS {
         // Every test binary runs on both sides; role and peer come from the environment.
-        amst.push_str(&format!(
-            "step \"amst {t}\" 900 {env} /mnt/amst/{t} --test-threads 1 --nocapture\n"
-        ));
+        for t in tests.iter().filter(|t| target_of(t) == *target) {
+            amst.push_str(&format!(
+                "step \"{target} ({t})\" 400 {env} /mnt/amst/{t} --test-threads 1 --nocapture\n"
+            ));
+        }
     }
-    if let Some(vm) = tests.iter().find(|t| t.starts_with("vm-")) {
+    if let Some(vm) = tests.iter().find(|t| target_of(t) == "vm") {
         // The bulk test again over a lossy link (netem in the guest kernel).
         amst.push_str(&format!(
             "step \"netem loss 1%\" 30 tc qdisc add dev eth0 root netem loss 1%\n\
-             step \"amst bulk under 1% loss\" 900 {env} AMST_RDMA_BULK_MIB=16 AMST_RDMA_PORT_SHIFT=100 \
+             step \"vm bulk under netem loss 1%\" 300 {env} AMST_RDMA_BULK_MIB=16 AMST_RDMA_PORT_SHIFT=100 \
              /mnt/amst/{vm} --test-threads 1 --nocapture t1_bulk\n\
              tc qdisc del dev eth0 root 2>/dev/null\n"
         ));
     }
     let script = format!(
         r#"#!/bin/sh
-# Runs inside each guest. Prints AMST-STEP lines that the host parses.
+# Runs inside each guest. Prints AMST-STEP lines that the host parses; a failed step is
+# followed by its output tail, the kernel's rxe messages and the rxe counters. (rxe's
+# dynamic debug is not turned on: it logs every packet, which slows TCG guests into
+# retry-exceeded errors.)
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 ROLE=$1; ME=$2; PEER=$3
 step() {{ name=$1; limit=$2; shift 2
-  if timeout "$limit" "$@" > /tmp/step.log 2>&1; then echo "AMST-STEP ok $name"; else echo "AMST-STEP fail($?) $name"; fi
-  sed 's/^/    /' /tmp/step.log | tail -n 80; }}
+  if timeout "$limit" "$@" > /tmp/step.log 2>&1; then echo "AMST-STEP ok $name"; sed 's/^/    /' /tmp/step.log | tail -n 40
+  else rc=$?; [ $rc = 124 ] && why="timed out after ${{limit}}s" || why="exit $rc"
+    echo "AMST-STEP fail($why) $name"; sed 's/^/    /' /tmp/step.log | tail -n 60
+    echo "    --- kernel (rxe) ---"; dmesg | grep -i -e rxe -e rdma | tail -n 30 | sed 's/^/    /'
+    echo "    --- rxe counters ---"; rdma statistic show link rxe0/1 2>&1 | sed 's/^/    /'
+  fi; }}
 ip link set lo up
 ip link set eth0 mtu 4200 2>/dev/null || true
 ip addr add $ME/24 dev eth0
@@ -570,18 +599,18 @@ rdma link show
 GID=$(for g in /sys/class/infiniband/rxe0/ports/1/gids/*; do i=${{g##*/}}; t=$(cat /sys/class/infiniband/rxe0/ports/1/gid_attrs/types/$i 2>/dev/null); v=$(cat $g); case "$t:$v" in "RoCE v2:0000:0000:0000:0000:0000:ffff:"*) echo $i; break;; esac; done)
 echo "AMST-INFO roce-v2 ipv4 gid index ${{GID:-none}}"
 i=0; while [ $i -lt 150 ] && ! ping -c1 -W1 $PEER >/dev/null 2>&1; do i=$((i+1)); done
-sync_peer() {{ sleep ${{1:-2}}; }}
 if [ "$ROLE" = server ]; then
-  step "ibv_rc_pingpong" 120 ibv_rc_pingpong -d rxe0 -g ${{GID:-1}} -n 200
-  step "ib_send_bw" 180 ib_send_bw -d rxe0 -x ${{GID:-1}} -s 65536 -n 2000 -F --report_gbits
+  step "ibv_rc_pingpong" 120 ibv_rc_pingpong -d rxe0 -g ${{GID:-1}} -n 20
+  step "ib_send_bw" 180 ib_send_bw -d rxe0 -x ${{GID:-1}} -s 65536 -n 1000 -F --report_gbits
 else
   sleep 3
-  step "ibv_rc_pingpong" 120 ibv_rc_pingpong -d rxe0 -g ${{GID:-1}} -n 200 $PEER
+  step "ibv_rc_pingpong" 120 ibv_rc_pingpong -d rxe0 -g ${{GID:-1}} -n 20 $PEER
   sleep 3
-  step "ib_send_bw" 180 ib_send_bw -d rxe0 -x ${{GID:-1}} -s 65536 -n 2000 -F --report_gbits $PEER
+  step "ib_send_bw" 180 ib_send_bw -d rxe0 -x ${{GID:-1}} -s 65536 -n 1000 -F --report_gbits $PEER
   sleep 2
 fi
-{amst}echo AMST-DONE
+{amst}echo "    --- rxe counters at the end ---"; rdma statistic show link rxe0/1 2>&1 | sed 's/^/    /'
+echo AMST-DONE
 "#
     );
     fs::write(share.join("guest.sh"), script).map_err(|e| e.to_string())
@@ -699,27 +728,50 @@ fn boot_pair(
     let timed_out = !(done[0] && done[1]);
     drop(vms);
     let mut failures = Vec::new();
+    let mut ib_send_bw: Option<f64> = None;
+    let mut amst_goodput: Option<f64> = None;
     for role in ["server", "client"] {
         let log = run.join(format!("{role}.log"));
-        let f = fs::File::open(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let text = fs::read_to_string(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let lines: Vec<&str> = text.lines().collect();
         let mut finished = false;
         let mut out = std::io::stderr().lock();
-        let mut after_bw_header = false;
-        for line in BufReader::new(f).lines().map_while(Result::ok) {
-            if std::mem::take(&mut after_bw_header) {
+        for (i, line) in lines.iter().enumerate() {
+            if i > 0 && lines[i - 1].contains("BW average[Gb/sec]") {
                 let _ = writeln!(out, "[{role}] ib_send_bw: {}", line.trim());
+                // "#bytes #iterations peak average msgrate"
+                if let Some(avg) = line.split_whitespace().nth(3).and_then(|v| v.parse().ok()) {
+                    ib_send_bw = Some(avg);
+                }
             }
-            after_bw_header = line.contains("BW average[Gb/sec]");
             if let Some(rest) = line.strip_prefix("AMST-STEP ") {
                 let _ = writeln!(out, "[{role}] {rest}");
                 if !rest.starts_with("ok ") {
-                    failures.push(format!("{role}: {rest}"));
+                    // The guest prints the step's output tail indented right behind it.
+                    let tail: Vec<&str> = lines[i + 1..]
+                        .iter()
+                        .take_while(|l| l.starts_with("    ") || l.is_empty())
+                        .copied()
+                        .collect();
+                    failures.push(format!(
+                        "{role}: step {rest}\n      guest output (tail):\n{}",
+                        indent(&tail)
+                    ));
                 }
             } else if line.contains("AMST-INFO")
                 || line.contains("test result")
                 || line.contains("panicked")
             {
-                let _ = writeln!(out, "[{role}] {line}");
+                let _ = writeln!(out, "[{role}] {}", line.trim());
+                if let Some(g) = line
+                    .split("amst goodput ")
+                    .nth(1)
+                    .filter(|_| line.contains("(256 MiB"))
+                    .and_then(|r| r.split_whitespace().next())
+                    .and_then(|v| v.parse::<f64>().ok())
+                {
+                    amst_goodput = Some(g);
+                }
             } else if line.starts_with("AMST-DONE") {
                 finished = true;
             } else if line.starts_with("AMST-VM-FATAL") {
@@ -727,10 +779,21 @@ fn boot_pair(
             }
         }
         if !finished {
+            let from = lines.len().saturating_sub(40);
             failures.push(format!(
-                "{role}: guest script did not finish (see {})",
-                log.display()
+                "{role}: guest script did not finish (full log {}); console tail:\n{}",
+                log.display(),
+                indent(&lines[from..])
             ));
+        }
+    }
+    if let (Some(ib), Some(amst)) = (ib_send_bw, amst_goodput) {
+        let ratio: f64 = amst / ib;
+        eprintln!(
+            "rdma-vm: goodput amst {amst:.4} Gb/s vs ib_send_bw {ib:.4} Gb/s: ratio {ratio:.2} (goal >= 0.5)"
+        );
+        if ratio < 0.5 {
+            eprintln!("rdma-vm: warning: the goodput ratio is below the 0.5 goal");
         }
     }
     if timed_out {
@@ -741,4 +804,12 @@ fn boot_pair(
     } else {
         Err(format!("rdma-vm failed:\n  {}", failures.join("\n  ")))
     }
+}
+
+fn indent(lines: &[&str]) -> String {
+    lines
+        .iter()
+        .map(|l| format!("      | {}", l.trim_end()))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
