@@ -35,6 +35,11 @@ pub(crate) fn handshake_error(what: String, e: &ConnectionError, config: &QuicCo
             " (TLS alert 120, no_application_protocol: the peer does not speak ALPN {:?})",
             String::from_utf8_lossy(&config.alpn)
         )
+    } else if text.contains("not valid for name") {
+        " (the server's certificate was rejected: it does not cover the server name given to connect)"
+            .into()
+    } else if text.contains("UnknownIssuer") {
+        " (the server's certificate was rejected: it does not chain to a trusted root)".into()
     } else if text.contains("invalid peer certificate") || text.contains("error 42") {
         " (the server's certificate was rejected: it is not the pinned one or does not chain to a trusted root)"
             .into()
