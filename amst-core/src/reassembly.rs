@@ -53,9 +53,9 @@ pub enum Inserted {
 struct Partial {
     base: u64,
     len: u64,
-    /// Zero-copy when the first chunk is the whole message; else one buffer with room for
-    /// `len`, filled up to the furthest byte written (see [`write_at`]).
-    buf: Option<BytesMut>,
+    /// Room for `len`, filled up to the furthest byte written (see [`write_at`]). Messages
+    /// that come in one chunk never get here.
+    buf: BytesMut,
     received: u64,
 }
 
@@ -145,31 +145,27 @@ impl Reassembler {
         let fresh = self
             .received
             .insert(chunk.session_offset.max(self.cumulative), end);
-        let partial = self.partial.entry(chunk.msg_id).or_insert_with(|| Partial {
-            base,
-            len: chunk.msg_len,
-            buf: None,
-            received: 0,
-        });
-        debug_assert_eq!((partial.base, partial.len), (base, chunk.msg_len));
         self.buffered += fresh;
-        partial.received += fresh;
-        if partial.received == partial.len && partial.buf.is_none() {
-            // The whole message came in one chunk: keep its payload as it is, no copy.
-            self.partial.remove(&chunk.msg_id);
+        if fresh == chunk.msg_len && !self.partial.contains_key(&chunk.msg_id) {
+            // The whole message came in one chunk, the common case: hand its payload on as
+            // it is, no copy, and no partial entry to make and remove.
             self.complete_message(chunk.msg_id, chunk.payload);
         } else {
-            let buf = partial
-                .buf
-                .get_or_insert_with(|| BytesMut::with_capacity(chunk.msg_len as usize));
-            write_at(buf, chunk.msg_offset as usize, &chunk.payload);
+            let partial = self.partial.entry(chunk.msg_id).or_insert_with(|| Partial {
+                base,
+                len: chunk.msg_len,
+                buf: BytesMut::with_capacity(chunk.msg_len as usize),
+                received: 0,
+            });
+            debug_assert_eq!((partial.base, partial.len), (base, chunk.msg_len));
+            partial.received += fresh;
+            write_at(&mut partial.buf, chunk.msg_offset as usize, &chunk.payload);
             if partial.received == partial.len
                 && let Some(p) = self.partial.remove(&chunk.msg_id)
             {
-                let msg = p.buf.map(BytesMut::freeze).unwrap_or_default();
                 // Every chunk ends within the message and was written, and all its bytes came.
-                debug_assert_eq!(msg.len() as u64, p.len);
-                self.complete_message(chunk.msg_id, msg);
+                debug_assert_eq!(p.buf.len() as u64, p.len);
+                self.complete_message(chunk.msg_id, p.buf.freeze());
             }
         }
         self.cumulative = self.received.contiguous_end(self.cumulative);
