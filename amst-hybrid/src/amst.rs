@@ -181,9 +181,22 @@ impl Amst {
     /// port number ([`RDMA_PORT_OFFSET`](crate::RDMA_PORT_OFFSET)); on a host without an RDMA
     /// device that is logged and left out, and clients fall back to TCP.
     pub async fn listen(addr: SocketAddr, config: AmstConfig) -> Result<AmstListener> {
+        let wants_rdma = config.datacenter_transport.kind() == amst_core::TransportKind::Rdma;
+        // With a fixed port, RDMA listens before TCP does: a client that finds the TCP port
+        // open must find the RDMA bootstrap open too, or its lane falls back to TCP.
+        let mut rdma = None;
+        if wants_rdma && addr.port() != 0 {
+            rdma = Some(bind_rdma(addr, &config).await);
+        }
         let tcp = crate::TcpAcceptor::bind(addr, &config).await?;
         let bound = tcp.local_addr().unwrap_or(addr);
+        if wants_rdma && rdma.is_none() {
+            rdma = Some(bind_rdma(bound, &config).await);
+        }
         let mut acceptors: Vec<Arc<dyn Acceptor>> = vec![Arc::new(tcp)];
+        if let Some(Some(r)) = rdma {
+            acceptors.push(r);
+        }
         let wants_quic = [
             config.internet_transport,
             config.datacenter_transport.kind(),
@@ -193,17 +206,6 @@ impl Amst {
             match crate::QuicAcceptor::bind(bound, &config) {
                 Ok(quic) => acceptors.push(Arc::new(quic)),
                 Err(e) => warn!("QUIC listener unavailable on UDP {bound}: {e}; serving TCP only"),
-            }
-        }
-        if config.datacenter_transport.kind() == amst_core::TransportKind::Rdma {
-            match crate::rdma_bootstrap_addr(bound) {
-                Some(boot) => match crate::RdmaAcceptor::bind(boot, &config).await {
-                    Ok(rdma) => acceptors.push(Arc::new(rdma)),
-                    Err(e) => warn!(
-                        "RDMA listener unavailable on {boot}: {e}; datacenter lanes fall back to TCP"
-                    ),
-                },
-                None => warn!("no port above {bound} for the RDMA bootstrap; serving TCP only"),
             }
         }
         if acceptors.len() == 1 {
@@ -419,6 +421,21 @@ impl AmstListener {
 impl Drop for AmstListener {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// The RDMA acceptor beside a TCP address, or `None` (logged) when there is no device.
+async fn bind_rdma(addr: SocketAddr, config: &AmstConfig) -> Option<Arc<dyn Acceptor>> {
+    let Some(boot) = crate::rdma_bootstrap_addr(addr) else {
+        warn!("no port above {addr} for the RDMA bootstrap; serving TCP only");
+        return None;
+    };
+    match crate::RdmaAcceptor::bind(boot, config).await {
+        Ok(r) => Some(Arc::new(r)),
+        Err(e) => {
+            warn!("RDMA listener unavailable on {boot}: {e}; datacenter lanes fall back to TCP");
+            None
+        }
     }
 }
 

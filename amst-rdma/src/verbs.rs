@@ -246,6 +246,7 @@ struct State {
     bytes_sent: u64,
     bytes_received: u64,
     closing: bool,
+    close_sent: bool,
     /// Our Close segment's send completed: the peer's queue pair acknowledged it (RC), so it
     /// is received, and tearing our queue pair down can no longer lose it.
     close_delivered: bool,
@@ -580,7 +581,7 @@ impl Session {
         {
             let mut st = self.lock();
             if let Some(f) = &st.fatal
-                && !(st.peer_closed && st.acked >= st.messages_sent)
+                && !close_done(&st)
             {
                 return Err(f.to_error());
             }
@@ -591,16 +592,7 @@ impl Session {
         tokio::time::timeout(
             limit,
             self.wait(|st| {
-                // Wait for the Close's completion, not just its posting: destroying the queue
-                // pair with the Close still queued loses it, and the peer then sees its own
-                // in-flight segments fail against our dying queue pair (rxe answers them with
-                // RemoteInvalidRequest) instead of a graceful end.
-                if st.close_delivered && st.acked >= st.messages_sent {
-                    return Some(Ok(()));
-                }
-                // The peer closed first and acknowledged everything: our Close has no reader
-                // left, and an error from its teardown changes nothing.
-                if st.peer_closed && st.acked >= st.messages_sent {
+                if close_done(st) {
                     return Some(Ok(()));
                 }
                 if let Some(f) = &st.fatal {
@@ -625,6 +617,22 @@ impl Session {
         self.abort();
         Ok(())
     }
+}
+
+/// Whether a graceful close is complete: everything we sent is acknowledged, and either the
+/// peer has our Close, or the peer has ended the session itself.
+///
+/// The Close must be *delivered* (its send completion, the peer's RC acknowledgement), not
+/// just posted: destroying the queue pair with the Close still queued loses it, and the peer
+/// then sees its own in-flight segments fail against our dying queue pair (rxe answers them
+/// with RemoteInvalidRequest) instead of a graceful end.
+fn close_done(st: &State) -> bool {
+    st.acked >= st.messages_sent
+        && (st.close_delivered
+            // The peer closed first: our Close has no reader left.
+            || st.peer_closed
+            // The peer went away after our Close was posted, with everything acknowledged.
+            || (st.close_sent && st.closed))
 }
 
 fn post_recv(qp: &mut BasicQueuePair, pool: &Pool, index: usize, size: usize) -> Result<()> {
@@ -703,6 +711,9 @@ impl Driver {
                 }
                 _ = s.wake_driver.notified() => {}
                 r = stream.read(&mut byte) => {
+                    // Completions that raced the EOF (our Close's, the peer's last segments)
+                    // count first.
+                    let _ = self.poll(s);
                     let peer_closed = s.lock().peer_closed;
                     match r {
                         // The peer closed gracefully and then tore its QP down: done.
@@ -938,6 +949,7 @@ impl Driver {
             self.close_slot = self.free_send.last().map(|i| *i as usize);
             self.post(SegmentKind::Close, 0, 0, &[], op)?;
             self.close_posted = true;
+            s.lock().close_sent = true;
             posted = true;
         } else if self.flow.needs_update()
             && self.flow.can_send_control()
