@@ -126,6 +126,12 @@ impl Drop for TcpListener {
     }
 }
 
+/// A session counts against `max_sessions` until it is torn down, not until the last of its
+/// aborted tasks happens to drop its reference.
+fn live(w: &Weak<Shared>) -> bool {
+    w.upgrade().is_some_and(|s| !lock(&s.life).closed)
+}
+
 /// Counts a connection as pending for as long as it lives, even if its task is aborted.
 struct PendingGuard(Arc<AtomicUsize>);
 
@@ -184,7 +190,7 @@ async fn accept_loop(
             let find = |id: &SessionId| lock(&sessions).get(id).and_then(Weak::upgrade);
             let cap = || {
                 let mut map = lock(&sessions);
-                map.retain(|_, w| w.strong_count() > 0);
+                map.retain(|_, w| live(w));
                 (map.len() >= config.max_sessions)
                     .then(|| format!("this server already serves {} sessions", map.len()))
             };
@@ -208,7 +214,7 @@ async fn accept_loop(
                     let id = a.established.session_id;
                     {
                         let mut map = lock(&sessions);
-                        map.retain(|_, w| w.strong_count() > 0);
+                        map.retain(|_, w| live(w));
                         if map.len() >= config.max_sessions {
                             let e = Error::Config {
                                 field: "max_sessions",
