@@ -157,9 +157,13 @@ async fn plain_amst_tcp_client_talks_to_an_amst_server() {
             .await
             .unwrap();
         let addr = listener.local_addr().unwrap();
-        let plain = TcpTransport::connect(addr, TcpConfig::internet(psk()).with_streams(4))
-            .await
-            .unwrap();
+        // The hybrid listener serves plaintext TCP (see `tcp_config`), so TLS off here too.
+        let plain = TcpTransport::connect(
+            addr,
+            TcpConfig::internet(psk()).with_streams(4).with_tls(None),
+        )
+        .await
+        .unwrap();
         plain.send(Bytes::from_static(b"v1 says hi")).await.unwrap();
         let server = listener.accept().await.unwrap();
         assert!(!server.is_hybrid());
