@@ -10,6 +10,8 @@
 //!   acks make `messages_acked` mean "received whole". Credit and QUIC's windows come from
 //!   [`QuicConfig::window`], sized from the path's BDP by [`QuicConfig::for_path`].
 //! - **Probes:** Ping/Pong in QUIC DATAGRAM frames, not stuck behind bulk data.
+//! - **Reconnects:** a [`QuicConnector`] keeps session tickets, so a reconnect resumes and
+//!   sends its Hello (only that: it is replay-safe) in 0-RTT, one round trip sooner.
 //!
 //! ```
 //! use amst_core::Transport;
