@@ -1,5 +1,6 @@
-//! The authenticated handshake on a socket: amst-core's sans-IO state machines driven over a
-//! `TcpStream`, on both sides, and the client's re-dial of a lost stream.
+//! The authenticated handshake on a socket: TLS first when configured, then amst-core's
+//! sans-IO PSK state machines over the stream, on both sides; and the client's re-dial of a
+//! lost stream.
 
 use std::io;
 use std::net::SocketAddr;
