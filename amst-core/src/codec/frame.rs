@@ -21,6 +21,9 @@ pub mod capabilities {
     pub const RDMA: u64 = 1 << 2;
     /// The peer runs the hybrid manager's message numbering on top of this transport.
     pub const HYBRID: u64 = 1 << 3;
+    /// Bits 32 and up belong to the transport that sent the Hello (amst-quic uses bit 32
+    /// for a Hello sent as 0-RTT early data); bits below 32 mean the same on every transport.
+    pub const TRANSPORT_SPECIFIC: u64 = !0 << 32;
 }
 
 /// The first frame on every connection, from the connecting side.
