@@ -9,9 +9,15 @@
 //! Everything it downloads is cached under `$AMST_RDMA_VM_CACHE`, else
 //! `$XDG_CACHE_HOME/amst-rdma-vm`, else `target/rdma-vm`: never in the repository.
 //!
-//! Flags: `--setup-only` (prepare the cache and stop), `--no-amst` (only the rxe and
-//! ibv_rc_pingpong checks), `--keep` (keep the per-run folder), `--timeout SECONDS` (guest
-//! run limit, default 1500).
+//! In the guests it runs amst-rdma's `tests/vm.rs` and amst-hybrid's `tests/rdma_vm.rs` (built
+//! on the host with CI's `--workspace --all-features` selection), then the bulk test again
+//! under `netem loss 1%`, and prints the goodput ratio to `ib_send_bw`. A failed step makes
+//! the command fail with the step's name and the guest's output tail (plus rxe's kernel
+//! messages and counters); `.ci/run` runs it after `cargo xtask ci`.
+//!
+//! Flags: `--setup-only` (prepare the cache and stop), `--no-amst` (only the rxe,
+//! ibv_rc_pingpong and ib_send_bw checks), `--keep` (keep the per-run share), `--timeout
+//! SECONDS` (guest run limit, default 1500; CI passes 600).
 
 use std::fs;
 use std::io::Write;
