@@ -116,15 +116,31 @@ fn bench(args: &[String]) -> Result<(), String> {
         } else {
             &[]
         };
-        let benches: [&[&str]; 4] = [
-            &["-p", "amst-core", "--benches"],
-            &["-p", "amst-cc", "--features", "quinn", "--bench", "on_ack"],
-            &["-p", "amst-hybrid", "--bench", "hot_path"],
-            &["-p", "amst-bench", "--bench", "reassembly"],
+        // Every bench amst-core has (codec, and whatever else lands there), by name: `--benches`
+        // would also run the lib's unit tests, which reject criterion's options.
+        let mut core = vec!["-p".to_string(), "amst-core".to_string()];
+        let mut names: Vec<String> = std::fs::read_dir("amst-core/benches")
+            .map_err(|e| format!("amst-core/benches: {e}"))?
+            .flatten()
+            .filter_map(|e| {
+                let n = e.file_name().to_string_lossy().to_string();
+                n.strip_suffix(".rs").map(str::to_string)
+            })
+            .collect();
+        names.sort();
+        for n in names {
+            core.extend(["--bench".to_string(), n]);
+        }
+        let owned = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let benches = [
+            core,
+            owned(&["-p", "amst-cc", "--features", "quinn", "--bench", "on_ack"]),
+            owned(&["-p", "amst-hybrid", "--bench", "hot_path"]),
+            owned(&["-p", "amst-bench", "--bench", "reassembly"]),
         ];
-        for b in benches {
+        for b in &benches {
             let mut cmd = vec!["bench"];
-            cmd.extend_from_slice(b);
+            cmd.extend(b.iter().map(String::as_str));
             cmd.push("--");
             cmd.extend_from_slice(timing);
             run("cargo", &cmd)?;

@@ -278,24 +278,26 @@ async fn drive(
         MESSAGE
     };
     let start = Instant::now();
+    let sampling_done = Arc::new(Notify::new());
     let sampler = {
-        let received = received.clone();
+        let (received, done) = (received.clone(), sampling_done.clone());
         tokio::spawn(async move {
             let mut series = Vec::new();
             let mut last = 0u64;
             let mut tick = tokio::time::interval(Duration::from_millis(500));
             tick.tick().await;
-            loop {
-                tick.tick().await;
+            // Bounded: 600 points is five minutes, longer than any run.
+            while series.len() < 600 {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = done.notified() => break,
+                }
                 let now = received.load(Ordering::Relaxed);
                 series.push((
                     start.elapsed().as_secs_f64(),
                     (now - last) as f64 * 8.0 / 0.5 / 1e9,
                 ));
                 last = now;
-                if series.len() > 600 {
-                    break;
-                }
             }
             series
         })
@@ -340,7 +342,7 @@ async fn drive(
             sent as f64 * 8.0 / start.elapsed().as_secs_f64()
         }
     };
-    sampler.abort();
+    sampling_done.notify_one();
     let series = sampler.await.unwrap_or_default();
     // After a fixed-time run the queued remainder is of no interest: do not wait long for it.
     let linger = if duration.is_some() { 2 } else { 30 };
@@ -384,8 +386,26 @@ fn loopback(id: &str, streams: usize, bytes: u64, rounds: usize) -> Scenario {
     }
     let mut amst = Contender::new(format!("amst-tcp {streams} streams"), "Gbit/s");
     let mut reference = Contender::new(format!("iperf3 -P {streams}"), "Gbit/s");
+    // The 8-stream case also runs amst-tcp over TLS, so the report shows what TLS costs.
+    let mut tls = (streams == 8).then(|| Contender::new("amst-tcp+TLS 8 streams", "Gbit/s"));
     let rt = runtime();
     for _ in 0..rounds {
+        if let Some(t) = tls.as_mut() {
+            let config = TcpConfig {
+                adaptive: false,
+                ..TcpConfig::datacenter(psk()).with_streams(streams)
+            }
+            .with_tls(Some(amst_tcp::TcpTls::psk_bound()));
+            match rt.block_on(amst_tcp_once(
+                config,
+                "127.0.0.1:0".parse().unwrap(),
+                Some(bytes),
+                None,
+            )) {
+                Ok((bps, series)) => t.record(bps / 1e9, series),
+                Err(e) => eprintln!("{id}: amst-tcp+TLS run failed: {e}"),
+            }
+        }
         let config = TcpConfig {
             adaptive: false,
             ..TcpConfig::datacenter(psk()).with_streams(streams)
@@ -426,7 +446,14 @@ fn loopback(id: &str, streams: usize, bytes: u64, rounds: usize) -> Scenario {
         s.metrics
             .insert("ratio_vs_iperf3".into(), a.median / b.median);
     }
-    s.contenders = vec![amst, reference];
+    if let (Some(a), Some(t)) = (amst.summary(), tls.as_ref().and_then(Contender::summary)) {
+        s.metrics
+            .insert("tls_over_plain".into(), t.median / a.median);
+    }
+    s.contenders = [Some(amst), tls, Some(reference)]
+        .into_iter()
+        .flatten()
+        .collect();
     s
 }
 
