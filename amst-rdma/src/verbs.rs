@@ -982,7 +982,7 @@ impl Driver {
             recv_advertised: adv.recv_advertised,
             ring_advertised: adv.ring_advertised,
             acked: adv.acked,
-            crc: crc32c::crc32c(payload),
+            crc: amst_core::crc32c(payload),
         };
         let idx = self.free_send.pop().expect("checked by the caller") as usize;
         let total = SEGMENT_HEADER_LEN + payload.len();

@@ -242,7 +242,7 @@ impl Assembler {
                 ),
             ));
         }
-        let actual = crc32c::crc32c(payload);
+        let actual = amst_core::crc32c(payload);
         if actual != header.crc {
             let done = self.current.as_ref().map_or(0, |(b, _)| b.len() as u64);
             return Err(ProtocolError::ChunkCorrupt {
@@ -324,7 +324,7 @@ mod tests {
             recv_advertised: 7,
             ring_advertised: 9,
             acked: 3,
-            crc: crc32c::crc32c(payload),
+            crc: amst_core::crc32c(payload),
         }
     }
 
