@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use amst_core::BoxFuture;
-use amst_quic::{CongestionControl, Identity, QuicConfig, QuicListener, QuicTransport};
+use amst_quic::{CongestionControl, Identity, QuicConfig, QuicConnector, QuicListener};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::warn;
@@ -26,9 +26,13 @@ pub fn quic_config(config: &AmstConfig, profile: &LaneProfile) -> QuicConfig {
     q
 }
 
-/// Dials one QUIC transport to `addr` for `profile`.
-pub async fn connect_quic(addr: SocketAddr, config: QuicConfig) -> amst_core::Result<Connected> {
-    let t = QuicTransport::connect(addr, QUIC_SERVER_NAME, config).await?;
+/// Dials one QUIC transport to `addr` through `connector`, which resumes with 0-RTT when it
+/// holds a ticket from an earlier lane to the same server.
+pub async fn connect_quic(
+    addr: SocketAddr,
+    connector: &QuicConnector,
+) -> amst_core::Result<Connected> {
+    let t = connector.connect(addr, QUIC_SERVER_NAME).await?;
     Ok(Connected {
         transport: Arc::new(t),
         hybrid: None,

@@ -1,11 +1,13 @@
 //! amst-tcp behind the [`Connector`] and [`Acceptor`] traits: one multi-stream TCP transport
 //! per lane, set up from the lane's profile.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use amst_core::codec::Psk;
 use amst_core::{BoxFuture, Mode, TransportKind};
+use amst_quic::QuicConnector;
 use amst_tcp::{MAX_CHUNK, MIN_CHUNK, TcpConfig, TcpListener, TcpTransport};
 use tracing::warn;
 
@@ -23,6 +25,9 @@ pub struct TcpConnector {
     psk: Psk,
     max_message: u64,
     config: AmstConfig,
+    /// One QUIC connector per congestion controller, kept across switches so that a lane
+    /// coming back to QUIC resumes its TLS session with 0-RTT instead of a full handshake.
+    quic: Arc<Mutex<HashMap<Congestion, Arc<QuicConnector>>>>,
 }
 
 impl TcpConnector {
@@ -33,7 +38,34 @@ impl TcpConnector {
             psk: config.psk.clone(),
             max_message: config.max_message,
             config: config.clone(),
+            quic: Arc::default(),
         }
+    }
+
+    /// The QUIC connector for `profile`, made on first use.
+    fn quic_connector(&self, profile: &LaneProfile) -> amst_core::Result<Arc<QuicConnector>> {
+        let mut connectors = self.quic.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = connectors.get(&profile.congestion) {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(QuicConnector::new(crate::quic::quic_config(
+            &self.config,
+            profile,
+        ))?);
+        connectors.insert(profile.congestion, c.clone());
+        Ok(c)
+    }
+
+    /// Connections made and 0-RTT resumptions, summed over this connector's QUIC lanes.
+    pub fn quic_stats(&self) -> amst_quic::ConnectorStats {
+        let connectors = self.quic.lock().unwrap_or_else(|e| e.into_inner());
+        let mut sum = amst_quic::ConnectorStats::default();
+        for s in connectors.values().map(|c| c.stats()) {
+            sum.connects += s.connects;
+            sum.zero_rtt_attempted += s.zero_rtt_attempted;
+            sum.zero_rtt_accepted += s.zero_rtt_accepted;
+        }
+        sum
     }
 
     /// The amst-tcp configuration for a lane profile.
@@ -72,8 +104,11 @@ impl Connector for TcpConnector {
             match profile.transport {
                 TransportKind::Tcp => {}
                 TransportKind::Quic => {
-                    let q = crate::quic::quic_config(&self.config, profile);
-                    match crate::quic::connect_quic(self.addr, q).await {
+                    let dialed = match self.quic_connector(profile) {
+                        Ok(connector) => crate::quic::connect_quic(self.addr, &connector).await,
+                        Err(e) => Err(e),
+                    };
+                    match dialed {
                         Ok(c) => return Ok(c),
                         Err(e) => warn!(
                             "QUIC transport unavailable ({e}); falling back to TCP for the {} lane",
@@ -146,5 +181,34 @@ impl Acceptor for TcpAcceptor {
 
     fn local_addr(&self) -> Option<SocketAddr> {
         Some(self.listener.local_addr())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quic::QuicAcceptor;
+
+    #[tokio::test]
+    async fn a_lane_coming_back_to_quic_resumes_with_0rtt() {
+        let config = AmstConfig::builder(Psk::new(b"a key for the 0-RTT lane test").unwrap())
+            .internet_transport(TransportKind::Quic)
+            .build()
+            .unwrap();
+        let acceptor = QuicAcceptor::bind("127.0.0.1:0".parse().unwrap(), &config).unwrap();
+        let addr = acceptor.local_addr().unwrap();
+        let connector = TcpConnector::new(addr, &config);
+        let profile = config.profile(Mode::Internet).unwrap();
+        for _ in 0..2 {
+            let (client, server) = tokio::join!(connector.connect(&profile), acceptor.accept());
+            let (client, server) = (client.unwrap(), server.unwrap());
+            assert_eq!(client.transport.metrics().kind, TransportKind::Quic);
+            client.transport.close().await.unwrap();
+            drop(server);
+        }
+        let stats = connector.quic_stats();
+        assert_eq!(stats.connects, 2, "{stats:?}");
+        assert_eq!(stats.zero_rtt_attempted, 1, "{stats:?}");
+        assert_eq!(stats.zero_rtt_accepted, 1, "{stats:?}");
     }
 }
