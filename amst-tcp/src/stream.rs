@@ -4,7 +4,7 @@
 //! (`TCP_NOTSENT_LOWAT` keeps that room small), so a fast stream takes more chunks than a slow
 //! one: work stealing, not round-robin. Headers and payloads go out in one vectored write, the
 //! payload never copied. The reader decodes frames in place and hands data chunks to the
-//! reassembler; every chunk lands in a buffer reserved once for the whole frame.
+//! reassembler; chunks are split off large read slabs without a copy.
 
 use std::io::{self, IoSlice};
 use std::sync::Arc;
@@ -25,6 +25,9 @@ use crate::stats::StreamCtl;
 const MAX_BATCH: usize = 64;
 /// Read buffer for control traffic and small frames.
 const SMALL_READ: usize = 64 << 10;
+/// Frames (of the last size seen) per read slab: bounds both the allocations per byte and
+/// the memory an idle stream's slab keeps alive.
+const SLAB_FRAMES: usize = 8;
 
 /// Runs a stream's writer until the stream ends; reports the end to the session.
 pub(crate) async fn writer(
@@ -125,7 +128,7 @@ async fn write_loop(
 fn take_chunks(shared: &Shared, path: PathId, batch: &mut Vec<DataChunk>) {
     let max = shared.chunk_size.load(Ordering::Relaxed);
     let now = Instant::now();
-    let more = {
+    let (more, queued) = {
         let mut tx = lock(&shared.tx);
         let mut bytes = 0usize;
         while batch.len() < MAX_BATCH && bytes < max {
@@ -138,12 +141,14 @@ fn take_chunks(shared: &Shared, path: PathId, batch: &mut Vec<DataChunk>) {
             bytes += out.chunk.payload.len();
             batch.push(out.chunk);
         }
-        tx.sb.has_sendable()
+        (tx.sb.has_sendable(), tx.sb.queued_bytes())
     };
     for c in batch.iter_mut() {
         c.seal();
     }
-    if !batch.is_empty() {
+    // A blocked sender is woken once the queue has drained to half (or is empty), not per
+    // chunk: one wakeup then refills many chunks' worth.
+    if !batch.is_empty() && (queued == 0 || queued <= shared.config.send_queue / 2) {
         shared.space.notify_waiters();
     }
     if more {
@@ -248,7 +253,12 @@ async fn read_loop(
             hint = want;
         }
         if buf.capacity() < want {
-            buf.reserve(want - buf.len());
+            // A fresh slab, read into as far as the socket has data: frames split off it
+            // without a copy, and one allocation and a few reads serve many frames. Only the
+            // partial frame at a slab's end is copied into the next one.
+            let mut slab = BytesMut::with_capacity(want.max(hint.saturating_mul(SLAB_FRAMES)));
+            slab.extend_from_slice(&buf);
+            buf = slab;
         }
         if stream.read_some(&mut buf).await? == 0 {
             if buf.is_empty() {
