@@ -152,3 +152,22 @@ mod memory {
         }
     }
 }
+
+/// What an acceptor yields for one `accept` of a transport listener: a transport whose
+/// negotiation result is unknown, or the listener's end as [`Error::Closed`](crate::Error::Closed)
+/// naming `listener`.
+pub(crate) fn accepted<T: Transport + 'static>(
+    accept: amst_core::Result<T>,
+    listener: &str,
+) -> Result<Connected> {
+    match accept {
+        Ok(t) => Ok(Connected {
+            transport: Arc::new(t),
+            hybrid: None,
+        }),
+        Err(amst_core::Error::Closed) => Err(crate::Error::Closed(format!(
+            "the {listener} listener stopped"
+        ))),
+        Err(e) => Err(e.into()),
+    }
+}

@@ -60,16 +60,7 @@ impl QuicAcceptor {
 
 impl Acceptor for QuicAcceptor {
     fn accept(&self) -> BoxFuture<'_, Result<Connected>> {
-        Box::pin(async move {
-            let t = self.listener.accept().await.map_err(|e| match e {
-                amst_core::Error::Closed => Error::Closed("the QUIC listener stopped".into()),
-                e => e.into(),
-            })?;
-            Ok(Connected {
-                transport: Arc::new(t),
-                hybrid: None,
-            })
-        })
+        Box::pin(async move { crate::connect::accepted(self.listener.accept().await, "QUIC") })
     }
 
     fn local_addr(&self) -> Option<SocketAddr> {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use amst_core::BoxFuture;
 use amst_rdma::{RdmaConfig, RdmaListener, RdmaTransport};
 
-use crate::{Acceptor, AmstConfig, Connected, DatacenterTransport, Error, Result};
+use crate::{Acceptor, AmstConfig, Connected, DatacenterTransport, Result};
 
 /// The RDMA bootstrap listens this many port numbers above the session's TCP port.
 pub const RDMA_PORT_OFFSET: u16 = 1;
@@ -70,16 +70,7 @@ impl RdmaAcceptor {
 
 impl Acceptor for RdmaAcceptor {
     fn accept(&self) -> BoxFuture<'_, Result<Connected>> {
-        Box::pin(async move {
-            let t = self.listener.accept().await.map_err(|e| match e {
-                amst_core::Error::Closed => Error::Closed("the RDMA listener stopped".into()),
-                e => e.into(),
-            })?;
-            Ok(Connected {
-                transport: Arc::new(t),
-                hybrid: None,
-            })
-        })
+        Box::pin(async move { crate::connect::accepted(self.listener.accept().await, "RDMA") })
     }
 
     fn local_addr(&self) -> Option<SocketAddr> {

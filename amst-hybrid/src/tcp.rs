@@ -167,16 +167,7 @@ impl TcpAcceptor {
 
 impl Acceptor for TcpAcceptor {
     fn accept(&self) -> BoxFuture<'_, Result<Connected>> {
-        Box::pin(async move {
-            let t = self.listener.accept().await.map_err(|e| match e {
-                amst_core::Error::Closed => crate::Error::Closed("the TCP listener stopped".into()),
-                e => e.into(),
-            })?;
-            Ok(Connected {
-                transport: Arc::new(t),
-                hybrid: None,
-            })
-        })
+        Box::pin(async move { crate::connect::accepted(self.listener.accept().await, "TCP") })
     }
 
     fn local_addr(&self) -> Option<SocketAddr> {
