@@ -26,7 +26,7 @@ use crate::config::QuicConfig;
 use crate::handshake;
 use crate::session::Shared;
 use crate::tls;
-use crate::transport::{QuicTransport, handshake_error};
+use crate::transport::{QuicTransport, finish_handshake, handshake_error};
 
 /// How a [`QuicConnector`]'s connections went.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -167,14 +167,7 @@ impl QuicConnector {
                 (conn, tx, rx, early)
             }
             Err(connecting) => {
-                let t = config.handshake_timeout;
-                let conn = tokio::time::timeout(t, connecting)
-                    .await
-                    .map_err(|_| Error::Timeout {
-                        what: "the QUIC handshake",
-                        after: t,
-                    })?
-                    .map_err(|e| handshake_error(what(), &e, config))?;
+                let conn = finish_handshake(connecting, what, config).await?;
                 let (tx, rx) = handshake::client(&conn, config).await?;
                 (conn, tx, rx, false)
             }

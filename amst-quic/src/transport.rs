@@ -27,6 +27,23 @@ pub struct QuicTransport {
     early: bool,
 }
 
+/// Waits for the TLS handshake of a connection that did not go through 0-RTT, within the
+/// configured handshake timeout.
+pub(crate) async fn finish_handshake(
+    connecting: quinn::Connecting,
+    what: impl FnOnce() -> String,
+    config: &QuicConfig,
+) -> Result<quinn::Connection> {
+    let t = config.handshake_timeout;
+    tokio::time::timeout(t, connecting)
+        .await
+        .map_err(|_| Error::Timeout {
+            what: "the QUIC handshake",
+            after: t,
+        })?
+        .map_err(|e| handshake_error(what(), &e, config))
+}
+
 pub(crate) fn handshake_error(what: String, e: &ConnectionError, config: &QuicConfig) -> Error {
     // quinn names TLS alerts only by number; say what the two common ones mean.
     let text = e.to_string();
@@ -258,14 +275,7 @@ async fn handshake_incoming(
             (conn, r?)
         }
         Err(connecting) => {
-            let t = config.handshake_timeout;
-            let conn = tokio::time::timeout(t, connecting)
-                .await
-                .map_err(|_| Error::Timeout {
-                    what: "the QUIC handshake",
-                    after: t,
-                })?
-                .map_err(|e| handshake_error(what(), &e, &config))?;
+            let conn = finish_handshake(connecting, what, &config).await?;
             let r = handshake::server(&conn, &config, std::future::ready(true), answered).await;
             (conn, r?)
         }
