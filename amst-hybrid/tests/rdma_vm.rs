@@ -48,6 +48,10 @@ async fn rdma_tcp_switches_under_traffic_lose_and_duplicate_nothing() {
     const N: u64 = 1_500;
     const UP_MAX: usize = 32 << 10;
     const DOWN_MAX: usize = 512;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("amst_hybrid=info,amst_rdma=info")
+        .with_test_writer()
+        .try_init();
     within(400, async {
         if is_server {
             let l = Amst::listen(SocketAddr::new([0, 0, 0, 0].into(), PORT), config())
@@ -72,6 +76,14 @@ async fn rdma_tcp_switches_under_traffic_lose_and_duplicate_nothing() {
             );
         } else {
             let deadline = Instant::now() + Duration::from_secs(120);
+            // The server opens its RDMA bootstrap port before its TCP port. Dialling before
+            // the TCP port is open can find the RDMA port still closed and the TCP one open a
+            // moment later: a legitimate fallback, but not what this test is about.
+            let addr = SocketAddr::new(peer, PORT);
+            while tokio::net::TcpStream::connect(addr).await.is_err() {
+                assert!(Instant::now() < deadline, "the server at {addr} never opened");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
             let client = loop {
                 match Amst::connect(SocketAddr::new(peer, PORT), config()).await {
                     Ok(c) => break c,

@@ -54,6 +54,15 @@ const USAGE: &str = "usage: amst-e2e [--quick] [--no-gate] [--out DIR] [--scenar
 [--scale F] [--latest-dir DIR] [--micro-since UNIX_SECS] [--criterion-dir DIR]";
 
 fn main() -> ExitCode {
+    // Silent unless RUST_LOG asks: the transports log their tuning decisions with the
+    // numbers behind them, which is what explains a scenario's result.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("--role-receiver") {
         return receiver_role();
