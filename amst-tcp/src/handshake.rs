@@ -200,15 +200,15 @@ pub(crate) enum Accepted {
 }
 
 /// Runs the server side of the handshake on a freshly accepted stream: TLS first if `tls`
-/// is set, then the PSK handshake. `find` looks a session up by id; `session_cap` says why
-/// no new session may start, if it may not. On failure the peer gets a Close naming the
-/// reason.
+/// is set, then the PSK handshake. `find` looks a session up by id; `session_cap` is the
+/// error that refuses a new session, if one may not start now. On failure the peer gets a
+/// Close naming the reason.
 pub(crate) async fn accept(
     stream: TcpStream,
     config: &TcpConfig,
     tls: Option<&ServerTls>,
     find: impl Fn(&SessionId) -> Option<Arc<Shared>>,
-    session_cap: impl Fn() -> Option<String>,
+    session_cap: impl Fn() -> Option<Error>,
 ) -> Result<Accepted> {
     let limit = config.handshake_timeout;
     let applied = sockopt::tune(&stream, config);
@@ -250,6 +250,7 @@ fn close_for(e: &Error) -> Close {
     let code = match e {
         Error::Protocol(ProtocolError::AuthFailed) => CloseCode::AuthFailed,
         Error::Config { field, .. } if field.starts_with("max_") => CloseCode::LimitExceeded,
+        Error::Unavailable { .. } => CloseCode::Aborted,
         _ => CloseCode::ProtocolError,
     };
     Close::new(code, e.to_string())
@@ -308,7 +309,7 @@ async fn accept_inner(
     config: &TcpConfig,
     binding: Option<[u8; 32]>,
     find: impl Fn(&SessionId) -> Option<Arc<Shared>>,
-    session_cap: impl Fn() -> Option<String>,
+    session_cap: impl Fn() -> Option<Error>,
 ) -> Result<(Option<Arc<Shared>>, Established, BytesMut)> {
     let decoder = handshake_decoder();
     let mut buf = BytesMut::with_capacity(256);
@@ -336,11 +337,8 @@ async fn accept_inner(
         return Err(ProtocolError::AuthFailed.into());
     }
     let (session, id) = if hello.session_id == [0; 16] {
-        if let Some(reason) = session_cap() {
-            return Err(Error::Config {
-                field: "max_sessions",
-                reason,
-            });
+        if let Some(refusal) = session_cap() {
+            return Err(refusal);
         }
         (None, random_bytes::<16>())
     } else {

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use amst_core::codec::SessionId;
 use amst_core::{Error, Result};
 use tokio::sync::mpsc;
-use tokio::task::AbortHandle;
 use tracing::{debug, info, warn};
 
 use crate::config::TcpConfig;
@@ -24,13 +23,17 @@ type Sessions = Arc<Mutex<HashMap<SessionId, Weak<Shared>>>>;
 /// Accepts AMST sessions. Each [`accept`](Self::accept) yields one authenticated session;
 /// the extra streams of a live session are attached to it by session id and never show up
 /// here.
+///
+/// Dropping the listener refuses new sessions at once, but the port stays open for the
+/// sessions it already accepted: their remaining streams, added streams and re-dials still
+/// join through it. The port closes when the last of those sessions ends, as a QUIC endpoint
+/// lives on while its connections do.
 #[derive(Debug)]
 pub struct TcpListener {
     local: SocketAddr,
     pending: Arc<AtomicUsize>,
     fingerprint: Option<Fingerprint>,
     incoming: tokio::sync::Mutex<mpsc::Receiver<TcpTransport>>,
-    task: AbortHandle,
 }
 
 /// At most this many rejected-handshake warnings per second; the rest are counted.
@@ -79,7 +82,7 @@ impl TcpListener {
             .map_err(|e| Error::io("reading the bound address", e))?;
         let (tx, rx) = mpsc::channel(64);
         let pending = Arc::new(AtomicUsize::new(0));
-        let task = tokio::spawn(accept_loop(
+        tokio::spawn(accept_loop(
             listener,
             Arc::new(config),
             tls,
@@ -92,7 +95,6 @@ impl TcpListener {
             pending,
             fingerprint,
             incoming: tokio::sync::Mutex::new(rx),
-            task: task.abort_handle(),
         })
     }
 
@@ -119,13 +121,6 @@ impl TcpListener {
     }
 }
 
-impl Drop for TcpListener {
-    fn drop(&mut self) {
-        // Live sessions keep running; only the accepting stops.
-        self.task.abort();
-    }
-}
-
 /// A session counts against `max_sessions` until it is torn down, not until the last of its
 /// aborted tasks happens to drop its reference.
 fn live(w: &Weak<Shared>) -> bool {
@@ -138,6 +133,22 @@ struct PendingGuard(Arc<AtomicUsize>);
 impl Drop for PendingGuard {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Resolves once the listener is dropped and none of the sessions it accepted is alive.
+async fn orphaned(out: &mpsc::Sender<TcpTransport>, sessions: &Sessions) {
+    out.closed().await;
+    loop {
+        let any_live = {
+            let mut map = lock(sessions);
+            map.retain(|_, w| live(w));
+            !map.is_empty()
+        };
+        if !any_live {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 
@@ -155,7 +166,14 @@ async fn accept_loop(
         suppressed: 0,
     }));
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            () = orphaned(&out, &sessions) => {
+                info!(local = ?listener.local_addr().ok(), "listener dropped and its last session ended; port closed");
+                return;
+            }
+        };
+        let (stream, peer) = match accepted {
             Ok(v) => v,
             Err(e) => {
                 // Out of descriptors and the like: back off instead of spinning.
@@ -189,10 +207,19 @@ async fn accept_loop(
         tokio::spawn(async move {
             let find = |id: &SessionId| lock(&sessions).get(id).and_then(Weak::upgrade);
             let cap = || {
+                if out.is_closed() {
+                    return Some(Error::Unavailable {
+                        transport: amst_core::TransportKind::Tcp,
+                        reason: "this server's listener was dropped; it takes no new sessions"
+                            .into(),
+                    });
+                }
                 let mut map = lock(&sessions);
                 map.retain(|_, w| live(w));
-                (map.len() >= config.max_sessions)
-                    .then(|| format!("this server already serves {} sessions", map.len()))
+                (map.len() >= config.max_sessions).then(|| Error::Config {
+                    field: "max_sessions",
+                    reason: format!("this server already serves {} sessions", map.len()),
+                })
             };
             let accepted = handshake::accept(stream, &config, tls.as_ref(), find, cap).await;
             drop(guard);

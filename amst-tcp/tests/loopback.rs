@@ -224,6 +224,59 @@ async fn streams_can_be_added_and_removed_live() {
     assert_eq!(got, sent);
 }
 
+/// A server that accepts one session and drops its listener still gets the whole session:
+/// its remaining and added streams join; new sessions are refused with a clear error; the
+/// port closes once the session ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_listener_serves_its_sessions_and_refuses_new_ones() {
+    init_tracing();
+    let listener = amst_tcp::TcpListener::bind("127.0.0.1:0".parse().unwrap(), fixed(8))
+        .await
+        .unwrap();
+    let addr = listener.local_addr();
+    let server = tokio::spawn(async move { listener.accept().await.unwrap() });
+    let client = amst_tcp::TcpTransport::connect(addr, fixed(8))
+        .await
+        .unwrap();
+    let server = server.await.unwrap();
+    // Joins through the dropped listener: the eight initial streams and one added later.
+    client.add_stream().await.unwrap();
+    assert_eq!(client.stream_stats().len(), 9);
+    let rx = tokio::spawn(async move { (recv_all(&server).await, server) });
+    let total = 64u64 << 20;
+    let sent = send_all(&client, total, 1 << 20).await;
+
+    let refused = amst_tcp::TcpTransport::connect(addr, fixed(1)).await;
+    let err = match refused {
+        Ok(c) => {
+            // The refusal may come as the session's first Close rather than from connect.
+            let r = c.send(Bytes::from_static(b"x")).await.and(c.flush().await);
+            r.expect_err("a new session was served by a dropped listener")
+        }
+        Err(e) => e,
+    };
+    assert!(
+        err.to_string().contains("listener was dropped"),
+        "expected a refusal naming the dropped listener, got {err}"
+    );
+
+    client.close().await.unwrap();
+    let ((bytes, _, got), server) = rx.await.unwrap();
+    assert_eq!(bytes, total);
+    assert_eq!(got, sent);
+    drop(server);
+    // Bounded wait for the port to close: the listener task checks every 250 ms.
+    let mut closed = false;
+    for _ in 0..40 {
+        if tokio::net::TcpStream::connect(addr).await.is_err() {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(closed, "the port stayed open after the last session ended");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probe_measures_rtt_and_a_burst() {
     init_tracing();

@@ -38,13 +38,9 @@ pub async fn pair(client: TcpConfig, server: TcpConfig) -> (TcpTransport, TcpTra
         .await
         .unwrap();
     let addr = listener.local_addr();
-    let accept = tokio::spawn(async move {
-        let s = listener.accept().await.unwrap();
-        // The listener attaches the session's other and re-dialled streams: keep it for
-        // the rest of the test (it dies with the test's runtime).
-        std::mem::forget(listener);
-        s
-    });
+    // Dropped after the accept: it goes on attaching this session's other and re-dialled
+    // streams for as long as the session lives.
+    let accept = tokio::spawn(async move { listener.accept().await.unwrap() });
     let c = TcpTransport::connect(addr, client).await.unwrap();
     (c, accept.await.unwrap())
 }
