@@ -90,11 +90,8 @@ pub fn tcp_config(psk: &Psk, profile: &LaneProfile, max_message: u64) -> TcpConf
     c.pacing = profile.pacing;
     c.chunk_size = profile.chunk_size.clamp(MIN_CHUNK, MAX_CHUNK);
     c.max_message = max_message;
-    // One amst-tcp listener (`TcpAcceptor`) serves every lane of a hybrid session, and it
-    // has one TLS setting: off, as in the datacenter preset. Lanes must match it, or the
-    // internet preset's TLS meets a plaintext server and fails. TLS on hybrid TCP lanes needs
-    // an acceptor with a certificate: not done yet.
-    c.tls = None;
+    // TLS as in amst-tcp's presets: on for internet lanes, off for datacenter ones. One
+    // listener (`TcpAcceptor`) takes both, stream by stream.
     c
 }
 
@@ -149,11 +146,13 @@ pub struct TcpAcceptor {
 
 impl TcpAcceptor {
     /// Binds `addr`. The server follows whatever streams each client opens, so it is set up
-    /// for the largest profile (datacenter, up to `config.max_streams` streams).
+    /// for the largest profile (datacenter, up to `config.max_streams` streams). It speaks
+    /// TLS to the clients that start it (internet lanes) and plain TCP to the others.
     pub async fn bind(addr: SocketAddr, config: &AmstConfig) -> Result<Self> {
         let mut c = TcpConfig::datacenter(config.psk.clone());
         c.max_streams = config.max_streams.max(c.max_streams);
         c.max_message = config.max_message;
+        c.tls = Some(amst_tcp::TcpTls::psk_bound().with_plaintext_too());
         Ok(TcpAcceptor {
             listener: TcpListener::bind(addr, c).await?,
         })

@@ -157,7 +157,7 @@ async fn plain_amst_tcp_client_talks_to_an_amst_server() {
             .await
             .unwrap();
         let addr = listener.local_addr().unwrap();
-        // The hybrid listener serves plaintext TCP (see `tcp_config`), so TLS off here too.
+        // The hybrid listener takes TLS and plaintext streams alike; this client is plain.
         let plain = TcpTransport::connect(
             addr,
             TcpConfig::internet(psk()).with_streams(4).with_tls(None),
@@ -305,6 +305,87 @@ async fn wrong_psk_is_refused() {
             .unwrap();
         let err = Amst::connect(addr, bad).await.unwrap_err().to_string();
         assert!(err.to_lowercase().contains("auth"), "{err}");
+    })
+    .await;
+}
+
+/// A TCP relay to `upstream` that raises `seen` when `marker` crosses it client → server.
+async fn scanning_relay(
+    upstream: SocketAddr,
+    marker: &'static [u8],
+) -> (SocketAddr, Arc<AtomicBool>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let seen = Arc::new(AtomicBool::new(false));
+    let l = tokio::net::TcpListener::bind(loopback()).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let flag = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((down, _)) = l.accept().await {
+            let seen = flag.clone();
+            tokio::spawn(async move {
+                let Ok(up) = tokio::net::TcpStream::connect(upstream).await else {
+                    return;
+                };
+                let (mut dr, mut dw) = down.into_split();
+                let (mut ur, mut uw) = up.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut ur, &mut dw).await;
+                    let _ = dw.shutdown().await;
+                });
+                let mut buf = vec![0u8; 64 << 10];
+                // The bytes kept from the last read, so a marker split across reads is found.
+                let mut tail: Vec<u8> = Vec::new();
+                while let Ok(n @ 1..) = dr.read(&mut buf).await {
+                    tail.extend_from_slice(&buf[..n]);
+                    if tail.windows(marker.len()).any(|w| w == marker) {
+                        seen.store(true, Ordering::Relaxed);
+                    }
+                    tail.drain(..tail.len().saturating_sub(marker.len() - 1));
+                    if uw.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = uw.shutdown().await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// Internet lanes run amst-tcp with TLS, datacenter lanes without, through the one hybrid
+/// listener: a marker crosses the wire in the clear in datacenter mode only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn internet_lanes_are_encrypted_and_datacenter_lanes_are_not() {
+    const MARKER: &[u8] = b"AMST-HYBRID-PLAINTEXT-MARKER-41c9";
+    within(60, async {
+        let config = builder().build().unwrap();
+        let listener = Amst::listen(loopback(), config.clone()).await.unwrap();
+        let (relay, seen) = scanning_relay(listener.local_addr().unwrap(), MARKER).await;
+        let client = Amst::connect(relay, config).await.unwrap();
+        let server = listener.accept().await.unwrap();
+        let mut msg = vec![b'.'; 100_000];
+        msg[60_000..60_000 + MARKER.len()].copy_from_slice(MARKER);
+        let msg = Bytes::from(msg);
+
+        for (mode, clear) in [
+            (Mode::Datacenter, true),
+            (Mode::Internet, false),
+            (Mode::Datacenter, true),
+        ] {
+            if client.metrics().mode != mode {
+                client.force_mode(mode).await.unwrap();
+            }
+            seen.store(false, Ordering::Relaxed);
+            client.send(msg.clone()).await.unwrap();
+            assert_eq!(server.recv().await.unwrap(), Some(msg.clone()));
+            client.flush().await.unwrap();
+            assert_eq!(
+                seen.load(Ordering::Relaxed),
+                clear,
+                "{mode} mode: marker in the clear on the wire should be {clear}"
+            );
+        }
+        client.close().await.unwrap();
     })
     .await;
 }

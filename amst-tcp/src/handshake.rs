@@ -257,8 +257,8 @@ fn close_for(e: &Error) -> Close {
 }
 
 /// Looks at the first byte the client sent: a TLS ClientHello when TLS is on, an AMST Hello
-/// when it is off. A mismatch is refused at once with an error naming `tls`; a plaintext
-/// client is told so in plaintext, which it can read.
+/// when it is off (or either, with `plaintext_too`). A mismatch is refused at once with an
+/// error naming `tls`; a plaintext client is told so in plaintext, which it can read.
 async fn start_tls(stream: TcpStream, tls: Option<&ServerTls>) -> Result<(Conn, Option<[u8; 32]>)> {
     let mut first = [0u8; 1];
     let n = stream
@@ -276,6 +276,7 @@ async fn start_tls(stream: TcpStream, tls: Option<&ServerTls>) -> Result<(Conn, 
             let binding = crate::tls::binding(s.get_ref().1)?;
             Ok((Conn::Tls(Box::new(s.into())), Some(binding)))
         }
+        Some(t) if t.plaintext_too => Ok((Conn::Plain(stream), None)),
         Some(_) if n == 1 => {
             let e = Error::Config {
                 field: "tls",

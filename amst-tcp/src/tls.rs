@@ -190,7 +190,8 @@ pub enum TlsVerify {
 }
 
 /// TLS settings of a [`TcpConfig`](crate::TcpConfig). Both sides must agree on whether TLS
-/// is on; a mismatch fails the handshake with an error naming `tls`.
+/// is on (unless the listener sets [`plaintext_too`](Self::plaintext_too)); a mismatch fails
+/// the handshake with an error naming `tls`.
 #[derive(Clone, Debug, Default)]
 pub struct TcpTls {
     /// The certificate a listener presents. `None`: the listener makes a self-signed one at
@@ -199,6 +200,12 @@ pub struct TcpTls {
     pub identity: Option<Identity>,
     /// How a connecting client checks the server (ignored by a listener).
     pub verify: TlsVerify,
+    /// A listener that also takes plaintext clients, stream by stream (by the first byte each
+    /// sends), for one port that serves TLS and plain-TCP clients, as amst-hybrid's internet
+    /// and datacenter lanes do. The PSK handshake still authenticates every stream; whether a
+    /// stream is encrypted is the client's choice, and a client that asks for TLS cannot be
+    /// downgraded. Ignored by a client.
+    pub plaintext_too: bool,
 }
 
 impl TcpTls {
@@ -211,9 +218,15 @@ impl TcpTls {
     /// TLS with the server's certificate pinned by fingerprint.
     pub fn pinned(pins: Vec<Fingerprint>) -> Self {
         TcpTls {
-            identity: None,
             verify: TlsVerify::Pinned(pins),
+            ..TcpTls::default()
         }
+    }
+
+    /// Sets [`plaintext_too`](Self::plaintext_too): the listener serves plaintext clients too.
+    pub fn with_plaintext_too(mut self) -> Self {
+        self.plaintext_too = true;
+        self
     }
 
     /// Sets the certificate a listener presents.
@@ -262,6 +275,7 @@ fn tls_err(field: &'static str, e: impl fmt::Display) -> Error {
 pub(crate) struct ServerTls {
     pub acceptor: tokio_rustls::TlsAcceptor,
     pub fingerprint: Fingerprint,
+    pub plaintext_too: bool,
 }
 
 impl fmt::Debug for ServerTls {
@@ -285,6 +299,7 @@ pub(crate) fn server(tls: &TcpTls) -> Result<ServerTls> {
     Ok(ServerTls {
         acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
         fingerprint: id.fingerprint(),
+        plaintext_too: tls.plaintext_too,
     })
 }
 
@@ -479,11 +494,11 @@ mod tests {
         let err = client(&TcpTls::pinned(vec![])).unwrap_err().to_string();
         assert!(err.contains("tls.verify") && err.contains("pin"), "{err}");
         let roots = TcpTls {
-            identity: None,
             verify: TlsVerify::Roots {
                 roots: vec![],
                 server_name: "not a name!".into(),
             },
+            ..TcpTls::default()
         };
         let err = client(&roots).unwrap_err().to_string();
         assert!(err.contains("server_name"), "{err}");

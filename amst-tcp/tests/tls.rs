@@ -270,8 +270,14 @@ async fn scanning_relay(
 }
 
 async fn marker_seen_on_the_wire(cfg: TcpConfig) -> bool {
+    marker_seen_between(cfg.clone(), cfg).await
+}
+
+/// Whether a marker sent by a `client` session to a `server` listener crosses the wire in
+/// the clear.
+async fn marker_seen_between(server: TcpConfig, cfg: TcpConfig) -> bool {
     const MARKER: &[u8] = b"AMST-PLAINTEXT-MARKER-7f3a9c";
-    let listener = bind(cfg.clone()).await;
+    let listener = bind(server).await;
     let seen = Arc::new(AtomicBool::new(false));
     let relay = scanning_relay(listener.local_addr(), MARKER, seen.clone()).await;
     let l = listener.clone();
@@ -297,6 +303,22 @@ async fn tls_hides_the_payload_on_the_wire_and_plain_tcp_does_not() {
     assert!(
         !marker_seen_on_the_wire(tls(2)).await,
         "the marker crossed the wire in the clear with TLS on"
+    );
+}
+
+/// A listener with `plaintext_too` serves TLS and plaintext clients on one port, each stream
+/// as its client chose: the TLS client's payload stays hidden.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_with_plaintext_too_serves_both_and_tls_stays_encrypted() {
+    init_tracing();
+    let both = || fixed(2).with_tls(Some(TcpTls::psk_bound().with_plaintext_too()));
+    assert!(
+        !marker_seen_between(both(), tls(2)).await,
+        "a TLS client's marker crossed the wire in the clear"
+    );
+    assert!(
+        marker_seen_between(both(), fixed(2)).await,
+        "the plaintext client was not served in plaintext"
     );
 }
 
