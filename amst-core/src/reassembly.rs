@@ -9,9 +9,10 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
 use crate::ProtocolError;
+use crate::assembly::Assembly;
 use crate::codec::{AckFrame, Credit, DataChunk};
 use crate::ranges::RangeSet;
 
@@ -53,9 +54,8 @@ pub enum Inserted {
 struct Partial {
     base: u64,
     len: u64,
-    /// Room for `len`, filled up to the furthest byte written (see [`write_at`]). Messages
-    /// that come in one chunk never get here.
-    buf: BytesMut,
+    /// The message's bytes as they come. Messages that come in one chunk never get here.
+    asm: Assembly,
     received: u64,
 }
 
@@ -154,18 +154,24 @@ impl Reassembler {
             let partial = self.partial.entry(chunk.msg_id).or_insert_with(|| Partial {
                 base,
                 len: chunk.msg_len,
-                buf: BytesMut::with_capacity(chunk.msg_len as usize),
+                asm: Assembly::new(chunk.msg_len as usize),
                 received: 0,
             });
             debug_assert_eq!((partial.base, partial.len), (base, chunk.msg_len));
             partial.received += fresh;
-            write_at(&mut partial.buf, chunk.msg_offset as usize, &chunk.payload);
+            partial.asm.write(chunk.msg_offset as usize, &chunk.payload);
             if partial.received == partial.len
                 && let Some(p) = self.partial.remove(&chunk.msg_id)
             {
-                // Every chunk ends within the message and was written, and all its bytes came.
-                debug_assert_eq!(p.buf.len() as u64, p.len);
-                self.complete_message(chunk.msg_id, p.buf.freeze());
+                match p.asm.finish() {
+                    Ok(message) => self.complete_message(chunk.msg_id, message),
+                    Err(_) => {
+                        return Err(ProtocolError::Inconsistent(format!(
+                            "message {}: every byte counted but not every byte written",
+                            chunk.msg_id
+                        )));
+                    }
+                }
             }
         }
         self.cumulative = self.received.contiguous_end(self.cumulative);
@@ -321,16 +327,4 @@ impl Reassembler {
     pub fn is_idle(&self) -> bool {
         self.partial.is_empty() && self.complete.is_empty()
     }
-}
-
-/// Copies `data` into `buf` at `at`. Chunks usually come in order, so this is an append into
-/// reserved capacity, without first zeroing the buffer; a chunk past the end zero-fills only
-/// the gap, which the missing chunks overwrite when they come.
-fn write_at(buf: &mut BytesMut, at: usize, data: &[u8]) {
-    if at > buf.len() {
-        buf.resize(at, 0);
-    }
-    let overlap = (at + data.len()).min(buf.len()) - at;
-    buf[at..at + overlap].copy_from_slice(&data[..overlap]);
-    buf.extend_from_slice(&data[overlap..]);
 }
