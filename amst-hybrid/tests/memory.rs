@@ -118,7 +118,7 @@ async fn flip_storm_every_100ms_for_10s() {
             while !s2.load(std::sync::atomic::Ordering::Relaxed) {
                 tx.send(message(i, 2048)).await.unwrap();
                 i += 1;
-                if i % 64 == 0 {
+                if i.is_multiple_of(64) {
                     tokio::task::yield_now().await;
                 }
             }
@@ -180,7 +180,7 @@ async fn hybrid_mode_splits_by_size_and_keeps_order() {
         let up = tokio::spawn(async move {
             for i in 0..n {
                 // Every 10th message is large.
-                let msg = if i % 10 == 0 {
+                let msg = if i.is_multiple_of(10) {
                     let mut v = vec![0u8; 200 << 10];
                     v[..8].copy_from_slice(&i.to_be_bytes());
                     Bytes::from(v)
@@ -193,7 +193,7 @@ async fn hybrid_mode_splits_by_size_and_keeps_order() {
         for i in 0..n {
             let m = server.recv().await.unwrap().unwrap();
             assert_eq!(u64::from_be_bytes(m[..8].try_into().unwrap()), i);
-            assert_eq!(m.len() > 8, i % 10 == 0);
+            assert_eq!(m.len() > 8, i.is_multiple_of(10));
         }
         up.await.unwrap();
         let small_frames = low.metrics().messages_sent - low_before;

@@ -157,7 +157,7 @@ async fn per_message_streams_deliver_in_order() {
     let sender = tokio::spawn(async move {
         for i in 0..n {
             // Every 100th message spans several chunks and so several streams.
-            let len = if i % 100 == 0 { 700 << 10 } else { 64 };
+            let len = if i.is_multiple_of(100) { 700 << 10 } else { 64 };
             let mut m = vec![(i % 251) as u8; len];
             m[..4].copy_from_slice(&i.to_be_bytes());
             client.send(Bytes::from(m)).await.unwrap();

@@ -198,7 +198,7 @@ async fn t3_concurrent_senders() {
                 hs.push(tokio::spawn(async move {
                     for i in 0..PER {
                         // Some messages large enough to go through the ring.
-                        let len = if i % 50 == 0 { 300_000 } else { 16 };
+                        let len = if i.is_multiple_of(50) { 300_000 } else { 16 };
                         let mut m = vec![k; len];
                         m[1..5].copy_from_slice(&i.to_be_bytes());
                         t.send(Bytes::from(m)).await.unwrap();

@@ -66,9 +66,9 @@ fn mix(mut z: u64) -> u64 {
 /// message (a slice of the pool at a seeded offset).
 fn message(s: u64, i: u64) -> Bytes {
     let r = mix((s << 32) | i);
-    let len = if i % 97 == 0 {
+    let len = if i.is_multiple_of(97) {
         MAX_MSG
-    } else if i % 89 == 0 {
+    } else if i.is_multiple_of(89) {
         0
     } else {
         (r % (1 << ((r >> 59) % 17))) as usize

@@ -165,7 +165,7 @@ async fn wrong_keys_are_dropped_while_a_good_client_keeps_transferring() {
                 good.send(Bytes::from(vec![(i % 251) as u8; 32 << 10]))
                     .await
                     .unwrap();
-                if i % 50 == 0 {
+                if i.is_multiple_of(50) {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
             }
