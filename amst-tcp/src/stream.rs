@@ -253,12 +253,18 @@ async fn read_loop(
             hint = want;
         }
         if buf.capacity() < want {
-            // A fresh slab, read into as far as the socket has data: frames split off it
-            // without a copy, and one allocation and a few reads serve many frames. Only the
-            // partial frame at a slab's end is copied into the next one.
-            let mut slab = BytesMut::with_capacity(want.max(hint.saturating_mul(SLAB_FRAMES)));
-            slab.extend_from_slice(&buf);
-            buf = slab;
+            // A slab, read into as far as the socket has data: frames split off it without a
+            // copy, and one allocation and a few reads serve many frames. Only the partial
+            // frame at a slab's end is copied to the slab's start, or into the next one.
+            // The same slab again when every frame split off it is gone (copied into
+            // multi-chunk messages): its pages are mapped and warm, where a fresh one
+            // page-faults under the kernel's copy.
+            let slab = want.max(hint.saturating_mul(SLAB_FRAMES));
+            if !buf.try_reclaim(slab.saturating_sub(buf.len())) {
+                let mut fresh = BytesMut::with_capacity(slab);
+                fresh.extend_from_slice(&buf);
+                buf = fresh;
+            }
         }
         if stream.read_some(&mut buf).await? == 0 {
             if buf.is_empty() {
