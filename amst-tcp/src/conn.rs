@@ -96,8 +96,10 @@ pub(crate) enum ReadSide {
 }
 
 impl ReadSide {
-    /// Reads what is available into `buf`'s spare capacity; `Ok(0)` is the end of the stream.
-    pub(crate) async fn read_some(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+    /// Reads what is available, at most `max` bytes, into `buf`'s spare capacity; `Ok(0)` is
+    /// the end of the stream.
+    pub(crate) async fn read_some(&mut self, buf: &mut BytesMut, max: usize) -> io::Result<usize> {
+        let buf = &mut bytes::BufMut::limit(buf, max);
         match self {
             ReadSide::Plain(s) => loop {
                 match s.try_read_buf(buf) {
