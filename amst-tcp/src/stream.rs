@@ -25,11 +25,13 @@ use crate::stats::StreamCtl;
 const MAX_BATCH: usize = 64;
 /// Read buffer for control traffic and small frames.
 const SMALL_READ: usize = 64 << 10;
-/// Frames (of the last size seen) per read slab: bounds both the allocations per byte and
-/// the memory an idle stream's slab keeps alive.
-const SLAB_FRAMES: usize = 8;
+/// Bytes a session's readers take per read, all streams together: about what the L2 caches
+/// of two cores hold, so that the CRC check and the copy into the message find the data the
+/// kernel just wrote still cached. One stream reads up to [`MAX_READ_FRAMES`] frames at a
+/// time (fewer, larger reads: fewer wake-ups); many streams read one frame each.
+const READ_BUDGET: usize = 4 << 20;
 /// Frames (of the last size seen) per read, at most.
-const READ_FRAMES: usize = 4;
+const MAX_READ_FRAMES: usize = 4;
 
 /// Runs a stream's writer until the stream ends; reports the end to the session.
 pub(crate) async fn writer(
@@ -217,6 +219,7 @@ async fn read_loop(
     // The size of the last data frame: a fresh buffer of that size takes the next frame
     // whole, so large chunks are never copied after the kernel's copy.
     let mut hint = SMALL_READ;
+    let mut read_frames = 1;
     let mut frames: Vec<Frame> = Vec::new();
     loop {
         // Decode what we have; stop at the first incomplete frame.
@@ -260,20 +263,23 @@ async fn read_loop(
             // slab again once every frame split off it is gone (copied into multi-chunk
             // messages): its pages are mapped and warm, where a fresh one page-faults under
             // the kernel's copy. A partial frame at its end moves to its start.
-            let slab = want.max(hint.saturating_mul(SLAB_FRAMES));
+            let streams = shared.stream_count().max(1);
+            read_frames = (READ_BUDGET / hint.saturating_mul(streams)).clamp(1, MAX_READ_FRAMES);
+            // Two reads' worth: one being reassembled while the next comes in.
+            let slab = want.max(hint.saturating_mul(read_frames * 2));
             if !buf.try_reclaim(slab.saturating_sub(buf.len())) {
                 let mut fresh = BytesMut::with_capacity(slab);
                 fresh.extend_from_slice(&buf);
                 buf = fresh;
             }
         }
-        // To the end of the frame in progress and READ_FRAMES - 1 more of the last size seen:
+        // To the end of the frame in progress and read_frames - 1 more of the last size seen:
         // with frames of one size, reads and so slabs end on frame boundaries, and no partial
         // frame is copied when a slab is reused or replaced. (Up to the end of one frame only
         // cost a single stream a fifth of its goodput in wake-ups.)
         let room = match known {
-            Ok(Some(n)) => n.saturating_sub(buf.len()) + hint * (READ_FRAMES - 1),
-            _ => hint * READ_FRAMES,
+            Ok(Some(n)) => n.saturating_sub(buf.len()) + hint * (read_frames - 1),
+            _ => hint * read_frames,
         };
         if stream.read_some(&mut buf, room.max(1)).await? == 0 {
             if buf.is_empty() {
