@@ -20,7 +20,7 @@ pub(crate) struct Assembly {
 impl Assembly {
     pub(crate) fn new(total: usize) -> Self {
         Assembly {
-            buf: Vec::with_capacity(total),
+            buf: crate::recycle::take(total),
             total,
             written: RangeSet::new(),
         }
@@ -56,7 +56,7 @@ impl Assembly {
         // SAFETY: `written` covers `[0, total)`, and only `write` adds to it, after copying
         // exactly those bytes into the capacity, which is at least `total`.
         unsafe { self.buf.set_len(self.total) };
-        Ok(Bytes::from(self.buf))
+        Ok(crate::recycle::into_bytes(self.buf))
     }
 }
 

@@ -32,6 +32,7 @@ mod metrics;
 mod mode;
 mod ranges;
 mod reassembly;
+mod recycle;
 mod send_buffer;
 mod transport;
 
