@@ -1,6 +1,7 @@
 //! Opening sessions: the only module that knows which AMST library carries the data. It
 //! turns the command-line options into amst-hybrid's [`AmstConfig`] and hands back
-//! [`Link`]s over [`Amst`] sessions (amst-tcp underneath, amst-quic when asked for).
+//! [`Link`]s over [`Amst`] sessions (amst-tcp underneath, amst-quic or amst-rdma when asked
+//! for).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,7 +9,7 @@ use std::time::Duration;
 
 use amst_core::codec::Psk;
 use amst_core::{BoxFuture, Mode, Transport, TransportKind};
-use amst_hybrid::{Amst, AmstConfig, AmstListener, Congestion};
+use amst_hybrid::{Amst, AmstConfig, AmstListener, Congestion, DatacenterTransport};
 use bytes::Bytes;
 
 use crate::cli::{CcArg, ModeArg, TransportArg, TransportArgs};
@@ -70,14 +71,26 @@ pub fn config(s: &Settings) -> CliResult<AmstConfig> {
             c.initial_mode = Mode::Internet;
         }
     }
+    if a.transport != TransportArg::Rdma {
+        let given = [
+            ("--rdma-device", a.rdma_device.is_some()),
+            ("--rdma-gid-index", a.rdma_gid_index.is_some()),
+        ];
+        if let Some((opt, _)) = given.into_iter().find(|(_, set)| *set) {
+            return Err(Failure::usage(format!(
+                "{opt} needs --transport rdma (the transport is {})",
+                a.transport.as_str()
+            )));
+        }
+    }
     match a.transport {
         TransportArg::Tcp => {}
         TransportArg::Quic => c.internet_transport = TransportKind::Quic,
         TransportArg::Rdma => {
-            return Err(Failure::usage(
-                "--transport rdma is unavailable: amst-hybrid does not wire amst-rdma in yet \
-                 (and this host has no RDMA device); use --transport tcp or quic",
-            ));
+            c.datacenter_transport = DatacenterTransport::Rdma {
+                device: a.rdma_device.clone(),
+                gid_index: a.rdma_gid_index,
+            }
         }
     }
     if let Some(n) = a.streams {
@@ -105,6 +118,40 @@ pub fn config(s: &Settings) -> CliResult<AmstConfig> {
     c.validate()
         .map_err(|e| hybrid_failure("checking the options", &e))?;
     Ok(c)
+}
+
+/// When `--transport rdma` was asked but the session's datacenter lane runs on another
+/// transport (amst-hybrid falls back to TCP): a one-line warning saying so, and why if known.
+/// `stats` is the session's snapshot, as the report's `transport` shows it.
+pub fn rdma_fallback(args: &TransportArgs, stats: &LinkStats) -> Option<String> {
+    if args.transport != TransportArg::Rdma {
+        return None;
+    }
+    let built_with_rdma = cfg!(feature = "rdma");
+    let on = match stats.mode {
+        // In hybrid mode the datacenter lane is the low-latency one, which `transport` names.
+        Mode::Datacenter | Mode::Hybrid => stats.transport,
+        // No datacenter lane is open yet; only a binary without RDMA is certain to fall back.
+        Mode::Internet if !built_with_rdma => TransportKind::Tcp,
+        Mode::Internet => return None,
+    };
+    if on == TransportKind::Rdma {
+        return None;
+    }
+    let why = if !built_with_rdma {
+        "this amst was built without the `rdma` cargo feature".to_string()
+    } else {
+        match amst_rdma::devices() {
+            Ok(names) if names.is_empty() => "this host has no RDMA device".to_string(),
+            Ok(_) => "the RDMA connection failed (no RDMA at the peer?); \
+                      amst-hybrid's warning in the log says why"
+                .to_string(),
+            Err(e) => e.to_string(),
+        }
+    };
+    Some(format!(
+        "warning: --transport rdma was asked, but the datacenter lane runs on {on}: {why}"
+    ))
 }
 
 /// A sentence for an amst-hybrid error, finding the amst-core error inside when there is one.
@@ -245,5 +292,99 @@ impl Server {
             link: Arc::new(HybridLink(Arc::new(amst))),
             peer,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    use crate::cli::{Cli, Command};
+
+    fn settings(args: &[&str]) -> Settings {
+        let argv = ["amst", "serve", "--discard"].iter().chain(args);
+        let Command::Serve(s) = Cli::try_parse_from(argv).unwrap().command else {
+            panic!("serve parses")
+        };
+        Settings {
+            psk: Psk::new(b"0123456789abcdef").unwrap(),
+            args: s.transport,
+        }
+    }
+
+    #[test]
+    fn transport_rdma_puts_the_datacenter_lane_on_rdma() {
+        let c = config(&settings(&[
+            "--transport",
+            "rdma",
+            "--rdma-device",
+            "mlx5_1",
+            "--rdma-gid-index",
+            "3",
+        ]))
+        .unwrap();
+        assert_eq!(
+            c.datacenter_transport,
+            DatacenterTransport::Rdma {
+                device: Some("mlx5_1".into()),
+                gid_index: Some(3),
+            }
+        );
+        assert_eq!(c.internet_transport, TransportKind::Tcp);
+        let c = config(&settings(&["--transport", "rdma"])).unwrap();
+        assert_eq!(
+            c.datacenter_transport,
+            DatacenterTransport::Rdma {
+                device: None,
+                gid_index: None,
+            }
+        );
+        let c = config(&settings(&[])).unwrap();
+        assert_eq!(c.datacenter_transport, DatacenterTransport::Tcp);
+    }
+
+    #[test]
+    fn rdma_options_without_transport_rdma_are_usage_errors() {
+        for (args, opt) in [
+            (&["--rdma-device", "rxe0"][..], "--rdma-device"),
+            (
+                &["--transport", "quic", "--rdma-gid-index", "1"][..],
+                "--rdma-gid-index",
+            ),
+        ] {
+            let f = config(&settings(args)).unwrap_err();
+            assert_eq!(f.kind, FailureKind::Usage, "{f}");
+            assert!(f.message.starts_with(opt), "{f}");
+            assert!(f.message.contains("--transport rdma"), "{f}");
+        }
+    }
+
+    #[test]
+    fn a_fallback_from_rdma_is_named_only_when_rdma_was_asked() {
+        let stats = |mode, transport| LinkStats {
+            mode,
+            transport,
+            streams: 1,
+            bytes_sent: 0,
+            bytes_received: 0,
+            retransmits: 0,
+            mode_switches: 0,
+            last_switch: None,
+            rtt: None,
+            min_rtt: None,
+        };
+        let rdma = settings(&["--transport", "rdma"]).args;
+        let tcp = settings(&[]).args;
+        let fell_back = stats(Mode::Datacenter, TransportKind::Tcp);
+        let w = rdma_fallback(&rdma, &fell_back).expect("a warning");
+        assert!(w.contains("--transport rdma") && w.contains("tcp"), "{w}");
+        assert_eq!(rdma_fallback(&tcp, &fell_back), None);
+        assert_eq!(
+            rdma_fallback(&rdma, &stats(Mode::Datacenter, TransportKind::Rdma)),
+            None
+        );
+        let internet = rdma_fallback(&rdma, &stats(Mode::Internet, TransportKind::Tcp));
+        assert_eq!(internet.is_some(), !cfg!(feature = "rdma"), "{internet:?}");
     }
 }

@@ -132,6 +132,16 @@ pub struct TransportArgs {
     /// Initial chunk size, e.g. 256K (default: 256 KiB; tuned while running).
     #[arg(long, value_name = "SIZE")]
     pub chunk: Option<ByteSize>,
+
+    /// RDMA device for --transport rdma, e.g. mlx5_0 or rxe0 (default: the first with an
+    /// active port).
+    #[arg(long, value_name = "NAME")]
+    pub rdma_device: Option<String>,
+
+    /// RoCE v2 GID index for --transport rdma (default: the first RoCE v2 GID with an IPv4
+    /// address).
+    #[arg(long, value_name = "N")]
+    pub rdma_gid_index: Option<u32>,
 }
 
 /// Where the key comes from.
@@ -266,5 +276,23 @@ mod tests {
         };
         assert_eq!(d.size, ByteSize(1 << 30));
         assert!(Cli::try_parse_from(["amst", "send", "h:1", "--psk", "x", "--size", "1"]).is_err());
+        let c = Cli::try_parse_from([
+            "amst",
+            "serve",
+            "--discard",
+            "--transport",
+            "rdma",
+            "--rdma-device",
+            "rxe0",
+            "--rdma-gid-index",
+            "3",
+        ])
+        .unwrap();
+        let Command::Serve(s) = c.command else {
+            panic!()
+        };
+        assert_eq!(s.transport.transport, TransportArg::Rdma);
+        assert_eq!(s.transport.rdma_device.as_deref(), Some("rxe0"));
+        assert_eq!(s.transport.rdma_gid_index, Some(3));
     }
 }

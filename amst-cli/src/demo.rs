@@ -28,6 +28,8 @@ pub async fn run(args: DemoArgs, g: &Global) -> CliResult<()> {
         streams: None,
         cc: None,
         chunk: None,
+        rdma_device: None,
+        rdma_gid_index: None,
     };
     let settings = Settings {
         psk: crate::psk::random(),

@@ -155,8 +155,9 @@ fn explain(
     };
     let note = match d.mode {
         Mode::Datacenter => {
-            "RDMA would be preferred on a datacenter path; amst-hybrid does not wire amst-rdma in \
-             yet, so many parallel TCP streams under CUBIC"
+            "RDMA is preferred on a datacenter path (--transport rdma, in an amst built with the \
+             `rdma` feature, with a device at both ends); otherwise many parallel TCP streams \
+             under CUBIC"
         }
         Mode::Internet => {
             "a few paced streams under BBR (or QUIC with --transport quic) keep the bottleneck \

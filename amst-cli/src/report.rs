@@ -26,6 +26,9 @@ pub struct Report {
     pub end: Option<End>,
     /// Why it failed, when it did.
     pub error: Option<ErrorReport>,
+    /// What the session could not do as asked, e.g. `--transport rdma` running on TCP. In the
+    /// human output these go to stderr as they happen instead.
+    pub warnings: Vec<String>,
 }
 
 /// What was asked, before any byte moved.

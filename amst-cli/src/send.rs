@@ -41,6 +41,13 @@ pub async fn run(args: SendArgs, g: &Global) -> CliResult<()> {
         Ok(l) => l,
         Err(f) => return Err(fail(g, report, f)),
     };
+    if let Some(w) = backend::rdma_fallback(&args.transport, &link.stats()) {
+        if g.json {
+            report.warnings.push(w);
+        } else {
+            eprintln!("amst: {w}");
+        }
+    }
     let r = measured(
         g,
         &link,
@@ -94,6 +101,7 @@ pub fn start_report(command: &str, peer: &str, open: &OpenSource, config: Config
         intervals: Vec::new(),
         end: None,
         error: None,
+        warnings: Vec::new(),
     }
 }
 

@@ -113,6 +113,16 @@ pub async fn run(args: ServeArgs, g: &Global) -> CliResult<()> {
                     accepted += 1;
                     metrics::counter!(metric::SESSIONS).increment(1);
                     tracing::info!(session = accepted, peer = %a.peer, "session accepted");
+                    if let Some(w) = backend::rdma_fallback(&args.transport, &a.link.stats()) {
+                        if g.json {
+                            let line = serde_json::json!(
+                                {"event": "warning", "session": accepted, "message": w}
+                            );
+                            println!("{line}");
+                        } else {
+                            eprintln!("amst serve: [{accepted:>3}] {}: {w}", a.peer);
+                        }
+                    }
                     let opts = opts.clone();
                     let id = accepted;
                     sessions.spawn(async move {

@@ -267,6 +267,96 @@ fn json_report_parses_and_has_the_documented_fields() {
     assert!(v["error"].is_null());
 }
 
+/// This host has no RDMA device (and the default build lacks the `rdma` feature), so the
+/// datacenter lane falls back to TCP: the data must still arrive whole, and `amst` must say
+/// that RDMA was not used instead of failing or keeping quiet.
+#[test]
+fn transport_rdma_without_a_device_falls_back_to_tcp_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), KEY);
+    let src = dir.path().join("rdma.bin");
+    write_random_file(&src, 8 << 20);
+    let out_dir = dir.path().join("received");
+    let rdma = ["--transport", "rdma", "--mode", "datacenter"];
+    let serve = Serve::start(&[
+        "--output",
+        out_dir.to_str().unwrap(),
+        "--psk-file",
+        key.to_str().unwrap(),
+        "--transport",
+        "rdma",
+        "--mode",
+        "datacenter",
+    ]);
+    let o = amst()
+        .args(["send", &serve.addr])
+        .arg(&src)
+        .args(rdma)
+        .arg("--psk-file")
+        .arg(&key)
+        .run(120);
+    let (report, err) = (stdout_of(&o), stderr_of(&o));
+    assert!(o.status.success(), "{report}\n{err}");
+    assert!(report.contains("transport      tcp\n"), "{report}");
+    assert!(report.contains("verified by the receiver"), "{report}");
+    assert_eq!(sha256_file(&out_dir.join("rdma.bin")), sha256_file(&src));
+    let warning: Vec<&str> = err.lines().filter(|l| l.contains("warning")).collect();
+    assert_eq!(warning.len(), 1, "one warning line:\n{err}");
+    assert!(
+        warning[0].contains("--transport rdma was asked")
+            && warning[0].contains("runs on tcp")
+            && (warning[0].contains("`rdma` cargo feature") || warning[0].contains("RDMA device")),
+        "{err}"
+    );
+
+    let o = amst()
+        .args(["send", &serve.addr, "--size", "4M", "--json"])
+        .args(rdma)
+        .arg("--psk-file")
+        .arg(&key)
+        .run(120);
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    let v: serde_json::Value =
+        serde_json::from_slice(&o.stdout).expect("stdout is one JSON object");
+    assert_eq!(v["start"]["config"]["transport"], "rdma");
+    assert_eq!(v["end"]["transport"], "tcp");
+    assert_eq!(v["end"]["verified"], true);
+    let warnings = v["warnings"].as_array().unwrap();
+    assert_eq!(warnings.len(), 1, "{v}");
+    assert!(warnings[0].as_str().unwrap().contains("runs on tcp"), "{v}");
+    assert!(
+        !stderr_of(&o).contains("warning"),
+        "in --json mode the warning is in the report: {}",
+        stderr_of(&o)
+    );
+
+    let (lines, status) = serve.interrupt();
+    assert!(status.success(), "{status:?}");
+    let all = lines.join("\n");
+    assert!(all.contains("2 transfer(s) ok, 0 failed"), "{all}");
+}
+
+#[test]
+fn rdma_options_need_transport_rdma() {
+    let o = amst()
+        .args([
+            "send",
+            "127.0.0.1:9",
+            "--size",
+            "1M",
+            "--rdma-device",
+            "rxe0",
+        ])
+        .env("AMST_PSK", KEY)
+        .run(30);
+    assert_eq!(o.status.code(), Some(2), "usage error: {}", stderr_of(&o));
+    let err = stderr_of(&o);
+    assert!(
+        err.contains("--rdma-device needs --transport rdma"),
+        "{err}"
+    );
+}
+
 #[test]
 fn a_wrong_key_is_an_authentication_failure() {
     let dir = tempfile::tempdir().unwrap();
