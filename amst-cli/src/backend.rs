@@ -141,7 +141,7 @@ pub fn rdma_fallback(args: &TransportArgs, stats: &LinkStats) -> Option<String> 
     let why = if !built_with_rdma {
         "this amst was built without the `rdma` cargo feature".to_string()
     } else {
-        match amst_rdma::devices() {
+        match amst_hybrid::rdma_devices() {
             Ok(names) if names.is_empty() => "this host has no RDMA device".to_string(),
             Ok(_) => "the RDMA connection failed (no RDMA at the peer?); \
                       amst-hybrid's warning in the log says why"
