@@ -52,6 +52,8 @@ mod tcp;
 pub mod wire;
 
 pub use amst::{Amst, AmstListener};
+/// The RDMA devices on this host, or why there are none (amst-rdma's `devices`).
+pub use amst_rdma::devices as rdma_devices;
 pub use config::{AmstConfig, AmstConfigBuilder, Congestion, DatacenterTransport, LaneProfile};
 pub use connect::{Acceptor, Connected, Connector};
 pub use connect::{MemoryAcceptor, MemoryConnector, memory_network};
@@ -61,7 +63,5 @@ pub use merger::ReceiveMerger;
 pub use metrics::AmstMetrics;
 pub use quic::{MultiAcceptor, QUIC_SERVER_NAME, QuicAcceptor, quic_config};
 pub use rdma::{RDMA_PORT_OFFSET, RdmaAcceptor, rdma_bootstrap_addr, rdma_config};
-/// The RDMA devices on this host, or why there are none (amst-rdma's `devices`).
-pub use amst_rdma::devices as rdma_devices;
 pub use session::Role;
 pub use tcp::{TcpAcceptor, TcpConnector, tcp_config};
