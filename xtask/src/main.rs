@@ -14,7 +14,7 @@ fn main() -> ExitCode {
         Some("rdma-vm") => rdma_vm::rdma_vm(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask ci | bench [--quick] [--no-gate] [--micro] [--scenario ID]... [--scale F] | fuzz [--time SECONDS] [--build-only] | rdma-vm [--help]"
+                "usage: cargo xtask ci | bench [--quick] [--no-gate] [--micro] [--rdma] [--scenario ID]... [--scale F] | fuzz [--time SECONDS] [--build-only] | rdma-vm [--help]"
             );
             return ExitCode::from(2);
         }
@@ -100,11 +100,22 @@ fn ci() -> Result<(), String> {
 ///
 /// `--micro` first runs the criterion micro-benchmarks where they live (amst-core's codec,
 /// amst-cc's on_ack, amst-hybrid's ArcSwap hot path, amst-bench's reassembly) and folds their
-/// estimates into the report. Every other argument goes to `amst-e2e`.
+/// estimates into the report.
+///
+/// `--rdma` first runs `cargo xtask rdma-vm` (two Soft-RoCE qemu VMs, 3-6 minutes, guest limit
+/// 900 s) unless `--scenario` leaves out `rdma`, and hands its goodputs to the `rdma` scenario
+/// through `target/bench/rdma.json` (`--rdma-result`); if the VM run fails, the file carries
+/// the failure and the scenario reports it as skipped. Without `--rdma` that scenario is
+/// skipped. Every other argument goes to `amst-e2e`.
 fn bench(args: &[String]) -> Result<(), String> {
     let micro = args.iter().any(|a| a == "--micro");
     let quick = args.iter().any(|a| a == "--quick");
-    let mut rest: Vec<String> = args.iter().filter(|a| *a != "--micro").cloned().collect();
+    let rdma = args.iter().any(|a| a == "--rdma");
+    let mut rest: Vec<String> = args
+        .iter()
+        .filter(|a| *a != "--micro" && *a != "--rdma")
+        .cloned()
+        .collect();
     if micro {
         let since = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -147,6 +158,20 @@ fn bench(args: &[String]) -> Result<(), String> {
         }
         rest.extend(["--micro-since".to_string(), since.to_string()]);
     }
+    if rdma {
+        let only: Vec<&str> = args
+            .windows(2)
+            .filter(|w| w[0] == "--scenario")
+            .map(|w| w[1].as_str())
+            .collect();
+        if only.is_empty() || only.contains(&"rdma") {
+            let result = "target/bench/rdma.json";
+            rdma_bench(result);
+            rest.extend(["--rdma-result".to_string(), result.to_string()]);
+        } else {
+            eprintln!("xtask: --rdma ignored: --scenario leaves out rdma");
+        }
+    }
     let mut cmd = vec![
         "run",
         "--release",
@@ -158,6 +183,42 @@ fn bench(args: &[String]) -> Result<(), String> {
     ];
     cmd.extend(rest.iter().map(String::as_str));
     run("cargo", &cmd)
+}
+
+/// Runs the Soft-RoCE VMs for the `rdma` bench scenario and leaves their goodputs in `result`,
+/// or the reason they have none: a failed VM run skips that scenario instead of the whole bench.
+fn rdma_bench(result: &str) {
+    let vm_args = ["--result", result, "--timeout", "900"].map(String::from);
+    eprintln!("+ cargo xtask rdma-vm {}", vm_args.join(" "));
+    let Err(e) = rdma_vm::rdma_vm(&vm_args) else {
+        return;
+    };
+    eprintln!("xtask: the RDMA VM run failed; the rdma scenario will say so:\n{e}");
+    let json = vm_failure_json(&e);
+    let path = std::path::Path::new(result);
+    let written = path
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| std::fs::write(path, json));
+    if let Err(w) = written {
+        eprintln!("xtask: writing {result}: {w}");
+    }
+}
+
+/// The `{"error": …}` file amst-e2e's rdma scenario reads as "skipped": the report gets the
+/// step names, not the guest output tails (those are on the console).
+fn vm_failure_json(error: &str) -> String {
+    let mut why: String = error
+        .lines()
+        .filter(|l| !l.starts_with("      ") && !l.trim().is_empty())
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join("; ");
+    if let Some((cut, _)) = why.char_indices().nth(400) {
+        why.truncate(cut);
+        why.push('…');
+    }
+    format!("{{\"error\": {}}}\n", rdma_vm::json_string(&why))
 }
 
 /// Builds every cargo-fuzz target and runs each for `--time` seconds (default 60). cargo-fuzz
@@ -247,5 +308,19 @@ fn run(program: &str, args: &[&str]) -> Result<(), String> {
             "`{program} {}` failed with {status}",
             args.join(" ")
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn vm_failure_keeps_step_names_and_escapes_them() {
+        let err = "rdma-vm failed:\n  client: step fail(exit 101) vm (\"vm-1\")\n      guest output (tail):\n      |     panicked at C:\\x\n  VMs still running after 900s; killed";
+        assert_eq!(
+            super::vm_failure_json(err),
+            "{\"error\": \"rdma-vm failed:; client: step fail(exit 101) vm (\\\"vm-1\\\"); VMs still running after 900s; killed\"}\n"
+        );
+        let long = super::vm_failure_json(&"é".repeat(1000));
+        assert_eq!(long.chars().filter(|c| *c == 'é').count(), 400);
     }
 }

@@ -17,7 +17,9 @@
 //!
 //! Flags: `--setup-only` (prepare the cache and stop), `--no-amst` (only the rxe,
 //! ibv_rc_pingpong and ib_send_bw checks), `--keep` (keep the per-run share), `--timeout
-//! SECONDS` (guest run limit, default 1500; CI passes 600).
+//! SECONDS` (guest run limit, default 1500; CI passes 600), `--result PATH` (write the
+//! measured goodputs as JSON for `cargo xtask bench --rdma`; a run that fails or measures
+//! nothing writes no file).
 
 use std::fs;
 use std::io::Write;
@@ -50,6 +52,10 @@ const GUEST_IPS: [&str; 2] = ["198.18.0.1", "198.18.0.2"];
 /// Entry point: `rdma_vm(&args[1..])` from xtask's main.
 pub fn rdma_vm(args: &[String]) -> Result<(), String> {
     let opts = Opts::parse(args)?;
+    if let Some(path) = &opts.result {
+        // A failed run must not leave the previous run's numbers behind to be read as this one's.
+        let _ = fs::remove_file(path);
+    }
     let root = workspace_root()?;
     let cache = cache_dir(&root);
     fs::create_dir_all(&cache).map_err(|e| format!("creating {}: {e}", cache.display()))?;
@@ -85,7 +91,77 @@ pub fn rdma_vm(args: &[String]) -> Result<(), String> {
         let _ = fs::remove_dir_all(&share);
     }
     eprintln!("rdma-vm: finished after {:.0?}", started.elapsed());
-    result
+    let measured = result?;
+    if let Some(path) = &opts.result {
+        let m = measured.ok_or(
+            "rdma-vm: --result: no amst goodput and ib_send_bw pair was measured (--no-amst?)",
+        )?;
+        m.write(path, started.elapsed())?;
+        eprintln!("rdma-vm: result in {}", path.display());
+    }
+    Ok(())
+}
+
+/// The goodputs one run measured, in Gbit/s: amst-rdma's 256 MiB bulk test and ib_send_bw.
+#[derive(Debug)]
+struct Measured {
+    amst: f64,
+    ib_send_bw: f64,
+    /// Every reading behind those two, `(what, guest role, Gbit/s)`: both ends of the one
+    /// ib_send_bw transfer report its bandwidth.
+    readings: Vec<(&'static str, &'static str, f64)>,
+}
+
+impl Measured {
+    /// Writes the JSON that amst-e2e's `--rdma-result` reads.
+    fn write(&self, path: &Path, took: Duration) -> Result<(), String> {
+        // JSON has no inf or NaN (a zero ib_send_bw reading would give both).
+        let num = |v: f64| {
+            if v.is_finite() {
+                v.to_string()
+            } else {
+                "null".to_string()
+            }
+        };
+        let samples: Vec<String> = self
+            .readings
+            .iter()
+            .map(|(what, role, g)| {
+                let g = num(*g);
+                format!(r#"{{"what": "{what}", "role": "{role}", "gbps": {g}}}"#)
+            })
+            .collect();
+        let json = format!(
+            "{{\n  \"amst_gbps\": {},\n  \"ib_send_bw_gbps\": {},\n  \"ratio\": {},\n  \
+             \"seconds\": {:.1},\n  \"samples\": [\n    {}\n  ]\n}}\n",
+            num(self.amst),
+            num(self.ib_send_bw),
+            num(self.amst / self.ib_send_bw),
+            took.as_secs_f64(),
+            samples.join(",\n    ")
+        );
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        }
+        fs::write(path, json).map_err(|e| format!("writing {}: {e}", path.display()))
+    }
+}
+
+/// `text` as a JSON string literal, for the error file `cargo xtask bench --rdma` writes when
+/// the VM run fails (xtask has no dependencies, so no serde).
+pub fn json_string(text: &str) -> String {
+    let mut out = String::from("\"");
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 #[derive(Debug)]
@@ -94,6 +170,7 @@ struct Opts {
     no_amst: bool,
     keep: bool,
     timeout: Duration,
+    result: Option<PathBuf>,
 }
 
 impl Opts {
@@ -103,6 +180,7 @@ impl Opts {
             no_amst: false,
             keep: false,
             timeout: Duration::from_secs(1500),
+            result: None,
         };
         let mut it = args.iter();
         while let Some(a) = it.next() {
@@ -115,9 +193,13 @@ impl Opts {
                     let s: u64 = v.parse().map_err(|_| format!("bad --timeout {v}"))?;
                     o.timeout = Duration::from_secs(s);
                 }
+                "--result" => {
+                    let v = it.next().ok_or("--result needs PATH")?;
+                    o.result = Some(PathBuf::from(v));
+                }
                 other => {
                     return Err(format!(
-                        "rdma-vm: unknown argument {other}; use --setup-only, --no-amst, --keep, --timeout SECONDS"
+                        "rdma-vm: unknown argument {other}; use --setup-only, --no-amst, --keep, --timeout SECONDS, --result PATH"
                     ));
                 }
             }
@@ -661,7 +743,7 @@ fn boot_pair(
     run: &Path,
     share: &Path,
     limit: Duration,
-) -> Result<(), String> {
+) -> Result<Option<Measured>, String> {
     write_boot_script(rootfs)?;
     let port = free_port()?;
     let mut vms = Vms(Vec::new());
@@ -736,6 +818,7 @@ fn boot_pair(
     let mut failures = Vec::new();
     let mut ib_send_bw: Option<f64> = None;
     let mut amst_goodput: Option<f64> = None;
+    let mut readings = Vec::new();
     for role in ["server", "client"] {
         let log = run.join(format!("{role}.log"));
         let text = fs::read_to_string(&log).map_err(|e| format!("{}: {e}", log.display()))?;
@@ -748,6 +831,7 @@ fn boot_pair(
                 // "#bytes #iterations peak average msgrate"
                 if let Some(avg) = line.split_whitespace().nth(3).and_then(|v| v.parse().ok()) {
                     ib_send_bw = Some(avg);
+                    readings.push(("ib_send_bw", role, avg));
                 }
             }
             if let Some(rest) = line.strip_prefix("AMST-STEP ") {
@@ -777,6 +861,7 @@ fn boot_pair(
                     .and_then(|v| v.parse::<f64>().ok())
                 {
                     amst_goodput = Some(g);
+                    readings.push(("amst goodput", role, g));
                 }
             } else if line.starts_with("AMST-DONE") {
                 finished = true;
@@ -793,7 +878,13 @@ fn boot_pair(
             ));
         }
     }
+    let mut measured = None;
     if let (Some(ib), Some(amst)) = (ib_send_bw, amst_goodput) {
+        measured = Some(Measured {
+            amst,
+            ib_send_bw: ib,
+            readings,
+        });
         let ratio: f64 = amst / ib;
         eprintln!(
             "rdma-vm: goodput amst {amst:.4} Gb/s vs ib_send_bw {ib:.4} Gb/s: ratio {ratio:.2} (goal >= 0.5)"
@@ -806,7 +897,7 @@ fn boot_pair(
         failures.push(format!("VMs still running after {limit:?}; killed"));
     }
     if failures.is_empty() {
-        Ok(())
+        Ok(measured)
     } else {
         Err(format!("rdma-vm failed:\n  {}", failures.join("\n  ")))
     }

@@ -48,10 +48,13 @@ struct Opts {
     /// Fold in criterion estimates written at or after this Unix time.
     micro_since: Option<u64>,
     criterion_dir: PathBuf,
+    /// The Soft-RoCE VM run's goodputs, written by `cargo xtask bench --rdma`.
+    rdma_result: Option<PathBuf>,
 }
 
 const USAGE: &str = "usage: amst-e2e [--quick] [--no-gate] [--out DIR] [--scenario ID]... \
-[--scale F] [--latest-dir DIR] [--micro-since UNIX_SECS] [--criterion-dir DIR]";
+[--scale F] [--latest-dir DIR] [--micro-since UNIX_SECS] [--criterion-dir DIR] \
+[--rdma-result FILE]";
 
 fn main() -> ExitCode {
     // Silent unless RUST_LOG asks: the transports log their tuning decisions with the
@@ -76,6 +79,7 @@ fn main() -> ExitCode {
         latest_dir: None,
         micro_since: None,
         criterion_dir: PathBuf::from("target/criterion"),
+        rdma_result: None,
     };
     let mut it = args.into_iter();
     while let Some(a) = it.next() {
@@ -92,6 +96,7 @@ fn main() -> ExitCode {
             "--scenario" => value(&a, it.next()).map(|v| opts.only.push(v)),
             "--latest-dir" => value(&a, it.next()).map(|v| opts.latest_dir = Some(v.into())),
             "--criterion-dir" => value(&a, it.next()).map(|v| opts.criterion_dir = v.into()),
+            "--rdma-result" => value(&a, it.next()).map(|v| opts.rdma_result = Some(v.into())),
             "--scale" => value(&a, it.next()).and_then(|v| match v.parse::<f64>() {
                 Ok(f) if f > 0.0 && f <= 1.0 => {
                     opts.scale = f;
@@ -160,11 +165,7 @@ fn main() -> ExitCode {
         scenarios.push(timed(|| rss(small, large)));
     }
     if wanted("rdma") {
-        scenarios.push(Scenario::skipped(
-            "rdma",
-            "amst-rdma in two Soft-RoCE VMs vs ib_send_bw",
-            "needs the Soft-RoCE VMs: run `cargo xtask rdma-vm`, which measures against ib_send_bw",
-        ));
+        scenarios.push(rdma(opts.rdma_result.as_deref()));
     }
 
     for s in &mut scenarios {
@@ -240,6 +241,51 @@ fn timed(f: impl FnOnce() -> Scenario) -> Scenario {
     let mut s = f();
     s.seconds = start.elapsed().as_secs_f64();
     eprintln!("amst-e2e: {} took {:.0} s", s.id, s.seconds);
+    s
+}
+
+/// amst-rdma against ib_send_bw, from the numbers `cargo xtask rdma-vm --result` wrote: the VMs
+/// run before this binary, so the scenario reads their one run instead of measuring.
+fn rdma(result: Option<&std::path::Path>) -> Scenario {
+    let description = "amst-rdma in two Soft-RoCE qemu VMs (256 MiB bulk) vs ib_send_bw \
+        (64 KiB x 1000), one run each";
+    let Some(path) = result else {
+        return Scenario::skipped(
+            "rdma",
+            description,
+            "needs the Soft-RoCE VMs: pass `--rdma` to `cargo xtask bench` (3-6 min more)",
+        );
+    };
+    let read = std::fs::read_to_string(path)
+        .map_err(|e| format!("no VM result in {}: {e}", path.display()))
+        .and_then(|t| {
+            serde_json::from_str::<serde_json::Value>(&t)
+                .map_err(|e| format!("{}: {e}", path.display()))
+        });
+    let v = match read {
+        Ok(v) => v,
+        Err(why) => return Scenario::skipped("rdma", description, why),
+    };
+    if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+        return Scenario::skipped("rdma", description, format!("the VM run failed: {e}"));
+    }
+    let (Some(amst), Some(ib)) = (
+        v.get("amst_gbps").and_then(|g| g.as_f64()),
+        v.get("ib_send_bw_gbps").and_then(|g| g.as_f64()),
+    ) else {
+        let why = format!("{} lacks amst_gbps or ib_send_bw_gbps", path.display());
+        return Scenario::skipped("rdma", description, why);
+    };
+    let mut s = Scenario::new("rdma", description);
+    for (name, gbps) in [("amst-rdma (Soft-RoCE VMs)", amst), ("ib_send_bw", ib)] {
+        let mut c = Contender::new(name, "Gbit/s");
+        c.record(gbps, Vec::new());
+        s.contenders.push(c);
+    }
+    if ib > 0.0 {
+        s.metrics.insert("ratio_vs_ib_send_bw".into(), amst / ib);
+    }
+    s.seconds = v.get("seconds").and_then(|t| t.as_f64()).unwrap_or(0.0);
     s
 }
 
@@ -1034,4 +1080,49 @@ fn machine() -> String {
         mem_kib as f64 / (1u64 << 20) as f64,
         kernel.trim()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rdma;
+
+    #[test]
+    fn rdma_reads_the_vm_result_or_says_why_not() {
+        assert!(rdma(None).skipped.unwrap().contains("--rdma"));
+        let dir = std::env::temp_dir().join(format!("amst-e2e-rdma-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let missing = dir.join("none.json");
+        assert!(
+            rdma(Some(&missing))
+                .skipped
+                .unwrap()
+                .contains("no VM result")
+        );
+        let failed = dir.join("failed.json");
+        std::fs::write(
+            &failed,
+            r#"{"error": "rdma-vm failed:; client: step fail(exit 1) vm"}"#,
+        )
+        .unwrap();
+        let why = rdma(Some(&failed)).skipped.unwrap();
+        assert!(
+            why.starts_with("the VM run failed: rdma-vm failed:"),
+            "{why}"
+        );
+        // What `cargo xtask rdma-vm --result` wrote in a real run.
+        let ok = dir.join("ok.json");
+        std::fs::write(
+            &ok,
+            r#"{"amst_gbps": 0.1613, "ib_send_bw_gbps": 0.2, "ratio": 0.8065, "seconds": 134.8,
+               "samples": [{"what": "ib_send_bw", "role": "server", "gbps": 0.2}]}"#,
+        )
+        .unwrap();
+        let s = rdma(Some(&ok));
+        assert_eq!(s.skipped, None);
+        assert_eq!(s.median("amst-rdma (Soft-RoCE VMs)"), Some(0.1613));
+        assert_eq!(s.median("ib_send_bw"), Some(0.2));
+        assert!((s.metrics["ratio_vs_ib_send_bw"] - 0.8065).abs() < 1e-9);
+        assert_eq!(s.seconds, 134.8);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
