@@ -316,36 +316,7 @@ impl TcpTransport {
             life.peer_closed || life.closed
         };
         if !peer_gone && flushed.is_ok() {
-            let gen_ = s.queue_frame(Frame::Close(Close::new(CloseCode::Normal, "done")));
-            let deadline = tokio::time::Instant::now() + CLOSE_LINGER;
-            loop {
-                let written = s.ctrl_written.notified();
-                tokio::pin!(written);
-                written.as_mut().enable();
-                if s.ctrl_written_gen.load(Ordering::Acquire) >= gen_ || s.stream_count() == 0 {
-                    break;
-                }
-                if tokio::time::timeout_at(deadline, written).await.is_err() {
-                    break;
-                }
-            }
-            let socks: Vec<_> = lock(&s.streams).iter().map(|e| e.sock.clone()).collect();
-            for sock in socks {
-                let _ = sock.shutdown(std::net::Shutdown::Write);
-            }
-            // Wait for the peer's FIN on every stream so that closing our sockets cannot
-            // reset data it has not read yet.
-            loop {
-                let changed = s.streams_changed.notified();
-                tokio::pin!(changed);
-                changed.as_mut().enable();
-                if s.stream_count() == 0 {
-                    break;
-                }
-                if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                    break;
-                }
-            }
+            say_goodbye(s, Close::new(CloseCode::Normal, "done")).await;
         }
         s.teardown();
         flushed
@@ -484,8 +455,73 @@ impl Transport for TcpTransport {
     }
 }
 
+/// Sends `close` on the session's streams, half-closes them and waits (up to
+/// `CLOSE_LINGER`) for the peer's FIN on each, so that closing our sockets cannot reset data
+/// the peer has not read yet, our Close included.
+async fn say_goodbye(s: &Shared, close: Close) {
+    let gen_ = s.queue_frame(Frame::Close(close));
+    let deadline = tokio::time::Instant::now() + CLOSE_LINGER;
+    loop {
+        let written = s.ctrl_written.notified();
+        tokio::pin!(written);
+        written.as_mut().enable();
+        if s.ctrl_written_gen.load(Ordering::Acquire) >= gen_ || s.stream_count() == 0 {
+            break;
+        }
+        if tokio::time::timeout_at(deadline, written).await.is_err() {
+            break;
+        }
+    }
+    let socks: Vec<_> = lock(&s.streams).iter().map(|e| e.sock.clone()).collect();
+    for sock in socks {
+        let _ = sock.shutdown(std::net::Shutdown::Write);
+    }
+    loop {
+        let changed = s.streams_changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        if s.stream_count() == 0 {
+            break;
+        }
+        if tokio::time::timeout_at(deadline, changed).await.is_err() {
+            break;
+        }
+    }
+}
+
 impl Drop for TcpTransport {
+    /// A session dropped without `close` still tells the peer, so that the peer ends it
+    /// rather than re-dialling streams that vanished: Close(Normal) when everything sent was
+    /// acknowledged, Close(Aborted) otherwise. Then, or at once outside a tokio runtime, the
+    /// session is torn down.
     fn drop(&mut self) {
-        self.shared.teardown();
+        let s = self.shared.clone();
+        let live = {
+            let mut life = lock(&s.life);
+            let live = !(life.closed || life.closing || life.peer_closed || life.fatal.is_some());
+            life.closing = true;
+            live
+        };
+        let runtime = tokio::runtime::Handle::try_current();
+        let (Ok(runtime), true) = (runtime, live) else {
+            s.teardown();
+            return;
+        };
+        let unacked = {
+            let tx = lock(&s.tx);
+            tx.sb.queued_bytes() + tx.sb.unacked_bytes()
+        };
+        let close = if unacked == 0 {
+            Close::new(CloseCode::Normal, "the session was dropped")
+        } else {
+            Close::new(
+                CloseCode::Aborted,
+                format!("the session was dropped with {unacked} bytes not yet acknowledged"),
+            )
+        };
+        runtime.spawn(async move {
+            say_goodbye(&s, close).await;
+            s.teardown();
+        });
     }
 }

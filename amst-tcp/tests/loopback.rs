@@ -277,6 +277,33 @@ async fn a_dropped_listener_serves_its_sessions_and_refuses_new_ones() {
     assert!(closed, "the port stayed open after the last session ended");
 }
 
+/// A session dropped without `close` tells its peer: the peer's `recv` ends cleanly, its
+/// next send fails, and it does not re-dial streams into a session that no longer exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_session_ends_it_cleanly_at_the_peer() {
+    init_tracing();
+    let (client, server) = pair(fixed(4), fixed(4)).await;
+    for i in 0..10 {
+        client.send(message(i, 100_000)).await.unwrap();
+    }
+    client.flush().await.unwrap();
+    for _ in 0..10 {
+        assert!(server.recv().await.unwrap().is_some());
+    }
+    drop(server);
+    let end = tokio::time::timeout(Duration::from_secs(5), client.recv())
+        .await
+        .expect("the peer's drop never reached the client");
+    assert_eq!(
+        end.unwrap(),
+        None,
+        "a dropped peer with nothing pending ends cleanly"
+    );
+    assert!(client.send(Bytes::from_static(b"late")).await.is_err());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(client.stream_stats().len(), 0, "streams were re-dialled");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probe_measures_rtt_and_a_burst() {
     init_tracing();
