@@ -74,11 +74,12 @@ async fn read_frame(
         buf.reserve(256);
         // Never more than the reservation: a Hello is small, and the rest of the buffer
         // stays for frames after the handshake.
-        let n = (&mut *stream)
-            .take(256)
-            .read_buf(buf)
-            .await
-            .map_err(|e| Error::io("reading a handshake frame", e))?;
+        let n = match (&mut *stream).take(256).read_buf(buf).await {
+            // Over TLS, a peer that hangs up without close_notify (a client that found our
+            // key proof wrong does) is the same event as a plain EOF, and says so alike.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => 0,
+            r => r.map_err(|e| Error::io("reading a handshake frame", e))?,
+        };
         if n == 0 {
             decoder.decode_eof(buf)?;
             return Err(Error::io(

@@ -82,6 +82,8 @@ pub(crate) struct LifeState {
     /// Torn down: tasks aborted.
     pub closed: bool,
     pub fatal: Option<Fatal>,
+    /// The Close a session ending without an error sends on every stream (see `parting`).
+    pub goodbye: Option<amst_core::codec::Close>,
 }
 
 pub(crate) struct StreamEntry {
@@ -146,8 +148,10 @@ pub(crate) struct Shared {
     pub last_heard: AtomicU64,
     /// A frame has arrived from the peer since the session started.
     pub heard: AtomicBool,
-    /// The session failed locally: writers send the Close and half-close, readers drain.
-    pub failing: AtomicBool,
+    /// The session ends: writers send the parting Close on every stream and half-close.
+    pub parting: AtomicBool,
+    /// The session failed locally: readers drop what still comes.
+    pub failed: AtomicBool,
 }
 
 impl std::fmt::Debug for Shared {
@@ -238,7 +242,8 @@ impl Shared {
             min_rtt_us: AtomicU64::new(0),
             last_heard: AtomicU64::new(0),
             heard: AtomicBool::new(false),
-            failing: AtomicBool::new(false),
+            parting: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
         });
         let monitor = tokio::spawn(crate::monitor::run(shared.clone()));
         lock(&shared.tasks).push(monitor.abort_handle());
@@ -347,7 +352,8 @@ impl Shared {
         // Close and half-close) and keep reading until it closes, then tear down. Closing
         // at once would reset connections with unread data and could destroy the Close, and
         // the peer would re-dial instead of reporting our reason.
-        self.failing.store(true, Ordering::Release);
+        self.failed.store(true, Ordering::Release);
+        self.parting.store(true, Ordering::Release);
         self.wake_all();
         for e in lock(&self.streams).iter() {
             e.ctl.wake.notify_one();
@@ -370,14 +376,16 @@ impl Shared {
         });
     }
 
-    /// The Close that tells the peer why this session failed, once it has.
-    pub(crate) fn fatal_close(&self) -> Option<Frame> {
+    /// The Close that tells the peer why this session ends: its failure, else its goodbye.
+    pub(crate) fn parting_close(&self) -> Option<Frame> {
         let life = lock(&self.life);
-        let f = life.fatal.as_ref()?;
-        Some(Frame::Close(amst_core::codec::Close::new(
-            f.close_code(),
-            f.to_error().to_string(),
-        )))
+        if let Some(f) = life.fatal.as_ref() {
+            return Some(Frame::Close(amst_core::codec::Close::new(
+                f.close_code(),
+                f.to_error().to_string(),
+            )));
+        }
+        life.goodbye.clone().map(Frame::Close)
     }
 
     /// Aborts every task and shuts every stream. Idempotent.

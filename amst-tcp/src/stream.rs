@@ -78,11 +78,11 @@ async fn write_loop(
         tokio::pin!(stream_woken);
         stream_woken.as_mut().enable();
 
-        if shared.failing.load(Ordering::Relaxed) {
+        if shared.parting.load(Ordering::Relaxed) {
             // Every stream carries the reason, after whole frames only, then half-closes:
             // whichever stream the peer reads first tells it why.
             control.clear();
-            if let Some(close) = shared.fatal_close() {
+            if let Some(close) = shared.parting_close() {
                 close.encode(&mut control);
                 write_all(stream, &control, &[], &[]).await?;
             }
@@ -242,7 +242,7 @@ async fn read_loop(
         if !frames.is_empty() && !handle_frames(shared, path, ctl, &mut frames) {
             return drain(stream, buf).await;
         }
-        if shared.failing.load(Ordering::Relaxed) {
+        if shared.failed.load(Ordering::Relaxed) {
             return drain(stream, buf).await;
         }
         // Make room: exactly the rest of a known frame, or a fresh buffer for the next.

@@ -455,27 +455,18 @@ impl Transport for TcpTransport {
     }
 }
 
-/// Sends `close` on the session's streams, half-closes them and waits (up to
-/// `CLOSE_LINGER`) for the peer's FIN on each, so that closing our sockets cannot reset data
-/// the peer has not read yet, our Close included.
+/// Sends `close` on every stream, each then half-closed, and waits (up to `CLOSE_LINGER`)
+/// for the peer's FIN on each, so that closing our sockets cannot reset data the peer has
+/// not read yet, our Close included. On every stream, because the peer reads its streams
+/// in any order: one that saw only a FIN would look lost and be re-dialled.
 async fn say_goodbye(s: &Shared, close: Close) {
-    let gen_ = s.queue_frame(Frame::Close(close));
+    lock(&s.life).goodbye = Some(close);
+    s.parting.store(true, Ordering::Release);
+    s.tx_wake.notify_waiters();
+    for e in lock(&s.streams).iter() {
+        e.ctl.wake.notify_one();
+    }
     let deadline = tokio::time::Instant::now() + CLOSE_LINGER;
-    loop {
-        let written = s.ctrl_written.notified();
-        tokio::pin!(written);
-        written.as_mut().enable();
-        if s.ctrl_written_gen.load(Ordering::Acquire) >= gen_ || s.stream_count() == 0 {
-            break;
-        }
-        if tokio::time::timeout_at(deadline, written).await.is_err() {
-            break;
-        }
-    }
-    let socks: Vec<_> = lock(&s.streams).iter().map(|e| e.sock.clone()).collect();
-    for sock in socks {
-        let _ = sock.shutdown(std::net::Shutdown::Write);
-    }
     loop {
         let changed = s.streams_changed.notified();
         tokio::pin!(changed);
