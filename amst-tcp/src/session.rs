@@ -360,20 +360,25 @@ impl Shared {
         }
         let me = self.clone();
         tokio::spawn(async move {
-            let deadline = tokio::time::Instant::now() + FAIL_LINGER;
-            loop {
-                let changed = me.streams_changed.notified();
-                tokio::pin!(changed);
-                changed.as_mut().enable();
-                if me.stream_count() == 0 {
-                    break;
-                }
-                if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                    break;
-                }
-            }
+            me.streams_gone_within(FAIL_LINGER).await;
             me.teardown();
         });
+    }
+
+    /// Waits until every stream has ended (the peer closed its side too), or `linger` passed.
+    pub(crate) async fn streams_gone_within(&self, linger: Duration) {
+        let deadline = tokio::time::Instant::now() + linger;
+        loop {
+            let changed = self.streams_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.stream_count() == 0 {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return;
+            }
+        }
     }
 
     /// The Close that tells the peer why this session ends: its failure, else its goodbye.

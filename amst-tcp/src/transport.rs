@@ -466,18 +466,7 @@ async fn say_goodbye(s: &Shared, close: Close) {
     for e in lock(&s.streams).iter() {
         e.ctl.wake.notify_one();
     }
-    let deadline = tokio::time::Instant::now() + CLOSE_LINGER;
-    loop {
-        let changed = s.streams_changed.notified();
-        tokio::pin!(changed);
-        changed.as_mut().enable();
-        if s.stream_count() == 0 {
-            break;
-        }
-        if tokio::time::timeout_at(deadline, changed).await.is_err() {
-            break;
-        }
-    }
+    s.streams_gone_within(CLOSE_LINGER).await;
 }
 
 impl Drop for TcpTransport {
