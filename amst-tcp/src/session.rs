@@ -116,13 +116,9 @@ pub(crate) struct Shared {
     pub rx_wake: Notify,
     /// An ack and a credit update should go out with the next write.
     pub ctrl_pending: AtomicBool,
-    /// Queued control frames, and the generation of the last one queued.
-    pub ctrl_queue: Mutex<(VecDeque<Frame>, u64)>,
+    /// Queued control frames (Ping, Pong).
+    pub ctrl_queue: Mutex<VecDeque<Frame>>,
     pub ctrl_queued: AtomicBool,
-    /// Generation of the last queued control frame a writer put on the wire.
-    pub ctrl_written_gen: AtomicU64,
-    /// Signalled after a writer put queued control frames on the wire.
-    pub ctrl_written: Notify,
     /// Tells the monitor that an ack is owed and should go out after the ack delay.
     pub ack_timer: Notify,
     pub streams: Mutex<Vec<StreamEntry>>,
@@ -221,10 +217,8 @@ impl Shared {
             rx_wake: Notify::new(),
             // The peer's send buffer starts with no credit: our first write grants it.
             ctrl_pending: AtomicBool::new(true),
-            ctrl_queue: Mutex::new((VecDeque::new(), 0)),
+            ctrl_queue: Mutex::new(VecDeque::new()),
             ctrl_queued: AtomicBool::new(false),
-            ctrl_written_gen: AtomicU64::new(0),
-            ctrl_written: Notify::new(),
             ack_timer: Notify::new(),
             streams: Mutex::new(Vec::new()),
             streams_changed: Notify::new(),
@@ -269,23 +263,15 @@ impl Shared {
         }
     }
 
-    /// Queues a control frame (Ping, Pong, Close) for the next writer; returns its
-    /// generation, which `ctrl_written_gen` reaches once it is on the wire.
-    pub(crate) fn queue_frame(&self, frame: Frame) -> u64 {
-        let gen_ = {
-            let mut q = lock(&self.ctrl_queue);
-            q.0.push_back(frame);
-            q.1 += 1;
-            q.1
-        };
+    /// Queues a control frame (Ping, Pong) for the next writer.
+    pub(crate) fn queue_frame(&self, frame: Frame) {
+        lock(&self.ctrl_queue).push_back(frame);
         self.ctrl_queued.store(true, Ordering::Release);
         self.tx_wake.notify_one();
-        gen_
     }
 
-    /// Appends the pending control frames to `out`; returns the generation of the queued
-    /// frames taken, if any.
-    pub(crate) fn take_control(&self, out: &mut BytesMut) -> Option<u64> {
+    /// Appends the pending acks, credit and control frames to `out`.
+    pub(crate) fn take_control(&self, out: &mut BytesMut) {
         if self.ctrl_pending.swap(false, Ordering::AcqRel) {
             let (ack, credit) = {
                 let mut rx = lock(&self.rx);
@@ -299,13 +285,10 @@ impl Shared {
             Frame::Credit(credit).encode(out);
         }
         if self.ctrl_queued.swap(false, Ordering::AcqRel) {
-            let mut q = lock(&self.ctrl_queue);
-            for f in q.0.drain(..) {
+            for f in lock(&self.ctrl_queue).drain(..) {
                 f.encode(out);
             }
-            return Some(q.1);
         }
-        None
     }
 
     /// After data arrived or the application took a message: ack now if a threshold is
@@ -419,7 +402,6 @@ impl Shared {
         self.acked.notify_waiters();
         self.tx_wake.notify_waiters();
         self.streams_changed.notify_waiters();
-        self.ctrl_written.notify_waiters();
     }
 
     /// Spawns a task that dies with the session.

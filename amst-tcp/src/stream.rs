@@ -90,7 +90,7 @@ async fn write_loop(
             return Ok(());
         }
         control.clear();
-        let took_queued = shared.take_control(&mut control);
+        shared.take_control(&mut control);
         batch.clear();
         let stopping = ctl.stopping();
         if !stopping {
@@ -113,10 +113,6 @@ async fn write_loop(
         headers.clear();
         headers.extend(batch.iter().map(DataChunk::encode_header));
         write_all(stream, &control, &headers, &batch).await?;
-        if let Some(gen_) = took_queued {
-            shared.ctrl_written_gen.fetch_max(gen_, Ordering::AcqRel);
-            shared.ctrl_written.notify_waiters();
-        }
         let bytes: u64 = batch.iter().map(|c| c.payload.len() as u64).sum();
         if !batch.is_empty() {
             ctl.bytes_sent.fetch_add(bytes, Ordering::Relaxed);

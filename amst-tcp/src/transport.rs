@@ -366,7 +366,7 @@ impl TcpTransport {
                 left -= pad;
                 let (f, rx) = ping(pad as u32);
                 // Queued together: one writer puts the whole train out in one write.
-                lock(&s.ctrl_queue).0.push_back(f);
+                lock(&s.ctrl_queue).push_back(f);
                 pending.push(rx);
                 sizes.push(pad + FRAME);
             }
