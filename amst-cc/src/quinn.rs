@@ -9,6 +9,19 @@
 //! // or: config.congestion_controller_factory(Arc::new(amst_cc::quinn::CubicFactory::default()));
 //! ```
 //!
+//! `BbrFactory::default()` is the draft's BBR; AMST's random-loss tolerance is an opt-in:
+//!
+//! ```
+//! use std::sync::Arc;
+//! use amst_cc::BbrConfig;
+//! use amst_cc::quinn::BbrFactory;
+//! assert!(BbrFactory::default().config_for_mtu(1200).is_draft());
+//! let tolerant = BbrFactory::with_config(BbrConfig::draft().with_random_loss_tolerance(true));
+//! assert!(!tolerant.config_for_mtu(1200).is_draft());
+//! let mut config = quinn_proto::TransportConfig::default();
+//! config.congestion_controller_factory(Arc::new(tolerant));
+//! ```
+//!
 //! # What the adapter adds
 //!
 //! quinn reports sends (`on_sent`), acks one packet at a time (`on_ack`, identified only by
@@ -308,23 +321,49 @@ impl ControllerFactory for CubicFactory {
 }
 
 /// Builds amst-cc [`Bbr`] controllers for quinn connections.
+///
+/// `BbrFactory::default()` builds the draft's BBR ([`BbrConfig::draft`]): extensions such as
+/// [`BbrConfig::random_loss_tolerance`] are off unless a configuration turns them on, as in
+/// `BbrFactory::with_config(BbrConfig::draft().with_random_loss_tolerance(true))`.
 #[derive(Clone, Debug, Default)]
 pub struct BbrFactory {
-    /// The configuration; its datagram size (and the initial window derived from it) follow
-    /// quinn's current MTU.
+    /// The configuration; its datagram size follows quinn's current MTU. `None` is
+    /// [`BbrConfig::with_datagram_size`] of that MTU (the draft's BBR, RFC 9002's initial
+    /// window).
     pub config: Option<BbrConfig>,
+}
+
+impl BbrFactory {
+    /// A factory for the draft's BBR, with no extension.
+    pub fn draft() -> Self {
+        Self {
+            config: Some(BbrConfig::draft()),
+        }
+    }
+
+    /// A factory for `config` (its datagram size follows quinn's MTU).
+    pub fn with_config(config: BbrConfig) -> Self {
+        Self {
+            config: Some(config),
+        }
+    }
+
+    /// The configuration a controller built for `mtu` gets.
+    pub fn config_for_mtu(&self, mtu: u16) -> BbrConfig {
+        let mtu = u64::from(mtu);
+        match self.config {
+            Some(c) => BbrConfig {
+                max_datagram_size: mtu,
+                ..c
+            },
+            None => BbrConfig::with_datagram_size(mtu),
+        }
+    }
 }
 
 impl ControllerFactory for BbrFactory {
     fn build(self: Arc<Self>, now: Instant, current_mtu: u16) -> Box<dyn Controller> {
-        let mtu = u64::from(current_mtu);
-        let config = match self.config {
-            Some(mut c) => {
-                c.max_datagram_size = mtu;
-                c
-            }
-            None => BbrConfig::with_datagram_size(mtu),
-        };
+        let config = self.config_for_mtu(current_mtu);
         Box::new(QuinnController::new(
             Bbr::new(config, now),
             WindowMapping::RateWhenAppLimited,

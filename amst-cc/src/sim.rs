@@ -10,7 +10,11 @@
 //!   `buffer_bytes` (the bytes waiting, not counting the packet being serialised). A packet
 //!   entering it is dropped at random with probability `loss`, from a ChaCha8 RNG seeded
 //!   with [`Scenario::seed`].
-//! - **Propagation** is `rtt / 2` each way; acks are never lost or queued.
+//! - **Propagation** is `rtt / 2` each way; acks are never lost or queued. Optional path
+//!   features, each off by default: a token-bucket **policer** in front of the bottleneck
+//!   ([`Link::with_policer`]), **ack aggregation** that releases acks in batches
+//!   ([`Link::with_ack_aggregation`]), and **reordering** that holds some packets back
+//!   ([`Link::with_reordering`]).
 //! - **Receivers** ack every packet at once.
 //! - **Loss detection** follows RFC 9002 §6.1 (packet threshold 3, time threshold
 //!   9/8 × max(srtt, latest_rtt)) and a PTO (§6.2) that sends up to two probes when nothing
@@ -60,6 +64,32 @@ pub struct Link {
     pub buffer_bytes: u64,
     /// Probability that a packet is dropped at random on entering the bottleneck.
     pub loss: f64,
+    /// A token-bucket policer in front of the bottleneck, if any.
+    pub policer: Option<Policer>,
+    /// If set, acks reach the sender only at multiples of this interval (from time zero), in
+    /// batches, as on a link that aggregates acks (Wi-Fi, cellular).
+    pub ack_aggregation: Option<Duration>,
+    /// If set, packets leaving the bottleneck are held back at random, arriving out of order.
+    pub reordering: Option<Reordering>,
+}
+
+/// A token-bucket policer: packets that find fewer than their size in tokens are dropped
+/// (no buffering of its own).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Policer {
+    /// Token rate in bits per second.
+    pub rate_bps: f64,
+    /// Bucket depth in bytes (it starts full).
+    pub burst_bytes: u64,
+}
+
+/// Random reordering after the bottleneck.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Reordering {
+    /// Probability that a packet is held back.
+    pub probability: f64,
+    /// How much later than its turn a held-back packet arrives.
+    pub extra_delay: Duration,
 }
 
 impl Link {
@@ -70,6 +100,9 @@ impl Link {
             rtt,
             buffer_bytes: 0,
             loss: 0.0,
+            policer: None,
+            ack_aggregation: None,
+            reordering: None,
         };
         link.buffer_bytes = link.bdp_bytes();
         link
@@ -95,6 +128,31 @@ impl Link {
     /// The same link with random loss probability `p`.
     pub fn with_loss(mut self, p: f64) -> Self {
         self.loss = p;
+        self
+    }
+
+    /// The same link behind a token-bucket policer of `rate_bps` with a `burst_bytes` bucket.
+    pub fn with_policer(mut self, rate_bps: f64, burst_bytes: u64) -> Self {
+        self.policer = Some(Policer {
+            rate_bps,
+            burst_bytes,
+        });
+        self
+    }
+
+    /// The same link with acks released in batches every `interval`.
+    pub fn with_ack_aggregation(mut self, interval: Duration) -> Self {
+        self.ack_aggregation = Some(interval);
+        self
+    }
+
+    /// The same link, holding each packet back by `extra_delay` with probability
+    /// `probability` (drawn from the scenario's RNG).
+    pub fn with_reordering(mut self, probability: f64, extra_delay: Duration) -> Self {
+        self.reordering = Some(Reordering {
+            probability,
+            extra_delay,
+        });
         self
     }
 }

@@ -117,8 +117,8 @@ fn controller(kind: Kind, mss: u64, t0: Instant) -> Box<dyn CongestionController
     match kind {
         Kind::Bbr => Box::new(Bbr::new(BbrConfig::with_datagram_size(mss), t0)),
         Kind::BbrStrict => {
-            let mut c = BbrConfig::with_datagram_size(mss);
-            c.random_loss_tolerance = false;
+            // The other configuration knobs: no SACK, TCP offload, random-loss tolerance.
+            let mut c = BbrConfig::with_datagram_size(mss).with_random_loss_tolerance(true);
             c.has_selective_acks = false;
             c.offload_quanta = 3;
             Box::new(Bbr::new(c, t0))

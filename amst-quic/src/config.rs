@@ -16,7 +16,9 @@ pub const ALPN: &[u8] = b"amst/3";
 /// Which congestion controller drives the connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum CongestionControl {
-    /// amst-cc's BBRv3: the default, because random loss on internet paths does not stall it.
+    /// amst-cc's BBRv3 in its draft configuration (`amst_cc::BbrConfig::draft()`, no AMST
+    /// extension): the default, because on loss it backs off only toward the rate the path
+    /// just delivered, where CUBIC cuts its window by a fixed factor.
     #[default]
     AmstBbr,
     /// amst-cc's CUBIC with HyStart++.

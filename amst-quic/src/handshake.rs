@@ -318,7 +318,7 @@ async fn write(send: &mut quinn::SendStream, frame: &Frame) -> Result<()> {
 fn controller(cc: CongestionControl) -> Arc<dyn ControllerFactory + Send + Sync> {
     use quinn::congestion::{BbrConfig, CubicConfig, NewRenoConfig};
     match cc {
-        CongestionControl::AmstBbr => Arc::new(amst_cc::quinn::BbrFactory::default()),
+        CongestionControl::AmstBbr => Arc::new(amst_cc::quinn::BbrFactory::draft()),
         CongestionControl::AmstCubic => Arc::new(amst_cc::quinn::CubicFactory::default()),
         CongestionControl::QuinnCubic => Arc::new(CubicConfig::default()),
         CongestionControl::QuinnBbr => Arc::new(BbrConfig::default()),

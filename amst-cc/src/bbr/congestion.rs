@@ -87,7 +87,8 @@ impl Bbr {
         //#   BBR.is_loss_in_round = true
         if !self.congestion.is_loss_in_round {
             self.congestion.loss_round_delivered = self.delivered;
-            self.save_state_upon_loss();
+            // SaveStateUponLoss(), as of before the loss event in progress, if any.
+            self.save_state_before_loss_event(self.recovery.pre_loss);
         }
         self.congestion.is_loss_in_round = true;
     }
@@ -147,6 +148,7 @@ impl Bbr {
         }
         if self.state == State::ProbeBwUp {
             self.recovery.undo_state = Some(State::ProbeBwUp);
+            self.note_loss_event_undo_state(State::ProbeBwUp);
             // The transition happens on a loss, which carries no clock of its own beyond the
             // event; the cycle starts at the time of the last event we saw.
             let now = self.last_event_time;

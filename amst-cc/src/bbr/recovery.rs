@@ -31,6 +31,28 @@ pub(super) struct Recovery {
     pub(super) undo_inflight_shortterm: u64,
     /// `BBR.undo_inflight_longterm`.
     pub(super) undo_inflight_longterm: u64,
+    /// What `SaveStateUponLoss()` would save if the loss event the transport is reporting
+    /// opens a recovery episode: the model just before its first lost packet.
+    pub(super) pre_loss: Option<PreLoss>,
+}
+
+/// The model as it was before the current loss event's first lost packet.
+///
+/// The draft saves state when a recovery episode starts (`OnEnterFastRecovery()`,
+/// `OnEnterRTO()`) and then handles the lost packets (`HandleLostPacket()`), which may end a
+/// probe and set `BBR.undo_state = ProbeBW_UP`. Transports report the lost packets first
+/// and the event after them (RFC 9002 declares packets lost, then reacts), so saving at
+/// [`CongestionController::on_loss`](crate::CongestionController::on_loss) would record the
+/// model the losses already lowered, and erase the `undo_state` they set: an undo would then
+/// restore nothing. Keeping the pre-event model gives the draft's order.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) struct PreLoss {
+    cwnd: u64,
+    bw_shortterm: f64,
+    inflight_shortterm: u64,
+    inflight_longterm: u64,
+    /// `BBR.undo_state` as the lost packets of this event left it, had the save come first.
+    undo_state: Option<State>,
 }
 
 impl Bbr {
@@ -41,21 +63,20 @@ impl Bbr {
             (true, Some(start)) => loss.largest_lost_sent_at > start,
             _ => true,
         };
+        let pre_loss = self.recovery.pre_loss;
         if loss.persistent_congestion {
             //# OnEnterRTO():
             //#   SaveCwnd()
             //#   SaveStateUponLoss()
             //#   C.cwnd = C.inflight + 1
             // "reduces C.cwnd to a value that will allow 1 C.SMSS to be transmitted"
-            self.save_cwnd();
-            self.save_state_upon_loss();
+            self.save_state_before_loss_event(pre_loss);
             self.cwnd = self.inflight.saturating_add(self.mss);
         } else if new_episode {
             //# OnEnterFastRecovery():
             //#   SaveCwnd()
             //#   SaveStateUponLoss()
-            self.save_cwnd();
-            self.save_state_upon_loss();
+            self.save_state_before_loss_event(pre_loss);
         }
         if new_episode || loss.persistent_congestion {
             self.recovery.in_recovery = true;
@@ -63,6 +84,55 @@ impl Bbr {
             self.recovery.start_delivered = self.delivered;
             self.recovery.start_round = self.round.round_count;
         }
+    }
+
+    /// Remember the model before the first lost packet of a loss event (see [`PreLoss`]).
+    pub(super) fn note_loss_event_start(&mut self) {
+        if self.recovery.pre_loss.is_none() {
+            self.recovery.pre_loss = Some(PreLoss {
+                cwnd: self.cwnd,
+                bw_shortterm: self.bw.bw_shortterm,
+                inflight_shortterm: self.volume.inflight_shortterm,
+                inflight_longterm: self.volume.inflight_longterm,
+                undo_state: None,
+            });
+        }
+    }
+
+    /// `BBR.undo_state` was set by a lost packet of the event in progress.
+    pub(super) fn note_loss_event_undo_state(&mut self, state: State) {
+        if let Some(p) = &mut self.recovery.pre_loss {
+            p.undo_state = Some(state);
+        }
+    }
+
+    /// A loss event is over (or an ack arrived without one): forget its pre-loss model.
+    pub(super) fn end_loss_event(&mut self) {
+        self.recovery.pre_loss = None;
+    }
+
+    /// `SaveCwnd()` and `SaveStateUponLoss()` as of just before the loss event, then the
+    /// event's own effect on `BBR.undo_state`; without per-packet reports, as of now.
+    ///
+    /// `NoteLoss()` saves through here too: a lost packet that ends a probe resets the
+    /// congestion signals (`StartProbeBW_DOWN()` calls `ResetCongestionSignals()`), so the
+    /// event's next lost packet counts as a round's first loss and would save the model this
+    /// event already lowered, with `undo_state` cleared, and no undo could return to PROBE_UP
+    /// as the draft's "Handling Spurious Fast Recovery" case expects.
+    pub(super) fn save_state_before_loss_event(&mut self, pre_loss: Option<PreLoss>) {
+        let Some(pre) = pre_loss else {
+            self.save_cwnd();
+            self.save_state_upon_loss();
+            return;
+        };
+        let cwnd_now = self.cwnd;
+        self.cwnd = pre.cwnd;
+        self.save_cwnd();
+        self.cwnd = cwnd_now;
+        self.recovery.undo_bw_shortterm = pre.bw_shortterm;
+        self.recovery.undo_inflight_shortterm = pre.inflight_shortterm;
+        self.recovery.undo_inflight_longterm = pre.inflight_longterm;
+        self.recovery.undo_state = pre.undo_state;
     }
 
     /// Leave recovery once a packet sent after it began is acknowledged, restoring cwnd:

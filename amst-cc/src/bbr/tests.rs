@@ -51,6 +51,11 @@ struct Path {
     delivered_bytes: u64,
     /// Sender has data to send.
     app_sending: bool,
+    /// If set, the application hands over data at this rate (bytes/s) only, so the sender is
+    /// application-limited whenever it could send faster.
+    app_rate: Option<f64>,
+    /// When the application has its next packet ready (with `app_rate`).
+    app_next: Instant,
     min_rtt: Option<Duration>,
     /// (time, state) at each state change.
     trace: Vec<(Duration, State)>,
@@ -76,6 +81,8 @@ impl Path {
             next_send: now,
             delivered_bytes: 0,
             app_sending: true,
+            app_rate: None,
+            app_next: now,
             min_rtt: None,
             trace: vec![(Duration::ZERO, State::Startup)],
             start: now,
@@ -196,6 +203,16 @@ impl Path {
             }
             if self.app_sending {
                 while self.now >= self.next_send && self.bif + MSS <= bbr.cwnd() {
+                    if let Some(rate) = self.app_rate {
+                        if self.now < self.app_next {
+                            // Could send, but the application has nothing yet.
+                            self.est.on_app_limited(self.bif);
+                            bbr.on_app_limited(self.now, self.bif);
+                            break;
+                        }
+                        let gap = Duration::from_secs_f64(MSS as f64 / rate);
+                        self.app_next = self.app_next.max(self.now) + gap;
+                    }
                     self.send_one(bbr);
                     self.record(bbr);
                 }
@@ -213,7 +230,11 @@ impl Path {
                 next = next.min(t.max(self.now));
             }
             if self.app_sending && self.bif + MSS <= bbr.cwnd() {
-                next = next.min(self.next_send.max(self.now));
+                let ready = match self.app_rate {
+                    Some(_) => self.next_send.max(self.app_next),
+                    None => self.next_send,
+                };
+                next = next.min(ready.max(self.now));
             }
             self.now = next.max(self.now + Duration::from_nanos(1));
         }
@@ -769,8 +790,12 @@ fn appendix_exiting_probe_up_on_bandwidth_plateau() {
         "{probe:?}"
     );
     let up_rounds = up_rounds.unwrap();
-    assert!(bbr.full_bw_now() || bbr.inflight_longterm().is_some());
-    assert!((2..=6).contains(&up_rounds), "UP lasted {up_rounds} rounds");
+    // No loss in a 2-BDP buffer, so no inflight_longterm: UP ended on the plateau, three
+    // rounds in a row without 25% growth.
+    assert_eq!(bbr.inflight_longterm(), None);
+    assert!(bbr.full_bw_now());
+    assert_eq!(bbr.full_bw_count(), 3);
+    assert!((3..=6).contains(&up_rounds), "UP lasted {up_rounds} rounds");
 }
 
 /// "Exiting PROBE_UP on Loss": with a shallow buffer, UP's losses exceed 2% of inflight,
@@ -926,4 +951,275 @@ impl Synthetic {
             }
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// The rest of Appendix A (draft -06) on the tiny path: application-limited phases, losses
+// with an established inflight_longterm, and spurious recoveries.
+// ---------------------------------------------------------------------------------------
+
+/// Runs a fresh flow on a shallow-buffered path (losses set `inflight_longterm` early) until
+/// the first ack of a ProbeBW_UP phase entered with `inflight_longterm` already set.
+fn up_with_inflight_longterm() -> (Path, Bbr) {
+    let mut path = Path::new(20.0, 40, 0.25);
+    let mut bbr = Bbr::new(cfg(), path.now);
+    path.run(&mut bbr, Duration::from_secs(20), |b, _| {
+        b.state() == State::ProbeBwUp
+            && b.inflight_longterm().is_some()
+            && b.probe_bw.is_bw_probe_sample
+            && b.full_bw_count() == 0
+    });
+    assert_eq!(bbr.state(), State::ProbeBwUp);
+    assert!(bbr.inflight_longterm().is_some());
+    (path, bbr)
+}
+
+/// "Never Exiting PROBE_UP (or STARTUP) When Application-Limited With No Loss", the PROBE_UP
+/// half (the STARTUP half is `appendix_never_exiting_startup_when_app_limited_without_loss`):
+/// once the application sends at half the path rate, UP holds for 2 s (about 48 rounds),
+/// because app-limited rounds never count toward a plateau.
+#[test]
+fn appendix_never_exiting_probe_up_when_app_limited_without_loss() {
+    let mut path = Path::new(20.0, 40, 2.0);
+    let mut bbr = Bbr::new(cfg(), path.now);
+    path.run(&mut bbr, Duration::from_secs(10), |b, _| {
+        b.state() == State::ProbeBwUp
+    });
+    assert_eq!(bbr.state(), State::ProbeBwUp);
+    path.app_rate = Some(0.5 * path.rate);
+    path.app_next = path.now;
+    let round0 = bbr.round_count();
+    let mut left_up = None;
+    let mut app_limited_acks = 0u64;
+    path.run(
+        &mut bbr,
+        path.elapsed() + Duration::from_secs(2),
+        |b, _| {
+            app_limited_acks += u64::from(b.rs.is_app_limited);
+            if b.state() != State::ProbeBwUp {
+                left_up = Some(b.state());
+            }
+            left_up.is_some()
+        },
+    );
+    assert_eq!(left_up, None, "left UP while application-limited");
+    let rounds = bbr.round_count() - round0;
+    assert!(rounds >= 40, "only {rounds} rounds");
+    assert!(app_limited_acks > 1000, "{app_limited_acks} app-limited acks");
+    // At most the rounds counted before the application slowed down.
+    assert!(!bbr.full_bw_now());
+    assert!(bbr.full_bw_count() < 3, "{}", bbr.full_bw_count());
+    assert_eq!(bbr.inflight_longterm(), None, "no loss");
+}
+
+/// "Entering and Exiting PROBE_RTT During STARTUP": an application-limited Startup (a
+/// quarter of the path rate) never sees a plateau; after ProbeRTTInterval without a lower RTT
+/// it enters ProbeRTT with `full_bw_reached` false, and on leaving returns to Startup (gain
+/// 2.77), not to ProbeBW.
+#[test]
+fn appendix_entering_and_exiting_probe_rtt_during_startup() {
+    let mut path = Path::new(20.0, 40, 2.0);
+    path.app_rate = Some(0.25 * path.rate);
+    let mut bbr = Bbr::new(cfg(), path.now);
+    let mut entered = None;
+    let mut exited = None;
+    path.run(&mut bbr, Duration::from_secs(7), |b, p| {
+        if b.state() == State::ProbeRtt && entered.is_none() {
+            entered = Some((p.elapsed(), b.full_bw_reached(), b.cwnd_gain()));
+        }
+        if entered.is_some() && b.state() != State::ProbeRtt {
+            exited = Some((p.elapsed(), b.state(), b.pacing_gain(), b.cwnd_gain()));
+            return true;
+        }
+        false
+    });
+    let (t_in, reached, cwnd_gain) = entered.expect("entered ProbeRTT");
+    assert!(
+        t_in > PROBE_RTT_INTERVAL && t_in <= PROBE_RTT_INTERVAL + Duration::from_millis(500),
+        "ProbeRTT at {t_in:?}"
+    );
+    assert!(!reached, "still searching for bandwidth");
+    assert_eq!(cwnd_gain, PROBE_RTT_CWND_GAIN);
+    let (t_out, state, pacing_gain, cwnd_gain) = exited.expect("left ProbeRTT");
+    assert_eq!(state, State::Startup);
+    assert_eq!(pacing_gain, STARTUP_PACING_GAIN);
+    assert_eq!(cwnd_gain, DEFAULT_CWND_GAIN);
+    assert!(t_out - t_in >= PROBE_RTT_DURATION, "{:?}", t_out - t_in);
+    assert!(t_out - t_in <= PROBE_RTT_DURATION + 3 * path.rtt);
+    // Startup goes on (still application-limited, so it still does not end).
+    path.run(&mut bbr, t_out + Duration::from_secs(1), |_, _| false);
+    assert_eq!(bbr.state(), State::Startup);
+    assert!(!bbr.full_bw_reached());
+}
+
+/// "Handling Loss During PROBE_UP After inflight_longterm is Set": a loss of 10% of what was
+/// in flight, before UP finds a plateau, runs `HandleInflightTooHigh()`: inflight_longterm
+/// becomes exactly `max(InflightAtLoss(P), TargetInflight() * BBR.Beta)`, below its old value,
+/// and the flow goes straight to PROBE_DOWN.
+#[test]
+fn appendix_loss_during_probe_up_after_inflight_longterm_is_set() {
+    let (path, mut bbr) = up_with_inflight_longterm();
+    let hi_before = bbr.inflight_longterm().unwrap();
+    let tx_in_flight = bbr.inflight.max(20 * MSS);
+    let lost = tx_in_flight / 10;
+    let at_loss = congestion::inflight_at_loss(MSS, tx_in_flight, lost, LOSS_THRESH);
+    let beta_floor = data_volume::to_bytes(BETA * bbr.target_inflight() as f64);
+    bbr.on_packet_lost(
+        path.now,
+        &LostPacketSample {
+            size: MSS,
+            tx_in_flight,
+            lost,
+            is_app_limited: false,
+        },
+    );
+    assert_eq!(bbr.state(), State::ProbeBwDown);
+    assert_eq!(bbr.inflight_longterm(), Some(at_loss.max(beta_floor)));
+    assert!(
+        bbr.inflight_longterm().unwrap() < hi_before,
+        "{:?} vs {hi_before}",
+        bbr.inflight_longterm()
+    );
+    assert!(bbr.probe_bw.prev_probe_too_high);
+    assert!(!bbr.probe_bw.is_bw_probe_sample, "reacts once per probe");
+    assert_eq!(bbr.recovery.undo_state, Some(State::ProbeBwUp));
+    assert_eq!(bbr.pacing_gain(), probe_bw::PROBE_DOWN_PACING_GAIN);
+}
+
+/// "Handling Application-Limited Sending During PROBE_REFILL": the application slows to 30%
+/// of the path rate as REFILL starts. The low, app-limited samples never pull max_bw down;
+/// REFILL still hands over to UP after its one round; once the application sends again the
+/// probe ends normally and max_bw still matches the path.
+#[test]
+fn appendix_app_limited_sending_during_probe_refill() {
+    let mut path = Path::new(20.0, 40, 2.0);
+    let mut bbr = Bbr::new(cfg(), path.now);
+    path.run(&mut bbr, Duration::from_secs(10), |b, _| {
+        b.state() == State::ProbeBwRefill
+    });
+    assert_eq!(bbr.state(), State::ProbeBwRefill);
+    let max_bw = bbr.max_bw();
+    let refill_round = bbr.round_count();
+    path.app_rate = Some(0.3 * path.rate);
+    path.app_next = path.now;
+    let mut lowest_max_bw = f64::INFINITY;
+    let mut low_app_limited_samples = 0u64;
+    let mut up_round = None;
+    path.run(
+        &mut bbr,
+        path.elapsed() + Duration::from_secs(2),
+        |b, _| {
+            lowest_max_bw = lowest_max_bw.min(b.max_bw());
+            if b.rs.is_app_limited && b.rs.delivery_rate > 0.0 && b.rs.delivery_rate < max_bw {
+                low_app_limited_samples += 1;
+            }
+            if b.state() == State::ProbeBwUp && up_round.is_none() {
+                up_round = Some(b.round_count());
+            }
+            // REFILL's round, then two rounds of UP while still app-limited.
+            up_round.is_some_and(|r| b.round_count() >= r + 2)
+        },
+    );
+    assert_eq!(up_round, Some(refill_round + 1), "one round of REFILL");
+    assert_eq!(bbr.state(), State::ProbeBwUp);
+    assert!(low_app_limited_samples > 10, "{low_app_limited_samples}");
+    assert_eq!(lowest_max_bw, max_bw, "app-limited samples never lower max_bw");
+    path.app_rate = None;
+    path.run(
+        &mut bbr,
+        path.elapsed() + Duration::from_secs(3),
+        |b, _| b.state() != State::ProbeBwUp,
+    );
+    assert_eq!(bbr.state(), State::ProbeBwDown);
+    let err = (bbr.max_bw() - path.rate).abs() / path.rate;
+    assert!(err <= 0.03, "max_bw {} vs path {}", bbr.max_bw(), path.rate);
+}
+
+/// The model fields `SaveStateUponLoss()` saves, `None` for "Infinity".
+fn undo_view(b: &Bbr) -> (Option<f64>, Option<u64>, Option<u64>) {
+    (
+        b.bw_shortterm(),
+        b.inflight_shortterm(),
+        b.inflight_longterm(),
+    )
+}
+
+/// Shared by the two spurious-recovery cases: in PROBE_UP with inflight_longterm set, a loss
+/// event (too much loss: it ends the probe) opens a recovery episode, fast recovery or RTO;
+/// the transport then declares the episode spurious.
+fn spurious_recovery_in_probe_up(rto: bool) {
+    let (mut path, mut bbr) = up_with_inflight_longterm();
+    let cwnd_before = bbr.cwnd;
+    let saved = undo_view(&bbr);
+    let now = path.now;
+    let tx_in_flight = bbr.inflight.max(20 * MSS);
+    let lost = tx_in_flight / 10;
+    // The order a transport reports a loss event in: each lost packet, then the event.
+    bbr.on_packet_lost(
+        now,
+        &LostPacketSample {
+            size: MSS,
+            tx_in_flight,
+            lost,
+            is_app_limited: false,
+        },
+    );
+    bbr.on_loss(
+        now,
+        &Loss {
+            bytes_lost: lost,
+            bytes_in_flight: tx_in_flight - lost,
+            largest_lost_sent_at: now - path.rtt,
+            persistent_congestion: rto,
+        },
+    );
+    assert_eq!(bbr.state(), State::ProbeBwDown, "the loss ended the probe");
+    assert!(bbr.in_recovery());
+    assert!(bbr.inflight_longterm() < saved.2, "the loss lowered it");
+    if rto {
+        //# OnEnterRTO(): ... C.cwnd = C.inflight + 1
+        assert_eq!(bbr.cwnd, (tx_in_flight - lost + MSS).max(4 * MSS));
+    }
+    // SaveStateUponLoss() kept the model as it was before the episode.
+    let r = &bbr.recovery;
+    assert_eq!(r.undo_state, Some(State::ProbeBwUp));
+    assert_eq!(r.prior_cwnd, cwnd_before);
+    assert_eq!(
+        (
+            r.undo_bw_shortterm.is_finite().then_some(r.undo_bw_shortterm),
+            (r.undo_inflight_shortterm != u64::MAX).then_some(r.undo_inflight_shortterm),
+            (r.undo_inflight_longterm != u64::MAX).then_some(r.undo_inflight_longterm),
+        ),
+        saved
+    );
+    bbr.on_spurious_loss(now + Duration::from_millis(1));
+    // HandleSpuriousLossDetection(): back to probing through REFILL, the long-term bound
+    // restored, the short-term model reset by REFILL, the cwnd restored.
+    assert_eq!(bbr.state(), State::ProbeBwRefill);
+    assert!(!bbr.in_recovery());
+    assert_eq!(bbr.inflight_longterm(), saved.2);
+    assert_eq!(bbr.bw_shortterm(), None);
+    assert_eq!(bbr.inflight_shortterm(), None);
+    assert_eq!(bbr.cwnd, cwnd_before.min(saved.2.unwrap()));
+    assert_eq!(bbr.recovery.undo_state, None);
+    // And the probe resumes: REFILL hands over to UP a round later.
+    path.run(
+        &mut bbr,
+        path.elapsed() + Duration::from_secs(1),
+        |b, _| b.state() != State::ProbeBwRefill,
+    );
+    assert_eq!(bbr.state(), State::ProbeBwUp);
+}
+
+/// "Handling Spurious Fast Recovery" (the crate's simulator exercises the same through real
+/// reordering in `tests/bbr_appendix_a.rs`).
+#[test]
+fn appendix_handling_spurious_fast_recovery() {
+    spurious_recovery_in_probe_up(false);
+}
+
+/// "Handling Spurious RTO Recovery": QUIC's persistent congestion is the RTO.
+#[test]
+fn appendix_handling_spurious_rto_recovery() {
+    spurious_recovery_in_probe_up(true);
 }

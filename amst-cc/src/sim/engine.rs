@@ -187,6 +187,10 @@ struct Bottleneck {
     last_arrival: Nanos,
     last_ack_arrival: Vec<Nanos>,
     transmitted_bytes: u64,
+    /// The policer's tokens in bytes, and when they were last topped up.
+    policer_tokens: f64,
+    policer_updated: Nanos,
+    policer_drops: u64,
     overflow_drops: u64,
     random_drops: u64,
     delay_sum: u128,
@@ -278,6 +282,9 @@ impl Engine {
                 last_arrival: 0,
                 last_ack_arrival: vec![0; n],
                 transmitted_bytes: 0,
+                policer_tokens: 0.0,
+                policer_updated: 0,
+                policer_drops: 0,
                 overflow_drops: 0,
                 random_drops: 0,
                 delay_sum: 0,
@@ -292,6 +299,7 @@ impl Engine {
             sample_interval: nanos(scenario.sample_interval).max(MS),
             samples: Vec::new(),
         };
+        e.link.policer_tokens = e.link.link.policer.map_or(0.0, |p| p.burst_bytes as f64);
         for i in 0..n {
             let t = e.senders[i].start;
             e.push(t, Event::FlowStart(i));
@@ -378,6 +386,19 @@ impl Engine {
             self.senders[p.flow].dropped += 1;
             return;
         }
+        if let Some(policer) = self.link.link.policer {
+            let l = &mut self.link;
+            let elapsed = (self.now - l.policer_updated) as f64 / 1e9;
+            l.policer_updated = self.now;
+            l.policer_tokens = (l.policer_tokens + elapsed * policer.rate_bps / 8.0)
+                .min(policer.burst_bytes as f64);
+            if l.policer_tokens < p.size as f64 {
+                l.policer_drops += 1;
+                self.senders[p.flow].dropped += 1;
+                return;
+            }
+            l.policer_tokens -= p.size as f64;
+        }
         if self.link.in_service.is_none() {
             self.start_service(p);
             return;
@@ -410,9 +431,21 @@ impl Engine {
         };
         self.link.transmitted_bytes += p.size;
         let owd = nanos(self.link.link.rtt) / 2;
-        let at = (self.now + owd).max(self.link.last_arrival);
-        self.link.last_arrival = at;
-        self.push(at, Event::Arrive(p));
+        let held_back = match self.link.link.reordering {
+            Some(r) if r.probability > 0.0 && self.rng.random::<f64>() < r.probability => {
+                Some(nanos(r.extra_delay))
+            }
+            _ => None,
+        };
+        match held_back {
+            // A held-back packet does not hold up the ones behind it.
+            Some(extra) => self.push(self.now + owd + extra, Event::Arrive(p)),
+            None => {
+                let at = (self.now + owd).max(self.link.last_arrival);
+                self.link.last_arrival = at;
+                self.push(at, Event::Arrive(p));
+            }
+        }
         if let Some(next) = self.link.queue.pop_front() {
             self.link.queued_bytes -= next.size;
             self.start_service(next);
@@ -423,7 +456,11 @@ impl Engine {
         let now = self.now;
         self.senders[p.flow].mark_received(p.seg, p.size, now);
         let owd = nanos(self.link.link.rtt) / 2;
-        let at = (now + owd).max(self.link.last_ack_arrival[p.flow]);
+        let mut at = now + owd;
+        if let Some(every) = self.link.link.ack_aggregation.map(nanos).filter(|&n| n > 0) {
+            at = at.div_ceil(every) * every;
+        }
+        let at = at.max(self.link.last_ack_arrival[p.flow]);
         self.link.last_ack_arrival[p.flow] = at;
         self.push(
             at,
@@ -788,6 +825,7 @@ impl Engine {
             link: LinkReport {
                 transmitted_bytes: l.transmitted_bytes,
                 overflow_drops: l.overflow_drops,
+                policer_drops: l.policer_drops,
                 random_drops: l.random_drops,
                 mean_queue_delay: if l.delay_count == 0 {
                     Duration::ZERO

@@ -86,6 +86,8 @@ pub struct LinkReport {
     pub transmitted_bytes: u64,
     /// Packets dropped because the buffer was full.
     pub overflow_drops: u64,
+    /// Packets the policer dropped.
+    pub policer_drops: u64,
     /// Packets dropped at random.
     pub random_drops: u64,
     /// Mean time packets waited in the queue.
