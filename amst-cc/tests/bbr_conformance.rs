@@ -221,8 +221,12 @@ fn appendix_startup_bandwidth_with_ack_aggregation() {
     assert!(max_cwnd > 2 * path_bdp, "cwnd {max_cwnd} vs 2 x {path_bdp}");
     // The bursts add to cwnd, on top of the 2 x BDP the model asks for.
     assert!(startup.iter().any(|r| r.cwnd > r.bdp_2x + 10_000));
-    let err = (exit.max_bw - bytes_per_sec(rate)).abs() / bytes_per_sec(rate);
-    assert!(err <= 0.05, "max_bw off by {err:.3}");
+    // The full rate is found. Acks that arrive in 10 ms batches can make one round's sample
+    // read high by up to a batch over the round trip (10 / 50 ms), and max_bw keeps the
+    // highest: the draft's estimator caps a sample by the send rate, which in Startup is
+    // 2.77 x, so it cannot remove this.
+    let ratio = exit.max_bw / bytes_per_sec(rate);
+    assert!((0.95..=1.25).contains(&ratio), "max_bw {ratio:.3} of the link");
 }
 
 /// "Achieving Expected Cruise Bandwidth on a Link With Aggregation": in PROBE_CRUISE,
@@ -279,10 +283,12 @@ fn appendix_sub_packet_bdp() {
     let min_cwnd = probe_bw.iter().map(|r| r.cwnd).min().unwrap();
     let max_cwnd = probe_bw.iter().map(|r| r.cwnd).max().unwrap();
     eprintln!("sub-packet BDP: ProbeBW cwnd {min_cwnd}..{max_cwnd} B");
+
     assert_eq!(min_cwnd, 4 * MSS, "MinPipeCwnd is the floor");
-    // UP adds 2 packets to the quantization budget; nothing else lifts cwnd above the floor
-    // by more than the ack aggregation a 94 ms serialization time creates.
-    assert!(max_cwnd <= 8 * MSS, "cwnd {max_cwnd}");
+    // The floor makes a standing queue of about three packets (the BDP is a tenth of one),
+    // which min_rtt includes, so 2 x BDP is about 6 packets; UP adds its 2.25 gain and
+    // 2 packets. cwnd stays within a few packets of the floor.
+    assert!(max_cwnd <= 12 * MSS, "cwnd {max_cwnd}");
     for r in probe_bw.iter().filter(|r| r.state == State::ProbeBwCruise) {
         let ratio = r.pacing_rate / bytes_per_sec(rate);
         assert!((0.95..=1.02).contains(&ratio), "CRUISE pacing {ratio:.3} of the link");
@@ -329,8 +335,14 @@ fn appendix_bandwidth_increase_10x_is_found() {
         .map(|w| w[1] as i64 - w[0] as i64)
         .collect();
     eprintln!("10x up: UP from round {up_round}, inflight_longterm steps per round {steps:?}");
-    // Growth doubles: each full round's step is about twice the previous one.
-    let growing: Vec<i64> = steps.iter().copied().take_while(|&s| s > 0).collect();
+    // Growth doubles: each full round's step is about twice the previous one (a round that is
+    // not cwnd-limited adds nothing, so look at the first run of growing rounds).
+    let growing: Vec<i64> = steps
+        .iter()
+        .copied()
+        .skip_while(|&s| s == 0)
+        .take_while(|&s| s > 0)
+        .collect();
     assert!(growing.len() >= 3, "{steps:?}");
     for w in growing.windows(2).skip(1) {
         let ratio = w[1] as f64 / w[0] as f64;
@@ -347,8 +359,10 @@ fn appendix_bandwidth_increase_10x_is_found() {
 }
 
 /// "Decreasing Bandwidth 10x and Ensuring Max Bandwidth Adapts Down": 100 Mbit/s, then
-/// 10 Mbit/s. The losses that follow pull `BBR.bw_shortterm` down by `BBR.Beta` per round to
-/// the new rate, and `BBR.max_bw` follows once its two-cycle window has passed.
+/// 10 Mbit/s. The losses that follow set `BBR.bw_shortterm` within two rounds, and each
+/// further loss round outside a probe cuts it by `BBR.Beta` (0.7), the fastest the draft
+/// allows (`max(bw_latest, Beta * bw_shortterm)`, and `bw_latest` is the new, lower rate);
+/// `BBR.max_bw` follows once its two-cycle window has passed.
 #[test]
 fn appendix_bandwidth_decrease_10x_adapts_down() {
     let rtt = Duration::from_millis(40);
@@ -359,34 +373,55 @@ fn appendix_bandwidth_decrease_10x_adapts_down() {
         rate_bps: Some(10e6),
         ..LinkChange::default()
     };
-    let (_, log) = run(link, secs(20.0), &[(drop_at, change)]);
+    let (report, log) = run(link, secs(20.0), &[(drop_at, change)]);
     let at_drop = log.iter().rfind(|r| r.at <= drop_at).unwrap();
     assert!(at_drop.max_bw > 5.0 * new_btl);
+    assert_eq!(at_drop.bw_shortterm, None);
     let first_loss = log
         .iter()
         .find(|r| r.at > drop_at && r.kind == Kind::Loss)
         .expect("the drop causes loss");
-    let adapted = log
+    let set = log
         .iter()
         .filter(|r| r.at >= first_loss.at)
-        .find(|r| r.bw_shortterm.is_some_and(|b| b <= 1.25 * new_btl))
-        .expect("bw_shortterm adapted");
-    let rounds = adapted.round - first_loss.round;
+        .find(|r| r.bw_shortterm.is_some())
+        .expect("bw_shortterm set");
+    assert!(set.round - first_loss.round <= 2, "set {} rounds after the loss", set.round - first_loss.round);
+    // InitLowerBounds() then LossLowerBounds(): Beta x max_bw.
+    assert!((set.bw_shortterm.unwrap() / set.max_bw - 0.7).abs() < 1e-9);
+    // Each following loss round of the same stretch outside a probe: another x 0.7.
+    let mut values: Vec<f64> = Vec::new();
+    for r in log.iter().skip_while(|r| r.at < set.at) {
+        let Some(b) = r.bw_shortterm else { break };
+        if values.last() != Some(&b) {
+            values.push(b);
+        }
+    }
     eprintln!(
-        "10x down: bw_shortterm {:.1} Mbit/s {rounds} rounds after the first loss",
-        adapted.bw_shortterm.unwrap() * 8e-6
+        "10x down: bw_shortterm {:?} Mbit/s from round {}",
+        values.iter().map(|v| (v * 8e-5).round() / 10.0).collect::<Vec<_>>(),
+        set.round
     );
-    // 0.7^7 < 1/10 / 1.25 ... : at most about seven rounds of Beta, plus slack.
-    assert!(rounds <= 10, "{rounds} rounds");
+    assert!(values.len() >= 2, "{values:?}");
+    for w in values.windows(2) {
+        assert!((w[1] / w[0] - 0.7).abs() < 1e-9, "{values:?}");
+    }
     let max_adapted = log
         .iter()
         .filter(|r| r.at > drop_at)
         .find(|r| r.max_bw <= 1.1 * new_btl)
         .expect("max_bw adapted");
     let cycles = max_adapted.cycle - at_drop.cycle;
-    eprintln!("10x down: max_bw {:.1} Mbit/s after {cycles} cycles", max_adapted.max_bw * 8e-6);
+    eprintln!(
+        "10x down: max_bw {:.1} Mbit/s after {cycles} cycles ({:?} after the drop)",
+        max_adapted.max_bw * 8e-6,
+        max_adapted.at - drop_at
+    );
     // Two full cycles, plus the one in progress at the drop.
     assert!(cycles <= 3, "{cycles} cycles");
+    let t = max_adapted.at.as_secs_f64();
+    let u = report.throughput_between(0, secs(t + 1.0), secs(20.0)) / 10e6;
+    assert!(u >= 0.9, "utilization {u:.3} once adapted");
 }
 
 /// "Handling Token Bucket Policers": a 10 Mbit/s policer with a 30 kB bucket in front of a

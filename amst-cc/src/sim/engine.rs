@@ -610,8 +610,11 @@ impl Engine {
                 continue;
             };
             if largest - pn >= PACKET_THRESHOLD || p.sent <= lost_send_time {
-                // A loss of a packet sent after the current episode began opens a new one.
-                if (s.episode.id == 0 || p.sent > s.episode.started) && !new_episode {
+                // A loss of a packet sent after the current episode began opens a new one; so
+                // does any loss once the episode was undone (the controller left recovery).
+                if (s.episode.id == 0 || s.episode.undone || p.sent > s.episode.started)
+                    && !new_episode
+                {
                     new_episode = true;
                     s.episode = Episode {
                         id: s.next_episode,
