@@ -226,7 +226,10 @@ fn appendix_startup_bandwidth_with_ack_aggregation() {
     // highest: the draft's estimator caps a sample by the send rate, which in Startup is
     // 2.77 x, so it cannot remove this.
     let ratio = exit.max_bw / bytes_per_sec(rate);
-    assert!((0.95..=1.25).contains(&ratio), "max_bw {ratio:.3} of the link");
+    assert!(
+        (0.95..=1.25).contains(&ratio),
+        "max_bw {ratio:.3} of the link"
+    );
 }
 
 /// "Achieving Expected Cruise Bandwidth on a Link With Aggregation": in PROBE_CRUISE,
@@ -253,14 +256,26 @@ fn appendix_cruise_bandwidth_with_ack_aggregation() {
             .iter()
             .take_while(|l| l.round < r.round + 10)
             .all(|l| l.extra_acked >= r.extra_acked);
-        assert!(held, "extra_acked {} at round {} dropped within 10 rounds", r.extra_acked, r.round);
+        assert!(
+            held,
+            "extra_acked {} at round {} dropped within 10 rounds",
+            r.extra_acked, r.round
+        );
     }
     let augmented = cruise.iter().filter(|r| r.extra_acked > 0).count();
-    assert!(augmented * 10 >= cruise.len() * 9, "extra_acked > 0 on {augmented} of {}", cruise.len());
+    assert!(
+        augmented * 10 >= cruise.len() * 9,
+        "extra_acked > 0 on {augmented} of {}",
+        cruise.len()
+    );
     // In CRUISE cwnd is min(max_inflight, InflightWithHeadroom()); unbounded by a loss it is
     // 2 x BDP + extra_acked, above the 2 x BDP alone.
     let above = cruise.iter().filter(|r| r.cwnd > r.bdp_2x).count();
-    assert!(above * 10 >= cruise.len() * 9, "cwnd above 2 x BDP on {above} of {}", cruise.len());
+    assert!(
+        above * 10 >= cruise.len() * 9,
+        "cwnd above 2 x BDP on {above} of {}",
+        cruise.len()
+    );
     let u = report.throughput_between(0, secs(3.0), secs(10.0)) / rate;
     eprintln!("aggregation, ProbeBW: utilization {u:.3} over 3-10 s");
     assert!(u >= 0.93, "utilization {u:.3}");
@@ -291,7 +306,10 @@ fn appendix_sub_packet_bdp() {
     assert!(max_cwnd <= 12 * MSS, "cwnd {max_cwnd}");
     for r in probe_bw.iter().filter(|r| r.state == State::ProbeBwCruise) {
         let ratio = r.pacing_rate / bytes_per_sec(rate);
-        assert!((0.95..=1.02).contains(&ratio), "CRUISE pacing {ratio:.3} of the link");
+        assert!(
+            (0.95..=1.02).contains(&ratio),
+            "CRUISE pacing {ratio:.3} of the link"
+        );
     }
     let u = report.throughput_between(0, secs(20.0), secs(60.0)) / rate;
     eprintln!("sub-packet BDP: utilization {u:.3}");
@@ -315,7 +333,10 @@ fn appendix_bandwidth_increase_10x_is_found() {
     };
     let (_, log) = run(link, secs(20.0), &[(step_at, change)]);
     let at_step = log.iter().rfind(|r| r.at <= step_at).unwrap();
-    assert!(at_step.inflight_longterm.is_some(), "inflight_longterm set before the step");
+    assert!(
+        at_step.inflight_longterm.is_some(),
+        "inflight_longterm set before the step"
+    );
     let up_start = log
         .iter()
         .position(|r| r.at > step_at && r.state == State::ProbeBwUp)
@@ -324,7 +345,10 @@ fn appendix_bandwidth_increase_10x_is_found() {
     // inflight_longterm at the end of each round of this UP phase.
     let mut per_round: Vec<u64> = Vec::new();
     let mut last_round = up_round;
-    for r in log[up_start..].iter().take_while(|r| r.state == State::ProbeBwUp) {
+    for r in log[up_start..]
+        .iter()
+        .take_while(|r| r.state == State::ProbeBwUp)
+    {
         if r.round != last_round {
             per_round.push(r.inflight_longterm.unwrap_or(u64::MAX));
             last_round = r.round;
@@ -346,7 +370,10 @@ fn appendix_bandwidth_increase_10x_is_found() {
     assert!(growing.len() >= 3, "{steps:?}");
     for w in growing.windows(2).skip(1) {
         let ratio = w[1] as f64 / w[0] as f64;
-        assert!((1.5..=2.6).contains(&ratio), "step ratio {ratio:.2} in {steps:?}");
+        assert!(
+            (1.5..=2.6).contains(&ratio),
+            "step ratio {ratio:.2} in {steps:?}"
+        );
     }
     let bdp_packets = (bytes_per_sec(new_rate) * rtt.as_secs_f64() / MSS as f64).log2();
     let found = log[up_start..]
@@ -354,7 +381,10 @@ fn appendix_bandwidth_increase_10x_is_found() {
         .find(|r| r.max_bw >= 0.9 * bytes_per_sec(new_rate))
         .expect("max_bw reached the new rate");
     let rounds = found.round - up_round;
-    eprintln!("10x up: max_bw {:.1} Mbit/s after {rounds} rounds", found.max_bw * 8e-6);
+    eprintln!(
+        "10x up: max_bw {:.1} Mbit/s after {rounds} rounds",
+        found.max_bw * 8e-6
+    );
     assert!(rounds as f64 <= 2.0 * bdp_packets + 4.0, "{rounds} rounds");
 }
 
@@ -386,7 +416,11 @@ fn appendix_bandwidth_decrease_10x_adapts_down() {
         .filter(|r| r.at >= first_loss.at)
         .find(|r| r.bw_shortterm.is_some())
         .expect("bw_shortterm set");
-    assert!(set.round - first_loss.round <= 2, "set {} rounds after the loss", set.round - first_loss.round);
+    assert!(
+        set.round - first_loss.round <= 2,
+        "set {} rounds after the loss",
+        set.round - first_loss.round
+    );
     // InitLowerBounds() then LossLowerBounds(): Beta x max_bw.
     assert!((set.bw_shortterm.unwrap() / set.max_bw - 0.7).abs() < 1e-9);
     // Each following loss round of the same stretch outside a probe: another x 0.7.
@@ -399,7 +433,10 @@ fn appendix_bandwidth_decrease_10x_adapts_down() {
     }
     eprintln!(
         "10x down: bw_shortterm {:?} Mbit/s from round {}",
-        values.iter().map(|v| (v * 8e-5).round() / 10.0).collect::<Vec<_>>(),
+        values
+            .iter()
+            .map(|v| (v * 8e-5).round() / 10.0)
+            .collect::<Vec<_>>(),
         set.round
     );
     assert!(values.len() >= 2, "{values:?}");
@@ -441,13 +478,16 @@ fn appendix_token_bucket_policer() {
         .iter()
         .filter(|r| r.state.is_probe_bw())
         .any(|r| r.bw_shortterm.is_some() && r.inflight_shortterm.is_some());
-    assert!(shortterm, "the short-term model reacted to the policer's drops");
+    assert!(
+        shortterm,
+        "the short-term model reacted to the policer's drops"
+    );
     let late = report.throughput_between(0, secs(10.0), secs(30.0)) / token_rate;
     // Same seed, so the first 10 s of both runs are identical: the difference is 10-30 s.
     let f = &report.flows[0];
     let e = &early.flows[0];
-    let late_loss = (f.packets_dropped - e.packets_dropped) as f64
-        / (f.packets_sent - e.packets_sent) as f64;
+    let late_loss =
+        (f.packets_dropped - e.packets_dropped) as f64 / (f.packets_sent - e.packets_sent) as f64;
     let max_bw = log.last().unwrap().max_bw * 8.0;
     eprintln!(
         "policer: {late:.3} of the token rate over 10-30 s, loss {:.2}%, max_bw {:.1} Mbit/s",
@@ -493,9 +533,18 @@ fn appendix_spurious_fast_recovery_from_reordering() {
                 let ge_u = |after: Option<u64>, before: Option<u64>| {
                     ge(after.map(|v| v as f64), before.map(|v| v as f64))
                 };
-                assert!(ge(r.bw_shortterm, before.bw_shortterm), "{before:?} -> {r:?}");
-                assert!(ge_u(r.inflight_shortterm, before.inflight_shortterm), "{before:?} -> {r:?}");
-                assert!(ge_u(r.inflight_longterm, before.inflight_longterm), "{before:?} -> {r:?}");
+                assert!(
+                    ge(r.bw_shortterm, before.bw_shortterm),
+                    "{before:?} -> {r:?}"
+                );
+                assert!(
+                    ge_u(r.inflight_shortterm, before.inflight_shortterm),
+                    "{before:?} -> {r:?}"
+                );
+                assert!(
+                    ge_u(r.inflight_longterm, before.inflight_longterm),
+                    "{before:?} -> {r:?}"
+                );
                 assert!(!r.in_recovery);
                 checked += 1;
             }
@@ -504,7 +553,10 @@ fn appendix_spurious_fast_recovery_from_reordering() {
     }
     assert!(checked >= 5, "{checked} undone episodes checked");
     let ratio = f.goodput_bps / plain.flows[0].goodput_bps;
-    eprintln!("reordering: {} undo events, goodput {ratio:.3} of the in-order run", f.undo_events);
+    eprintln!(
+        "reordering: {} undo events, goodput {ratio:.3} of the in-order run",
+        f.undo_events
+    );
     assert!(ratio >= 0.95, "goodput ratio {ratio:.3}");
 }
 
@@ -534,7 +586,10 @@ fn trace_line(r: &Rec) -> String {
 fn state_trace(log: &[Rec], state: State) -> String {
     let mut i = 0;
     let (start, end) = loop {
-        let start = i + log[i..].iter().position(|r| r.state == state).expect("state visited");
+        let start = i + log[i..]
+            .iter()
+            .position(|r| r.state == state)
+            .expect("state visited");
         let len = log[start..].iter().take_while(|r| r.state == state).count();
         if len > 1 {
             break (start, start + len);

@@ -221,6 +221,49 @@ fn bbr_draft_loss_response_is_the_expected_contrast() {
     }
 }
 
+/// Without random loss the extension changes nothing: on a loss-free path, and on a shallow
+/// buffer where every loss is congestion (0.25 BDP, two flows), the two configurations give
+/// the same report, bit for bit (loss rounds there always have a queue, so no baseline).
+#[test]
+fn bbr_random_loss_tolerance_is_inert_without_random_loss() {
+    let run = |config: BbrConfig, buffer_bdp: f64, flows: usize| {
+        let origin = Instant::now();
+        let link = Link::new(50e6, Duration::from_millis(40)).with_buffer_bdp(buffer_bdp);
+        let mut scenario = Scenario::new(link).seed(4).mss(MSS).duration(secs(15.0));
+        for i in 0..flows {
+            scenario = scenario.flow(
+                Flow::new(format!("bbr{i}"), Box::new(Bbr::new(config, origin)))
+                    .starting_at(secs(i as f64)),
+            );
+        }
+        scenario.run(origin)
+    };
+    let draft = BbrConfig::with_datagram_size(MSS);
+    let tolerant = draft.with_random_loss_tolerance(true);
+    assert_eq!(run(draft, 2.0, 1), run(tolerant, 2.0, 1));
+    let (d, t) = (run(draft, 0.25, 2), run(tolerant, 0.25, 2));
+    let total = |r: &Report| {
+        r.throughput_between(0, secs(5.0), secs(15.0))
+            + r.throughput_between(1, secs(5.0), secs(15.0))
+    };
+    let (dt, tt) = (total(&d), total(&t));
+    eprintln!(
+        "0.25-BDP buffer, two flows, 5-15 s: draft {:.1} Mbit/s (Jain {:.3}, {} drops), \
+         tolerant {:.1} Mbit/s (Jain {:.3}, {} drops)",
+        dt / 1e6,
+        d.jain_index(secs(5.0), secs(15.0)),
+        d.link.overflow_drops,
+        tt / 1e6,
+        t.jain_index(secs(5.0), secs(15.0)),
+        t.link.overflow_drops,
+    );
+    assert!(
+        d.link.overflow_drops > 100,
+        "the shallow buffer drops packets"
+    );
+    assert_eq!(d, t, "draft {dt} vs tolerant {tt}");
+}
+
 /// A 10-BDP buffer: in ProbeBW, BBR keeps the mean queueing delay at most 25% of the base
 /// RTT (CUBIC would fill the buffer: 10 RTTs of delay).
 #[test]

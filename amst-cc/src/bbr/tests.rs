@@ -991,21 +991,20 @@ fn appendix_never_exiting_probe_up_when_app_limited_without_loss() {
     let round0 = bbr.round_count();
     let mut left_up = None;
     let mut app_limited_acks = 0u64;
-    path.run(
-        &mut bbr,
-        path.elapsed() + Duration::from_secs(2),
-        |b, _| {
-            app_limited_acks += u64::from(b.rs.is_app_limited);
-            if b.state() != State::ProbeBwUp {
-                left_up = Some(b.state());
-            }
-            left_up.is_some()
-        },
-    );
+    path.run(&mut bbr, path.elapsed() + Duration::from_secs(2), |b, _| {
+        app_limited_acks += u64::from(b.rs.is_app_limited);
+        if b.state() != State::ProbeBwUp {
+            left_up = Some(b.state());
+        }
+        left_up.is_some()
+    });
     assert_eq!(left_up, None, "left UP while application-limited");
     let rounds = bbr.round_count() - round0;
     assert!(rounds >= 40, "only {rounds} rounds");
-    assert!(app_limited_acks > 1000, "{app_limited_acks} app-limited acks");
+    assert!(
+        app_limited_acks > 1000,
+        "{app_limited_acks} app-limited acks"
+    );
     // At most the rounds counted before the application slowed down.
     assert!(!bbr.full_bw_now());
     assert!(bbr.full_bw_count() < 3, "{}", bbr.full_bw_count());
@@ -1105,31 +1104,28 @@ fn appendix_app_limited_sending_during_probe_refill() {
     let mut lowest_max_bw = f64::INFINITY;
     let mut low_app_limited_samples = 0u64;
     let mut up_round = None;
-    path.run(
-        &mut bbr,
-        path.elapsed() + Duration::from_secs(2),
-        |b, _| {
-            lowest_max_bw = lowest_max_bw.min(b.max_bw());
-            if b.rs.is_app_limited && b.rs.delivery_rate > 0.0 && b.rs.delivery_rate < max_bw {
-                low_app_limited_samples += 1;
-            }
-            if b.state() == State::ProbeBwUp && up_round.is_none() {
-                up_round = Some(b.round_count());
-            }
-            // REFILL's round, then two rounds of UP while still app-limited.
-            up_round.is_some_and(|r| b.round_count() >= r + 2)
-        },
-    );
+    path.run(&mut bbr, path.elapsed() + Duration::from_secs(2), |b, _| {
+        lowest_max_bw = lowest_max_bw.min(b.max_bw());
+        if b.rs.is_app_limited && b.rs.delivery_rate > 0.0 && b.rs.delivery_rate < max_bw {
+            low_app_limited_samples += 1;
+        }
+        if b.state() == State::ProbeBwUp && up_round.is_none() {
+            up_round = Some(b.round_count());
+        }
+        // REFILL's round, then two rounds of UP while still app-limited.
+        up_round.is_some_and(|r| b.round_count() >= r + 2)
+    });
     assert_eq!(up_round, Some(refill_round + 1), "one round of REFILL");
     assert_eq!(bbr.state(), State::ProbeBwUp);
     assert!(low_app_limited_samples > 10, "{low_app_limited_samples}");
-    assert_eq!(lowest_max_bw, max_bw, "app-limited samples never lower max_bw");
-    path.app_rate = None;
-    path.run(
-        &mut bbr,
-        path.elapsed() + Duration::from_secs(3),
-        |b, _| b.state() != State::ProbeBwUp,
+    assert_eq!(
+        lowest_max_bw, max_bw,
+        "app-limited samples never lower max_bw"
     );
+    path.app_rate = None;
+    path.run(&mut bbr, path.elapsed() + Duration::from_secs(3), |b, _| {
+        b.state() != State::ProbeBwUp
+    });
     assert_eq!(bbr.state(), State::ProbeBwDown);
     let err = (bbr.max_bw() - path.rate).abs() / path.rate;
     assert!(err <= 0.03, "max_bw {} vs path {}", bbr.max_bw(), path.rate);
@@ -1186,7 +1182,9 @@ fn spurious_recovery_in_probe_up(rto: bool) {
     assert_eq!(r.prior_cwnd, cwnd_before);
     assert_eq!(
         (
-            r.undo_bw_shortterm.is_finite().then_some(r.undo_bw_shortterm),
+            r.undo_bw_shortterm
+                .is_finite()
+                .then_some(r.undo_bw_shortterm),
             (r.undo_inflight_shortterm != u64::MAX).then_some(r.undo_inflight_shortterm),
             (r.undo_inflight_longterm != u64::MAX).then_some(r.undo_inflight_longterm),
         ),
@@ -1203,11 +1201,9 @@ fn spurious_recovery_in_probe_up(rto: bool) {
     assert_eq!(bbr.cwnd, cwnd_before.min(saved.2.unwrap()));
     assert_eq!(bbr.recovery.undo_state, None);
     // And the probe resumes: REFILL hands over to UP a round later.
-    path.run(
-        &mut bbr,
-        path.elapsed() + Duration::from_secs(1),
-        |b, _| b.state() != State::ProbeBwRefill,
-    );
+    path.run(&mut bbr, path.elapsed() + Duration::from_secs(1), |b, _| {
+        b.state() != State::ProbeBwRefill
+    });
     assert_eq!(bbr.state(), State::ProbeBwUp);
 }
 
