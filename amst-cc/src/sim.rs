@@ -19,7 +19,7 @@
 //! - **Loss detection** follows RFC 9002 §6.1 (packet threshold 3, time threshold
 //!   9/8 × max(srtt, latest_rtt)) and a PTO (§6.2) that sends up to two probes when nothing
 //!   is acked. Losses of packets later acked call `on_spurious_loss` once the whole loss
-//!   episode has proved spurious.
+//!   episode has proved spurious; a loss after an undone episode opens a new one.
 //! - **Samples**: each ack produces an RTT sample (`on_rtt_sample`, no ack delay) and a
 //!   delivery-rate sample from [`crate::delivery_rate`], passed in [`Ack::rate_sample`].
 //!

@@ -120,6 +120,15 @@ impl Bbr {
     /// event already lowered, with `undo_state` cleared, and no undo could return to PROBE_UP
     /// as the draft's "Handling Spurious Fast Recovery" case expects.
     pub(super) fn save_state_before_loss_event(&mut self, pre_loss: Option<PreLoss>) {
+        //# /* Save state in case a loss episode is later declared spurious */
+        //# SaveStateUponLoss():
+        //#   SaveCwnd()
+        //#   BBR.undo_state              = None
+        //#   BBR.undo_bw_shortterm       = BBR.bw_shortterm
+        //#   BBR.undo_inflight_shortterm = BBR.inflight_shortterm
+        //#   BBR.undo_inflight_longterm  = BBR.inflight_longterm
+        // ... with the values from before the event's first lost packet, then that packet's
+        //# HandleInflightTooHigh(): ... if (BBR.state == ProbeBW_UP) BBR.undo_state = ProbeBW_UP
         let Some(pre) = pre_loss else {
             self.save_cwnd();
             self.save_state_upon_loss();
