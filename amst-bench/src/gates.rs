@@ -83,6 +83,16 @@ impl Enforce {
     }
 }
 
+impl fmt::Display for Enforce {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Enforce::All => "all",
+            Enforce::Correctness => "correctness",
+            Enforce::None => "none",
+        })
+    }
+}
+
 impl FromStr for Enforce {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

@@ -334,6 +334,10 @@ impl Report {
         let total: f64 = self.scenarios.iter().map(|s| s.seconds).sum();
         let _ = writeln!(md, "\n## Scenarios ({total:.0} s in all)\n");
         for s in &self.scenarios {
+            if let Some(why) = &s.not_run {
+                let _ = writeln!(md, "- `{}`: not run ({why})", s.id);
+                continue;
+            }
             let _ = writeln!(md, "- `{}` ({:.0} s): {}", s.id, s.seconds, s.description);
             for n in &s.notes {
                 let _ = writeln!(md, "  - {n}");

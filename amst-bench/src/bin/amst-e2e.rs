@@ -245,7 +245,7 @@ fn main() -> ExitCode {
         }
     }
     if !outcome.passed() {
-        eprintln!("amst-e2e: gates failed (--gate {:?}):", opts.gate);
+        eprintln!("amst-e2e: gates failed (--gate {}):", opts.gate);
         for l in &outcome.failures {
             eprintln!("  {l}");
         }
@@ -1087,7 +1087,7 @@ fn cc_sim(duration: Duration) -> Scenario {
 /// message exactly once, in order.
 fn switch(id: &str, switches: usize, internet: amst_core::TransportKind) -> Scenario {
     let desc = format!(
-        "{switches} forced switches datacenter (TCP) <-> internet ({internet:?}) under continuous traffic on loopback; p50_ms/p99_ms: from the decision to switch to the first ack on the new transport (dial and Attach included); swap_*: from the swap"
+        "{switches} forced switches datacenter (TCP) <-> internet ({internet}) under continuous traffic on loopback; p50_ms/p99_ms: from the decision to switch to the first ack on the new transport (dial and Attach included); swap_*: from the swap"
     );
     let mut s = Scenario::new(id, desc);
     let result = runtime().block_on(switch_run(switches, internet));
