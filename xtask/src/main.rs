@@ -7,6 +7,7 @@ mod rdma_vm;
 mod setup;
 
 fn main() -> ExitCode {
+    forget_cargo_run_env();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("ci") => ci(),
@@ -31,6 +32,32 @@ fn main() -> ExitCode {
             eprintln!("xtask: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Drops the variables `cargo run` set for this xtask (`CARGO_PKG_NAME=xtask`,
+/// `CARGO_MANIFEST_DIR`, …) before any cargo child starts. Build scripts such as ring's declare
+/// `rerun-if-env-changed` on some of them, so inheriting them made every `cargo xtask` build
+/// recompile ring and what depends on it, and the next plain `cargo build` do it again.
+fn forget_cargo_run_env() {
+    let set_by_cargo_run: Vec<std::ffi::OsString> = std::env::vars_os()
+        .map(|(k, _)| k)
+        .filter(|k| {
+            let k = k.to_string_lossy();
+            k.starts_with("CARGO_PKG_")
+                || k.starts_with("CARGO_MANIFEST_")
+                || [
+                    "CARGO_CRATE_NAME",
+                    "CARGO_BIN_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                ]
+                .contains(&k.as_ref())
+        })
+        .collect();
+    for k in set_by_cargo_run {
+        // SAFETY: called first thing in main, before this process starts any thread, so no
+        // other thread can be reading the environment.
+        unsafe { std::env::remove_var(k) };
     }
 }
 
