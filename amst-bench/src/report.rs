@@ -18,6 +18,10 @@ pub struct Contender {
     pub unit: String,
     /// Every sample, in the order taken.
     pub samples: Vec<f64>,
+    /// How many samples a complete run has; fewer fail the scenario (default 1).
+    pub expected: usize,
+    /// Why runs failed, one line per failed run.
+    pub errors: Vec<String>,
     /// Goodput over time from the median run, `(seconds, value)`, for plots.
     pub timeseries: Vec<(f64, f64)>,
     /// Each run's series, by sample, until [`Contender::keep_median_series`] picks one.
@@ -26,21 +30,53 @@ pub struct Contender {
 }
 
 impl Contender {
-    /// A contender with no samples yet.
+    /// A contender with no samples yet, expecting one.
     pub fn new(name: impl Into<String>, unit: impl Into<String>) -> Self {
         Contender {
             name: name.into(),
             unit: unit.into(),
             samples: Vec::new(),
+            expected: 1,
+            errors: Vec::new(),
             timeseries: Vec::new(),
             runs: Vec::new(),
         }
+    }
+
+    /// Expects `n` samples: a scenario with a contender short of them fails.
+    pub fn expecting(mut self, n: usize) -> Self {
+        self.expected = n;
+        self
     }
 
     /// Records one run: its sample and its goodput-over-time series.
     pub fn record(&mut self, sample: f64, series: Vec<(f64, f64)>) {
         self.samples.push(sample);
         self.runs.push(series);
+    }
+
+    /// Records a failed run (and prints it, so the console shows it as it happens).
+    pub fn fail(&mut self, scenario: &str, why: impl Into<String>) {
+        let why = why.into();
+        eprintln!("{scenario}: {} failed: {why}", self.name);
+        self.errors.push(why);
+    }
+
+    /// Why this contender lacks samples, if it does.
+    pub fn shortfall(&self) -> Option<String> {
+        if self.samples.len() >= self.expected {
+            return None;
+        }
+        let mut why = format!(
+            "{}: {} of {} samples",
+            self.name,
+            self.samples.len(),
+            self.expected
+        );
+        if let Some(e) = self.errors.first() {
+            let _ = write!(why, " ({} failed runs; first: {e})", self.errors.len());
+        }
+        Some(why)
     }
 
     /// Keeps the series of the run whose sample is the median (the lower middle one for an
@@ -73,8 +109,13 @@ pub struct Scenario {
     pub contenders: Vec<Contender>,
     /// Derived numbers the gates read, e.g. `ratio` or `fraction_of_link`.
     pub metrics: BTreeMap<String, f64>,
-    /// Why the scenario did not run, if it did not.
-    pub skipped: Option<String>,
+    /// Remarks for the reader, e.g. which baseline was the best.
+    pub notes: Vec<String>,
+    /// Why the scenario could not produce its numbers: this fails the run.
+    pub failed: Option<String>,
+    /// Why the run left this scenario out on purpose (not selected, or `--rdma` not given):
+    /// listed as not run, and its gates neither pass nor fail.
+    pub not_run: Option<String>,
     /// Wall time the scenario took, set by the harness.
     pub seconds: f64,
 }
@@ -87,21 +128,50 @@ impl Scenario {
             description: description.into(),
             contenders: Vec::new(),
             metrics: BTreeMap::new(),
-            skipped: None,
+            notes: Vec::new(),
+            failed: None,
+            not_run: None,
             seconds: 0.0,
         }
     }
 
-    /// A scenario that could not run here.
-    pub fn skipped(
+    /// A scenario that tried and could not produce its numbers (no privileges, a tool
+    /// missing, a run that failed): it fails the run, naming `why`.
+    pub fn failed(
         id: impl Into<String>,
         description: impl Into<String>,
         why: impl Into<String>,
     ) -> Self {
         Scenario {
-            skipped: Some(why.into()),
+            failed: Some(why.into()),
             ..Scenario::new(id, description)
         }
+    }
+
+    /// A scenario the run explicitly left out, e.g. not selected by `--scenario`.
+    pub fn not_run(
+        id: impl Into<String>,
+        description: impl Into<String>,
+        why: impl Into<String>,
+    ) -> Self {
+        Scenario {
+            not_run: Some(why.into()),
+            ..Scenario::new(id, description)
+        }
+    }
+
+    /// Why the scenario did not produce every number it should have: its own failure, or
+    /// contenders short of their samples. Empty for a complete (or a left-out) scenario.
+    pub fn problems(&self) -> Vec<String> {
+        if self.not_run.is_some() {
+            return Vec::new();
+        }
+        let mut out: Vec<String> = self.failed.iter().cloned().collect();
+        out.extend(self.contenders.iter().filter_map(Contender::shortfall));
+        if self.failed.is_none() && self.contenders.is_empty() {
+            out.push("no contender produced a number".into());
+        }
+        out
     }
 
     /// The median of the named contender.
@@ -199,8 +269,12 @@ impl Report {
         let _ = writeln!(md, "| scenario | contender | median | min | max | n |");
         let _ = writeln!(md, "|---|---|---|---|---|---|");
         for s in &self.scenarios {
-            if let Some(why) = &s.skipped {
-                let _ = writeln!(md, "| {} | skipped: {why} | | | | |", s.id);
+            if let Some(why) = &s.not_run {
+                let _ = writeln!(md, "| {} | not run: {why} | | | | |", s.id);
+                continue;
+            }
+            if let Some(why) = &s.failed {
+                let _ = writeln!(md, "| {} | **FAILED**: {why} | | | | |", s.id);
                 continue;
             }
             for c in &s.contenders {
@@ -215,6 +289,9 @@ impl Report {
                     None => {
                         let _ = writeln!(md, "| {} | {} | no samples | | | |", s.id, c.name);
                     }
+                }
+                if let Some(short) = c.shortfall() {
+                    let _ = writeln!(md, "| {} | **FAILED**: {short} | | | | |", s.id);
                 }
             }
             for (k, v) in &s.metrics {
@@ -257,7 +334,14 @@ impl Report {
         let total: f64 = self.scenarios.iter().map(|s| s.seconds).sum();
         let _ = writeln!(md, "\n## Scenarios ({total:.0} s in all)\n");
         for s in &self.scenarios {
+            if let Some(why) = &s.not_run {
+                let _ = writeln!(md, "- `{}`: not run ({why})", s.id);
+                continue;
+            }
             let _ = writeln!(md, "- `{}` ({:.0} s): {}", s.id, s.seconds, s.description);
+            for n in &s.notes {
+                let _ = writeln!(md, "  - {n}");
+            }
         }
         let plots: Vec<&str> = self
             .scenarios

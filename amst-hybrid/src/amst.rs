@@ -334,6 +334,15 @@ impl Amst {
         lock(&self.shared().switch_stats).durations.clone()
     }
 
+    /// Every measured switch, timed from the decision to switch (the call to
+    /// [`force_mode`](Amst::force_mode) or the detector's verdict, on the client) to the
+    /// first acknowledged message on the new transport: dialing it and the Attach round trip
+    /// included. Same order and length as [`switch_durations`](Amst::switch_durations); on a
+    /// server, whose decision is the client's Attach arriving, the two are alike.
+    pub fn switch_durations_from_decision(&self) -> Vec<Duration> {
+        lock(&self.shared().switch_stats).from_decision.clone()
+    }
+
     /// The current route's transport (the low-latency one in hybrid mode), e.g. for a
     /// detector or for transport-specific statistics.
     pub fn active_transport(&self) -> Arc<dyn Transport> {

@@ -65,15 +65,20 @@ pub struct AmstMetrics {
 pub(crate) struct SwitchStats {
     pub switches: u64,
     pub last_resent: u64,
+    /// From the swap to the first acknowledged message on the new transport.
     pub durations: Vec<Duration>,
+    /// From the decision to switch to the same acknowledgement: dial and Attach included.
+    pub from_decision: Vec<Duration>,
 }
 
 impl SwitchStats {
-    pub fn record(&mut self, d: Duration) {
+    pub fn record(&mut self, from_swap: Duration, from_decision: Duration) {
         if self.durations.len() >= 4096 {
             self.durations.remove(0);
+            self.from_decision.remove(0);
         }
-        self.durations.push(d);
+        self.durations.push(from_swap);
+        self.from_decision.push(from_decision);
     }
 }
 

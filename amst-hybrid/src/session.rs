@@ -55,9 +55,10 @@ pub(crate) struct Lane {
     retire_sent: AtomicBool,
     retire_received: AtomicBool,
     dead: AtomicBool,
-    /// (swap instant, transport messages before it): the switch is timed until the first
-    /// message after it is acknowledged.
-    switch_mark: Mutex<Option<(Instant, u64)>>,
+    /// (swap instant, decision instant, transport messages before the swap): the switch is
+    /// timed until the first message after it is acknowledged, from the swap and from the
+    /// decision (which adds the dial and the Attach round trip).
+    switch_mark: Mutex<Option<(Instant, Instant, u64)>>,
 }
 
 impl std::fmt::Debug for Lane {
@@ -676,19 +677,19 @@ impl Shared {
                 self.update_rate();
             }
             let mark = *lock(&lane.switch_mark);
-            if let Some((t0, _)) = mark
+            if let Some((t0, _, _)) = mark
                 && t0.elapsed() > self.config.drain_timeout
             {
                 // No traffic after the switch: nothing to time.
                 *lock(&lane.switch_mark) = None;
             }
-            if let Some((t0, before)) = mark
+            if let Some((t0, decided, before)) = mark
                 && acked > before
                 && lane.sent.load(Ordering::Relaxed) > before
             {
                 *lock(&lane.switch_mark) = None;
                 let took = t0.elapsed();
-                lock(&self.switch_stats).record(took);
+                lock(&self.switch_stats).record(took, decided.elapsed());
                 self.instruments.switch_duration(took);
                 debug!(
                     lane = lane.id,
@@ -780,6 +781,7 @@ impl Shared {
     async fn install_route(
         self: &Arc<Self>,
         route: Route,
+        decided: Option<Instant>,
         preamble: impl Fn() -> Option<HybridFrame>,
     ) -> Arc<Route> {
         let lanes = route.lanes();
@@ -795,7 +797,8 @@ impl Shared {
         let old = self.route.swap(route.clone());
         let resend = lock(&self.ledger).switch_route(&ids);
         for l in &order {
-            *lock(&l.switch_mark) = Some((t0, l.sent.load(Ordering::Relaxed)));
+            let decided = decided.unwrap_or(t0);
+            *lock(&l.switch_mark) = Some((t0, decided, l.sent.load(Ordering::Relaxed)));
         }
         // After the swap, so that a peer reacting to it (a client retiring the old lane on
         // AttachAck) finds this side already on the new route.
@@ -895,7 +898,7 @@ impl Shared {
             bulk: lanes.last().unwrap_or(&lanes[0]).clone(),
             threshold: self.config.small_message_threshold,
         };
-        self.install_route(route, || Some(HybridFrame::AttachAck { generation }))
+        self.install_route(route, None, || Some(HybridFrame::AttachAck { generation }))
             .await;
     }
 
@@ -914,8 +917,9 @@ impl Shared {
             });
         }
         self.check_open()?;
-        let _switching = self.switch_lock.lock().await;
+        // The decision: waiting for a switch in progress is part of what this one costs.
         let started = Instant::now();
+        let _switching = self.switch_lock.lock().await;
         let profiles = self.config.lanes_for(mode)?;
         let current = self.route.load_full();
         let same = current.mode == mode
@@ -1009,7 +1013,7 @@ impl Shared {
             bulk: lanes.last().unwrap_or(&lanes[0]).clone(),
             threshold: self.config.small_message_threshold,
         };
-        let old = self.install_route(route, || None).await;
+        let old = self.install_route(route, Some(started), || None).await;
         let now = self.route.load_full();
         for l in old.lanes() {
             if now.contains(l.id) || l.dead.load(Ordering::Acquire) {

@@ -2,7 +2,9 @@
 //! skips with the reason otherwise).
 //!
 //! On 200 Mbit/s, 100 ms RTT and 1% random loss each way, amst-cc's BBR must carry at least
-//! twice what quinn's default CUBIC carries, measured in the same run over the same link.
+//! 0.6 of the link rate (the margin is for a slow machine, though the link is the limit here),
+//! and at least twice what quinn's default CUBIC carries, measured in the same run over the
+//! same link.
 //! Set `AMST_QUIC_ALL_CC=1` to also measure amst-cc CUBIC and quinn's BBR (reported only).
 //!
 //! On 100 ms RTT without loss, a reconnect that resumes in 0-RTT gets its first message
@@ -101,8 +103,11 @@ fn goodput(link: &LinkEm, cc: CongestionControl, port: u16) -> f64 {
     bps
 }
 
+/// The least fraction of the link rate amst-cc's BBR must carry over a whole run.
+const MIN_FRACTION_OF_LINK: f64 = 0.6;
+
 #[test]
-fn amst_bbr_carries_at_least_twice_quinn_cubic_on_a_lossy_long_path() {
+fn amst_bbr_carries_most_of_a_lossy_long_path_and_twice_quinn_cubic() {
     if let Err(why) = amst_linkem::check_privileges() {
         eprintln!("skipping: {why}");
         return;
@@ -124,6 +129,14 @@ fn amst_bbr_carries_at_least_twice_quinn_cubic_on_a_lossy_long_path() {
     }
     eprintln!("amst-cc BBR / quinn CUBIC = {:.1}x", bbr / cubic);
     assert!(bbr > 0.0 && cubic > 0.0);
+    assert!(
+        bbr >= MIN_FRACTION_OF_LINK * RATE_BPS as f64,
+        "amst-cc BBR carried {:.1} Mbit/s, {:.2} of the {} Mbit/s link; it must carry at \
+         least {MIN_FRACTION_OF_LINK}",
+        bbr / 1e6,
+        bbr / RATE_BPS as f64,
+        RATE_BPS / 1_000_000
+    );
     assert!(
         bbr >= 2.0 * cubic,
         "amst-cc BBR {:.1} Mbit/s is not 2x quinn CUBIC {:.1} Mbit/s",

@@ -1,6 +1,8 @@
 //! Through amst-linkem (root only): on 200 Mbit/s, 100 ms RTT and 1 % random loss, the
-//! internet profile against one plain CUBIC stream, measured in the same run. Skips with a
-//! message without the privileges for namespaces and TUN.
+//! internet profile carries at least three quarters of the link rate (the README's claim is
+//! 0.9; the margin is for a slow machine, though here the link, not the CPU, is the limit),
+//! and far more than one plain CUBIC stream measured in the same run. Skips with a message
+//! without the privileges for namespaces and TUN.
 
 mod common;
 
@@ -120,8 +122,11 @@ fn amst_internet(link: &LinkEm) -> (f64, String) {
     (rate, summary)
 }
 
+/// The least fraction of the link rate the internet profile must carry after its warm-up.
+const MIN_FRACTION_OF_LINK: f64 = 0.75;
+
 #[test]
-fn internet_profile_beats_one_cubic_stream_on_a_lossy_long_path() {
+fn internet_profile_carries_three_quarters_of_a_lossy_long_path() {
     if let Err(why) = amst_linkem::check_privileges() {
         eprintln!("skipping: {why}");
         return;
@@ -146,6 +151,14 @@ fn internet_profile_beats_one_cubic_stream_on_a_lossy_long_path() {
         cubic / 1e6
     );
     eprintln!("{:?}", link.counters());
+    assert!(
+        amst >= MIN_FRACTION_OF_LINK * RATE_BPS as f64,
+        "amst-tcp's internet profile carried {:.1} Mbit/s, {:.2} of the {} Mbit/s link; it \
+         must carry at least {MIN_FRACTION_OF_LINK} ({summary})",
+        amst / 1e6,
+        amst / RATE_BPS as f64,
+        RATE_BPS / 1_000_000
+    );
     assert!(
         ratio >= 4.0,
         "amst-tcp {amst:.0} bit/s is not far above one CUBIC stream's {cubic:.0} bit/s"

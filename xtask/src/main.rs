@@ -4,17 +4,24 @@
 use std::process::{Command, ExitCode};
 
 mod rdma_vm;
+mod setup;
 
 fn main() -> ExitCode {
+    forget_cargo_run_env();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("ci") => ci(),
+        Some("setup") => match args.get(1).map(String::as_str) {
+            None => setup::ensure(setup::Need::Ci, false),
+            Some("--dry-run") => setup::ensure(setup::Need::Ci, true),
+            Some(other) => Err(format!("setup: unknown argument {other:?}")),
+        },
         Some("fuzz") => fuzz(&args[1..]),
         Some("bench") => bench(&args[1..]),
         Some("rdma-vm") => rdma_vm::rdma_vm(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask ci | bench [--quick] [--no-gate] [--micro] [--rdma] [--scenario ID]... [--scale F] | fuzz [--time SECONDS] [--build-only] | rdma-vm [--help]"
+                "usage: cargo xtask ci | setup [--dry-run] | bench [--quick] [--gate all|correctness|none] [--micro] [--rdma] [--scenario ID]... [--scale F] | fuzz [--time SECONDS] [--build-only] | rdma-vm [--help]"
             );
             return ExitCode::from(2);
         }
@@ -28,12 +35,40 @@ fn main() -> ExitCode {
     }
 }
 
+/// Drops the variables `cargo run` set for this xtask (`CARGO_PKG_NAME=xtask`,
+/// `CARGO_MANIFEST_DIR`, …) before any cargo child starts. Build scripts such as ring's declare
+/// `rerun-if-env-changed` on some of them, so inheriting them made every `cargo xtask` build
+/// recompile ring and what depends on it, and the next plain `cargo build` do it again.
+fn forget_cargo_run_env() {
+    let set_by_cargo_run: Vec<std::ffi::OsString> = std::env::vars_os()
+        .map(|(k, _)| k)
+        .filter(|k| {
+            let k = k.to_string_lossy();
+            k.starts_with("CARGO_PKG_")
+                || k.starts_with("CARGO_MANIFEST_")
+                || [
+                    "CARGO_CRATE_NAME",
+                    "CARGO_BIN_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                ]
+                .contains(&k.as_ref())
+        })
+        .collect();
+    for k in set_by_cargo_run {
+        // SAFETY: called first thing in main, before this process starts any thread, so no
+        // other thread can be reading the environment.
+        unsafe { std::env::remove_var(k) };
+    }
+}
+
 /// Tests that run traffic through amst-linkem: by convention their test binary or their name
 /// mentions `linkem`.
 const LINK_TESTS: &str = "package(amst-linkem) | binary(/linkem/) | test(/linkem/)";
 
-/// Everything CI checks, in the order that fails fastest.
+/// Everything CI checks, in the order that fails fastest, after installing what is missing
+/// (see [`setup`]): on a fresh machine with only a Rust toolchain this is the whole set-up.
 fn ci() -> Result<(), String> {
+    setup::ensure(setup::Need::Ci, false)?;
     run("cargo", &["fmt", "--all", "--", "--check"])?;
     let clippy = [
         "clippy",
@@ -94,9 +129,11 @@ fn ci() -> Result<(), String> {
 }
 
 /// The end-to-end perf gates: amst-bench's `amst-e2e` in release, writing
-/// `target/bench/report.md`, `samples.json` and SVG plots, and failing when a gate in
-/// `bench/gates.toml` fails (unless `--no-gate`). A full run (no `--quick`, no `--scenario`)
-/// also writes `bench/latest.md`, `latest.json` and the plots there.
+/// `target/bench/report.md`, `samples.json` and SVG plots, and failing when an enforced gate
+/// in `bench/gates.toml` fails: `--gate all` (the default) enforces every gate, `--gate
+/// correctness` only the correctness class (CI: the machine is too noisy for ratios), `--gate
+/// none` reports only. A full run (no `--quick`, no `--scenario`) also writes
+/// `bench/latest.md`, `latest.json` and the plots there.
 ///
 /// `--micro` first runs the criterion micro-benchmarks where they live (amst-core's codec,
 /// amst-cc's on_ack, amst-hybrid's ArcSwap hot path, amst-bench's reassembly) and folds their
@@ -105,9 +142,10 @@ fn ci() -> Result<(), String> {
 /// `--rdma` first runs `cargo xtask rdma-vm` (two Soft-RoCE qemu VMs, 3-6 minutes, guest limit
 /// 900 s) unless `--scenario` leaves out `rdma`, and hands its goodputs to the `rdma` scenario
 /// through `target/bench/rdma.json` (`--rdma-result`); if the VM run fails, the file carries
-/// the failure and the scenario reports it as skipped. Without `--rdma` that scenario is
-/// skipped. Every other argument goes to `amst-e2e`.
+/// the failure and the scenario fails with it. Without `--rdma` that scenario is listed as
+/// not run. Every other argument goes to `amst-e2e`.
 fn bench(args: &[String]) -> Result<(), String> {
+    setup::ensure(setup::Need::CiAndBench, false)?;
     let micro = args.iter().any(|a| a == "--micro");
     let quick = args.iter().any(|a| a == "--quick");
     let rdma = args.iter().any(|a| a == "--rdma");
@@ -186,7 +224,7 @@ fn bench(args: &[String]) -> Result<(), String> {
 }
 
 /// Runs the Soft-RoCE VMs for the `rdma` bench scenario and leaves their goodputs in `result`,
-/// or the reason they have none: a failed VM run skips that scenario instead of the whole bench.
+/// or the reason they have none: a failed VM run fails that scenario, and the others still run.
 fn rdma_bench(result: &str) {
     let vm_args = ["--result", result, "--timeout", "900"].map(String::from);
     eprintln!("+ cargo xtask rdma-vm {}", vm_args.join(" "));
@@ -205,7 +243,7 @@ fn rdma_bench(result: &str) {
     }
 }
 
-/// The `{"error": …}` file amst-e2e's rdma scenario reads as "skipped": the report gets the
+/// The `{"error": …}` file amst-e2e's rdma scenario reports as its failure: the report gets the
 /// step names, not the guest output tails (those are on the console).
 fn vm_failure_json(error: &str) -> String {
     let mut why: String = error
