@@ -367,14 +367,24 @@ impl Shared {
             m.messages_sent = tx.messages_sent();
             m.messages_acked = tx.messages_acked();
             m.chunks_retransmitted = tx.retransmissions();
+            m.credit_window = Some(tx.credit_limit().saturating_sub(tx.cumulative_acked()));
         }
-        m.messages_received = lock(&self.rx).delivered_messages();
+        {
+            let rx = lock(&self.rx);
+            m.messages_received = rx.delivered_messages();
+            m.receive_held_bytes = Some(rx.buffered_bytes());
+        }
         m.bytes_sent = self.bytes_sent.load(Ordering::Relaxed);
         m.bytes_received = self.bytes_received.load(Ordering::Relaxed);
         m.rtt = Some(self.conn.rtt());
         m.min_rtt = Some(self.conn.min_rtt());
         m.delivery_rate = lock(&self.rate).rate;
         m.active_streams = self.active_streams.load(Ordering::Relaxed);
+        // quinn's path statistics: amst-cc's window (it is quinn's controller) and losses.
+        let path = self.conn.stats().path;
+        m.cwnd = Some(path.cwnd);
+        m.lost_packets = Some(path.lost_packets);
+        m.retransmitted_bytes = Some(path.lost_bytes);
         m
     }
 

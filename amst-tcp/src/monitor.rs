@@ -93,6 +93,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             if let Some(rate) = p.on_sample(now, &sample) {
                 apply_pacing(&shared, rate);
             }
+            shared.model_cwnd.store(p.cwnd(), Ordering::Relaxed);
         }
 
         period.delivered += acked;

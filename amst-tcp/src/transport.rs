@@ -432,8 +432,17 @@ impl Transport for TcpTransport {
             m.messages_sent = tx.sb.messages_sent();
             m.messages_acked = tx.sb.messages_acked();
             m.chunks_retransmitted = tx.sb.retransmissions();
+            m.credit_window = Some(
+                tx.sb
+                    .credit_limit()
+                    .saturating_sub(tx.sb.cumulative_acked()),
+            );
         }
-        m.messages_received = lock(&s.rx).reasm.delivered_messages();
+        {
+            let rx = lock(&s.rx);
+            m.messages_received = rx.reasm.delivered_messages();
+            m.receive_held_bytes = Some(rx.reasm.buffered_bytes());
+        }
         let us = |a: &std::sync::atomic::AtomicU64| {
             let v = a.load(Ordering::Relaxed);
             (v > 0).then(|| Duration::from_micros(v))
@@ -443,6 +452,30 @@ impl Transport for TcpTransport {
         let rate = s.delivery_rate.load(Ordering::Relaxed);
         m.delivery_rate = (rate > 0).then_some(rate);
         m.active_streams = s.stream_count();
+        let infos: Vec<_> = s
+            .stream_stats()
+            .into_iter()
+            .filter_map(|st| st.tcp_info)
+            .collect();
+        if !infos.is_empty() {
+            m.retransmitted_bytes = Some(infos.iter().map(|i| i.bytes_retrans).sum());
+        }
+        // The aggregate BBR model when pacing runs; otherwise the kernel's own windows.
+        let model = s.model_cwnd.load(Ordering::Relaxed);
+        m.cwnd = if model > 0 {
+            Some(model)
+        } else if infos.is_empty() {
+            None
+        } else {
+            Some(
+                infos
+                    .iter()
+                    .map(|i| u64::from(i.cwnd) * u64::from(i.mss))
+                    .sum(),
+            )
+        };
+        m.pacing_rate = self.pacing_rate();
+        m.chunk_size = Some(s.chunk_size.load(Ordering::Relaxed) as u64);
         m
     }
 
