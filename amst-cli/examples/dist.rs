@@ -55,7 +55,13 @@ fn write_all(out: &Path) -> std::io::Result<Vec<PathBuf>> {
     written.push(man_page(&cmd, &man, "amst")?);
     for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
         let name = format!("amst-{}", sub.get_name());
-        written.push(man_page(sub, &man, &name)?);
+        // clap names are `'static`; a few bytes per page, once.
+        let page_name: &'static str = Box::leak(name.clone().into_boxed_str());
+        let sub = sub
+            .clone()
+            .name(page_name)
+            .bin_name(format!("amst {}", sub.get_name()));
+        written.push(man_page(&sub, &man, &name)?);
     }
     Ok(written)
 }
