@@ -452,28 +452,15 @@ impl Transport for TcpTransport {
         let rate = s.delivery_rate.load(Ordering::Relaxed);
         m.delivery_rate = (rate > 0).then_some(rate);
         m.active_streams = s.stream_count();
-        let infos: Vec<_> = s
-            .stream_stats()
-            .into_iter()
-            .filter_map(|st| st.tcp_info)
-            .collect();
-        if !infos.is_empty() {
-            m.retransmitted_bytes = Some(infos.iter().map(|i| i.bytes_retrans).sum());
+        // Sampled by the monitor, so that this stays a few loads: the hybrid ack pump calls
+        // it every millisecond.
+        let kernel_cwnd = s.kernel_cwnd.load(Ordering::Relaxed);
+        if kernel_cwnd > 0 {
+            m.retransmitted_bytes = Some(s.kernel_bytes_retrans.load(Ordering::Relaxed));
         }
         // The aggregate BBR model when pacing runs; otherwise the kernel's own windows.
         let model = s.model_cwnd.load(Ordering::Relaxed);
-        m.cwnd = if model > 0 {
-            Some(model)
-        } else if infos.is_empty() {
-            None
-        } else {
-            Some(
-                infos
-                    .iter()
-                    .map(|i| u64::from(i.cwnd) * u64::from(i.mss))
-                    .sum(),
-            )
-        };
+        m.cwnd = [model, kernel_cwnd].into_iter().find(|&w| w > 0);
         m.pacing_rate = self.pacing_rate();
         m.chunk_size = Some(s.chunk_size.load(Ordering::Relaxed) as u64);
         m
