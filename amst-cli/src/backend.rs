@@ -217,8 +217,9 @@ impl Link for HybridLink {
 
 /// Connects to `peer` and authenticates.
 pub async fn connect(peer: SocketAddr, s: &Settings) -> CliResult<Arc<dyn Link>> {
-    let amst = connect_amst(peer, s).await?;
-    Ok(Arc::new(HybridLink(Arc::new(amst))))
+    let amst = Arc::new(connect_amst(peer, s).await?);
+    crate::telemetry::track(&amst);
+    Ok(Arc::new(HybridLink(amst)))
 }
 
 async fn connect_amst(peer: SocketAddr, s: &Settings) -> CliResult<Amst> {
@@ -288,8 +289,10 @@ impl Server {
             .await
             .map_err(|e| hybrid_failure("accepting a session", &e))?;
         let peer = format!("session {}", crate::protocol::hex(&amst.session_id()[..4]));
+        let amst = Arc::new(amst);
+        crate::telemetry::track(&amst);
         Ok(Accepted {
-            link: Arc::new(HybridLink(Arc::new(amst))),
+            link: Arc::new(HybridLink(amst)),
             peer,
         })
     }

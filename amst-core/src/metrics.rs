@@ -30,6 +30,22 @@ pub struct TransportMetrics {
     pub delivery_rate: Option<u64>,
     /// Streams (TCP connections, QUIC streams, queue pairs) currently carrying data.
     pub active_streams: usize,
+    /// Payload bytes the network layer sent again (TCP: the kernel's `tcpi_bytes_retrans`
+    /// summed over live streams; QUIC: bytes in packets declared lost), if known.
+    pub retransmitted_bytes: Option<u64>,
+    /// Packets the transport declared lost, where it knows (QUIC's loss detection).
+    pub lost_packets: Option<u64>,
+    /// The congestion window of the amst-cc model, bytes, if one runs.
+    pub cwnd: Option<u64>,
+    /// The pacing rate the amst-cc model set, bytes per second, if pacing is on.
+    pub pacing_rate: Option<u64>,
+    /// The chunk size the sender cuts messages into now, bytes, if it chunks.
+    pub chunk_size: Option<u64>,
+    /// Bytes the peer still lets this side send beyond what it has acknowledged (the credit
+    /// window), if the transport uses credit.
+    pub credit_window: Option<u64>,
+    /// Bytes received and held (reassembly or not yet taken by `recv`), if known.
+    pub receive_held_bytes: Option<u64>,
 }
 
 impl TransportMetrics {
@@ -47,6 +63,13 @@ impl TransportMetrics {
             min_rtt: None,
             delivery_rate: None,
             active_streams: 0,
+            retransmitted_bytes: None,
+            lost_packets: None,
+            cwnd: None,
+            pacing_rate: None,
+            chunk_size: None,
+            credit_window: None,
+            receive_held_bytes: None,
         }
     }
 }

@@ -324,6 +324,11 @@ impl SendBuffer {
         self.queue.is_empty() && self.unacked.is_empty() && self.messages_acked == self.next_msg_id
     }
 
+    /// The byte offset up to which the peer's credit allows sending.
+    pub fn credit_limit(&self) -> u64 {
+        self.credit.limit
+    }
+
     /// Whether a chunk is ready to go now (a retransmission, or new data within credit).
     pub fn has_sendable(&self) -> bool {
         !self.retransmit.is_empty()

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use amst_core::codec::{SessionId, random_bytes};
-use amst_core::{Mode, Transport};
+use amst_core::{Mode, Transport, TransportMetrics};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -362,6 +362,7 @@ impl Amst {
             (low.messages_received, low.bytes_received, 0)
         };
         let sw = lock(&s.switch_stats).clone();
+        let bulk_of = |f: fn(&TransportMetrics) -> Option<u64>| bulk.as_ref().and_then(f);
         use std::sync::atomic::Ordering::Relaxed;
         AmstMetrics {
             mode: r.mode,
@@ -387,6 +388,21 @@ impl Amst {
             last_switch_resent: sw.last_resent,
             last_switch_duration: sw.durations.last().copied(),
             open_transports: s.live_lanes(),
+            bytes_resent: s.instruments.n_bytes_resent.load(Relaxed),
+            retransmitted_bytes: sum_known(
+                low.retransmitted_bytes,
+                bulk_of(|b| b.retransmitted_bytes),
+            ),
+            lost_packets: sum_known(low.lost_packets, bulk_of(|b| b.lost_packets)),
+            cwnd: sum_known(low.cwnd, bulk_of(|b| b.cwnd)),
+            pacing_rate: sum_known(low.pacing_rate, bulk_of(|b| b.pacing_rate)),
+            chunk_size: bulk_of(|b| b.chunk_size).or(low.chunk_size),
+            credit_window: sum_known(low.credit_window, bulk_of(|b| b.credit_window)),
+            receive_held_bytes: s.merger_held_bytes()
+                + low.receive_held_bytes.unwrap_or(0)
+                + bulk_of(|b| b.receive_held_bytes).unwrap_or(0),
+            detector: s.instruments.verdict(),
+            healthy: s.check_open().is_ok(),
         }
     }
 
@@ -607,5 +623,13 @@ async fn incoming(
         }
         Ok(other) => reject(format!("expected Open or Attach first, got {other:?}")).await,
         Err(e) => reject(format!("bad first message: {e}")).await,
+    }
+}
+
+/// The sum of what is known; `None` only when neither is.
+fn sum_known(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (None, None) => None,
+        (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
     }
 }

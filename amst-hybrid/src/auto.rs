@@ -5,10 +5,12 @@
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 
-use amst_detect::{Detector, DetectorConfig, MaybePath};
+use amst_detect::{Detector, DetectorConfig, MaybePath, Report};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use crate::metrics::DetectorVerdict;
 use crate::session::Shared;
 
 /// The detector settings a session's configuration implies.
@@ -40,6 +42,7 @@ pub(crate) fn spawn(shared: &Arc<Shared>) -> Option<JoinHandle<()>> {
     };
     let handle = detector.spawn();
     let mut modes = handle.subscribe();
+    follow_verdicts(weak.clone(), handle.reports());
     Some(tokio::spawn(async move {
         let handle = handle;
         while modes.changed().await.is_ok() {
@@ -58,4 +61,19 @@ pub(crate) fn spawn(shared: &Arc<Shared>) -> Option<JoinHandle<()>> {
             }
         }
     }))
+}
+
+/// Copies each detector report's verdict into the session's metrics; ends with the detector.
+fn follow_verdicts(weak: Weak<Shared>, mut reports: watch::Receiver<Option<Report>>) {
+    tokio::spawn(async move {
+        while reports.changed().await.is_ok() {
+            let Some(s) = weak.upgrade() else { break };
+            if let Some(r) = reports.borrow_and_update().as_ref() {
+                s.instruments.set_verdict(DetectorVerdict {
+                    candidate: r.decision.candidate,
+                    confidence: r.decision.confidence,
+                });
+            }
+        }
+    });
 }

@@ -48,8 +48,10 @@ pub trait Acceptor: Send + Sync + fmt::Debug + 'static {
     }
 }
 
+#[cfg(feature = "in-memory")]
 pub use memory::{MemoryAcceptor, MemoryConnector, memory_network};
 
+#[cfg(feature = "in-memory")]
 mod memory {
     use std::sync::Mutex;
 

@@ -8,6 +8,9 @@
 //!
 //! The sans-IO halves are [`SendLedger`] and [`ReceiveMerger`]; [`wire`] is the frame codec.
 //!
+//! Features: `rdma` (the verbs datacenter lane; without it an RDMA lane falls back to TCP)
+//! and `in-memory` (`memory_network`, used by the example below and by tests).
+//!
 //! ```
 //! use std::sync::Arc;
 //! use amst_core::{Mode, codec::Psk};
@@ -56,11 +59,12 @@ pub use amst::{Amst, AmstListener};
 pub use amst_rdma::devices as rdma_devices;
 pub use config::{AmstConfig, AmstConfigBuilder, Congestion, DatacenterTransport, LaneProfile};
 pub use connect::{Acceptor, Connected, Connector};
+#[cfg(feature = "in-memory")]
 pub use connect::{MemoryAcceptor, MemoryConnector, memory_network};
 pub use error::{Error, Result};
 pub use ledger::SendLedger;
 pub use merger::ReceiveMerger;
-pub use metrics::AmstMetrics;
+pub use metrics::{AmstMetrics, DetectorVerdict};
 pub use quic::{MultiAcceptor, QUIC_SERVER_NAME, QuicAcceptor, quic_config};
 pub use rdma::{RDMA_PORT_OFFSET, RdmaAcceptor, rdma_bootstrap_addr, rdma_config};
 pub use session::Role;

@@ -3,6 +3,7 @@
 //! library never does). Handles are registered once per session, so the hot path pays an
 //! atomic add, not a registry lookup.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -58,6 +59,39 @@ pub struct AmstMetrics {
     pub last_switch_duration: Option<Duration>,
     /// Transports open (current route, warm, draining).
     pub open_transports: usize,
+    /// Application payload bytes resent after switches (each switch resends what the old
+    /// route had not seen acknowledged).
+    pub bytes_resent: u64,
+    /// Payload bytes the current route's transports sent again, if they know.
+    pub retransmitted_bytes: Option<u64>,
+    /// Packets the current route's transports declared lost, where they know (QUIC).
+    pub lost_packets: Option<u64>,
+    /// The congestion window of the current route's amst-cc model, bytes (summed over
+    /// both lanes in hybrid mode).
+    pub cwnd: Option<u64>,
+    /// The pacing rate of the current route's model, bytes per second.
+    pub pacing_rate: Option<u64>,
+    /// The chunk size of the bulk lane, bytes.
+    pub chunk_size: Option<u64>,
+    /// The credit window the peer grants the current route, bytes.
+    pub credit_window: Option<u64>,
+    /// Bytes this side holds for received data that `recv` has not taken: the transports'
+    /// reassembly plus the merger's reorder buffer. No session-wide memory budget exists
+    /// yet; this is what such a budget would be charged with.
+    pub receive_held_bytes: u64,
+    /// The detector's latest verdict, if auto mode runs and it has decided.
+    pub detector: Option<DetectorVerdict>,
+    /// True while the session is open and has not failed.
+    pub healthy: bool,
+}
+
+/// What the mode detector concluded last.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DetectorVerdict {
+    /// The mode the evidence favours.
+    pub candidate: Mode,
+    /// Its confidence, 0 to 1.
+    pub confidence: f64,
 }
 
 /// Switch timings kept per session (the last 4096).
@@ -91,8 +125,12 @@ pub(crate) struct Instruments {
     bytes_received: Counter,
     switches: Counter,
     resent: Counter,
+    resent_bytes: Counter,
     mode: Gauge,
     switch_seconds: Histogram,
+    /// The detector's latest verdict (written by the auto-mode task).
+    pub verdict: Mutex<Option<DetectorVerdict>>,
+    pub n_bytes_resent: AtomicU64,
     /// Local copies for `AmstMetrics` (a facade counter cannot be read back).
     pub n_messages_sent: AtomicU64,
     pub n_bytes_sent: AtomicU64,
@@ -111,10 +149,13 @@ impl Instruments {
             bytes_received: counter!("amst_bytes_received_total", "role" => role),
             switches: counter!("amst_mode_switches_total", "role" => role),
             resent: counter!("amst_messages_resent_total", "role" => role),
+            resent_bytes: counter!("amst_resent_bytes_total", "role" => role),
             mode: gauge!("amst_mode", "role" => role),
             switch_seconds: histogram!("amst_switch_duration_seconds", "role" => role),
             n_messages_sent: AtomicU64::new(0),
             n_bytes_sent: AtomicU64::new(0),
+            verdict: Mutex::new(None),
+            n_bytes_resent: AtomicU64::new(0),
         }
     }
 
@@ -136,8 +177,18 @@ impl Instruments {
         self.switches.increment(1);
     }
 
-    pub fn resent(&self, n: u64) {
-        self.resent.increment(n);
+    pub fn resent(&self, messages: u64, bytes: u64) {
+        self.resent.increment(messages);
+        self.resent_bytes.increment(bytes);
+        self.n_bytes_resent.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub fn set_verdict(&self, v: DetectorVerdict) {
+        *self.verdict.lock().unwrap_or_else(|e| e.into_inner()) = Some(v);
+    }
+
+    pub fn verdict(&self) -> Option<DetectorVerdict> {
+        *self.verdict.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// 0 datacenter, 1 internet, 2 hybrid.

@@ -502,6 +502,12 @@ impl Shared {
         }
     }
 
+    /// Bytes the merger holds: ahead of a gap, or ready and not yet taken.
+    pub fn merger_held_bytes(&self) -> u64 {
+        let m = lock(&self.merger);
+        m.ready_bytes() + m.pending_bytes()
+    }
+
     pub fn merger_stats(&self) -> (u64, u64, u64) {
         let m = lock(&self.merger);
         let (n, b) = m.delivered();
@@ -810,7 +816,8 @@ impl Shared {
             }
         }
         self.instruments.mode(route.mode);
-        self.instruments.resent(resend.len() as u64);
+        let resent_bytes = resend.iter().map(|(_, m)| m.len() as u64).sum();
+        self.instruments.resent(resend.len() as u64, resent_bytes);
         for (seq, msg) in &resend {
             let lane = route.pick(msg.len());
             let frames = 1 + (msg.len() > wire::INLINE_MAX) as u64;

@@ -190,7 +190,13 @@ pub(crate) struct Shared {
     active_streams: AtomicUsize,
     rate: Mutex<RateEstimate>,
     limits: Limits,
+    /// quinn's path statistics (cwnd, lost packets, lost bytes), sampled at most every
+    /// `PATH_STATS_PERIOD` because `metrics` runs every millisecond in amst-hybrid's ack pump.
+    path_stats: [AtomicU64; 3],
+    path_sampled_ns: AtomicU64,
 }
+
+const PATH_STATS_PERIOD: Duration = Duration::from_millis(100);
 
 impl Shared {
     /// Starts the session's tasks on an authenticated connection.
@@ -229,6 +235,8 @@ impl Shared {
             active_streams: AtomicUsize::new(0),
             rate: Mutex::new(RateEstimate::default()),
             limits,
+            path_stats: Default::default(),
+            path_sampled_ns: AtomicU64::new(0),
             config,
         });
         // Control data should not queue behind bulk data in quinn's scheduler.
@@ -367,14 +375,37 @@ impl Shared {
             m.messages_sent = tx.messages_sent();
             m.messages_acked = tx.messages_acked();
             m.chunks_retransmitted = tx.retransmissions();
+            m.credit_window = Some(tx.credit_limit().saturating_sub(tx.cumulative_acked()));
         }
-        m.messages_received = lock(&self.rx).delivered_messages();
+        {
+            let rx = lock(&self.rx);
+            m.messages_received = rx.delivered_messages();
+            m.receive_held_bytes = Some(rx.buffered_bytes());
+        }
         m.bytes_sent = self.bytes_sent.load(Ordering::Relaxed);
         m.bytes_received = self.bytes_received.load(Ordering::Relaxed);
         m.rtt = Some(self.conn.rtt());
         m.min_rtt = Some(self.conn.min_rtt());
         m.delivery_rate = lock(&self.rate).rate;
         m.active_streams = self.active_streams.load(Ordering::Relaxed);
+        // quinn's path statistics: amst-cc's window (it is quinn's controller) and losses.
+        let now = (self.epoch.elapsed().as_nanos() as u64).max(1);
+        let last = self.path_sampled_ns.load(Ordering::Relaxed);
+        if last == 0 || now - last.min(now) >= PATH_STATS_PERIOD.as_nanos() as u64 {
+            let path = self.conn.stats().path;
+            for (slot, v) in
+                self.path_stats
+                    .iter()
+                    .zip([path.cwnd, path.lost_packets, path.lost_bytes])
+            {
+                slot.store(v, Ordering::Relaxed);
+            }
+            self.path_sampled_ns.store(now, Ordering::Relaxed);
+        }
+        let [cwnd, lost_packets, lost_bytes] = &self.path_stats;
+        m.cwnd = Some(cwnd.load(Ordering::Relaxed));
+        m.lost_packets = Some(lost_packets.load(Ordering::Relaxed));
+        m.retransmitted_bytes = Some(lost_bytes.load(Ordering::Relaxed));
         m
     }
 

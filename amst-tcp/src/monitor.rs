@@ -93,6 +93,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             if let Some(rate) = p.on_sample(now, &sample) {
                 apply_pacing(&shared, rate);
             }
+            shared.model_cwnd.store(p.cwnd(), Ordering::Relaxed);
         }
 
         period.delivered += acked;
@@ -138,6 +139,15 @@ fn sample(shared: &Shared) -> Vec<(u32, sockopt::TcpInfo)> {
     }
     let (min_rtt, srtt) = rtts(&out);
     shared.delivery_rate.store(rate, Ordering::Relaxed);
+    let cwnd = out
+        .iter()
+        .map(|(_, i)| u64::from(i.cwnd) * u64::from(i.mss))
+        .sum();
+    shared.kernel_cwnd.store(cwnd, Ordering::Relaxed);
+    let retrans = out.iter().map(|(_, i)| i.bytes_retrans).sum();
+    shared
+        .kernel_bytes_retrans
+        .store(retrans, Ordering::Relaxed);
     let us = |d: Option<Duration>| d.map_or(0, |d| d.as_micros().max(1) as u64);
     shared.min_rtt_us.store(us(min_rtt), Ordering::Relaxed);
     shared.srtt_us.store(us(srtt), Ordering::Relaxed);

@@ -90,6 +90,11 @@ impl Pacer {
         Some(self.rate(a.streams))
     }
 
+    /// The model's congestion window, bytes.
+    pub(crate) fn cwnd(&self) -> u64 {
+        self.bbr.cwnd()
+    }
+
     fn rate(&self, streams: usize) -> u64 {
         let r = self.bbr.pacing_rate();
         let r = if r.is_finite() { r as u64 } else { u64::MAX };

@@ -136,6 +136,12 @@ pub(crate) struct Shared {
     pub epoch: Instant,
     /// Aggregate pacing rate from the model, bytes/s (0 = none yet).
     pub pacing_rate: AtomicU64,
+    /// The aggregate model's congestion window, bytes (0 = no model or none yet).
+    pub model_cwnd: AtomicU64,
+    /// Sum of the live streams' kernel congestion windows at the last sample, bytes.
+    pub kernel_cwnd: AtomicU64,
+    /// Sum of the live streams' `tcpi_bytes_retrans` at the last sample.
+    pub kernel_bytes_retrans: AtomicU64,
     /// Sum of the streams' kernel delivery-rate estimates at the last sample, bytes/s.
     pub delivery_rate: AtomicU64,
     pub srtt_us: AtomicU64,
@@ -231,6 +237,9 @@ impl Shared {
             next_ping: AtomicU64::new(0),
             epoch: Instant::now(),
             pacing_rate: AtomicU64::new(0),
+            model_cwnd: AtomicU64::new(0),
+            kernel_cwnd: AtomicU64::new(0),
+            kernel_bytes_retrans: AtomicU64::new(0),
             delivery_rate: AtomicU64::new(0),
             srtt_us: AtomicU64::new(0),
             min_rtt_us: AtomicU64::new(0),

@@ -432,8 +432,17 @@ impl Transport for TcpTransport {
             m.messages_sent = tx.sb.messages_sent();
             m.messages_acked = tx.sb.messages_acked();
             m.chunks_retransmitted = tx.sb.retransmissions();
+            m.credit_window = Some(
+                tx.sb
+                    .credit_limit()
+                    .saturating_sub(tx.sb.cumulative_acked()),
+            );
         }
-        m.messages_received = lock(&s.rx).reasm.delivered_messages();
+        {
+            let rx = lock(&s.rx);
+            m.messages_received = rx.reasm.delivered_messages();
+            m.receive_held_bytes = Some(rx.reasm.buffered_bytes());
+        }
         let us = |a: &std::sync::atomic::AtomicU64| {
             let v = a.load(Ordering::Relaxed);
             (v > 0).then(|| Duration::from_micros(v))
@@ -443,6 +452,17 @@ impl Transport for TcpTransport {
         let rate = s.delivery_rate.load(Ordering::Relaxed);
         m.delivery_rate = (rate > 0).then_some(rate);
         m.active_streams = s.stream_count();
+        // Sampled by the monitor, so that this stays a few loads: the hybrid ack pump calls
+        // it every millisecond.
+        let kernel_cwnd = s.kernel_cwnd.load(Ordering::Relaxed);
+        if kernel_cwnd > 0 {
+            m.retransmitted_bytes = Some(s.kernel_bytes_retrans.load(Ordering::Relaxed));
+        }
+        // The aggregate BBR model when pacing runs; otherwise the kernel's own windows.
+        let model = s.model_cwnd.load(Ordering::Relaxed);
+        m.cwnd = [model, kernel_cwnd].into_iter().find(|&w| w > 0);
+        m.pacing_rate = self.pacing_rate();
+        m.chunk_size = Some(s.chunk_size.load(Ordering::Relaxed) as u64);
         m
     }
 

@@ -3,6 +3,8 @@
 
 use std::process::{Command, ExitCode};
 
+mod dist;
+mod package;
 mod rdma_vm;
 mod setup;
 
@@ -19,6 +21,8 @@ fn main() -> ExitCode {
         Some("fuzz") => fuzz(&args[1..]),
         Some("bench") => bench(&args[1..]),
         Some("rdma-vm") => rdma_vm::rdma_vm(&args[1..]),
+        Some("dist") => dist::dist(&args[1..]),
+        Some("package") => package::package(&args[1..]),
         _ => {
             eprintln!(
                 "usage: cargo xtask ci | setup [--dry-run] | bench [--quick] [--gate all|correctness|none] [--micro] [--rdma] [--scenario ID]... [--scale F] | fuzz [--time SECONDS] [--build-only] | rdma-vm [--help]"
