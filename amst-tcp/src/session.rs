@@ -136,6 +136,9 @@ pub(crate) struct Shared {
     pub epoch: Instant,
     /// Aggregate pacing rate from the model, bytes/s (0 = none yet).
     pub pacing_rate: AtomicU64,
+    /// Probe trains in flight: while any is, the model's cap is lifted (the probe measures
+    /// the path, not the pacing) and not re-applied.
+    pub probing: AtomicU32,
     /// Sum of the streams' kernel delivery-rate estimates at the last sample, bytes/s.
     pub delivery_rate: AtomicU64,
     pub srtt_us: AtomicU64,
@@ -231,6 +234,7 @@ impl Shared {
             next_ping: AtomicU64::new(0),
             epoch: Instant::now(),
             pacing_rate: AtomicU64::new(0),
+            probing: AtomicU32::new(0),
             delivery_rate: AtomicU64::new(0),
             srtt_us: AtomicU64::new(0),
             min_rtt_us: AtomicU64::new(0),
@@ -491,7 +495,8 @@ impl Shared {
 
     pub(crate) fn per_stream_pacing(&self, n: usize) -> Option<u64> {
         let rate = self.pacing_rate.load(Ordering::Relaxed);
-        (self.config.pacing && rate > 0 && n > 0).then(|| (rate / n as u64).max(1))
+        let probing = self.probing.load(Ordering::Acquire) > 0;
+        (self.config.pacing && rate > 0 && n > 0 && !probing).then(|| (rate / n as u64).max(1))
     }
 
     pub(crate) fn stream_count(&self) -> usize {

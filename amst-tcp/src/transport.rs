@@ -357,6 +357,7 @@ impl TcpTransport {
         let mut used = 2 * FRAME;
         let mut delivery_rate = None;
         if burst_bytes > 0 {
+            let _unpaced = Unpaced::new(s);
             let mut left = burst_bytes;
             let mut pending = Vec::new();
             let mut sizes = Vec::new();
@@ -399,6 +400,44 @@ impl TcpTransport {
             delivery_rate,
             bytes_used: used,
         })
+    }
+}
+
+/// Lifts the pacing model's cap on every stream while a probe train runs, so that the
+/// train measures the path and not the model's current rate (an idle session's model may
+/// be far below the path); restores the cap when the last train ends, even if the probe
+/// was cancelled. Kernel congestion control still governs the train.
+struct Unpaced<'a> {
+    shared: &'a Shared,
+}
+
+impl<'a> Unpaced<'a> {
+    fn new(shared: &'a Shared) -> Self {
+        shared.probing.fetch_add(1, Ordering::AcqRel);
+        if shared.config.pacing {
+            set_stream_pacing(shared, u64::MAX);
+        }
+        Unpaced { shared }
+    }
+}
+
+impl Drop for Unpaced<'_> {
+    fn drop(&mut self) {
+        let s = self.shared;
+        if s.probing.fetch_sub(1, Ordering::AcqRel) == 1
+            && let Some(per) = s.per_stream_pacing(s.stream_count())
+        {
+            set_stream_pacing(s, per);
+        }
+    }
+}
+
+fn set_stream_pacing(s: &Shared, per_stream: u64) {
+    use std::os::fd::AsRawFd;
+    for e in lock(&s.streams).iter() {
+        if let Err(e) = sockopt::set_max_pacing_rate(e.sock.as_raw_fd(), per_stream) {
+            warn!(error = %e, "SO_MAX_PACING_RATE refused");
+        }
     }
 }
 
