@@ -129,9 +129,9 @@ pub struct RateEstimate {
     pub rtt: Option<Duration>,
 }
 
-/// The sans-IO plan of a rate measurement: trains that double until they last
-/// [`min_train_rtts`](RateProbeConfig::min_train_rtts) round trips, then trains of that
-/// length until two agree within the tolerance.
+/// The sans-IO plan of a rate measurement: trains that grow (at least doubling) until they
+/// last [`min_train_rtts`](RateProbeConfig::min_train_rtts) round trips, and on until a
+/// train twice as large as the one before reads the same rate within the tolerance.
 ///
 /// ```
 /// use std::time::{Duration, Instant};
@@ -218,27 +218,19 @@ impl RateProbe {
         e
     }
 
-    /// The newest counted train's rate, if it agrees within the tolerance with one of the
-    /// two counted trains before it.
+    /// The newest counted train's rate, if it agrees within the tolerance with the counted
+    /// train before it although it was at least 1.5 times larger (or both were the largest
+    /// allowed): a rate that does not grow with the train is the path's, not a window's.
     fn agreed(&self) -> Option<u64> {
-        let counted: Vec<u64> = self
-            .trains
-            .iter()
-            .filter(|t| self.long_enough(t))
-            .filter_map(|t| t.rate)
-            .collect();
-        let (&newest, earlier) = counted.split_last()?;
-        let close = |other: u64| {
-            let (lo, hi) = (newest.min(other) as f64, newest.max(other) as f64);
-            hi > 0.0 && (hi - lo) / hi <= self.config.tolerance
+        let counted: Vec<&Train> = self.trains.iter().filter(|t| self.long_enough(t)).collect();
+        let [.., prev, newest] = counted[..] else {
+            return None;
         };
-        // The newest is the one least held back by start-up.
-        earlier
-            .iter()
-            .rev()
-            .take(2)
-            .any(|&o| close(o))
-            .then_some(newest)
+        let grew =
+            newest.bytes as f64 >= 1.5 * prev.bytes as f64 || newest.bytes >= self.config.max_train;
+        let (a, b) = (prev.rate?, newest.rate?);
+        let (lo, hi) = (a.min(b) as f64, a.max(b) as f64);
+        (grew && hi > 0.0 && (hi - lo) / hi <= self.config.tolerance).then_some(b)
     }
 
     /// Ends the measurement now with what the trains so far show.
@@ -283,7 +275,10 @@ impl RateProbe {
                         let want = (r as f64 * need.as_secs_f64() * 1.5) as u64;
                         want.clamp(last.bytes.saturating_mul(2), last.bytes.saturating_mul(8))
                     }
-                    Some(r) => ((r as f64 * need.as_secs_f64() * 1.5) as u64).max(1),
+                    // Twice the last: the next comparison tests whether the rate still
+                    // grows with the train.
+                    Some(r) => ((r as f64 * need.as_secs_f64() * 1.5) as u64)
+                        .max(last.bytes.saturating_mul(2)),
                     None => last.bytes.saturating_mul(2),
                 }
             }

@@ -136,10 +136,12 @@ impl Transport for ScriptedLink {
     }
 }
 
-/// The periodic-train behaviour alone: no start-of-path rate measurement (tested below).
+/// The periodic-train behaviour alone: no start-of-path rate measurement and no short
+/// start-up periods (both tested below).
 fn config(period: Duration) -> DetectorConfig {
     let mut c = DetectorConfig {
         period,
+        startup_samples: 0,
         ..Default::default()
     };
     c.probe.rate = None;

@@ -23,6 +23,9 @@ use crate::conn::Conn;
 use crate::sockopt::{self, Applied};
 use crate::stats::{BufferStats, StreamCtl, StreamStats};
 
+/// Bytes of a probe train one writer takes at a time.
+const PROBE_SLICE: usize = 256 << 10;
+
 /// Which side of the session we are; only the client dials streams.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Role {
@@ -119,6 +122,10 @@ pub(crate) struct Shared {
     /// Queued control frames (Ping, Pong).
     pub ctrl_queue: Mutex<VecDeque<Frame>>,
     pub ctrl_queued: AtomicBool,
+    /// A probe train's padded Pings, taken a slice at a time by whichever writers are free,
+    /// so that the train spreads over the streams as data does.
+    pub probe_queue: Mutex<VecDeque<Frame>>,
+    pub probe_queued: AtomicBool,
     /// Tells the monitor that an ack is owed and should go out after the ack delay.
     pub ack_timer: Notify,
     pub streams: Mutex<Vec<StreamEntry>>,
@@ -222,6 +229,8 @@ impl Shared {
             ctrl_pending: AtomicBool::new(true),
             ctrl_queue: Mutex::new(VecDeque::new()),
             ctrl_queued: AtomicBool::new(false),
+            probe_queue: Mutex::new(VecDeque::new()),
+            probe_queued: AtomicBool::new(false),
             ack_timer: Notify::new(),
             streams: Mutex::new(Vec::new()),
             streams_changed: Notify::new(),
@@ -291,6 +300,23 @@ impl Shared {
         if self.ctrl_queued.swap(false, Ordering::AcqRel) {
             for f in lock(&self.ctrl_queue).drain(..) {
                 f.encode(out);
+            }
+        }
+        if self.probe_queued.load(Ordering::Acquire) {
+            let mut q = lock(&self.probe_queue);
+            let mut taken = 0;
+            while taken < PROBE_SLICE
+                && let Some(f) = q.pop_front()
+            {
+                let before = out.len();
+                f.encode(out);
+                taken += out.len() - before;
+            }
+            if q.is_empty() {
+                self.probe_queued.store(false, Ordering::Release);
+            } else {
+                // More for the next free writer.
+                self.tx_wake.notify_one();
             }
         }
     }
