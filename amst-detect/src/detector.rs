@@ -9,7 +9,7 @@ use amst_core::{Error, Mode, Result, Transport, TransportMetrics};
 
 use crate::classifier::{Classifier, Decision};
 use crate::config::DetectorConfig;
-use crate::rate::{RateEstimate, measure_rate};
+use crate::rate::{RateEstimate, measure_rate_until};
 use crate::sample::{Bandwidth, Observation, SampleSource};
 use crate::source::{PathSource, transport_id};
 
@@ -227,10 +227,14 @@ impl Detector {
         });
         let fresh = delta.is_some_and(|(bytes, _)| bytes > 0);
         let busy = delta.is_some_and(|(bytes, _)| bytes >= self.config.busy_bytes);
-        // The kernel's srtt only moves while acks arrive, so it is trusted only for a period
-        // in which data moved. min_rtt is a fallback: it never rises on a longer path.
+        // Only a period in which data moved has fresh estimates. The path's RTT is the
+        // minimum: a bulk transfer's smoothed RTT includes the queue it builds itself
+        // (10–12 ms on loopback under the internet profile, which would read as a hybrid
+        // path). The trade-off: the minimum does not rise when a busy path gets longer;
+        // such a path shows in the delivery rate if it also got slower, and in the ping of
+        // the next idle period otherwise.
         let passive_rtt = if fresh {
-            metrics.rtt.or(metrics.min_rtt)
+            metrics.min_rtt.or(metrics.rtt)
         } else {
             None
         };
@@ -354,7 +358,12 @@ impl Detector {
     ) -> Option<Bandwidth> {
         rc.max_time = rc.max_time.min(self.config.period);
         let before = moved(&transport.metrics());
-        let result = measure_rate(&**transport, &rc).await;
+        let busy_bytes = self.config.busy_bytes;
+        let app_busy = |wire: u64| {
+            // A transport may count its probe bytes among the application's.
+            moved(&transport.metrics()).saturating_sub(before) > wire + busy_bytes
+        };
+        let result = measure_rate_until(&**transport, &rc, app_busy).await;
         let app_moved = moved(&transport.metrics()).saturating_sub(before);
         let e = match result {
             Ok(e) => e,

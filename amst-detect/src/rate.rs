@@ -305,11 +305,24 @@ pub async fn measure_rate(
     transport: &dyn Transport,
     config: &RateProbeConfig,
 ) -> Result<RateEstimate> {
+    measure_rate_until(transport, config, |_| false).await
+}
+
+/// [`measure_rate`] that also ends, with what it has, once `stop` returns true; it is asked
+/// before each train with the bytes the probe has put on the wire so far (the detector
+/// stops when the application starts moving data, which the trains would only compete
+/// with).
+pub async fn measure_rate_until(
+    transport: &dyn Transport,
+    config: &RateProbeConfig,
+    mut stop: impl FnMut(u64) -> bool,
+) -> Result<RateEstimate> {
     config.validate()?;
     let start = now();
     let mut plan = RateProbe::new(config.clone(), start);
     loop {
         let bytes = match plan.next(now()) {
+            RateStep::Send(_) if stop(plan.wire) => return Ok(plan.conclude(now())),
             RateStep::Send(b) => b,
             RateStep::Done(e) => return Ok(e),
         };
