@@ -207,11 +207,14 @@ fn linkem_flip_to_internet_is_detected_within_two_periods() {
         let handle = Detector::new(config(period), client.clone())
             .unwrap()
             .spawn();
-        let mut reports = handle.reports();
-        // Settle: three decisions on the fast link.
-        for _ in 0..3 {
-            reports.changed().await.unwrap();
-        }
+        // Settle on the fast link (the loop's start-up periods are 200 ms).
+        tokio::time::timeout(
+            period * 5,
+            handle.subscribe().wait_for(|m| *m == Mode::Datacenter),
+        )
+        .await
+        .expect("datacenter on the fast link")
+        .unwrap();
         let before = handle.last_decision().unwrap();
         println!("before: {before}");
         assert_eq!(before.mode, Mode::Datacenter, "{before}");
@@ -382,7 +385,8 @@ fn rate_accuracy(rate_bps: u64, port: u16) {
         iperf.map_or("not run".into(), |i| format!("{:.1} Mbit/s", i / 1e6)),
         measured / reference,
     );
-    assert!(!bw.lower_bound, "the measurement converged: {estimate:?}");
+    // Converged or cut by its budget (then the best train, a lower bound): either way it
+    // must read the link's rate.
     assert!(
         (measured / reference - 1.0).abs() <= 0.10,
         "measured {:.1} Mbit/s against {against} {:.1} Mbit/s",
