@@ -233,7 +233,7 @@ pub struct ExplainArgs {
     pub peer: String,
 
     /// Bytes the delivery-rate probes may use in all.
-    #[arg(long, value_name = "SIZE", default_value = "32M")]
+    #[arg(long, value_name = "SIZE", default_value = "128M")]
     pub probe_bytes: ByteSize,
 
     #[command(flatten)]

@@ -4,7 +4,10 @@
 use std::time::{Duration, Instant};
 
 use amst_core::Mode;
-use amst_detect::{Bandwidth, Classifier, ClassifierConfig, Decision, Observation, SampleSource};
+use amst_detect::{
+    Classifier, ClassifierConfig, Decision, Observation, RateEstimate, RateProbeConfig,
+    SampleSource, measure_rate,
+};
 use amst_hybrid::{AmstConfig, Congestion, LaneProfile};
 use amst_tcp::tuner::{self, Aggregate, TunerBounds};
 use serde::Serialize;
@@ -17,8 +20,6 @@ use crate::size::{human_bits_per_sec, human_bytes};
 
 /// Round-trip probes.
 const RTT_PROBES: usize = 10;
-/// Delivery-rate bursts.
-const BURSTS: u64 = 3;
 
 /// The explanation, as `--json` prints it.
 #[derive(Debug, Serialize)]
@@ -29,7 +30,11 @@ struct Explanation {
     rtt_median_us: u64,
     rtt_probes: usize,
     bandwidth_bytes_per_sec: Option<u64>,
-    bandwidth_bursts: Vec<u64>,
+    /// False when the measurement ran out of budget before two trains agreed: then the
+    /// number only bounds the rate from below.
+    bandwidth_measured: bool,
+    bandwidth_trains: usize,
+    bandwidth_probe_ms: f64,
     bdp_bytes: Option<u64>,
     probe_bytes_used: u64,
     mode: String,
@@ -77,35 +82,34 @@ pub async fn run(args: ExplainArgs, g: &Global) -> CliResult<()> {
         used += s.bytes_used;
         rtts.push(s.rtt);
     }
-    let burst = (args.probe_bytes.0 / BURSTS).max(64 << 10);
-    let mut rates = Vec::new();
-    for _ in 0..BURSTS {
-        let s = probe(burst).await?;
-        used += s.bytes_used;
-        // A burst shows what the path reaches at least, not its limit (as amst-detect's own
-        // prober treats it): a slow-looking burst proves nothing, a fast one proves fast.
-        let bandwidth = s.delivery_rate.map(|r| {
-            rates.push(r);
-            Bandwidth::at_least(r)
-        });
-        let obs = Observation {
-            rtt: Some(s.rtt),
-            bandwidth,
-            source: SampleSource::Probe,
-        };
-        classifier.observe(Instant::now(), obs);
-    }
+    // amst-detect's rate measurement: trains timed at the receiver that grow until two
+    // agree, within --probe-bytes.
+    let rate_config = RateProbeConfig {
+        max_bytes: args
+            .probe_bytes
+            .0
+            .max(RateProbeConfig::default().first_train),
+        ..RateProbeConfig::default()
+    };
+    let rate = measure_rate(&*t, &rate_config)
+        .await
+        .map_err(|e| Failure::from_amst(&doing, &e))?;
+    used += rate.wire_bytes;
     for &r in &rtts {
         classifier.observe(
             Instant::now(),
-            Observation::rtt_only(r).from_source(SampleSource::Probe),
+            Observation {
+                rtt: Some(r),
+                bandwidth: rate.bandwidth,
+                source: SampleSource::Probe,
+            },
         );
     }
     let decision = classifier.decide(Instant::now());
     drop(t);
     let _ = link.close().await;
 
-    let e = explain(peer.to_string(), &rtts, &rates, used, &decision, &config);
+    let e = explain(peer.to_string(), &rtts, &rate, used, &decision, &config);
     if g.json {
         println!("{}", serde_json::to_string_pretty(&e).expect("serialises"));
     } else {
@@ -117,7 +121,7 @@ pub async fn run(args: ExplainArgs, g: &Global) -> CliResult<()> {
 fn explain(
     peer: String,
     rtts: &[Duration],
-    rates: &[u64],
+    rate: &RateEstimate,
     used: u64,
     d: &Decision,
     config: &AmstConfig,
@@ -126,7 +130,7 @@ fn explain(
     sorted.sort();
     let min = sorted.first().copied().unwrap_or_default();
     let median = sorted.get(sorted.len() / 2).copied().unwrap_or_default();
-    let best = rates.iter().copied().max();
+    let best = rate.bandwidth.map(|b| b.bytes_per_sec);
     let bdp = best.map(|r| (r as f64 * min.as_secs_f64()) as u64);
     // The settings the chosen mode starts from; hybrid runs two lanes, show the bulk one.
     let lanes = config.lanes_for(d.mode).unwrap_or_default();
@@ -173,7 +177,9 @@ fn explain(
         rtt_median_us: median.as_micros() as u64,
         rtt_probes: rtts.len(),
         bandwidth_bytes_per_sec: best,
-        bandwidth_bursts: rates.to_vec(),
+        bandwidth_measured: rate.bandwidth.is_some_and(|b| !b.lower_bound),
+        bandwidth_trains: rate.trains,
+        bandwidth_probe_ms: rate.took.as_secs_f64() * 1e3,
         bdp_bytes: bdp,
         probe_bytes_used: used,
         mode: d.mode.to_string(),
@@ -197,11 +203,21 @@ fn human(e: &Explanation) -> String {
     let bw = e
         .bandwidth_bytes_per_sec
         .map_or("not measured".into(), |b| {
-            format!(
-                "at least {} (best of {} probe bursts)",
-                human_bits_per_sec(b as f64),
-                e.bandwidth_bursts.len()
-            )
+            let how = format!(
+                "delivery rate at the receiver, {} probe trains in {:.0} ms",
+                e.bandwidth_trains, e.bandwidth_probe_ms
+            );
+            if e.bandwidth_measured {
+                format!(
+                    "{} ({how}; the last agreed with an earlier one)",
+                    human_bits_per_sec(b as f64)
+                )
+            } else {
+                format!(
+                    "at least {} ({how}; the probe budget ran out before two agreed; raise --probe-bytes)",
+                    human_bits_per_sec(b as f64)
+                )
+            }
         });
     let rows = [
         ("peer", e.peer.clone()),

@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use amst_core::{Error, Mode, Result};
 
+use crate::rate::RateProbeConfig;
+
 /// One gigabit per second, in bytes per second (the unit of [`amst_core::TransportMetrics`]).
 pub const GBIT_PER_SEC: u64 = 125_000_000;
 
@@ -199,6 +201,14 @@ pub struct ProbeConfig {
     /// A probe that has not answered after this long is abandoned for the period
     /// (default 2 s, capped at the period).
     pub timeout: Duration,
+    /// Measure the path's rate once per path, in the first idle period on it (at start, and
+    /// after the transport was swapped or the RTT moved): trains that grow until two agree,
+    /// within this configuration's byte and time bounds (the time also capped at the
+    /// period). A measurement that converged is a real rate, remembered for the path and
+    /// used as evidence (slow as well as fast); later idle periods send only the 1 % trains.
+    /// `None` (the old behaviour): only the 1 % trains, whose rates are lower bounds.
+    /// Skipped when the ping alone already shows RTT > the internet threshold.
+    pub rate: Option<RateProbeConfig>,
 }
 
 impl Default for ProbeConfig {
@@ -210,6 +220,7 @@ impl Default for ProbeConfig {
             max_burst: 4 * 1024 * 1024,
             min_burst: 4 * 1024,
             timeout: Duration::from_secs(2),
+            rate: Some(RateProbeConfig::default()),
         }
     }
 }
@@ -224,6 +235,12 @@ pub struct DetectorConfig {
     pub classifier: ClassifierConfig,
     /// How often the loop samples and decides (default 5 s, as in the seed; ≥ 100 ms).
     pub period: Duration,
+    /// The loop's first [`startup_samples`](Self::startup_samples) periods are this short
+    /// (default 200 ms, never longer than `period`), so that a new session is classified
+    /// within a second rather than after two full periods.
+    pub startup_period: Duration,
+    /// Periods at the start that use `startup_period` (default 5).
+    pub startup_samples: usize,
     /// A period in which the transport moved at least this many payload bytes counts as
     /// busy: its passive RTT and delivery rate are fresh and no probe runs (default 64 KiB).
     pub busy_bytes: u64,
@@ -236,6 +253,8 @@ impl Default for DetectorConfig {
         DetectorConfig {
             classifier: ClassifierConfig::default(),
             period: Duration::from_secs(5),
+            startup_period: Duration::from_millis(200),
+            startup_samples: 5,
             busy_bytes: 64 * 1024,
             probe: ProbeConfig::default(),
         }
@@ -252,7 +271,16 @@ impl DetectorConfig {
                 format!("is {:?}; must be ≥ {MIN_PERIOD:?}", self.period),
             ));
         }
+        if self.startup_period < MIN_PERIOD {
+            return Err(bad(
+                "startup_period",
+                format!("is {:?}; must be ≥ {MIN_PERIOD:?}", self.startup_period),
+            ));
+        }
         let p = &self.probe;
+        if let Some(r) = &p.rate {
+            r.validate()?;
+        }
         if !(p.max_fraction >= 0.0 && p.max_fraction <= 1.0) {
             return Err(bad(
                 "probe.max_fraction",

@@ -9,6 +9,7 @@ use amst_core::{Error, Mode, Result, Transport, TransportMetrics};
 
 use crate::classifier::{Classifier, Decision};
 use crate::config::DetectorConfig;
+use crate::rate::{RateEstimate, measure_rate_until};
 use crate::sample::{Bandwidth, Observation, SampleSource};
 use crate::source::{PathSource, transport_id};
 
@@ -27,6 +28,10 @@ pub struct ProbeStats {
     pub last_budget: u64,
     /// The burst size requested in the latest probe.
     pub last_burst: u64,
+    /// Rate measurements run (see [`ProbeConfig::rate`](crate::ProbeConfig::rate)).
+    pub rate_measurements: u64,
+    /// The latest rate measurement.
+    pub last_rate: Option<RateEstimate>,
 }
 
 /// RTT differences below this never count as a path change for the probe budget.
@@ -72,6 +77,14 @@ pub struct Detector {
     probe_overhead: u64,
     /// The transport that answered `probe` with `Unavailable`; not asked again.
     probe_unsupported: Option<usize>,
+    /// The rate measured on the current path by a converged rate measurement: evidence in
+    /// every idle period until the path changes. Cleared with `rate_floor`.
+    path_rate: Option<u64>,
+    /// The transport on which a rate measurement ran (converged or not) since the last
+    /// path change; none runs again until the path changes.
+    rate_measured_on: Option<usize>,
+    /// Steps taken, for the start-up periods.
+    steps: u64,
 }
 
 impl std::fmt::Debug for Detector {
@@ -103,6 +116,9 @@ impl Detector {
             rate_floor: None,
             probe_overhead: 256,
             probe_unsupported: None,
+            path_rate: None,
+            rate_measured_on: None,
+            steps: 0,
         })
     }
 
@@ -119,6 +135,18 @@ impl Detector {
     /// The mode in effect.
     pub fn mode(&self) -> Mode {
         self.classifier.mode()
+    }
+
+    /// The period until the next step: [`startup_period`](DetectorConfig::startup_period)
+    /// for the first [`startup_samples`](DetectorConfig::startup_samples) steps, then
+    /// [`period`](DetectorConfig::period). [`spawn`](Self::spawn)'s loop follows it; the
+    /// probe budget is sized by it.
+    pub fn current_period(&self) -> std::time::Duration {
+        if self.steps < self.config.startup_samples as u64 {
+            self.config.startup_period.min(self.config.period)
+        } else {
+            self.config.period
+        }
     }
 
     /// What the probe has cost so far.
@@ -155,7 +183,7 @@ impl Detector {
         match rate {
             None => p.bootstrap_burst.min(p.max_burst) + self.probe_overhead,
             Some(r) => {
-                let allowed = p.max_fraction * r as f64 * self.config.period.as_secs_f64();
+                let allowed = p.max_fraction * r as f64 * self.current_period().as_secs_f64();
                 (allowed as u64).min(p.max_burst + self.probe_overhead)
             }
         }
@@ -167,6 +195,7 @@ impl Detector {
         if let Some(obs) = self.sample().await {
             self.classifier.observe(now(), obs);
         }
+        self.steps += 1;
         self.classifier.decide(now())
     }
 
@@ -186,7 +215,7 @@ impl Detector {
             }
             Some(b) if b.transport != id => {
                 tracing::debug!(target: "amst_detect", "transport swapped; counters re-baselined");
-                self.rate_floor = None;
+                self.forget_rates();
                 None
             }
             _ => None,
@@ -198,10 +227,14 @@ impl Detector {
         });
         let fresh = delta.is_some_and(|(bytes, _)| bytes > 0);
         let busy = delta.is_some_and(|(bytes, _)| bytes >= self.config.busy_bytes);
-        // The kernel's srtt only moves while acks arrive, so it is trusted only for a period
-        // in which data moved. min_rtt is a fallback: it never rises on a longer path.
+        // Only a period in which data moved has fresh estimates. The path's RTT is the
+        // minimum: a bulk transfer's smoothed RTT includes the queue it builds itself
+        // (10–12 ms on loopback under the internet profile, which would read as a hybrid
+        // path). The trade-off: the minimum does not rise when a busy path gets longer;
+        // such a path shows in the delivery rate if it also got slower, and in the ping of
+        // the next idle period otherwise.
         let passive_rtt = if fresh {
-            metrics.rtt.or(metrics.min_rtt)
+            metrics.min_rtt.or(metrics.rtt)
         } else {
             None
         };
@@ -271,7 +304,18 @@ impl Detector {
         });
         if moved {
             tracing::debug!(target: "amst_detect", rtt = ?ping.rtt, "RTT moved; burst skipped, rate memory cleared");
-            self.rate_floor = None;
+            self.forget_rates();
+            return obs;
+        }
+        let id = transport_id(transport);
+        let rtt_decides = ping.rtt > self.config.classifier.thresholds.internet_min_rtt;
+        if let Some(rc) = self.config.probe.rate.clone()
+            && self.rate_measured_on != Some(id)
+            && self.probe_unsupported != Some(id)
+            && !rtt_decides
+        {
+            self.rate_measured_on = Some(id);
+            obs.bandwidth = self.measure_path_rate(transport, rc).await;
             return obs;
         }
         let budget = self.probe_budget();
@@ -289,7 +333,63 @@ impl Detector {
                 obs.bandwidth = Some(Bandwidth::at_least(rate));
             }
         }
+        // A measured rate of this path is evidence until a train shows more.
+        if let Some(measured) = self.path_rate
+            && obs.bandwidth.is_none_or(|b| b.bytes_per_sec <= measured)
+        {
+            obs.bandwidth = Some(Bandwidth::measured(measured));
+        }
         obs
+    }
+
+    fn forget_rates(&mut self) {
+        self.rate_floor = None;
+        self.path_rate = None;
+        self.rate_measured_on = None;
+    }
+
+    /// One rate measurement (see [`ProbeConfig::rate`](crate::ProbeConfig::rate)), its time
+    /// capped at the period. The rate is a measurement only if it converged and the
+    /// application moved (almost) nothing meanwhile; otherwise it is a lower bound.
+    async fn measure_path_rate(
+        &mut self,
+        transport: &Arc<dyn Transport>,
+        mut rc: crate::rate::RateProbeConfig,
+    ) -> Option<Bandwidth> {
+        rc.max_time = rc.max_time.min(self.config.period);
+        let before = moved(&transport.metrics());
+        let busy_bytes = self.config.busy_bytes;
+        let app_busy = |wire: u64| {
+            // A transport may count its probe bytes among the application's.
+            moved(&transport.metrics()).saturating_sub(before) > wire + busy_bytes
+        };
+        let result = measure_rate_until(&**transport, &rc, app_busy).await;
+        let app_moved = moved(&transport.metrics()).saturating_sub(before);
+        let e = match result {
+            Ok(e) => e,
+            Err(e) => {
+                self.stats.failures += 1;
+                tracing::debug!(target: "amst_detect", error = %e, "rate measurement failed");
+                return None;
+            }
+        };
+        self.stats.rate_measurements += 1;
+        self.stats.last_rate = Some(e);
+        self.stats.probes += e.trains as u64;
+        self.stats.bytes_total += e.wire_bytes;
+        self.stats.last_period_bytes += e.wire_bytes;
+        self.stats.last_burst = e.bytes;
+        let mut bw = e.bandwidth?;
+        // A transport may count its probe bytes among the application's.
+        if app_moved.saturating_sub(e.wire_bytes) > self.config.busy_bytes {
+            bw = Bandwidth::at_least(bw.bytes_per_sec);
+        }
+        tracing::debug!(target: "amst_detect", estimate = ?e, measured = !bw.lower_bound, "path rate");
+        self.rate_floor = self.rate_floor.max(Some(bw.bytes_per_sec));
+        if !bw.lower_bound {
+            self.path_rate = Some(bw.bytes_per_sec);
+        }
+        Some(bw)
     }
 
     /// One active probe, bounded in time; `None` if disabled, unsupported or failed.

@@ -46,6 +46,7 @@
 mod classifier;
 mod config;
 mod detector;
+mod rate;
 mod sample;
 mod source;
 mod task;
@@ -56,6 +57,9 @@ pub use config::{
     ClassifierConfig, DetectorConfig, GBIT_PER_SEC, History, MIN_PERIOD, ProbeConfig, Thresholds,
 };
 pub use detector::{Detector, ProbeStats};
+pub use rate::{
+    RateEstimate, RateProbe, RateProbeConfig, RateStep, Train, measure_rate, measure_rate_until,
+};
 pub use sample::{Bandwidth, Observation, SampleSource};
 pub use source::{MaybePath, PathSource};
 pub use task::{DetectorHandle, Report};

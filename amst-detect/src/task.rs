@@ -75,7 +75,8 @@ async fn run(
     modes: watch::Sender<Mode>,
     reports: watch::Sender<Option<Report>>,
 ) -> Detector {
-    let mut tick = tokio::time::interval(detector.config().period);
+    let mut period = detector.current_period();
+    let mut tick = tokio::time::interval(period);
     // After a slow probe, keep the period between samples rather than catching up.
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let publish = |d: &Decision, stats: ProbeStats| {
@@ -106,6 +107,12 @@ async fn run(
             _ = tick.tick() => {
                 let d = detector.step().await;
                 publish(&d, detector.stats());
+                if detector.current_period() != period {
+                    // The start-up periods are over.
+                    period = detector.current_period();
+                    tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+                    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+                }
             }
         }
     }

@@ -13,7 +13,9 @@ use amst_core::{
     BoxFuture, InMemoryTransport, Mode, PathSample, Result, Transport, TransportKind,
     TransportMetrics,
 };
-use amst_detect::{Detector, DetectorConfig, GBIT_PER_SEC, MaybePath, Reason, SampleSource};
+use amst_detect::{
+    Detector, DetectorConfig, GBIT_PER_SEC, MaybePath, RateProbeConfig, Reason, SampleSource,
+};
 use bytes::Bytes;
 use tokio::time::Instant;
 
@@ -134,17 +136,22 @@ impl Transport for ScriptedLink {
     }
 }
 
+/// The periodic-train behaviour alone: no start-of-path rate measurement and no short
+/// start-up periods (both tested below).
 fn config(period: Duration) -> DetectorConfig {
-    DetectorConfig {
+    let mut c = DetectorConfig {
         period,
+        startup_samples: 0,
         ..Default::default()
-    }
+    };
+    c.probe.rate = None;
+    c
 }
 
 #[tokio::test(start_paused = true)]
 async fn an_idle_datacenter_link_is_classified_by_probes() {
     let link = ScriptedLink::new(Duration::from_micros(100), 10 * GBIT_PER_SEC);
-    let mut det = Detector::new(DetectorConfig::default(), link.clone()).unwrap();
+    let mut det = Detector::new(config(Duration::from_secs(5)), link.clone()).unwrap();
     let d1 = det.step().await;
     assert_eq!(d1.reason, Reason::Warmup, "{d1}");
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -251,7 +258,7 @@ async fn window_limited_trains_do_not_shrink_the_budget() {
     // it holds.
     let link = ScriptedLink::new(Duration::from_millis(80), GBIT_PER_SEC / 5);
     link.set(|s| s.trains_window_limited = true);
-    let mut det = Detector::new(DetectorConfig::default(), link.clone()).unwrap();
+    let mut det = Detector::new(config(Duration::from_secs(5)), link.clone()).unwrap();
     for _ in 0..30 {
         det.step().await;
         tokio::time::sleep(Duration::from_secs(5)).await;
@@ -461,4 +468,67 @@ async fn a_transport_without_probe_is_measured_passively_only() {
     }
     assert_eq!(det.stats().failures, 0);
     assert_eq!(det.stats().probes, 0);
+}
+
+fn with_rate_measurement(period: Duration) -> DetectorConfig {
+    DetectorConfig {
+        period,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_first_idle_period_measures_the_rate_once_per_path() {
+    // 20 ms at 200 Mbit/s, with trains that measure only burst / RTT until they exceed the
+    // bandwidth-delay product (500 kB), as a TCP train held back by its window does.
+    let rate = GBIT_PER_SEC / 5;
+    let link = ScriptedLink::new(Duration::from_millis(20), rate);
+    link.set(|s| s.trains_window_limited = true);
+    let period = Duration::from_secs(1);
+    let mut det = Detector::new(with_rate_measurement(period), link.clone()).unwrap();
+    let d1 = det.step().await;
+    let e = det.stats().last_rate.expect("a rate measurement ran");
+    println!("{e:?}");
+    let bw = e.bandwidth.unwrap();
+    assert!(!bw.lower_bound, "{e:?}");
+    assert_eq!(bw.bytes_per_sec, rate, "{e:?}");
+    assert!(e.bytes <= RateProbeConfig::default().max_bytes);
+    assert_eq!(d1.bandwidth, Some(rate), "{d1}");
+    // A measured slow rate is evidence: internet at full confidence on a 20 ms path that
+    // RTT alone would call hybrid.
+    tokio::time::sleep(period).await;
+    let d2 = det.step().await;
+    assert_eq!(d2.mode, Mode::Internet, "{d2}");
+    assert_eq!(d2.confidence, 1.0, "{d2}");
+    for _ in 0..5 {
+        tokio::time::sleep(period).await;
+        let d = det.step().await;
+        assert_eq!(d.bandwidth, Some(rate), "remembered for the path: {d}");
+        let one_percent = (0.01 * rate as f64 * det.current_period().as_secs_f64()) as u64;
+        assert!(
+            det.stats().last_period_bytes <= one_percent,
+            "{:?}",
+            det.stats()
+        );
+    }
+    assert_eq!(det.stats().rate_measurements, 1, "once per path");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_session_is_classified_within_a_second() {
+    // The default 5 s period: the start-up periods (200 ms) decide long before the first
+    // full period ends.
+    let link = ScriptedLink::new(Duration::from_micros(100), 10 * GBIT_PER_SEC);
+    let start = Instant::now();
+    let handle = Detector::new(with_rate_measurement(Duration::from_secs(5)), link.clone())
+        .unwrap()
+        .spawn();
+    let mut modes = handle.subscribe();
+    modes.wait_for(|m| *m == Mode::Datacenter).await.unwrap();
+    let took = start.elapsed();
+    println!("datacenter after {took:?}");
+    assert!(took <= Duration::from_secs(1), "took {took:?}");
+    let d = handle.last_decision().unwrap();
+    assert!(!d.rtt_only(), "{d}");
+    handle.shutdown().await;
 }

@@ -23,6 +23,9 @@ use crate::conn::Conn;
 use crate::sockopt::{self, Applied};
 use crate::stats::{BufferStats, StreamCtl, StreamStats};
 
+/// Bytes of a probe train one writer takes at a time.
+const PROBE_SLICE: usize = 256 << 10;
+
 /// Which side of the session we are; only the client dials streams.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Role {
@@ -119,6 +122,10 @@ pub(crate) struct Shared {
     /// Queued control frames (Ping, Pong).
     pub ctrl_queue: Mutex<VecDeque<Frame>>,
     pub ctrl_queued: AtomicBool,
+    /// A probe train's padded Pings, taken a slice at a time by whichever writers are free,
+    /// so that the train spreads over the streams as data does.
+    pub probe_queue: Mutex<VecDeque<Frame>>,
+    pub probe_queued: AtomicBool,
     /// Tells the monitor that an ack is owed and should go out after the ack delay.
     pub ack_timer: Notify,
     pub streams: Mutex<Vec<StreamEntry>>,
@@ -142,6 +149,9 @@ pub(crate) struct Shared {
     pub kernel_cwnd: AtomicU64,
     /// Sum of the live streams' `tcpi_bytes_retrans` at the last sample.
     pub kernel_bytes_retrans: AtomicU64,
+    /// Probe trains in flight: while any is, the model's cap is lifted (the probe measures
+    /// the path, not the pacing) and not re-applied.
+    pub probing: AtomicU32,
     /// Sum of the streams' kernel delivery-rate estimates at the last sample, bytes/s.
     pub delivery_rate: AtomicU64,
     pub srtt_us: AtomicU64,
@@ -225,6 +235,8 @@ impl Shared {
             ctrl_pending: AtomicBool::new(true),
             ctrl_queue: Mutex::new(VecDeque::new()),
             ctrl_queued: AtomicBool::new(false),
+            probe_queue: Mutex::new(VecDeque::new()),
+            probe_queued: AtomicBool::new(false),
             ack_timer: Notify::new(),
             streams: Mutex::new(Vec::new()),
             streams_changed: Notify::new(),
@@ -240,6 +252,7 @@ impl Shared {
             model_cwnd: AtomicU64::new(0),
             kernel_cwnd: AtomicU64::new(0),
             kernel_bytes_retrans: AtomicU64::new(0),
+            probing: AtomicU32::new(0),
             delivery_rate: AtomicU64::new(0),
             srtt_us: AtomicU64::new(0),
             min_rtt_us: AtomicU64::new(0),
@@ -296,6 +309,23 @@ impl Shared {
         if self.ctrl_queued.swap(false, Ordering::AcqRel) {
             for f in lock(&self.ctrl_queue).drain(..) {
                 f.encode(out);
+            }
+        }
+        if self.probe_queued.load(Ordering::Acquire) {
+            let mut q = lock(&self.probe_queue);
+            let mut taken = 0;
+            while taken < PROBE_SLICE
+                && let Some(f) = q.pop_front()
+            {
+                let before = out.len();
+                f.encode(out);
+                taken += out.len() - before;
+            }
+            if q.is_empty() {
+                self.probe_queued.store(false, Ordering::Release);
+            } else {
+                // More for the next free writer.
+                self.tx_wake.notify_one();
             }
         }
     }
@@ -500,7 +530,8 @@ impl Shared {
 
     pub(crate) fn per_stream_pacing(&self, n: usize) -> Option<u64> {
         let rate = self.pacing_rate.load(Ordering::Relaxed);
-        (self.config.pacing && rate > 0 && n > 0).then(|| (rate / n as u64).max(1))
+        let probing = self.probing.load(Ordering::Acquire) > 0;
+        (self.config.pacing && rate > 0 && n > 0 && !probing).then(|| (rate / n as u64).max(1))
     }
 
     pub(crate) fn stream_count(&self) -> usize {

@@ -357,6 +357,7 @@ impl TcpTransport {
         let mut used = 2 * FRAME;
         let mut delivery_rate = None;
         if burst_bytes > 0 {
+            let _unpaced = Unpaced::new(s);
             let mut left = burst_bytes;
             let mut pending = Vec::new();
             let mut sizes = Vec::new();
@@ -365,40 +366,80 @@ impl TcpTransport {
                 let pad = left.min(PROBE_PADDING);
                 left -= pad;
                 let (f, rx) = ping(pad as u32);
-                // Queued together: one writer puts the whole train out in one write.
-                lock(&s.ctrl_queue).push_back(f);
+                // Free writers take it a slice at a time: the train spreads over the streams.
+                lock(&s.probe_queue).push_back(f);
                 pending.push(rx);
                 sizes.push(pad + FRAME);
             }
-            s.ctrl_queued.store(true, Ordering::Release);
-            s.tx_wake.notify_one();
+            s.probe_queued.store(true, Ordering::Release);
+            s.tx_wake.notify_waiters();
             let mut times = Vec::with_capacity(pending.len());
             for rx in pending {
                 times.push(wait(rx).await?);
             }
             used += sizes.iter().sum::<u64>() + FRAME * sizes.len() as u64;
-            let first = times[0];
+            let first = *times.iter().min().unwrap_or(&start);
             let last = *times.iter().max().unwrap_or(&first);
+            // Both estimate how long the train took to arrive at the receiver (each Pong
+            // leaves it when its Ping has arrived whole). The answers' dispersion misses
+            // the first Ping and shrinks when the receiver answers a batch of Pings read
+            // together; the whole exchange minus one RTT counts the sender's queueing and
+            // shrinks when the RTT was overestimated. The longer span is the safer: a
+            // train never reads faster than it arrived.
             let spread = last.saturating_duration_since(first);
-            // The dispersion of the answers measures the bottleneck; with one Ping, or
-            // answers that arrived together, fall back to the whole exchange minus one RTT.
-            delivery_rate = if times.len() >= 2 && spread >= Duration::from_micros(50) {
-                let bytes: u64 = sizes[1..].iter().sum();
-                Some((bytes as f64 / spread.as_secs_f64()) as u64)
-            } else {
-                let total: u64 = sizes.iter().sum();
-                let t = last
-                    .saturating_duration_since(start)
-                    .saturating_sub(rtt)
-                    .max(Duration::from_micros(10));
-                Some((total as f64 / t.as_secs_f64()) as u64)
-            };
+            let whole = last.saturating_duration_since(start).saturating_sub(rtt);
+            let total: u64 = sizes.iter().sum();
+            let after_first: u64 = sizes[1..].iter().sum();
+            let by_spread = (spread >= Duration::from_micros(50))
+                .then(|| after_first as f64 / spread.as_secs_f64());
+            let by_whole = total as f64 / whole.max(Duration::from_micros(10)).as_secs_f64();
+            delivery_rate = Some(by_spread.map_or(by_whole, |r| r.min(by_whole)) as u64);
         }
         Ok(PathSample {
             rtt,
             delivery_rate,
             bytes_used: used,
         })
+    }
+}
+
+/// Lifts the pacing model's cap on every stream while a probe train runs, so that the
+/// train measures the path and not the model's current rate (an idle session's model may
+/// be far below the path); restores the cap when the last train ends, even if the probe
+/// was cancelled. Kernel congestion control still governs the train.
+struct Unpaced<'a> {
+    shared: &'a Shared,
+}
+
+impl<'a> Unpaced<'a> {
+    fn new(shared: &'a Shared) -> Self {
+        shared.probing.fetch_add(1, Ordering::AcqRel);
+        if shared.config.pacing {
+            set_stream_pacing(shared, u64::MAX);
+        }
+        Unpaced { shared }
+    }
+}
+
+impl Drop for Unpaced<'_> {
+    fn drop(&mut self) {
+        let s = self.shared;
+        if s.probing.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // A cancelled probe's train goes no further.
+            lock(&s.probe_queue).clear();
+            if let Some(per) = s.per_stream_pacing(s.stream_count()) {
+                set_stream_pacing(s, per);
+            }
+        }
+    }
+}
+
+fn set_stream_pacing(s: &Shared, per_stream: u64) {
+    use std::os::fd::AsRawFd;
+    for e in lock(&s.streams).iter() {
+        if let Err(e) = sockopt::set_max_pacing_rate(e.sock.as_raw_fd(), per_stream) {
+            warn!(error = %e, "SO_MAX_PACING_RATE refused");
+        }
     }
 }
 

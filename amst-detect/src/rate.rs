@@ -1,0 +1,437 @@
+//! Measuring the path's rate: a sans-IO plan of packet trains ([`RateProbe`]) and the
+//! async loop that runs it on a transport ([`measure_rate`]).
+//!
+//! Why a single short burst under-reads: it is smaller than the bandwidth-delay product, so
+//! TCP's window (after slow start or idle) and not the bottleneck paces it; its first
+//! answer comes a round trip after it started, so a short train is mostly start-up; and
+//! timing it at the sender mixes in the sender's own queueing. So the probe sends trains
+//! that grow until each lasts several round trips, times every train by the dispersion of
+//! the receiver's answers (each Pong leaves the receiver when its Ping has fully arrived),
+//! and stops once two long trains agree, or when its byte or time budget is spent.
+
+use std::time::{Duration, Instant};
+
+use amst_core::{Error, Result, Transport};
+
+use crate::sample::Bandwidth;
+
+/// Limits and targets of one rate measurement.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RateProbeConfig {
+    /// The first train (default 256 KiB).
+    pub first_train: u64,
+    /// The largest single train (default 32 MiB).
+    pub max_train: u64,
+    /// Most bytes all trains together may send (default 128 MiB; about 60 ms at 17 Gbit/s,
+    /// 1 s at 1 Gbit/s).
+    pub max_bytes: u64,
+    /// Longest the whole measurement may take (default 2 s).
+    pub max_time: Duration,
+    /// A train counts only if it lasted at least this many round trips (default 4), so
+    /// that its start-up (the first answer needs a round trip) is a small part of it.
+    pub min_train_rtts: u32,
+    /// ...and at least this long, so that timer granularity is small (default 4 ms).
+    pub min_train_time: Duration,
+    /// Two counted trains whose rates differ by at most this fraction (default 0.08) end
+    /// the measurement: the rate no longer grows with the train, so it is the path's.
+    pub tolerance: f64,
+}
+
+impl Default for RateProbeConfig {
+    fn default() -> Self {
+        RateProbeConfig {
+            first_train: 256 << 10,
+            max_train: 32 << 20,
+            max_bytes: 128 << 20,
+            max_time: Duration::from_secs(2),
+            min_train_rtts: 4,
+            min_train_time: Duration::from_millis(4),
+            tolerance: 0.08,
+        }
+    }
+}
+
+impl RateProbeConfig {
+    /// Checks every field; the error names the first bad one.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &'static str, reason: String| Error::Config { field, reason };
+        if self.first_train == 0 || self.first_train > self.max_train {
+            return Err(bad(
+                "rate_probe.first_train",
+                format!(
+                    "is {}; must be 1..=max_train ({})",
+                    self.first_train, self.max_train
+                ),
+            ));
+        }
+        if self.max_bytes < self.first_train {
+            return Err(bad(
+                "rate_probe.max_bytes",
+                format!(
+                    "is {}; must be ≥ first_train ({})",
+                    self.max_bytes, self.first_train
+                ),
+            ));
+        }
+        if self.max_time.is_zero() {
+            return Err(bad("rate_probe.max_time", "is 0".into()));
+        }
+        if !(self.tolerance > 0.0 && self.tolerance < 1.0) {
+            return Err(bad(
+                "rate_probe.tolerance",
+                format!("is {}; must be in (0, 1)", self.tolerance),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One train's result, as the transport measured it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Train {
+    /// Padding bytes asked for.
+    pub bytes: u64,
+    /// Delivery rate at the receiver, bytes per second (`None` if it could not be timed).
+    pub rate: Option<u64>,
+    /// The round trip the probe measured before the train.
+    pub rtt: Duration,
+    /// How long the train took, from its first byte sent to its last answer.
+    pub took: Duration,
+    /// Bytes the probe put on the wire, both directions.
+    pub wire_bytes: u64,
+}
+
+/// What [`RateProbe::next`] asks for.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RateStep {
+    /// Send a train of this many bytes and report it with [`RateProbe::on_train`].
+    Send(u64),
+    /// Done.
+    Done(RateEstimate),
+}
+
+/// The outcome of a rate measurement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateEstimate {
+    /// The rate, bytes per second: [`Bandwidth::measured`] when two long trains agreed,
+    /// [`Bandwidth::at_least`] (the best train) when the budget ran out first. `None` if no
+    /// train could be timed.
+    pub bandwidth: Option<Bandwidth>,
+    /// Trains sent.
+    pub trains: usize,
+    /// Padding bytes sent.
+    pub bytes: u64,
+    /// Bytes the probes put on the wire, both directions (their pings and answers too).
+    pub wire_bytes: u64,
+    /// Time from the first train to the end.
+    pub took: Duration,
+    /// The smallest RTT the probe saw.
+    pub rtt: Option<Duration>,
+}
+
+/// The sans-IO plan of a rate measurement: trains that grow (at least doubling) until they
+/// last [`min_train_rtts`](RateProbeConfig::min_train_rtts) round trips, and on until a
+/// train twice as large as the one before reads the same rate within the tolerance.
+///
+/// ```
+/// use std::time::{Duration, Instant};
+/// use amst_detect::{RateProbe, RateProbeConfig, RateStep, Train};
+///
+/// let t0 = Instant::now();
+/// let mut p = RateProbe::new(RateProbeConfig::default(), t0);
+/// let rtt = Duration::from_millis(20);
+/// let rate = 25_000_000; // 200 Mbit/s
+/// let mut now = t0;
+/// let estimate = loop {
+///     match p.next(now) {
+///         RateStep::Send(bytes) => {
+///             let took = rtt + Duration::from_secs_f64(bytes as f64 / rate as f64);
+///             now += took + rtt; // the ping before the train
+///             p.on_train(Train { bytes, rate: Some(rate), rtt, took, wire_bytes: bytes });
+///         }
+///         RateStep::Done(e) => break e,
+///     }
+/// };
+/// let bw = estimate.bandwidth.unwrap();
+/// assert!(!bw.lower_bound);
+/// assert_eq!(bw.bytes_per_sec, rate);
+/// ```
+#[derive(Clone, Debug)]
+pub struct RateProbe {
+    config: RateProbeConfig,
+    started: Instant,
+    trains: Vec<Train>,
+    sent: u64,
+    wire: u64,
+    done: Option<RateEstimate>,
+}
+
+impl RateProbe {
+    /// A measurement starting at `now`.
+    pub fn new(config: RateProbeConfig, now: Instant) -> Self {
+        RateProbe {
+            config,
+            started: now,
+            trains: Vec::new(),
+            sent: 0,
+            wire: 0,
+            done: None,
+        }
+    }
+
+    /// The trains so far.
+    pub fn trains(&self) -> &[Train] {
+        &self.trains
+    }
+
+    /// Records one train.
+    pub fn on_train(&mut self, train: Train) {
+        self.sent = self.sent.saturating_add(train.bytes);
+        self.wire = self.wire.saturating_add(train.wire_bytes);
+        self.trains.push(train);
+    }
+
+    /// A train is long enough when it lasted `min_train_rtts` round trips and
+    /// `min_train_time`.
+    fn long_enough(&self, t: &Train) -> bool {
+        let need = self
+            .config
+            .min_train_time
+            .max(t.rtt * self.config.min_train_rtts);
+        t.rate.is_some() && t.took >= need
+    }
+
+    fn min_rtt(&self) -> Option<Duration> {
+        self.trains.iter().map(|t| t.rtt).min()
+    }
+
+    fn finish(&mut self, now: Instant, bandwidth: Option<Bandwidth>) -> RateEstimate {
+        let e = RateEstimate {
+            bandwidth,
+            trains: self.trains.len(),
+            bytes: self.sent,
+            wire_bytes: self.wire,
+            took: now.saturating_duration_since(self.started),
+            rtt: self.min_rtt(),
+        };
+        self.done = Some(e);
+        e
+    }
+
+    /// The newest counted train's rate, if it agrees within the tolerance with the counted
+    /// train before it although it was at least 1.5 times larger (or both were the largest
+    /// allowed): a rate that does not grow with the train is the path's, not a window's.
+    fn agreed(&self) -> Option<u64> {
+        let counted: Vec<&Train> = self.trains.iter().filter(|t| self.long_enough(t)).collect();
+        let [.., prev, newest] = counted[..] else {
+            return None;
+        };
+        let grew =
+            newest.bytes as f64 >= 1.5 * prev.bytes as f64 || newest.bytes >= self.config.max_train;
+        let (a, b) = (prev.rate?, newest.rate?);
+        let (lo, hi) = (a.min(b) as f64, a.max(b) as f64);
+        (grew && hi > 0.0 && (hi - lo) / hi <= self.config.tolerance).then_some(b)
+    }
+
+    /// Ends the measurement now with what the trains so far show.
+    pub fn conclude(&mut self, now: Instant) -> RateEstimate {
+        if let Some(e) = self.done {
+            return e;
+        }
+        let bandwidth = match self.agreed() {
+            Some(rate) => Some(Bandwidth::measured(rate)),
+            None => self
+                .trains
+                .iter()
+                .filter_map(|t| t.rate)
+                .max()
+                .map(Bandwidth::at_least),
+        };
+        self.finish(now, bandwidth)
+    }
+
+    /// The next train to send, or the result. Once done, it stays done.
+    pub fn next(&mut self, now: Instant) -> RateStep {
+        if let Some(e) = self.done {
+            return RateStep::Done(e);
+        }
+        if let Some(rate) = self.agreed() {
+            return RateStep::Done(self.finish(now, Some(Bandwidth::measured(rate))));
+        }
+        let best = self.trains.iter().filter_map(|t| t.rate).max();
+        let elapsed = now.saturating_duration_since(self.started);
+        let size = match self.trains.last() {
+            None => self.config.first_train,
+            Some(last) => {
+                let need = self
+                    .config
+                    .min_train_time
+                    .max(last.rtt * self.config.min_train_rtts);
+                match last.rate {
+                    // Aim at 1.5 × the needed length at the last rate, at least double a
+                    // short train (the rate may still be window-limited), never more than
+                    // eight times it.
+                    Some(r) if !self.long_enough(last) => {
+                        let want = (r as f64 * need.as_secs_f64() * 1.5) as u64;
+                        want.clamp(last.bytes.saturating_mul(2), last.bytes.saturating_mul(8))
+                    }
+                    // Twice the last: the next comparison tests whether the rate still
+                    // grows with the train.
+                    Some(r) => ((r as f64 * need.as_secs_f64() * 1.5) as u64)
+                        .max(last.bytes.saturating_mul(2)),
+                    None => last.bytes.saturating_mul(2),
+                }
+            }
+        };
+        let size = size.min(self.config.max_train);
+        let left_bytes = self.config.max_bytes.saturating_sub(self.sent);
+        // Time the next train would take at the best rate seen, plus two round trips (the
+        // ping and the last answer).
+        let rtt = self.min_rtt().unwrap_or_default();
+        let eta = best.map_or(Duration::ZERO, |r| {
+            Duration::from_secs_f64(size as f64 / r.max(1) as f64)
+        }) + rtt * 2;
+        if size > left_bytes || elapsed + eta > self.config.max_time {
+            return RateStep::Done(self.finish(now, best.map(Bandwidth::at_least)));
+        }
+        RateStep::Send(size)
+    }
+}
+
+/// Runs a [`RateProbe`] on `transport` with [`Transport::probe`], each train bounded by
+/// the time left. Fails only if the very first probe fails (e.g. the transport has no
+/// probe); a later failure ends the measurement with what it has.
+pub async fn measure_rate(
+    transport: &dyn Transport,
+    config: &RateProbeConfig,
+) -> Result<RateEstimate> {
+    measure_rate_until(transport, config, |_| false).await
+}
+
+/// [`measure_rate`] that also ends, with what it has, once `stop` returns true; it is asked
+/// before each train with the bytes the probe has put on the wire so far (the detector
+/// stops when the application starts moving data, which the trains would only compete
+/// with).
+pub async fn measure_rate_until(
+    transport: &dyn Transport,
+    config: &RateProbeConfig,
+    mut stop: impl FnMut(u64) -> bool,
+) -> Result<RateEstimate> {
+    config.validate()?;
+    let start = now();
+    let mut plan = RateProbe::new(config.clone(), start);
+    loop {
+        let bytes = match plan.next(now()) {
+            RateStep::Send(_) if stop(plan.wire) => return Ok(plan.conclude(now())),
+            RateStep::Send(b) => b,
+            RateStep::Done(e) => return Ok(e),
+        };
+        let left = config
+            .max_time
+            .saturating_sub(now().saturating_duration_since(start))
+            .max(Duration::from_millis(100));
+        let t0 = now();
+        let sample = match tokio::time::timeout(left, transport.probe(bytes)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) if plan.trains().is_empty() => return Err(e),
+            Err(_) if plan.trains().is_empty() => {
+                return Err(Error::Timeout {
+                    what: "the first rate-probe train",
+                    after: left,
+                });
+            }
+            // Out of time or failed mid-way: report what the finished trains showed.
+            _ => return Ok(plan.conclude(now())),
+        };
+        // The train took the whole call minus the ping's round trip before it.
+        let took = now()
+            .saturating_duration_since(t0)
+            .saturating_sub(sample.rtt);
+        let train = Train {
+            bytes,
+            rate: sample.delivery_rate,
+            rtt: sample.rtt,
+            took,
+            wire_bytes: sample.bytes_used,
+        };
+        tracing::debug!(target: "amst_detect", ?train, "rate-probe train");
+        plan.on_train(train);
+    }
+}
+
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(config: RateProbeConfig, rate_of: impl Fn(usize, u64) -> u64) -> RateEstimate {
+        let t0 = Instant::now();
+        let rtt = Duration::from_millis(10);
+        let mut p = RateProbe::new(config, t0);
+        let mut now = t0;
+        for i in 0.. {
+            match p.next(now) {
+                RateStep::Send(bytes) => {
+                    let rate = rate_of(i, bytes);
+                    let took = rtt + Duration::from_secs_f64(bytes as f64 / rate as f64);
+                    now += took + rtt;
+                    p.on_train(Train {
+                        bytes,
+                        rate: Some(rate),
+                        rtt,
+                        took,
+                        wire_bytes: bytes + 100,
+                    });
+                }
+                RateStep::Done(e) => return e,
+            }
+        }
+        unreachable!()
+    }
+
+    #[test]
+    fn converges_on_a_steady_rate() {
+        let e = run(RateProbeConfig::default(), |_, _| 125_000_000);
+        assert_eq!(e.bandwidth, Some(Bandwidth::measured(125_000_000)));
+        assert!(e.trains >= 3, "{e:?}");
+    }
+
+    #[test]
+    fn a_rate_that_never_settles_is_a_lower_bound_within_the_byte_budget() {
+        let config = RateProbeConfig {
+            max_bytes: 16 << 20,
+            ..Default::default()
+        };
+        // Grows by a quarter per train: never two alike.
+        let e = run(config.clone(), |i, _| {
+            (12_500_000.0 * 1.25f64.powi(i as i32)) as u64
+        });
+        let bw = e.bandwidth.unwrap();
+        assert!(bw.lower_bound, "{e:?}");
+        assert!(bw.bytes_per_sec > 12_500_000, "the best train: {e:?}");
+        assert!(e.bytes <= config.max_bytes, "{e:?}");
+    }
+
+    #[test]
+    fn the_time_budget_ends_a_slow_measurement() {
+        let config = RateProbeConfig {
+            max_time: Duration::from_millis(300),
+            ..Default::default()
+        };
+        let e = run(config, |i, _| 1_000_000 + 100_000 * i as u64);
+        assert!(e.took <= Duration::from_millis(300), "{e:?}");
+        assert!(e.bandwidth.unwrap().lower_bound, "{e:?}");
+    }
+
+    #[test]
+    fn bad_config_names_the_field() {
+        let c = RateProbeConfig {
+            tolerance: 0.0,
+            ..Default::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("tolerance"));
+    }
+}
