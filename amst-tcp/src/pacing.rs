@@ -15,16 +15,6 @@ use crate::tuner::Aggregate;
 /// a stream (1 Mbit/s).
 pub const MIN_STREAM_RATE: u64 = 125_000;
 
-/// The aggregate inflight cap in model BDPs. Measured against one `iperf3 -C bbr` flow on
-/// 200 Mbit/s, 100 ms, 1% loss, 1 BDP queue (amst-tcp's `linkem_share` example, ungated, on a
-/// loaded machine): 1.25 left amst 0.40 of the link and once collapsed to 0.21, 1.5 took 0.71,
-/// 1.4 took 0.46-0.62; without the cap 0.77-0.79.
-pub const INFLIGHT_GAIN: f64 = 1.4;
-
-/// Smoothed RTT over min RTT above which a queue is taken to stand and the inflight cap
-/// applies.
-pub const QUEUE_RTT: f64 = 1.1;
-
 /// One BBR instance modelling the aggregate of all streams.
 #[derive(Debug)]
 pub(crate) struct Pacer {
@@ -61,7 +51,7 @@ impl Pacer {
                 return None;
             }
             self.bbr.on_app_limited(now, 0);
-            return Some(self.rate(a.streams, a.srtt));
+            return Some(self.rate(a.streams));
         }
         if let Some(rtt) = a.srtt {
             self.bbr.on_rtt_sample(now, rtt, Duration::ZERO);
@@ -97,23 +87,11 @@ impl Pacer {
             );
             self.last_phase = Some(m.phase);
         }
-        Some(self.rate(a.streams, a.srtt))
+        Some(self.rate(a.streams))
     }
 
-    /// The model's pacing rate, and no more than the aggregate inflight cap allows at the
-    /// streams' RTT: the kernels' own BBR lets each stream keep twice its BDP in flight, so
-    /// eight of them against another flow fill the queue and hold 0.78 of the link. Applied
-    /// only while a queue stands (the RTT above [`QUEUE_RTT`] of the minimum), which a paced
-    /// aggregate alone does not build.
-    fn rate(&self, streams: usize, srtt: Option<Duration>) -> u64 {
-        let mut r = self.bbr.pacing_rate();
-        let m = self.bbr.metrics();
-        if let (Some(min), Some(srtt)) = (m.min_rtt, srtt)
-            && srtt.as_secs_f64() > QUEUE_RTT * min.as_secs_f64()
-        {
-            let bdp = m.bottleneck_bw * min.as_secs_f64();
-            r = r.min(INFLIGHT_GAIN * bdp / srtt.as_secs_f64());
-        }
+    fn rate(&self, streams: usize) -> u64 {
+        let r = self.bbr.pacing_rate();
         let r = if r.is_finite() { r as u64 } else { u64::MAX };
         r.max(MIN_STREAM_RATE * streams.max(1) as u64)
     }
@@ -122,41 +100,6 @@ impl Pacer {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn steady(rate: u64, srtt_ms: u64) -> Aggregate {
-        Aggregate {
-            delivered: rate / 10,
-            retransmitted: rate / 1000,
-            sent: rate / 10,
-            interval: Duration::from_millis(100),
-            min_rtt: Some(Duration::from_millis(100)),
-            srtt: Some(Duration::from_millis(srtt_ms)),
-            streams: 8,
-            chunk: 128 << 10,
-            app_limited: false,
-        }
-    }
-
-    #[test]
-    fn a_standing_queue_caps_the_rate_at_the_inflight_limit() {
-        let t0 = Instant::now();
-        let rate = 25_000_000u64;
-        let period = Duration::from_millis(100);
-        let mut p = Pacer::new(Congestion::Bbr, t0);
-        for i in 1..=100u32 {
-            p.on_sample(t0 + period * i, &steady(rate, 101));
-        }
-        let free = p.rate(8, Some(Duration::from_millis(101)));
-        assert_eq!(free, p.bbr.pacing_rate() as u64, "no queue, no cap");
-        // A queue of 0.8 BDP: at most INFLIGHT_GAIN BDPs in flight over 180 ms.
-        let queued = p.rate(8, Some(Duration::from_millis(180)));
-        let bw = p.bbr.metrics().bottleneck_bw;
-        let want = INFLIGHT_GAIN * bw * 0.1 / 0.18;
-        assert!(
-            (queued as f64 - want).abs() < want * 0.01 && queued < free,
-            "capped {queued}, want {want:.0}, uncapped {free}"
-        );
-    }
 
     #[test]
     fn the_model_tracks_a_steady_aggregate() {
