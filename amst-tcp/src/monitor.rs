@@ -22,12 +22,17 @@ struct Totals {
 }
 
 impl Totals {
-    /// Returns the growth of (acked, retransmitted, sent) since the last call.
+    /// Returns the growth of (delivered, retransmitted, sent) since the last call. Delivered
+    /// counts selectively acknowledged segments (times the MSS), not the cumulative ack:
+    /// under random loss a repaired hole releases a whole round trip of one stream's data at
+    /// once, and 100 ms samples of `bytes_acked` then read well above the bottleneck (2.7x of
+    /// it at 200 Mbit/s and 1% loss), which the model's max filter takes for bandwidth.
     fn delta(&mut self, now: &[(u32, sockopt::TcpInfo)]) -> (u64, u64, u64) {
         let mut d = (0, 0, 0);
         let mut next = std::collections::HashMap::with_capacity(now.len());
         for (path, info) in now {
-            let cur = (info.bytes_acked, info.bytes_retrans, info.bytes_sent);
+            let delivered = info.delivered_segments as u64 * info.mss as u64;
+            let cur = (delivered, info.bytes_retrans, info.bytes_sent);
             let prev = self.per_path.get(path).copied().unwrap_or((0, 0, 0));
             d.0 += cur.0.saturating_sub(prev.0);
             d.1 += cur.1.saturating_sub(prev.1);
@@ -277,5 +282,32 @@ fn adapt(shared: &Arc<Shared>, period: &Aggregate) {
                 shared.shrink();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(acked: u64, delivered_segments: u32) -> sockopt::TcpInfo {
+        sockopt::TcpInfo {
+            bytes_acked: acked,
+            delivered_segments,
+            mss: 1448,
+            bytes_sent: delivered_segments as u64 * 1448,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn delivered_counts_sacked_segments_not_the_cumulative_ack() {
+        let mut t = Totals::default();
+        assert_eq!(t.delta(&[(1, info(0, 0))]).0, 0);
+        // A hole holds the cumulative ack while 100 segments are selectively acknowledged.
+        assert_eq!(t.delta(&[(1, info(0, 100))]).0, 100 * 1448);
+        // The repair releases the cumulative ack at once; only one more segment was delivered.
+        assert_eq!(t.delta(&[(1, info(101 * 1448, 101))]).0, 1448);
+        // A stream that goes away does not make the sum go backwards; a new one counts from 0.
+        assert_eq!(t.delta(&[(2, info(0, 10))]).0, 10 * 1448);
     }
 }

@@ -222,6 +222,9 @@ pub struct TcpInfo {
     pub bytes_sent: u64,
     /// Bytes acknowledged by the peer's kernel.
     pub bytes_acked: u64,
+    /// Segments delivered, selectively acknowledged ones included (`tcpi_delivered`): unlike
+    /// `bytes_acked`, it does not jump when a repaired hole releases a cumulative ack.
+    pub delivered_segments: u32,
     /// Congestion window in segments.
     pub cwnd: u32,
     /// Sender MSS.
@@ -260,6 +263,7 @@ pub(crate) fn tcp_info(fd: RawFd) -> io::Result<TcpInfo> {
         bytes_retrans: raw.bytes_retrans,
         bytes_sent: raw.bytes_sent,
         bytes_acked: raw.bytes_acked,
+        delivered_segments: raw.delivered,
         cwnd: raw.snd_cwnd,
         mss: raw.snd_mss,
         pacing_rate: raw.pacing_rate,
