@@ -21,6 +21,9 @@ pub trait Channel: Send + Sync + 'static {
     fn recv(&self) -> BoxFuture<'_, Result<Option<Bytes>, ChannelError>>;
     /// Resolves once the peer has acknowledged everything queued.
     fn flush(&self) -> BoxFuture<'_, Result<(), ChannelError>>;
+    /// Waits until everything sent is acknowledged, then ends the session; the peer's
+    /// `recv` returns `None`.
+    fn close(&self) -> BoxFuture<'_, Result<(), ChannelError>>;
 }
 
 impl Channel for Amst {
@@ -34,5 +37,9 @@ impl Channel for Amst {
 
     fn flush(&self) -> BoxFuture<'_, Result<(), ChannelError>> {
         Box::pin(async move { Amst::flush(self).await.map_err(Into::into) })
+    }
+
+    fn close(&self) -> BoxFuture<'_, Result<(), ChannelError>> {
+        Box::pin(async move { Amst::close(self).await.map_err(Into::into) })
     }
 }

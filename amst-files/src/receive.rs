@@ -33,6 +33,9 @@ use crate::protocol::{
 /// The default memory budget for data waiting to be written.
 pub const DEFAULT_MEMORY_BUDGET: usize = 128 << 20;
 
+/// How long the receiver waits for the sender to close after the totals.
+const SENDER_GOODBYE: Duration = Duration::from_secs(10);
+
 /// Where and how to receive.
 #[derive(Clone, Debug)]
 pub struct ReceiveOptions {
@@ -334,7 +337,12 @@ pub async fn receive_tree(
     ch.send(Message::Finished(finished).encode())
         .await
         .map_err(|e| Error::channel("sending the totals", e))?;
-    let _ = ch.flush().await;
+    // The sender closes once it has the totals; wait for that (bounded) rather than for an
+    // acknowledgement a sender that is already gone cannot give.
+    let _ = tokio::time::timeout(SENDER_GOODBYE, async {
+        while let Ok(Some(_)) = ch.recv().await {}
+    })
+    .await;
     let entries = names.into_iter().zip(outcomes).collect();
     Ok(ReceiveReport {
         entries,

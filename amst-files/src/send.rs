@@ -163,6 +163,9 @@ pub async fn send_tree(
     });
     let (plan_tx, plan_rx) = mpsc::unbounded_channel();
     let router = tokio::spawn(route(ch.clone(), plan_tx, shared.progress.clone(), n));
+    // Dropping this future (a cancelled or killed transfer) must stop the router too, so the
+    // session's last handle goes and the receiver sees the end.
+    let _stop_router = AbortOnDrop(router.abort_handle());
     let work = async {
         send_manifest(&shared).await?;
         schedule(&shared, plan_rx).await?;
@@ -179,6 +182,9 @@ pub async fn send_tree(
         r = &mut router => r,
     };
     let (outcomes, finished) = routed.map_err(|e| Error::Protocol(format!("router: {e}")))??;
+    // The receiver waits for this goodbye, so that neither side drops a session the other
+    // still needs.
+    let _ = ch.close().await;
     let entries = shared
         .tree
         .entries
@@ -685,6 +691,14 @@ fn read_block(big: &BigFile, bs: u32, index: u64) -> std::result::Result<(Bytes,
     let cv = block_cv(&msg[BLOCK_HEADER_LEN..], bs, index);
     seal_block(&mut msg, &cv);
     Ok((msg.freeze(), cv))
+}
+
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Outcomes by path, for tests and reports.
