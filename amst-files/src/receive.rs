@@ -685,8 +685,20 @@ fn write_whole(s: &Session, f: &RecvFile, hash: &Digest, data: &[u8]) -> Outcome
         }
         Err(e) => {
             let _ = std::fs::remove_file(&part);
-            failed(format!("cannot write: {e}"))
+            failed(write_error(&e))
         }
+    }
+}
+
+/// The words a user needs for a write error; a full disk says so plainly (the CLI maps it
+/// to its disk exit code).
+pub const DISK_FULL: &str = "the receiver's disk is full; the partial file was removed";
+
+fn write_error(e: &std::io::Error) -> String {
+    if e.raw_os_error() == Some(libc::ENOSPC) {
+        DISK_FULL.to_string()
+    } else {
+        format!("cannot write: {e}")
     }
 }
 
@@ -779,9 +791,14 @@ fn write_block(
         }
         open_partial(s, f, &mut st).map_err(|e| format!("cannot open the partial file: {e}"))?
     };
-    open.file
-        .write_all_at(data, index * u64::from(bs))
-        .map_err(|e| format!("cannot write: {e}"))?;
+    if let Err(e) = open.file.write_all_at(data, index * u64::from(bs)) {
+        if e.raw_os_error() == Some(libc::ENOSPC) {
+            // Nothing to resume into on a full disk: give the space back.
+            let _ = std::fs::remove_file(f.rel.partial_under(&s.root));
+            let _ = std::fs::remove_file(f.rel.journal_under(&s.root));
+        }
+        return Err(write_error(&e));
+    }
     s.written.fetch_add(data.len() as u64, Ordering::Relaxed);
     open.journal
         .lock()

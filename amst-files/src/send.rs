@@ -102,8 +102,8 @@ impl SendReport {
 /// Counters the caller can watch while a transfer runs.
 #[derive(Debug, Default)]
 pub struct SendProgress {
-    /// File bytes handed to the channel.
-    pub bytes: AtomicU64,
+    /// File bytes handed to the channel (shared, so a progress display can watch it).
+    pub bytes: Arc<AtomicU64>,
     /// Entries with a result.
     pub done: AtomicU64,
 }
