@@ -104,7 +104,17 @@ fn policy(a: ExistingArg) -> ExistingPolicy {
 
 fn files_failure(e: amst_files::Error) -> Failure {
     match e {
-        amst_files::Error::Input { .. } => Failure::new(FailureKind::Input, e.to_string()),
+        amst_files::Error::Input { path, source } => {
+            let why = match source.kind() {
+                std::io::ErrorKind::NotFound => "no such file".to_string(),
+                std::io::ErrorKind::PermissionDenied => "permission denied".to_string(),
+                _ => source.to_string(),
+            };
+            Failure::new(
+                FailureKind::Input,
+                format!("cannot read {}: {why}", path.display()),
+            )
+        }
         amst_files::Error::Usage(m) => Failure::usage(m),
         amst_files::Error::Output { .. } => Failure::new(FailureKind::Disk, e.to_string()),
         amst_files::Error::Channel { doing, source } => Failure::from_link(doing, &source),
@@ -157,6 +167,13 @@ pub async fn send(args: &SendArgs, paths: &[PathBuf], g: &Global) -> CliResult<(
         Ok(l) => l,
         Err(f) => return Err(fail(g, report, f)),
     };
+    if let Some(w) = backend::rdma_fallback(&args.transport, &link.stats()) {
+        if g.json {
+            report.warnings.push(w);
+        } else {
+            eprintln!("amst: {w}");
+        }
+    }
     let opts = SendOptions {
         policy: policy(args.existing),
         resume: !args.no_resume,
