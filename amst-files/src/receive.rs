@@ -85,7 +85,44 @@ struct Session {
     written: AtomicU64,
 }
 
+/// Partial files some session in this process is receiving into. A sender killed mid-tree
+/// leaves its session draining for a while; a second try must not resume a file the first
+/// session is still writing (or about to move into place).
+static HELD: std::sync::LazyLock<Mutex<std::collections::HashSet<PathBuf>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// How long a new session waits for an older one to let go of a partial file.
+const HELD_WAIT: Duration = Duration::from_secs(90);
+
+struct Hold(PathBuf);
+
+impl Hold {
+    /// Takes `part` for this session, waiting for an older session to let go of it.
+    fn take(part: PathBuf) -> Option<Hold> {
+        let deadline = Instant::now() + HELD_WAIT;
+        loop {
+            {
+                let mut held = HELD.lock().expect("not poisoned");
+                if held.insert(part.clone()) {
+                    return Some(Hold(part));
+                }
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        HELD.lock().expect("not poisoned").remove(&self.0);
+    }
+}
+
 struct RecvFile {
+    _hold: Hold,
     id: u32,
     rel: RelPath,
     entry: Entry,
@@ -571,6 +608,15 @@ fn plan_file(
     size: u64,
 ) -> (Want, Option<Arc<RecvFile>>) {
     let policy = s.hello.policy;
+    let Some(hold) = Hold::take(rel.partial_under(&s.root)) else {
+        return (
+            Want::Refuse {
+                reason: "another session is still receiving this file; send again to resume it"
+                    .into(),
+            },
+            None,
+        );
+    };
     let target = rel.under(&s.root);
     let at_target = match std::fs::symlink_metadata(&target) {
         Err(_) => AtTarget::Missing,
@@ -603,6 +649,7 @@ fn plan_file(
     let file = match want {
         Want::Refuse { .. } => None,
         _ => Some(Arc::new(RecvFile {
+            _hold: hold,
             id,
             rel: rel.clone(),
             entry: entry.clone(),
@@ -721,8 +768,15 @@ fn open_partial(
     st.cvs = vec![None; n];
     let o = match st.resume.take() {
         Some(verified) => {
-            let file = OpenOptions::new().write(true).read(true).open(&part)?;
-            let mut jbytes = std::fs::read(&jpath)?;
+            let named = |what: &str, p: &Path, e: std::io::Error| {
+                std::io::Error::new(e.kind(), format!("{what} {}: {e}", p.display()))
+            };
+            let file = OpenOptions::new()
+                .write(true)
+                .read(true)
+                .open(&part)
+                .map_err(|e| named("reopening", &part, e))?;
+            let mut jbytes = std::fs::read(&jpath).map_err(|e| named("reading", &jpath, e))?;
             let valid = journal::parse(&jbytes).map_or(0, |j| j.valid_len);
             jbytes.truncate(valid);
             let j = OpenOptions::new().write(true).open(&jpath)?;
