@@ -36,9 +36,10 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Receive files and data until Ctrl-C.
+    /// Receive files, directory trees and data until Ctrl-C or SIGTERM.
     Serve(ServeArgs),
-    /// Send a file, stdin (-) or generated data (--size) to a server.
+    /// Send files and directories (recursively), stdin (-) or generated data (--size) to a
+    /// server.
     Send(SendArgs),
     /// Run a server and a client in this process over 127.0.0.1 and send 1 GiB through the
     /// hybrid manager, with one mode switch on the way.
@@ -67,6 +68,17 @@ pub enum TransportArg {
     Quic,
     /// RDMA RC queue pairs (amst-rdma).
     Rdma,
+}
+
+/// `--existing`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ExistingArg {
+    /// Skip identical files (same size and BLAKE3); leave different ones alone, reported.
+    Skip,
+    /// Skip identical files; replace different ones.
+    Overwrite,
+    /// Leave every existing file alone, reported as an error.
+    Refuse,
 }
 
 /// `--cc`.
@@ -186,13 +198,30 @@ pub struct SendArgs {
     #[arg(value_name = "PEER")]
     pub peer: String,
 
-    /// The file to send; - for stdin.
+    /// Files and directories to send (directories recursively; each lands under its own name
+    /// in the server's --output); - for stdin.
     #[arg(
-        value_name = "FILE",
+        value_name = "PATH",
         required_unless_present = "size",
-        conflicts_with = "size"
+        conflicts_with = "size",
+        num_args = 1..
     )]
-    pub file: Option<PathBuf>,
+    pub paths: Vec<PathBuf>,
+
+    /// Resume partial files left at the server by an interrupted send of the same files (the
+    /// default: sending the same tree again resumes too; this spells it out).
+    #[arg(long, conflicts_with = "no_resume")]
+    pub resume: bool,
+
+    /// Discard partial files at the server and send everything again.
+    #[arg(long)]
+    pub no_resume: bool,
+
+    /// What the server does with a file that already exists: skip (identical files are
+    /// skipped, different ones are left alone and reported; the safe default), overwrite
+    /// (different ones are replaced), or refuse (any existing file is an error).
+    #[arg(long, value_enum, default_value_t = ExistingArg::Skip, value_name = "POLICY")]
+    pub existing: ExistingArg,
 
     /// Send this many bytes of generated data instead of a file, e.g. 1G, 512M, 100MiB.
     #[arg(long, value_name = "SIZE")]

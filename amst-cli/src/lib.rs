@@ -2,9 +2,10 @@
 //! JSON reports and Prometheus metrics.
 //!
 //! The library behind the binary is organised around one seam, [`link::Link`]: a connected
-//! session from whichever AMST crate carries it ([`backend`]). Above it sit the file protocol
-//! ([`protocol`], [`source`], [`sink`], [`transfer`]), the display ([`progress`], [`report`])
-//! and the subcommands.
+//! session from whichever AMST crate carries it ([`backend`]). Above it sit files and
+//! directory trees through amst-files ([`tree`]), the single-stream protocol for stdin and
+//! generated data ([`protocol`], [`source`], [`sink`], [`transfer`]), the display
+//! ([`progress`], [`report`]) and the subcommands.
 //!
 //! ```
 //! use amst_cli::size::ByteSize;
@@ -33,6 +34,7 @@ pub mod size;
 pub mod source;
 pub mod telemetry;
 pub mod transfer;
+pub mod tree;
 
 pub use error::{Failure, FailureKind};
 pub use link::{Link, LinkStats};

@@ -29,6 +29,52 @@ pub struct Report {
     /// What the session could not do as asked, e.g. `--transport rdma` running on TCP. In the
     /// human output these go to stderr as they happen instead.
     pub warnings: Vec<String>,
+    /// For files and directories (`amst send PEER PATH...`): the tree's outcome.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tree: Option<TreeEnd>,
+}
+
+/// How a tree transfer ended.
+#[derive(Clone, Debug, Serialize, Default)]
+pub struct TreeEnd {
+    /// The hash of files and blocks: always `blake3` (`b3sum` checks a file by hand).
+    pub hash: &'static str,
+    /// Entries in the tree (files, directories, links).
+    pub entries: u64,
+    /// Entries stored.
+    pub stored: u64,
+    /// Files skipped because the receiver had them, identical.
+    pub identical: u64,
+    /// Entries that failed.
+    pub failed: u64,
+    /// Bytes in all files of the tree.
+    pub tree_bytes: u64,
+    /// File bytes sent: less than `tree_bytes` by what resume, holes and identical files saved.
+    pub data_bytes_sent: u64,
+    /// Blocks resumed from an earlier try.
+    pub blocks_resumed: u64,
+    /// Each failed entry and why.
+    pub failures: Vec<TreeFailure>,
+    /// Each stored file and its BLAKE3, hex.
+    pub files: Vec<TreeFile>,
+}
+
+/// One failed entry.
+#[derive(Clone, Debug, Serialize)]
+pub struct TreeFailure {
+    /// Its path below the output directory.
+    pub path: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// One stored file.
+#[derive(Clone, Debug, Serialize)]
+pub struct TreeFile {
+    /// Its path below the output directory.
+    pub path: String,
+    /// BLAKE3, hex, as `b3sum` prints it.
+    pub blake3: String,
 }
 
 /// What was asked, before any byte moved.
@@ -239,7 +285,40 @@ impl Report {
                 ),
             ];
             for (k, v) in rows {
+                if k == "sha256" && self.tree.is_some() {
+                    continue;
+                }
                 out.push_str(&format!("  {k:<14} {v}\n"));
+            }
+            if let Some(t) = &self.tree {
+                out.push_str(&format!(
+                    "  {:<14} {} entries: {} stored, {} identical (skipped), {} failed\n",
+                    "tree", t.entries, t.stored, t.identical, t.failed
+                ));
+                out.push_str(&format!(
+                    "  {:<14} {} of {} on the wire ({} blocks resumed)\n",
+                    "file data",
+                    human_bytes(t.data_bytes_sent),
+                    human_bytes(t.tree_bytes),
+                    t.blocks_resumed
+                ));
+                out.push_str(&format!(
+                    "  {:<14} blake3 per block and per file, verified by the receiver\n",
+                    "integrity"
+                ));
+                if t.files.len() == 1 {
+                    out.push_str(&format!("  {:<14} {}\n", "blake3", t.files[0].blake3));
+                }
+                for f in t.failures.iter().take(20) {
+                    out.push_str(&format!("  {:<14} {}: {}\n", "FAILED", f.path, f.reason));
+                }
+                if t.failures.len() > 20 {
+                    out.push_str(&format!(
+                        "  {:<14} ... and {} more\n",
+                        "",
+                        t.failures.len() - 20
+                    ));
+                }
             }
             if let Some(name) = &e.stored_as {
                 out.push_str(&format!("  {:<14} {name}\n", "stored as"));

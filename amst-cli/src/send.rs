@@ -17,11 +17,22 @@ use crate::transfer::{SendOptions, send_transfer};
 /// Runs `amst send`.
 pub async fn run(args: SendArgs, g: &Global) -> CliResult<()> {
     // The cheapest checks first: a missing file is reported before any network activity.
-    let source = match (&args.file, args.size) {
-        (Some(p), _) if p.as_os_str() == "-" => Source::Stdin,
-        (Some(p), _) => Source::File(p.clone()),
-        (None, Some(n)) => Source::Generated(n.0),
-        (None, None) => return Err(Failure::usage("give a FILE to send, or --size N")),
+    let source = match (args.paths.as_slice(), args.size) {
+        ([p], _) if p.as_os_str() == "-" => Source::Stdin,
+        ([], Some(n)) => Source::Generated(n.0),
+        ([], None) => {
+            return Err(Failure::usage(
+                "give PATHs to send, - for stdin, or --size N",
+            ));
+        }
+        (paths, _) => {
+            if paths.iter().any(|p| p.as_os_str() == "-") {
+                return Err(Failure::usage(
+                    "- (stdin) cannot be sent together with paths",
+                ));
+            }
+            return crate::tree::send(&args, paths, g).await;
+        }
     };
     let open = source.open()?;
     let psk = crate::psk::load(args.psk.psk_file.as_deref(), g.psk_env.as_deref())?;
@@ -102,6 +113,7 @@ pub fn start_report(command: &str, peer: &str, open: &OpenSource, config: Config
         end: None,
         error: None,
         warnings: Vec::new(),
+        tree: None,
     }
 }
 

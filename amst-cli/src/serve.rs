@@ -96,7 +96,7 @@ pub async fn run(args: ServeArgs, g: &Global) -> CliResult<()> {
     };
     let mut sessions: JoinSet<(u64, String, Duration, SessionReport)> = JoinSet::new();
     let mut accepted = 0u64;
-    let ctrl_c = tokio::signal::ctrl_c();
+    let ctrl_c = stop_signal();
     tokio::pin!(ctrl_c);
     let limit = args.max_sessions.unwrap_or(u64::MAX);
     loop {
@@ -105,7 +105,7 @@ pub async fn run(args: ServeArgs, g: &Global) -> CliResult<()> {
         }
         tokio::select! {
             _ = &mut ctrl_c => {
-                say(g, "amst serve: Ctrl-C, not accepting new sessions");
+                say(g, "amst serve: Ctrl-C or SIGTERM, not accepting new sessions");
                 break;
             }
             acc = server.accept(), if accepted < limit => match acc {
@@ -127,8 +127,7 @@ pub async fn run(args: ServeArgs, g: &Global) -> CliResult<()> {
                     let id = accepted;
                     sessions.spawn(async move {
                         let t = Instant::now();
-                        let bytes = AtomicU64::new(0);
-                        let r = receive_session(&*a.link, &a.peer, &opts, &bytes).await;
+                        let r = serve_session(a.link, &a.peer, &opts).await;
                         (id, a.peer, t.elapsed(), r)
                     });
                 }
@@ -155,7 +154,7 @@ pub async fn run(args: ServeArgs, g: &Global) -> CliResult<()> {
         );
         let deadline = tokio::time::sleep(GRACE);
         tokio::pin!(deadline);
-        let again = tokio::signal::ctrl_c();
+        let again = stop_signal();
         tokio::pin!(again);
         while !sessions.is_empty() {
             tokio::select! {
@@ -188,6 +187,49 @@ pub async fn run(args: ServeArgs, g: &Global) -> CliResult<()> {
         );
     }
     Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM (what `kill`, systemd and container runtimes send): both
+/// stop accepting and let running sessions drain; partial tree files stay resumable.
+async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Reads a session's first message to tell a tree (amst-files) from a single stream (stdin
+/// or generated data), and hands the session to the right receiver.
+async fn serve_session(
+    link: Arc<dyn crate::link::Link>,
+    peer: &str,
+    opts: &ReceiveOptions,
+) -> SessionReport {
+    let first = match link.recv().await {
+        Ok(Some(m)) => m,
+        Ok(None) => return SessionReport::default(),
+        Err(e) => {
+            return SessionReport {
+                transfers: Vec::new(),
+                error: Some(Failure::from_link(&format!("receiving from {peer}"), &e)),
+            };
+        }
+    };
+    if amst_files::is_tree_message(&first) {
+        let progress = Arc::new(amst_files::ReceiveProgress::default());
+        return crate::tree::receive(link, first, opts.output.as_deref(), peer, progress).await;
+    }
+    let link = crate::tree::Prefetched::new(link, first);
+    let bytes = AtomicU64::new(0);
+    receive_session(&link, peer, opts, &bytes).await
 }
 
 fn say(g: &Global, line: &str) {

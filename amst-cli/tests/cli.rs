@@ -219,7 +219,7 @@ fn send_and_serve_move_a_100_mib_file_intact() {
     assert!(
         lines
             .iter()
-            .any(|l| l.contains("\"big.bin\" 100.0 MiB") && l.contains("ok")),
+            .any(|l| l.contains("1 stored") && l.contains("100.0 MiB") && l.contains("ok")),
         "one line per session:\n{all}"
     );
     assert!(
@@ -644,4 +644,187 @@ fn explain_measures_the_path_and_names_a_mode_and_settings() {
     ] {
         assert!(text.contains(row), "missing {row:?}:\n{text}");
     }
+}
+
+fn b3_file(p: &Path) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update_reader(std::fs::File::open(p).unwrap()).unwrap();
+    h.finalize().to_hex().to_string()
+}
+
+/// Bytes landed at the receiver: finished files plus blocks journaled as verified.
+fn arrived_bytes(dir: &Path) -> u64 {
+    landed_bytes(dir) + journaled_bytes(dir)
+}
+
+/// Bytes in finished files.
+fn landed_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        let name = p.to_string_lossy();
+        match e.file_type() {
+            Ok(t) if t.is_dir() => total += landed_bytes(&p),
+            Ok(t) if t.is_file() && !name.contains(".amst-") => {
+                total += e.metadata().map(|m| m.len()).unwrap_or(0)
+            }
+            _ => {}
+        }
+    }
+    total
+}
+
+/// Blocks journaled as verified at the receiver, over all partial files.
+fn journaled_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            total += journaled_bytes(&p);
+        } else if p.to_string_lossy().ends_with(".amst-journal") {
+            let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+            total += len.saturating_sub(40) / 48 * (1 << 20);
+        }
+    }
+    total
+}
+
+/// `amst send PEER DIR`: the sender is SIGKILLed once half the tree is verified at the
+/// receiver; the same command with --resume sends at most 55% of the tree, every file's
+/// BLAKE3 matches, and `amst serve` stops cleanly on SIGTERM.
+#[test]
+fn a_directory_is_sent_killed_resumed_and_serve_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), KEY);
+    let src = dir.path().join("dataset");
+    std::fs::create_dir_all(src.join("shards/deep")).unwrap();
+    for i in 0..3 {
+        write_random_file(&src.join(format!("shards/big{i}.bin")), 96 << 20);
+    }
+    for i in 0..100 {
+        std::fs::write(
+            src.join(format!("shards/deep/s{i:03}.txt")),
+            format!("{i}").repeat(999),
+        )
+        .unwrap();
+    }
+    std::os::unix::fs::symlink("shards/big0.bin", src.join("latest")).unwrap();
+    let total: u64 = 3 * (96 << 20);
+    let out_dir = dir.path().join("received");
+    let serve = Serve::start(&[
+        "--output",
+        out_dir.to_str().unwrap(),
+        "--psk-file",
+        key.to_str().unwrap(),
+    ]);
+    let mut first = amst_spawn()
+        .args([
+            "send",
+            &serve.addr,
+            "--quiet",
+            "--streams",
+            "4",
+            "--psk-file",
+        ])
+        .arg(&key)
+        .arg(&src)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while arrived_bytes(&out_dir) < total / 2 {
+        assert!(Instant::now() < deadline, "half the tree never arrived");
+        assert!(
+            first.try_wait().unwrap().is_none(),
+            "the first send ended before half the tree"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+
+    let o = amst()
+        .args([
+            "send",
+            &serve.addr,
+            "--resume",
+            "--json",
+            "--streams",
+            "4",
+            "--psk-file",
+        ])
+        .arg(&key)
+        .arg(&src)
+        .run(180);
+    assert!(o.status.success(), "{}\n{}", stdout_of(&o), stderr_of(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let tree = &v["tree"];
+    assert_eq!(tree["hash"], "blake3");
+    let sent = tree["data_bytes_sent"].as_u64().unwrap();
+    assert!(
+        sent <= total * 55 / 100,
+        "second try sent {sent} of {total}"
+    );
+    assert!(tree["blocks_resumed"].as_u64().unwrap() > 0);
+    assert_eq!(tree["failed"], 0);
+    let got = out_dir.join("dataset");
+    for i in 0..3 {
+        let name = format!("shards/big{i}.bin");
+        let b3 = b3_file(&got.join(&name));
+        assert_eq!(b3, b3_file(&src.join(&name)), "{name}");
+        let listed = tree["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["path"] == format!("dataset/{name}") && f["blake3"] == b3.as_str());
+        assert!(listed || sent < total, "{name} in the report's files");
+        if let Ok(out) = Command::new("b3sum").arg(got.join(&name)).output() {
+            assert!(String::from_utf8_lossy(&out.stdout).starts_with(&b3));
+        }
+    }
+    for i in 0..100 {
+        let name = format!("shards/deep/s{i:03}.txt");
+        assert_eq!(
+            std::fs::read(got.join(&name)).unwrap(),
+            std::fs::read(src.join(&name)).unwrap()
+        );
+    }
+    assert_eq!(
+        std::fs::read_link(got.join("latest")).unwrap(),
+        Path::new("shards/big0.bin")
+    );
+    assert_eq!(journaled_bytes(&out_dir), 0, "no partial files are left");
+
+    // SIGTERM stops the server like Ctrl-C: it prints its summary and exits 0.
+    let mut serve = serve;
+    // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+    unsafe {
+        libc::kill(serve.child.id() as i32, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = serve.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "amst serve did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+    let mut lines = Vec::new();
+    while let Ok(l) = serve.lines.recv_timeout(Duration::from_secs(2)) {
+        lines.push(l);
+    }
+    assert!(
+        lines.iter().any(|l| l.contains("session(s)")),
+        "summary after SIGTERM: {lines:?}"
+    );
 }

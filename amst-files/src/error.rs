@@ -1,0 +1,54 @@
+//! Why a tree transfer stopped.
+
+use std::path::PathBuf;
+
+/// Why a tree transfer stopped (a single file's failure is not one: it is reported in the
+/// file's outcome and the transfer goes on).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A path given to send cannot be read.
+    #[error("cannot read {path}: {source}")]
+    Input {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The paths given cannot be sent as asked.
+    #[error("{0}")]
+    Usage(String),
+    /// The output directory cannot be used.
+    #[error("output directory {path}: {source}")]
+    Output {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The session failed.
+    #[error("{doing}: {source}")]
+    Channel {
+        /// What we were doing.
+        doing: &'static str,
+        /// The channel's error.
+        source: crate::channel::ChannelError,
+    },
+    /// The peer sent something this protocol does not allow.
+    #[error("protocol violation by the peer: {0}")]
+    Protocol(String),
+    /// The peer gave up, with its reason.
+    #[error("the peer aborted: {0}")]
+    Aborted(String),
+    /// The peer closed the session before the transfer ended.
+    #[error("the peer closed the session before the transfer ended")]
+    Closed,
+}
+
+/// A `Result` with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn channel(doing: &'static str, source: crate::channel::ChannelError) -> Error {
+        Error::Channel { doing, source }
+    }
+}

@@ -1,0 +1,995 @@
+//! The receiving driver: validate the manifest, make directories and links, answer with a
+//! plan, then verify and write blocks from several writer threads with `pwrite`, journaling
+//! each verified block so that a killed transfer resumes where it stopped.
+//!
+//! Memory is bounded in bytes: a message is taken off the channel only when the budget has
+//! room for it, so a slow disk slows the sender down instead of filling RAM.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::channel::Channel;
+use crate::error::{Error, Result};
+use crate::hash::{block_count, block_cv, block_len, file_hash, zero_block_cv};
+use crate::journal::{self, Identity};
+use crate::path::{RelPath, Seen, TreeIndex, check_link_target};
+use crate::plan::{AtTarget, receiver_want, wants_existing_hash};
+use crate::protocol::{
+    Digest, Entry, EntryKind, ExistingPolicy, Finished, Hello, Message, Outcome, Record,
+    TREE_PROTOCOL_VERSION, Want,
+};
+
+/// The default memory budget for data waiting to be written.
+pub const DEFAULT_MEMORY_BUDGET: usize = 128 << 20;
+
+/// How long the receiver waits for the sender to close after the totals.
+const SENDER_GOODBYE: Duration = Duration::from_secs(10);
+
+/// Where and how to receive.
+#[derive(Clone, Debug)]
+pub struct ReceiveOptions {
+    /// The output directory (must exist).
+    pub output: PathBuf,
+    /// Bytes of received data that may wait for the disk.
+    pub memory_budget: usize,
+    /// Writer threads working at once.
+    pub writers: usize,
+}
+
+impl ReceiveOptions {
+    /// Defaults for `output`.
+    pub fn new(output: impl Into<PathBuf>) -> Self {
+        ReceiveOptions {
+            output: output.into(),
+            memory_budget: DEFAULT_MEMORY_BUDGET,
+            writers: 4,
+        }
+    }
+}
+
+/// What a finished (or broken) [`receive_tree`] did.
+#[derive(Clone, Debug, Default)]
+pub struct ReceiveReport {
+    /// Every entry with its path and outcome, in manifest order.
+    pub entries: Vec<(String, Outcome)>,
+    /// Totals.
+    pub finished: Finished,
+    /// File bytes received in this session.
+    pub bytes_received: u64,
+    /// From Hello to Finished.
+    pub elapsed: Duration,
+}
+
+/// Counters the caller can watch while a transfer runs.
+#[derive(Debug, Default)]
+pub struct ReceiveProgress {
+    /// File bytes received.
+    pub bytes: AtomicU64,
+}
+
+struct Session {
+    root: PathBuf,
+    hello: Hello,
+    results: mpsc::UnboundedSender<(u32, Outcome)>,
+    written: AtomicU64,
+}
+
+/// Partial files some session in this process is receiving into. A sender killed mid-tree
+/// leaves its session draining for a while; a second try must not resume a file the first
+/// session is still writing (or about to move into place).
+static HELD: std::sync::LazyLock<Mutex<std::collections::HashSet<PathBuf>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// How long a new session waits for an older one to let go of a partial file.
+const HELD_WAIT: Duration = Duration::from_secs(90);
+
+struct Hold(PathBuf);
+
+impl Hold {
+    /// Takes `part` for this session, waiting for an older session to let go of it.
+    fn take(part: PathBuf) -> Option<Hold> {
+        let deadline = Instant::now() + HELD_WAIT;
+        loop {
+            {
+                let mut held = HELD.lock().expect("not poisoned");
+                if held.insert(part.clone()) {
+                    return Some(Hold(part));
+                }
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        HELD.lock().expect("not poisoned").remove(&self.0);
+    }
+}
+
+struct RecvFile {
+    _hold: Hold,
+    id: u32,
+    rel: RelPath,
+    entry: Entry,
+    size: u64,
+    /// Replacing an existing file is allowed.
+    replace: bool,
+    state: Mutex<FileState>,
+}
+
+#[derive(Default)]
+struct FileState {
+    /// Verified blocks from an earlier try, until the file is opened.
+    resume: Option<Vec<(u64, Digest)>>,
+    open: Option<Arc<OpenPartial>>,
+    cvs: Vec<Option<Digest>>,
+    pending: usize,
+    end: Option<(Digest, Vec<(u64, u64)>)>,
+    done: bool,
+}
+
+struct OpenPartial {
+    file: File,
+    journal: Mutex<File>,
+}
+
+/// Receives one tree whose Hello is `first` (already read to tell it from other traffic),
+/// and returns once every entry has a result, or the session broke.
+pub async fn receive_tree(
+    ch: Arc<dyn Channel>,
+    first: Bytes,
+    opts: &ReceiveOptions,
+    progress: Arc<ReceiveProgress>,
+) -> Result<ReceiveReport> {
+    let start = Instant::now();
+    let hello = match Message::decode(first).map_err(|e| Error::Protocol(e.to_string()))? {
+        Message::Hello(h) => h,
+        other => {
+            return Err(Error::Protocol(format!("expected a Hello, got {other:?}")));
+        }
+    };
+    if hello.version != TREE_PROTOCOL_VERSION {
+        let why = format!(
+            "tree protocol version {} is not supported (this receiver speaks {TREE_PROTOCOL_VERSION})",
+            hello.version
+        );
+        let _ = ch.send(Message::Abort(why.clone()).encode()).await;
+        return Err(Error::Protocol(why));
+    }
+    let root = opts.output.canonicalize().map_err(|e| Error::Output {
+        path: opts.output.clone(),
+        source: e,
+    })?;
+    let (results_tx, results_rx) = mpsc::unbounded_channel();
+    let session = Arc::new(Session {
+        root,
+        hello,
+        results: results_tx,
+        written: AtomicU64::new(0),
+    });
+    let total = hello.entries;
+    let reporter = tokio::spawn(report_results(ch.clone(), results_rx));
+    let mut files: HashMap<u32, Arc<RecvFile>> = HashMap::new();
+    let mut index = TreeIndex::default();
+    let mut entries: Vec<(RelPath, Entry)> = Vec::new();
+    let mut names: Vec<String> = Vec::new();
+    let mut manifest_done = false;
+    let budget = Arc::new(Semaphore::new(opts.memory_budget.max(1 << 20)));
+    let writers = Arc::new(Semaphore::new(opts.writers.max(1)));
+    let mut writes = tokio::task::JoinSet::new();
+    let broke = loop {
+        let msg = match ch.recv().await {
+            Ok(Some(m)) => m,
+            Ok(None) => break Some(Error::Closed),
+            Err(e) => break Some(Error::channel("receiving", e)),
+        };
+        let len = msg.len();
+        let msg = match Message::decode(msg) {
+            Ok(m) => m,
+            Err(e) => break Some(Error::Protocol(e.to_string())),
+        };
+        match msg {
+            Message::Manifest {
+                entries: batch,
+                last,
+            } if !manifest_done => {
+                if entries.len() as u64 + batch.len() as u64 > total {
+                    break Some(Error::Protocol(format!(
+                        "the manifest holds more than the {total} entries announced"
+                    )));
+                }
+                if last && entries.len() as u64 + batch.len() as u64 != total {
+                    break Some(Error::Protocol(format!(
+                        "the manifest holds fewer than the {total} entries announced"
+                    )));
+                }
+                let first_id = entries.len() as u32;
+                let s = session.clone();
+                let moved = std::mem::take(&mut index);
+                let (items, new_files, admitted, back) = tokio::task::spawn_blocking(move || {
+                    let mut index = moved;
+                    let r = admit_batch(&s, &mut index, first_id, batch);
+                    (r.0, r.1, r.2, index)
+                })
+                .await
+                .expect("admitting does not panic");
+                index = back;
+                for f in new_files {
+                    files.insert(f.id, f);
+                }
+                for (rel, e) in admitted {
+                    names.push(rel.display());
+                    entries.push((rel, e));
+                }
+                manifest_done = last;
+                if let Err(e) = ch.send(Message::Plan { items, last }.encode()).await {
+                    break Some(Error::channel("sending the plan", e));
+                }
+            }
+            Message::Data(records) => {
+                progress
+                    .bytes
+                    .fetch_add(data_len(&records), Ordering::Relaxed);
+                let mut work = Vec::new();
+                for r in records {
+                    match r {
+                        Record::Whole { id, .. } | Record::Block { id, .. } => {
+                            let Some(f) = files.get(&id) else {
+                                session.fail(id, "data for a file that was not planned".into());
+                                continue;
+                            };
+                            if matches!(r, Record::Block { .. }) {
+                                f.state.lock().expect("not poisoned").pending += 1;
+                            }
+                            work.push((f.clone(), r));
+                        }
+                        Record::FileEnd { id, hash, holes } => {
+                            let Some(f) = files.get(&id).cloned() else {
+                                continue;
+                            };
+                            let ready = {
+                                let mut st = f.state.lock().expect("not poisoned");
+                                st.end = Some((hash, holes));
+                                st.pending == 0
+                            };
+                            if ready {
+                                let s = session.clone();
+                                writes.spawn_blocking(move || finalize(&s, &f));
+                            }
+                        }
+                        Record::Skip { id } => {
+                            if let Some(f) = files.remove(&id) {
+                                f.state.lock().expect("not poisoned").done = true;
+                                let _ = session.results.send((id, Outcome::Identical));
+                            }
+                        }
+                        Record::Fail { id, reason } => {
+                            if let Some(f) = files.remove(&id) {
+                                f.state.lock().expect("not poisoned").done = true;
+                                session.fail(id, format!("the sender: {reason}"));
+                            }
+                        }
+                        Record::Restart { id } => {
+                            if let Some(f) = files.get(&id) {
+                                let mut st = f.state.lock().expect("not poisoned");
+                                st.resume = None;
+                                st.cvs.clear();
+                                st.open = None;
+                            }
+                        }
+                    }
+                }
+                if work.is_empty() {
+                    continue;
+                }
+                let permits = len.min(opts.memory_budget.max(1 << 20)) as u32;
+                let Ok(mem) = budget.clone().acquire_many_owned(permits).await else {
+                    break Some(Error::Protocol("memory budget closed".into()));
+                };
+                let writers = writers.clone();
+                let s = session.clone();
+                writes.spawn(async move {
+                    let _w = writers.acquire_owned().await;
+                    tokio::task::spawn_blocking(move || {
+                        for (f, r) in work {
+                            write_record(&s, &f, r);
+                        }
+                        drop(mem);
+                    })
+                    .await
+                    .expect("writing does not panic");
+                });
+                while writes.try_join_next().is_some() {}
+            }
+            Message::End if manifest_done => break None,
+            Message::Abort(reason) => break Some(Error::Aborted(reason)),
+            other => {
+                break Some(Error::Protocol(format!(
+                    "unexpected {} from the sender",
+                    message_name(&other)
+                )));
+            }
+        }
+    };
+    while writes.join_next().await.is_some() {}
+    if let Some(e) = broke {
+        reporter.abort();
+        return Err(e);
+    }
+    // Directories last, deepest first, so that writing into them does not move their mtime.
+    let s = session.clone();
+    let dirs: Vec<(RelPath, Entry)> = entries
+        .iter()
+        .filter(|(_, e)| e.kind == EntryKind::Dir)
+        .cloned()
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        for (rel, e) in dirs.iter().rev() {
+            let p = rel.under(&s.root);
+            let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(e.mode & 0o7777));
+            if let Ok(f) = File::open(&p) {
+                let _ = f.set_modified(mtime_of(e));
+            }
+        }
+    })
+    .await
+    .expect("setting directory times does not panic");
+    drop(session);
+    let mut outcomes = reporter
+        .await
+        .map_err(|e| Error::Protocol(format!("reporter: {e}")))??;
+    outcomes.resize(names.len(), None);
+    let outcomes: Vec<Outcome> = outcomes
+        .into_iter()
+        .map(|o| {
+            o.unwrap_or(Outcome::Failed {
+                reason: "the sender never finished this entry".into(),
+            })
+        })
+        .collect();
+    let mut finished = Finished::default();
+    for o in &outcomes {
+        match o {
+            Outcome::Stored { .. } => finished.stored += 1,
+            Outcome::Identical => finished.identical += 1,
+            Outcome::Failed { .. } => finished.failed += 1,
+        }
+    }
+    finished.bytes_written = progress.bytes.load(Ordering::Relaxed);
+    ch.send(Message::Finished(finished).encode())
+        .await
+        .map_err(|e| Error::channel("sending the totals", e))?;
+    // The sender closes once it has the totals; wait for that (bounded) rather than for an
+    // acknowledgement a sender that is already gone cannot give.
+    let _ = tokio::time::timeout(SENDER_GOODBYE, async {
+        while let Ok(Some(_)) = ch.recv().await {}
+    })
+    .await;
+    let entries = names.into_iter().zip(outcomes).collect();
+    Ok(ReceiveReport {
+        entries,
+        finished,
+        bytes_received: progress.bytes.load(Ordering::Relaxed),
+        elapsed: start.elapsed(),
+    })
+}
+
+fn message_name(m: &Message) -> &'static str {
+    match m {
+        Message::Hello(_) => "Hello",
+        Message::Manifest { .. } => "Manifest",
+        Message::Data(_) => "Data",
+        Message::End => "End (before the manifest ended)",
+        Message::Plan { .. } => "Plan",
+        Message::Results(_) => "Results",
+        Message::Finished(_) => "Finished",
+        Message::Abort(_) => "Abort",
+    }
+}
+
+fn data_len(records: &[Record]) -> u64 {
+    records
+        .iter()
+        .map(|r| match r {
+            Record::Whole { data, .. } | Record::Block { data, .. } => data.len() as u64,
+            _ => 0,
+        })
+        .sum()
+}
+
+impl Session {
+    fn fail(&self, id: u32, reason: String) {
+        let _ = self.results.send((id, Outcome::Failed { reason }));
+    }
+}
+
+/// Collects results in batches and sends them; returns all outcomes once every entry has
+/// one and the session is done with them.
+async fn report_results(
+    ch: Arc<dyn Channel>,
+    mut rx: mpsc::UnboundedReceiver<(u32, Outcome)>,
+) -> Result<Vec<Option<Outcome>>> {
+    // Grown by id: ids come from entries that actually arrived, never from a count the peer
+    // announced.
+    let mut outcomes: Vec<Option<Outcome>> = Vec::new();
+    let mut batch = Vec::new();
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < 4096 {
+            match rx.try_recv() {
+                Ok(item) => batch.push(item),
+                Err(_) => break,
+            }
+        }
+        for (id, o) in &batch {
+            let i = *id as usize;
+            if outcomes.len() <= i {
+                outcomes.resize(i + 1, None);
+            }
+            if outcomes[i].is_none() {
+                outcomes[i] = Some(o.clone());
+            }
+        }
+        ch.send(Message::Results(std::mem::take(&mut batch)).encode())
+            .await
+            .map_err(|e| Error::channel("sending results", e))?;
+    }
+    Ok(outcomes)
+}
+
+type Admitted = (Vec<(u32, Want)>, Vec<Arc<RecvFile>>, Vec<(RelPath, Entry)>);
+
+/// Validates a manifest batch and prepares each entry: directories and links are made now,
+/// files get a want.
+fn admit_batch(s: &Session, index: &mut TreeIndex, first_id: u32, batch: Vec<Entry>) -> Admitted {
+    let mut items = Vec::new();
+    let mut files = Vec::new();
+    let mut admitted = Vec::new();
+    for (i, entry) in batch.into_iter().enumerate() {
+        let id = first_id + i as u32;
+        let rel = match RelPath::parse(&entry.path) {
+            Ok(r) => r,
+            Err(e) => {
+                // Keep a placeholder so ids stay aligned; it can never be created.
+                let shown = String::from_utf8_lossy(&entry.path).into_owned();
+                s.fail(id, e.to_string());
+                if let EntryKind::File { .. } = entry.kind {
+                    items.push((
+                        id,
+                        Want::Refuse {
+                            reason: e.to_string(),
+                        },
+                    ));
+                }
+                admitted.push((placeholder(&shown), entry));
+                continue;
+            }
+        };
+        let seen = if entry.kind == EntryKind::Dir {
+            Seen::Dir
+        } else {
+            Seen::Leaf
+        };
+        if let Err(e) = index.admit(&rel, seen) {
+            refuse(s, &mut items, id, &entry, e.to_string());
+            admitted.push((rel, entry));
+            continue;
+        }
+        let target = rel.under(&s.root);
+        match &entry.kind {
+            EntryKind::Dir => match make_dir(&target) {
+                Ok(()) => {
+                    let _ = s.results.send((id, Outcome::Stored { hash: [0; 32] }));
+                }
+                Err(why) => {
+                    index.refuse(&rel);
+                    s.fail(id, why);
+                }
+            },
+            EntryKind::Symlink { target: to } => {
+                let r = check_link_target(&rel, to)
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| make_link(&target, to, s.hello.policy));
+                let _ = s.results.send((
+                    id,
+                    match r {
+                        Ok(o) => o,
+                        Err(reason) => Outcome::Failed { reason },
+                    },
+                ));
+            }
+            EntryKind::File { size } => {
+                let (want, file) = plan_file(s, id, &rel, &entry, *size);
+                if let Want::Refuse { reason } = &want {
+                    s.fail(id, reason.clone());
+                }
+                if let Some(f) = file {
+                    files.push(f);
+                }
+                items.push((id, want));
+            }
+        }
+        admitted.push((rel, entry));
+    }
+    (items, files, admitted)
+}
+
+fn placeholder(shown: &str) -> RelPath {
+    RelPath::parse(format!("(refused) {}", shown.replace(['/', '\0'], "_")).as_bytes())
+        .unwrap_or_else(|_| RelPath::parse(b"(refused)").expect("a valid name"))
+}
+
+fn refuse(s: &Session, items: &mut Vec<(u32, Want)>, id: u32, entry: &Entry, reason: String) {
+    if let EntryKind::File { .. } = entry.kind {
+        items.push((
+            id,
+            Want::Refuse {
+                reason: reason.clone(),
+            },
+        ));
+    }
+    s.fail(id, reason);
+}
+
+fn make_dir(target: &Path) -> std::result::Result<(), String> {
+    match std::fs::symlink_metadata(target) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(m) if m.file_type().is_symlink() => Err(format!(
+            "{} is a symbolic link here; not following it to make a directory",
+            target.display()
+        )),
+        Ok(_) => Err(format!(
+            "{} is a file here; not replacing a file with a directory",
+            target.display()
+        )),
+        Err(_) => std::fs::create_dir(target)
+            .map_err(|e| format!("cannot create the directory {}: {e}", target.display())),
+    }
+}
+
+fn make_link(
+    target: &Path,
+    to: &[u8],
+    policy: ExistingPolicy,
+) -> std::result::Result<Outcome, String> {
+    let to = Path::new(OsStr::from_bytes(to));
+    match std::fs::symlink_metadata(target) {
+        Ok(m)
+            if m.file_type().is_symlink()
+                && std::fs::read_link(target).ok().as_deref() == Some(to) =>
+        {
+            return Ok(Outcome::Identical);
+        }
+        Ok(m) if m.is_dir() => {
+            return Err("a directory is in the way; not replacing it with a link".into());
+        }
+        Ok(_) if policy != ExistingPolicy::Overwrite => {
+            return Err(format!(
+                "something else exists here (policy {})",
+                policy.as_str()
+            ));
+        }
+        Ok(_) => std::fs::remove_file(target).map_err(|e| format!("cannot replace it: {e}"))?,
+        Err(_) => {}
+    }
+    std::os::unix::fs::symlink(to, target).map_err(|e| format!("cannot create the link: {e}"))?;
+    Ok(Outcome::Stored { hash: [0; 32] })
+}
+
+fn identity(s: &Session, entry: &Entry, size: u64) -> Identity {
+    Identity {
+        block_size: s.hello.block_size,
+        size,
+        mtime_sec: entry.mtime_sec,
+        mtime_nsec: entry.mtime_nsec,
+    }
+}
+
+fn plan_file(
+    s: &Session,
+    id: u32,
+    rel: &RelPath,
+    entry: &Entry,
+    size: u64,
+) -> (Want, Option<Arc<RecvFile>>) {
+    let policy = s.hello.policy;
+    let Some(hold) = Hold::take(rel.partial_under(&s.root)) else {
+        return (
+            Want::Refuse {
+                reason: "another session is still receiving this file; send again to resume it"
+                    .into(),
+            },
+            None,
+        );
+    };
+    let target = rel.under(&s.root);
+    let at_target = match std::fs::symlink_metadata(&target) {
+        Err(_) => AtTarget::Missing,
+        Ok(m) if m.is_file() => AtTarget::File {
+            size: m.len(),
+            hash: wants_existing_hash(policy, m.len(), size)
+                .then(|| hash_existing(&target, s.hello.block_size))
+                .flatten(),
+        },
+        Ok(_) => AtTarget::Other,
+    };
+    let jpath = rel.journal_under(&s.root);
+    let journal = std::fs::read(&jpath).ok().and_then(|b| journal::parse(&b));
+    let offered = identity(s, entry, size);
+    let want = receiver_want(
+        policy,
+        s.hello.resume,
+        &offered,
+        at_target,
+        journal.as_ref(),
+    );
+    let resume = match &want {
+        Want::Resume { verified } => Some(verified.clone()),
+        _ => None,
+    };
+    if resume.is_none() && journal.is_some() && !matches!(want, Want::Refuse { .. }) {
+        let _ = std::fs::remove_file(&jpath);
+        let _ = std::fs::remove_file(rel.partial_under(&s.root));
+    }
+    let file = match want {
+        Want::Refuse { .. } => None,
+        _ => Some(Arc::new(RecvFile {
+            _hold: hold,
+            id,
+            rel: rel.clone(),
+            entry: entry.clone(),
+            size,
+            replace: policy == ExistingPolicy::Overwrite,
+            state: Mutex::new(FileState {
+                resume,
+                ..FileState::default()
+            }),
+        })),
+    };
+    (want, file)
+}
+
+/// BLAKE3 of an existing file, as the block-wise hash computes it.
+fn hash_existing(path: &Path, bs: u32) -> Option<Digest> {
+    let f = File::open(path).ok()?;
+    let size = f.metadata().ok()?.len();
+    if size <= u64::from(bs) {
+        let mut buf = Vec::with_capacity(size as usize);
+        (&f).take(size).read_to_end(&mut buf).ok()?;
+        return Some(*blake3::hash(&buf).as_bytes());
+    }
+    let mut h = blake3::Hasher::new();
+    h.update_reader(&f).ok()?;
+    Some(*h.finalize().as_bytes())
+}
+
+fn write_record(s: &Session, f: &RecvFile, r: Record) {
+    match r {
+        Record::Whole { hash, data, .. } => {
+            let o = write_whole(s, f, &hash, &data);
+            f.state.lock().expect("not poisoned").done = true;
+            let _ = s.results.send((f.id, o));
+        }
+        Record::Block {
+            index, cv, data, ..
+        } => {
+            let r = write_block(s, f, index, &cv, &data);
+            let finish = {
+                let mut st = f.state.lock().expect("not poisoned");
+                st.pending -= 1;
+                if let Err(reason) = r
+                    && !st.done
+                {
+                    st.done = true;
+                    s.fail(f.id, reason);
+                }
+                st.pending == 0 && st.end.is_some()
+            };
+            if finish {
+                finalize(s, f);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn write_whole(s: &Session, f: &RecvFile, hash: &Digest, data: &[u8]) -> Outcome {
+    if data.len() as u64 != f.size {
+        return failed(format!(
+            "{} bytes arrived for a file of {} bytes",
+            data.len(),
+            f.size
+        ));
+    }
+    if blake3::hash(data).as_bytes() != hash {
+        return failed("the data failed its BLAKE3 check; nothing was kept".into());
+    }
+    let part = f.rel.partial_under(&s.root);
+    let r = (|| {
+        let mut out = File::create(&part)?;
+        out.write_all(data)?;
+        Ok::<File, std::io::Error>(out)
+    })();
+    match r {
+        Ok(out) => {
+            s.written.fetch_add(data.len() as u64, Ordering::Relaxed);
+            land(s, f, out, *hash)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&part);
+            failed(write_error(&e))
+        }
+    }
+}
+
+/// The words a user needs for a write error; a full disk says so plainly (the CLI maps it
+/// to its disk exit code).
+pub const DISK_FULL: &str = "the receiver's disk is full; the partial file was removed";
+
+fn write_error(e: &std::io::Error) -> String {
+    if e.raw_os_error() == Some(libc::ENOSPC) {
+        DISK_FULL.to_string()
+    } else {
+        format!("cannot write: {e}")
+    }
+}
+
+fn failed(reason: String) -> Outcome {
+    Outcome::Failed { reason }
+}
+
+/// Opens (or reopens, to resume) the partial file and its journal.
+fn open_partial(
+    s: &Session,
+    f: &RecvFile,
+    st: &mut FileState,
+) -> std::io::Result<Arc<OpenPartial>> {
+    if let Some(o) = &st.open {
+        return Ok(o.clone());
+    }
+    let part = f.rel.partial_under(&s.root);
+    let jpath = f.rel.journal_under(&s.root);
+    let n = block_count(f.size, s.hello.block_size) as usize;
+    st.cvs = vec![None; n];
+    let o = match st.resume.take() {
+        Some(verified) => {
+            let named = |what: &str, p: &Path, e: std::io::Error| {
+                std::io::Error::new(e.kind(), format!("{what} {}: {e}", p.display()))
+            };
+            let file = OpenOptions::new()
+                .write(true)
+                .read(true)
+                .open(&part)
+                .map_err(|e| named("reopening", &part, e))?;
+            let mut jbytes = std::fs::read(&jpath).map_err(|e| named("reading", &jpath, e))?;
+            let valid = journal::parse(&jbytes).map_or(0, |j| j.valid_len);
+            jbytes.truncate(valid);
+            let j = OpenOptions::new().write(true).open(&jpath)?;
+            j.set_len(valid as u64)?;
+            let mut j = j;
+            use std::io::Seek;
+            j.seek(std::io::SeekFrom::End(0))?;
+            for (i, cv) in verified {
+                if let Some(slot) = st.cvs.get_mut(i as usize) {
+                    *slot = Some(cv);
+                }
+            }
+            OpenPartial {
+                file,
+                journal: Mutex::new(j),
+            }
+        }
+        None => {
+            let file = OpenOptions::new()
+                .write(true)
+                .read(true)
+                .create(true)
+                .truncate(true)
+                .open(&part)?;
+            file.set_len(f.size)?;
+            let mut j = File::create(&jpath)?;
+            j.write_all(&journal::header(&identity(s, &f.entry, f.size)))?;
+            OpenPartial {
+                file,
+                journal: Mutex::new(j),
+            }
+        }
+    };
+    let o = Arc::new(o);
+    st.open = Some(o.clone());
+    Ok(o)
+}
+
+fn write_block(
+    s: &Session,
+    f: &RecvFile,
+    index: u64,
+    cv: &Digest,
+    data: &[u8],
+) -> std::result::Result<(), String> {
+    let bs = s.hello.block_size;
+    if index >= block_count(f.size, bs) {
+        return Err(format!("block {index} is past the end of the file"));
+    }
+    let expect = block_len(f.size, bs, index);
+    if data.len() != expect as usize {
+        return Err(format!(
+            "block {index} has {} bytes, expected {expect}",
+            data.len()
+        ));
+    }
+    if &block_cv(data, bs, index) != cv {
+        return Err(format!(
+            "block {index} failed its BLAKE3 check; the partial file is kept for a retry"
+        ));
+    }
+    let open = {
+        let mut st = f.state.lock().expect("not poisoned");
+        if st.done {
+            return Ok(());
+        }
+        open_partial(s, f, &mut st).map_err(|e| format!("cannot open the partial file: {e}"))?
+    };
+    if let Err(e) = open.file.write_all_at(data, index * u64::from(bs)) {
+        if e.raw_os_error() == Some(libc::ENOSPC) {
+            // Nothing to resume into on a full disk: give the space back.
+            let _ = std::fs::remove_file(f.rel.partial_under(&s.root));
+            let _ = std::fs::remove_file(f.rel.journal_under(&s.root));
+        }
+        return Err(write_error(&e));
+    }
+    s.written.fetch_add(data.len() as u64, Ordering::Relaxed);
+    open.journal
+        .lock()
+        .expect("not poisoned")
+        .write_all(&journal::record(index, cv))
+        .map_err(|e| format!("cannot write the journal: {e}"))?;
+    let mut st = f.state.lock().expect("not poisoned");
+    if let Some(slot) = st.cvs.get_mut(index as usize) {
+        *slot = Some(*cv);
+    }
+    Ok(())
+}
+
+/// The last block is in and the sender's hash known: fill in the holes, check the whole
+/// file's BLAKE3, and move it into place.
+fn finalize(s: &Session, f: &RecvFile) {
+    let (open, cvs, hash, holes) = {
+        let mut st = f.state.lock().expect("not poisoned");
+        if st.done {
+            return;
+        }
+        st.done = true;
+        let Some((hash, holes)) = st.end.take() else {
+            return;
+        };
+        let open = match open_partial(s, f, &mut st) {
+            Ok(o) => o,
+            Err(e) => {
+                s.fail(f.id, format!("cannot open the partial file: {e}"));
+                return;
+            }
+        };
+        (open, std::mem::take(&mut st.cvs), hash, holes)
+    };
+    let bs = s.hello.block_size;
+    let mut cvs = cvs;
+    for (first, count) in holes {
+        for i in first..first.saturating_add(count) {
+            match cvs.get_mut(i as usize) {
+                Some(slot @ None) => *slot = Some(zero_block_cv(block_len(f.size, bs, i), bs, i)),
+                Some(Some(_)) => {}
+                None => {
+                    s.fail(f.id, format!("hole block {i} is past the end of the file"));
+                    return;
+                }
+            }
+        }
+    }
+    if let Some(missing) = cvs.iter().position(Option::is_none) {
+        s.fail(
+            f.id,
+            format!("block {missing} never arrived; the partial file is kept for a retry"),
+        );
+        return;
+    }
+    let cvs: Vec<Digest> = cvs.into_iter().flatten().collect();
+    let ours = file_hash(f.size, bs, &cvs);
+    if ours != Some(hash) {
+        let _ = std::fs::remove_file(f.rel.partial_under(&s.root));
+        let _ = std::fs::remove_file(f.rel.journal_under(&s.root));
+        s.fail(
+            f.id,
+            "the file's BLAKE3 does not match the sender's; nothing was kept".into(),
+        );
+        return;
+    }
+    let file = match open.file.try_clone() {
+        Ok(file) => file,
+        Err(e) => {
+            s.fail(f.id, format!("cannot finish the file: {e}"));
+            return;
+        }
+    };
+    let outcome = land(s, f, file, hash);
+    if let Outcome::Stored { .. } = outcome {
+        let _ = std::fs::remove_file(f.rel.journal_under(&s.root));
+    }
+    let _ = s.results.send((f.id, outcome));
+}
+
+/// Gives a complete partial file its mode and mtime and renames it into place: without
+/// replacing anything unless the policy allows it.
+fn land(s: &Session, f: &RecvFile, file: File, hash: Digest) -> Outcome {
+    let part = f.rel.partial_under(&s.root);
+    let target = f.rel.under(&s.root);
+    let _ = file.set_permissions(std::fs::Permissions::from_mode(f.entry.mode & 0o7777));
+    if let Err(e) = file.set_modified(mtime_of(&f.entry)) {
+        return failed(format!("cannot set the mtime: {e}"));
+    }
+    drop(file);
+    let r = if f.replace {
+        std::fs::rename(&part, &target)
+    } else {
+        rename_noreplace(&part, &target)
+    };
+    match r {
+        Ok(()) => Outcome::Stored { hash },
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => failed(
+            "a file appeared at the destination while this one arrived; it was left alone".into(),
+        ),
+        Err(e) => failed(format!("cannot move the file into place: {e}")),
+    }
+}
+
+fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::ffi::CString;
+    let a = CString::new(from.as_os_str().as_bytes())?;
+    let b = CString::new(to.as_os_str().as_bytes())?;
+    // SAFETY: two valid NUL-terminated paths; renameat2 reads them and nothing else.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EINVAL) || e.raw_os_error() == Some(libc::ENOSYS) {
+        // A file system without RENAME_NOREPLACE: check, then rename (a small race).
+        if std::fs::symlink_metadata(to).is_ok() {
+            return Err(std::io::ErrorKind::AlreadyExists.into());
+        }
+        return std::fs::rename(from, to);
+    }
+    Err(e)
+}
+
+fn mtime_of(e: &Entry) -> SystemTime {
+    if e.mtime_sec >= 0 {
+        SystemTime::UNIX_EPOCH + Duration::new(e.mtime_sec as u64, e.mtime_nsec)
+    } else {
+        SystemTime::UNIX_EPOCH - Duration::from_secs(e.mtime_sec.unsigned_abs())
+            + Duration::from_nanos(u64::from(e.mtime_nsec))
+    }
+}

@@ -1,0 +1,710 @@
+//! The sending driver: manifest out, plan in, then blocks and batches of small files from
+//! several reader tasks at once, all pipelined over one channel.
+//!
+//! Files of at most one block are read whole and packed many to a message. Larger files are
+//! cut into blocks; each block is read with `pread` by whichever worker takes it, straight
+//! into the message buffer, hashed there, and sent without another copy. Holes (found with
+//! SEEK_DATA/SEEK_HOLE) are hashed as zeroes but never read or sent.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{Mutex as AsyncMutex, mpsc};
+
+use crate::channel::Channel;
+use crate::error::{Error, Result};
+use crate::hash::{block_count, block_cv, block_len, file_hash, zero_block_cv};
+use crate::plan::{BlockPlan, HaveAnswer, answer_have};
+use crate::protocol::{
+    BLOCK_HEADER_LEN, DEFAULT_BLOCK_SIZE, Digest, Entry, EntryKind, ExistingPolicy, Finished,
+    Hello, Message, Outcome, Record, TREE_PROTOCOL_VERSION, Want, block_message, seal_block,
+};
+use crate::scan::Tree;
+
+/// Most payload bytes in one batch of small files.
+const BATCH_BYTES: usize = 1 << 20;
+/// Most files in one batch.
+const BATCH_FILES: usize = 1024;
+/// Most entries in one Manifest message.
+const MANIFEST_BATCH: usize = 2048;
+/// Hole blocks hashed per job.
+const HOLE_JOB: u64 = 64;
+
+/// How to send.
+#[derive(Clone, Debug)]
+pub struct SendOptions {
+    /// Block size: the unit of hashing, reading and resume.
+    pub block_size: u32,
+    /// What the receiver does with files it already has.
+    pub policy: ExistingPolicy,
+    /// Resume partial files left by an earlier try (the default).
+    pub resume: bool,
+    /// Reader tasks working at once.
+    pub readers: usize,
+}
+
+impl Default for SendOptions {
+    fn default() -> Self {
+        SendOptions {
+            block_size: DEFAULT_BLOCK_SIZE,
+            policy: ExistingPolicy::default(),
+            resume: true,
+            readers: 8,
+        }
+    }
+}
+
+/// How one entry ended, as the receiver reported it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EntryReport {
+    /// The path below the tree root.
+    pub path: String,
+    /// How it ended.
+    pub outcome: Outcome,
+}
+
+/// What a finished [`send_tree`] knows.
+#[derive(Clone, Debug)]
+pub struct SendReport {
+    /// Every entry, in manifest order.
+    pub entries: Vec<EntryReport>,
+    /// The receiver's totals.
+    pub finished: Finished,
+    /// Bytes in all files of the tree.
+    pub tree_bytes: u64,
+    /// File bytes put into messages (what resume, holes and identical files saved is the
+    /// difference).
+    pub data_bytes_sent: u64,
+    /// Blocks the receiver already held, verified, from an earlier try.
+    pub blocks_resumed: u64,
+    /// Special files left out.
+    pub skipped: Vec<std::path::PathBuf>,
+    /// From Hello to Finished.
+    pub elapsed: Duration,
+}
+
+impl SendReport {
+    /// Entries that failed, with the receiver's or sender's reason.
+    pub fn failures(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.entries.iter().filter_map(|e| match &e.outcome {
+            Outcome::Failed { reason } => Some((e.path.as_str(), reason.as_str())),
+            _ => None,
+        })
+    }
+}
+
+/// Counters the caller can watch while a transfer runs.
+#[derive(Debug, Default)]
+pub struct SendProgress {
+    /// File bytes handed to the channel (shared, so a progress display can watch it).
+    pub bytes: Arc<AtomicU64>,
+    /// Entries with a result.
+    pub done: AtomicU64,
+}
+
+struct Shared {
+    ch: Arc<dyn Channel>,
+    tree: Tree,
+    opts: SendOptions,
+    progress: Arc<SendProgress>,
+    sent: AtomicU64,
+    resumed: AtomicU64,
+}
+
+enum Job {
+    Small(Vec<u32>),
+    Block(Arc<BigFile>, u64),
+    Holes(Arc<BigFile>, u64, u64),
+}
+
+struct BigFile {
+    id: u32,
+    file: File,
+    size: u64,
+    holes: Vec<(u64, u64)>,
+    cvs: Mutex<Vec<Option<Digest>>>,
+    remaining: AtomicU64,
+    failed: Mutex<Option<String>>,
+}
+
+/// Sends `tree` over `ch` and waits until the receiver has reported on every entry.
+pub async fn send_tree(
+    ch: Arc<dyn Channel>,
+    tree: Tree,
+    opts: &SendOptions,
+    progress: Arc<SendProgress>,
+) -> Result<SendReport> {
+    let start = Instant::now();
+    let hello = Hello {
+        version: TREE_PROTOCOL_VERSION,
+        block_size: opts.block_size,
+        policy: opts.policy,
+        resume: opts.resume,
+        entries: tree.entries.len() as u64,
+        bytes: tree.bytes,
+    };
+    ch.send(Message::Hello(hello).encode())
+        .await
+        .map_err(|e| Error::channel("sending the hello", e))?;
+    let n = tree.entries.len();
+    let shared = Arc::new(Shared {
+        ch: ch.clone(),
+        tree,
+        opts: opts.clone(),
+        progress,
+        sent: AtomicU64::new(0),
+        resumed: AtomicU64::new(0),
+    });
+    let (plan_tx, plan_rx) = mpsc::unbounded_channel();
+    let router = tokio::spawn(route(ch.clone(), plan_tx, shared.progress.clone(), n));
+    // Dropping this future (a cancelled or killed transfer) must stop the router too, so the
+    // session's last handle goes and the receiver sees the end.
+    let _stop_router = AbortOnDrop(router.abort_handle());
+    let work = async {
+        send_manifest(&shared).await?;
+        schedule(&shared, plan_rx).await?;
+        ch.send(Message::End.encode())
+            .await
+            .map_err(|e| Error::channel("sending the end", e))
+    };
+    tokio::pin!(router);
+    let routed = tokio::select! {
+        r = work => {
+            r?;
+            (&mut router).await
+        }
+        r = &mut router => r,
+    };
+    let (outcomes, finished) = routed.map_err(|e| Error::Protocol(format!("router: {e}")))??;
+    // The receiver waits for this goodbye, so that neither side drops a session the other
+    // still needs.
+    let _ = ch.close().await;
+    let entries = shared
+        .tree
+        .entries
+        .iter()
+        .zip(outcomes)
+        .map(|(e, o)| EntryReport {
+            path: String::from_utf8_lossy(&e.path).into_owned(),
+            outcome: o.unwrap_or(Outcome::Failed {
+                reason: "the receiver reported no result".into(),
+            }),
+        })
+        .collect();
+    Ok(SendReport {
+        entries,
+        finished,
+        tree_bytes: shared.tree.bytes,
+        data_bytes_sent: shared.sent.load(Ordering::Relaxed),
+        blocks_resumed: shared.resumed.load(Ordering::Relaxed),
+        skipped: shared.tree.skipped.clone(),
+        elapsed: start.elapsed(),
+    })
+}
+
+async fn send_manifest(s: &Shared) -> Result<()> {
+    let entries = &s.tree.entries;
+    let mut at = 0;
+    loop {
+        let end = (at + MANIFEST_BATCH).min(entries.len());
+        let last = end == entries.len();
+        let msg = Message::Manifest {
+            entries: entries[at..end].to_vec(),
+            last,
+        };
+        s.ch.send(msg.encode())
+            .await
+            .map_err(|e| Error::channel("sending the manifest", e))?;
+        if last {
+            return Ok(());
+        }
+        at = end;
+    }
+}
+
+type Routed = (Vec<Option<Outcome>>, Finished);
+
+/// Reads everything the receiver says: plan items go to the scheduler, results are kept.
+async fn route(
+    ch: Arc<dyn Channel>,
+    plan_tx: mpsc::UnboundedSender<(u32, Want)>,
+    progress: Arc<SendProgress>,
+    n: usize,
+) -> Result<Routed> {
+    let mut plan_tx = Some(plan_tx);
+    let mut outcomes: Vec<Option<Outcome>> = vec![None; n];
+    loop {
+        let msg = ch
+            .recv()
+            .await
+            .map_err(|e| Error::channel("receiving from the receiver", e))?
+            .ok_or(Error::Closed)?;
+        match Message::decode(msg).map_err(|e| Error::Protocol(e.to_string()))? {
+            Message::Plan { items, last } => {
+                let Some(tx) = &plan_tx else {
+                    return Err(Error::Protocol("plan items after the last".into()));
+                };
+                for item in items {
+                    if item.0 as usize >= n {
+                        return Err(Error::Protocol(format!(
+                            "plan for unknown entry {}",
+                            item.0
+                        )));
+                    }
+                    let _ = tx.send(item);
+                }
+                if last {
+                    plan_tx = None;
+                }
+            }
+            Message::Results(items) => {
+                for (id, o) in items {
+                    let slot = outcomes
+                        .get_mut(id as usize)
+                        .ok_or_else(|| Error::Protocol(format!("result for unknown entry {id}")))?;
+                    *slot = Some(o);
+                    progress.done.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Message::Finished(f) => return Ok((outcomes, f)),
+            Message::Abort(reason) => return Err(Error::Aborted(reason)),
+            other => {
+                return Err(Error::Protocol(format!(
+                    "unexpected message from the receiver: {other:?}"
+                )));
+            }
+        }
+    }
+}
+
+/// Turns plan items into jobs for the workers, in plan order.
+async fn schedule(s: &Arc<Shared>, mut plan: mpsc::UnboundedReceiver<(u32, Want)>) -> Result<()> {
+    let workers = s.opts.readers.max(1);
+    let (job_tx, job_rx) = mpsc::channel::<Job>(workers * 2);
+    let job_rx = Arc::new(AsyncMutex::new(job_rx));
+    let mut pool = tokio::task::JoinSet::new();
+    for _ in 0..workers {
+        let s = s.clone();
+        let rx = job_rx.clone();
+        pool.spawn(async move {
+            loop {
+                let job = rx.lock().await.recv().await;
+                let Some(job) = job else { return Ok(()) };
+                run_job(&s, job).await?;
+            }
+        });
+    }
+    let bs = u64::from(s.opts.block_size);
+    let mut batch: Vec<u32> = Vec::new();
+    let mut batch_bytes = 0usize;
+    let fed = async {
+        while let Some((id, want)) = plan.recv().await {
+            let Some(size) = file_size(&s.tree.entries[id as usize]) else {
+                continue;
+            };
+            let verified = match want {
+                Want::Refuse { .. } => continue,
+                Want::Send => Vec::new(),
+                Want::Resume { verified } => verified,
+                Want::Have { hash } => {
+                    let answer = {
+                        let s = s.clone();
+                        tokio::task::spawn_blocking(move || {
+                            own_hash(&s, id).map(|ours| answer_have(s.opts.policy, &ours, &hash))
+                        })
+                        .await
+                        .expect("hashing does not panic")
+                    };
+                    match answer {
+                        Ok(HaveAnswer::Send) => Vec::new(),
+                        Ok(HaveAnswer::Skip) => {
+                            send_records(s, vec![Record::Skip { id }]).await?;
+                            continue;
+                        }
+                        Ok(HaveAnswer::Refuse(reason)) | Err(reason) => {
+                            send_records(s, vec![Record::Fail { id, reason }]).await?;
+                            continue;
+                        }
+                    }
+                }
+            };
+            if size <= bs {
+                batch.push(id);
+                batch_bytes += size as usize + 64;
+                if batch_bytes >= BATCH_BYTES || batch.len() >= BATCH_FILES {
+                    batch_bytes = 0;
+                    if job_tx
+                        .send(Job::Small(std::mem::take(&mut batch)))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                continue;
+            }
+            let prepared = {
+                let s = s.clone();
+                tokio::task::spawn_blocking(move || prepare_big(&s, id, size, verified))
+                    .await
+                    .expect("preparing does not panic")
+            };
+            let (big, restart, to_send) = match prepared {
+                Ok(p) => p,
+                Err(reason) => {
+                    send_records(s, vec![Record::Fail { id, reason }]).await?;
+                    continue;
+                }
+            };
+            if restart {
+                send_records(s, vec![Record::Restart { id }]).await?;
+            }
+            if big.remaining.load(Ordering::Acquire) == 0 {
+                finish_big(s, &big).await?;
+                continue;
+            }
+            for &(first, count) in &big.holes {
+                let mut at = first;
+                while at < first + count {
+                    let n = HOLE_JOB.min(first + count - at);
+                    if job_tx.send(Job::Holes(big.clone(), at, n)).await.is_err() {
+                        return Ok(());
+                    }
+                    at += n;
+                }
+            }
+            for index in to_send {
+                if job_tx.send(Job::Block(big.clone(), index)).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        if !batch.is_empty() {
+            let _ = job_tx.send(Job::Small(std::mem::take(&mut batch))).await;
+        }
+        Ok::<(), Error>(())
+    };
+    let fed = fed.await;
+    drop(job_tx);
+    let mut result = fed;
+    while let Some(r) = pool.join_next().await {
+        let r = r.unwrap_or_else(|e| Err(Error::Protocol(format!("reader task: {e}"))));
+        if result.is_ok() {
+            result = r;
+        }
+    }
+    result
+}
+
+fn file_size(e: &Entry) -> Option<u64> {
+    match e.kind {
+        EntryKind::File { size } => Some(size),
+        _ => None,
+    }
+}
+
+async fn send_records(s: &Shared, records: Vec<Record>) -> Result<()> {
+    s.ch.send(Message::Data(records).encode())
+        .await
+        .map_err(|e| Error::channel("sending data", e))
+}
+
+async fn run_job(s: &Arc<Shared>, job: Job) -> Result<()> {
+    match job {
+        Job::Small(ids) => {
+            let s2 = s.clone();
+            let (records, bytes) = tokio::task::spawn_blocking(move || read_small(&s2, &ids))
+                .await
+                .expect("reading does not panic");
+            send_records(s, records).await?;
+            s.sent.fetch_add(bytes, Ordering::Relaxed);
+            s.progress.bytes.fetch_add(bytes, Ordering::Relaxed);
+            Ok(())
+        }
+        Job::Block(big, index) => {
+            let bs = s.opts.block_size;
+            let b2 = big.clone();
+            let read = tokio::task::spawn_blocking(move || read_block(&b2, bs, index))
+                .await
+                .expect("reading does not panic");
+            match read {
+                Ok((msg, cv)) => {
+                    let n = (msg.len() - BLOCK_HEADER_LEN) as u64;
+                    if big.failed.lock().expect("not poisoned").is_none() {
+                        s.ch.send(msg)
+                            .await
+                            .map_err(|e| Error::channel("sending data", e))?;
+                        s.sent.fetch_add(n, Ordering::Relaxed);
+                        s.progress.bytes.fetch_add(n, Ordering::Relaxed);
+                    }
+                    big.cvs.lock().expect("not poisoned")[index as usize] = Some(cv);
+                }
+                Err(e) => fail_big(&big, e),
+            }
+            block_done(s, &big, 1).await
+        }
+        Job::Holes(big, first, count) => {
+            let bs = s.opts.block_size;
+            let b2 = big.clone();
+            tokio::task::spawn_blocking(move || {
+                for i in first..first + count {
+                    let cv = zero_block_cv(block_len(b2.size, bs, i), bs, i);
+                    b2.cvs.lock().expect("not poisoned")[i as usize] = Some(cv);
+                }
+            })
+            .await
+            .expect("hashing does not panic");
+            block_done(s, &big, count).await
+        }
+    }
+}
+
+fn fail_big(big: &BigFile, why: String) {
+    let mut f = big.failed.lock().expect("not poisoned");
+    if f.is_none() {
+        *f = Some(why);
+    }
+}
+
+async fn block_done(s: &Arc<Shared>, big: &Arc<BigFile>, n: u64) -> Result<()> {
+    if big.remaining.fetch_sub(n, Ordering::AcqRel) == n {
+        finish_big(s, big).await?;
+    }
+    Ok(())
+}
+
+/// Every block of a big file is sent or hashed: check the file did not change, then send its
+/// hash (or why it failed).
+async fn finish_big(s: &Arc<Shared>, big: &Arc<BigFile>) -> Result<()> {
+    let id = big.id;
+    let failed = big.failed.lock().expect("not poisoned").take();
+    let record = match failed {
+        Some(reason) => Record::Fail { id, reason },
+        None => {
+            let cvs: Option<Vec<Digest>> = big
+                .cvs
+                .lock()
+                .expect("not poisoned")
+                .iter()
+                .copied()
+                .collect();
+            let entry = &s.tree.entries[id as usize];
+            match (cvs, unchanged(&big.file, entry)) {
+                (_, Err(reason)) => Record::Fail { id, reason },
+                (Some(cvs), Ok(())) => match file_hash(big.size, s.opts.block_size, &cvs) {
+                    Some(hash) => Record::FileEnd {
+                        id,
+                        hash,
+                        holes: big.holes.clone(),
+                    },
+                    None => Record::Fail {
+                        id,
+                        reason: "internal error: block hashes incomplete".into(),
+                    },
+                },
+                (None, Ok(())) => Record::Fail {
+                    id,
+                    reason: "internal error: block hashes incomplete".into(),
+                },
+            }
+        }
+    };
+    send_records(s, vec![record]).await
+}
+
+/// Whether the open file still has the size and mtime the manifest announced.
+fn unchanged(file: &File, e: &Entry) -> std::result::Result<(), String> {
+    let m = file
+        .metadata()
+        .map_err(|e| format!("cannot stat the file: {e}"))?;
+    if Some(m.len()) != file_size(e)
+        || m.mtime() != e.mtime_sec
+        || m.mtime_nsec() as u32 != e.mtime_nsec
+    {
+        return Err("the file changed while it was being sent; send it again".into());
+    }
+    Ok(())
+}
+
+fn open_checked(s: &Shared, id: u32) -> std::result::Result<File, String> {
+    let path = &s.tree.sources[id as usize];
+    let f = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let m = f
+        .metadata()
+        .map_err(|e| format!("cannot stat {}: {e}", path.display()))?;
+    if !m.is_file() {
+        return Err(format!("{} is no longer a regular file", path.display()));
+    }
+    unchanged(&f, &s.tree.entries[id as usize])?;
+    Ok(f)
+}
+
+fn own_hash(s: &Shared, id: u32) -> std::result::Result<Digest, String> {
+    let size = file_size(&s.tree.entries[id as usize]).unwrap_or(0);
+    let bs = s.opts.block_size;
+    let f = open_checked(s, id)?;
+    let read_err = |e: std::io::Error| format!("reading failed: {e}");
+    if size <= u64::from(bs) {
+        let mut buf = Vec::with_capacity(size as usize);
+        (&f).take(size).read_to_end(&mut buf).map_err(read_err)?;
+        return Ok(*blake3::hash(&buf).as_bytes());
+    }
+    let mut cvs = Vec::new();
+    let mut buf = vec![0u8; bs as usize];
+    for i in 0..block_count(size, bs) {
+        let n = block_len(size, bs, i) as usize;
+        f.read_exact_at(&mut buf[..n], i * u64::from(bs))
+            .map_err(read_err)?;
+        cvs.push(block_cv(&buf[..n], bs, i));
+    }
+    file_hash(size, bs, &cvs).ok_or_else(|| "internal error: hashing".into())
+}
+
+fn read_small(s: &Shared, ids: &[u32]) -> (Vec<Record>, u64) {
+    let mut records = Vec::with_capacity(ids.len());
+    let mut bytes = 0;
+    for &id in ids {
+        let size = file_size(&s.tree.entries[id as usize]).unwrap_or(0);
+        let read = open_checked(s, id).and_then(|f| {
+            let mut buf = Vec::with_capacity(size as usize);
+            // One byte more than announced reveals a file that grew.
+            (&f).take(size + 1)
+                .read_to_end(&mut buf)
+                .map_err(|e| format!("reading failed: {e}"))?;
+            if buf.len() as u64 != size {
+                return Err("the file changed while it was being sent; send it again".into());
+            }
+            unchanged(&f, &s.tree.entries[id as usize])?;
+            Ok(buf)
+        });
+        records.push(match read {
+            Ok(data) => {
+                bytes += data.len() as u64;
+                Record::Whole {
+                    id,
+                    hash: *blake3::hash(&data).as_bytes(),
+                    data: Bytes::from(data),
+                }
+            }
+            Err(reason) => Record::Fail { id, reason },
+        });
+    }
+    (records, bytes)
+}
+
+type Prepared = (Arc<BigFile>, bool, Vec<u64>);
+
+/// Opens a big file, finds its holes, and checks the receiver's verified blocks against the
+/// file as it is now: one mismatch and the whole file is sent anew (`restart`).
+fn prepare_big(
+    s: &Shared,
+    id: u32,
+    size: u64,
+    verified: Vec<(u64, Digest)>,
+) -> std::result::Result<Prepared, String> {
+    let bs = s.opts.block_size;
+    let file = open_checked(s, id)?;
+    let extents = data_extents(&file, size);
+    let n = block_count(size, bs);
+    let mut cvs = vec![None; n as usize];
+    let mut restart = false;
+    let mut kept = HashSet::new();
+    let mut buf = vec![0u8; bs as usize];
+    for &(i, cv) in &verified {
+        if i >= n {
+            restart = true;
+            break;
+        }
+        let len = block_len(size, bs, i) as usize;
+        if file
+            .read_exact_at(&mut buf[..len], i * u64::from(bs))
+            .is_err()
+            || block_cv(&buf[..len], bs, i) != cv
+        {
+            restart = true;
+            break;
+        }
+        cvs[i as usize] = Some(cv);
+        kept.insert(i);
+    }
+    if restart {
+        kept.clear();
+        cvs = vec![None; n as usize];
+    }
+    s.resumed.fetch_add(kept.len() as u64, Ordering::Relaxed);
+    let plan = BlockPlan::new(size, bs, &extents, &kept);
+    let hole_blocks: u64 = plan.holes.iter().map(|h| h.1).sum();
+    let big = Arc::new(BigFile {
+        id,
+        file,
+        size,
+        holes: plan.holes,
+        cvs: Mutex::new(cvs),
+        remaining: AtomicU64::new(plan.send.len() as u64 + hole_blocks),
+        failed: Mutex::new(None),
+    });
+    Ok((big, restart, plan.send))
+}
+
+/// The file's data extents, from SEEK_DATA/SEEK_HOLE; all of it when the file system cannot
+/// say.
+fn data_extents(file: &File, size: u64) -> Vec<(u64, u64)> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    let mut out = Vec::new();
+    let mut at: i64 = 0;
+    let end = size as i64;
+    while at < end {
+        // SAFETY: lseek on a descriptor we own; it only moves the (unused) file offset.
+        let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
+        if data < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ENXIO) {
+                break; // no more data: the rest is a hole
+            }
+            return vec![(0, size)];
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        let hole = if hole < 0 { end } else { hole.min(end) };
+        if hole <= data {
+            return vec![(0, size)];
+        }
+        out.push((data as u64, (hole - data) as u64));
+        at = hole;
+    }
+    out
+}
+
+fn read_block(big: &BigFile, bs: u32, index: u64) -> std::result::Result<(Bytes, Digest), String> {
+    let len = block_len(big.size, bs, index);
+    let mut msg = block_message(big.id, index, len);
+    big.file
+        .read_exact_at(&mut msg[BLOCK_HEADER_LEN..], index * u64::from(bs))
+        .map_err(|e| format!("reading block {index} failed: {e}"))?;
+    let cv = block_cv(&msg[BLOCK_HEADER_LEN..], bs, index);
+    seal_block(&mut msg, &cv);
+    Ok((msg.freeze(), cv))
+}
+
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Outcomes by path, for tests and reports.
+pub fn outcomes_by_path(r: &SendReport) -> HashMap<&str, &Outcome> {
+    r.entries
+        .iter()
+        .map(|e| (e.path.as_str(), &e.outcome))
+        .collect()
+}
