@@ -35,13 +35,14 @@ mod reassembly;
 mod recycle;
 mod send_buffer;
 mod transport;
+pub mod util;
 
 pub use crc::{crc32c, crc32c_append};
 pub use error::{Error, ProtocolError, Result};
 #[cfg(feature = "in-memory")]
 pub use in_memory::InMemoryTransport;
 pub use metrics::TransportMetrics;
-pub use mode::{Mode, TransportKind};
+pub use mode::{Congestion, Mode, TransportKind};
 pub use ranges::RangeSet;
 pub use reassembly::{Inserted, Reassembler, ReassemblyConfig};
 pub use send_buffer::{AckOutcome, Outgoing, PathId, SendBuffer};

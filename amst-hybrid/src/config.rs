@@ -3,18 +3,9 @@
 use std::time::Duration;
 
 use amst_core::codec::Psk;
-use amst_core::{Mode, TransportKind};
+use amst_core::{Congestion, Mode, TransportKind};
 
 use crate::{Error, Result};
-
-/// Congestion control asked of a transport.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Congestion {
-    /// BBR: model-based, tolerant of random loss (internet paths).
-    Bbr,
-    /// CUBIC: loss-based (datacenter paths).
-    Cubic,
-}
 
 /// The transport of the datacenter profile.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]

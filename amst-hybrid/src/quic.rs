@@ -5,12 +5,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use amst_core::BoxFuture;
-use amst_quic::{CongestionControl, Identity, QuicConfig, QuicConnector, QuicListener};
+use amst_quic::{Identity, QuicConfig, QuicConnector, QuicListener};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::warn;
 
-use crate::{Acceptor, AmstConfig, Congestion, Connected, Error, LaneProfile, Result};
+use crate::{Acceptor, AmstConfig, Connected, Error, LaneProfile, Result};
 
 /// The server name clients ask for; verification is PSK-bound (amst-quic's default), so the
 /// self-signed certificate's name is not what authenticates the server.
@@ -18,10 +18,7 @@ pub const QUIC_SERVER_NAME: &str = "amst";
 
 /// The amst-quic configuration a lane profile maps to (client side).
 pub fn quic_config(config: &AmstConfig, profile: &LaneProfile) -> QuicConfig {
-    let mut q = QuicConfig::new(config.psk.clone()).with_congestion(match profile.congestion {
-        Congestion::Bbr => CongestionControl::AmstBbr,
-        Congestion::Cubic => CongestionControl::AmstCubic,
-    });
+    let mut q = QuicConfig::new(config.psk.clone()).with_congestion(profile.congestion.into());
     q.max_message = config.max_message;
     q
 }

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use amst_core::codec::SessionId;
@@ -23,9 +23,7 @@ use crate::metrics::{Instruments, SwitchStats};
 use crate::wire::{self, HybridFrame};
 use crate::{AmstConfig, Connector, Error, LaneProfile, Result};
 
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+pub(crate) use amst_core::util::{hex, lock};
 
 /// Which end of the session this is; only the client dials, so only it drives switches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1132,8 +1130,4 @@ impl Shared {
     pub fn live_lanes(&self) -> usize {
         lock(&self.lanes).len()
     }
-}
-
-pub(crate) fn hex(id: &[u8]) -> String {
-    id.iter().map(|b| format!("{b:02x}")).collect()
 }

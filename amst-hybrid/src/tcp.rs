@@ -83,10 +83,7 @@ pub fn tcp_config(psk: &Psk, profile: &LaneProfile, max_message: u64) -> TcpConf
     c.streams = profile.streams;
     c.min_streams = profile.min_streams.min(profile.streams);
     c.max_streams = profile.max_streams.max(profile.streams);
-    c.congestion = match profile.congestion {
-        Congestion::Bbr => amst_tcp::Congestion::Bbr,
-        Congestion::Cubic => amst_tcp::Congestion::Cubic,
-    };
+    c.congestion = profile.congestion;
     c.pacing = profile.pacing;
     c.chunk_size = profile.chunk_size.clamp(MIN_CHUNK, MAX_CHUNK);
     c.max_message = max_message;

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use amst_core::codec::{CloseCode, Decoder, Frame, Limits, Ping, Pong};
@@ -140,9 +140,7 @@ impl FrameReader {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+use amst_core::util::lock;
 
 /// Waits until `check` returns `Some`, re-checking after every notification. The waiter is
 /// registered before the check, so a change between the check and the wait is not missed.

@@ -7,7 +7,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use amst_core::codec::{CloseCode, Frame, Limits, SessionId};
@@ -160,13 +160,7 @@ impl std::fmt::Debug for Shared {
     }
 }
 
-pub(crate) fn hex(id: &[u8]) -> String {
-    id.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+pub(crate) use amst_core::util::{hex, lock};
 
 /// Delay before an ack that no threshold forced goes out: long enough to coalesce a burst,
 /// short against any RTT that matters for `flush`.
