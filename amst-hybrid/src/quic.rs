@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::warn;
 
+use crate::wire;
 use crate::{Acceptor, AmstConfig, Connected, Error, LaneProfile, Result};
 
 /// The server name clients ask for; verification is PSK-bound (amst-quic's default), so the
@@ -19,7 +20,7 @@ pub const QUIC_SERVER_NAME: &str = "amst";
 /// The amst-quic configuration a lane profile maps to (client side).
 pub fn quic_config(config: &AmstConfig, profile: &LaneProfile) -> QuicConfig {
     let mut q = QuicConfig::new(config.psk.clone()).with_congestion(profile.congestion.into());
-    q.max_message = config.max_message;
+    q.max_message = config.max_message + wire::DATA_HEADER_LEN as u64;
     q
 }
 
@@ -48,7 +49,7 @@ impl QuicAcceptor {
     pub fn bind(addr: SocketAddr, config: &AmstConfig) -> Result<Self> {
         let identity = Identity::self_signed(&[QUIC_SERVER_NAME])?;
         let mut q = QuicConfig::new(config.psk.clone()).with_identity(identity);
-        q.max_message = config.max_message;
+        q.max_message = config.max_message + wire::DATA_HEADER_LEN as u64;
         Ok(QuicAcceptor {
             listener: QuicListener::bind(addr, q)?,
         })

@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use amst_core::codec::{CloseCode, Frame, Limits, SessionId};
-use amst_core::{Error, PathId, ProtocolError, Reassembler, ReassemblyConfig, SendBuffer};
+use amst_core::{
+    AckCounter, Error, PathId, ProtocolError, Reassembler, ReassemblyConfig, SendBuffer,
+};
 use bytes::BytesMut;
 use socket2::Socket;
 use tokio::sync::{Notify, oneshot};
@@ -111,6 +113,8 @@ pub(crate) struct Shared {
     pub space: Notify,
     /// `flush` waits here for acks.
     pub acked: Notify,
+    /// Messages the peer acknowledged, for `Transport::acked` subscribers.
+    pub acked_messages: AckCounter,
     pub rx: Mutex<RxState>,
     /// `recv` waits here for messages.
     pub rx_wake: Notify,
@@ -208,6 +212,7 @@ impl Shared {
             tx_wake: Notify::new(),
             space: Notify::new(),
             acked: Notify::new(),
+            acked_messages: AckCounter::new(),
             rx_wake: Notify::new(),
             // The peer's send buffer starts with no credit: our first write grants it.
             ctrl_pending: AtomicBool::new(true),
