@@ -35,8 +35,13 @@ pub enum ProtocolError {
         /// The peer's newest version.
         theirs_max: u16,
     },
-    /// The peer's HMAC did not verify: wrong pre-shared key, or a forged handshake.
-    #[error("authentication failed: the peer's HMAC does not match our pre-shared key")]
+    /// The peer's HMAC did not verify: wrong pre-shared key, or a forged handshake (one
+    /// altered in transit, such as a narrowed version range to force a downgrade).
+    #[error(
+        "authentication failed: the peer's HMAC does not match our pre-shared key and the \
+         handshake as we saw it (a wrong key, or a handshake altered in transit, such as a \
+         version range narrowed to force a downgrade)"
+    )]
     AuthFailed,
     /// A frame type byte that this version does not define.
     #[error("unknown frame type {0:#04x}")]

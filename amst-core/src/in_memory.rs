@@ -6,9 +6,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytes::Bytes;
-use tokio::sync::{Mutex, mpsc, watch};
+use tokio::sync::{Mutex, mpsc};
 
-use crate::{BoxFuture, Error, Result, Transport, TransportKind, TransportMetrics};
+use crate::{
+    AckCounter, AckWatch, BoxFuture, Error, Result, Transport, TransportKind, TransportMetrics,
+};
 
 /// Counters one direction shares between its sender and its receiver.
 #[derive(Debug, Default)]
@@ -25,9 +27,9 @@ pub struct InMemoryTransport {
     outgoing: Arc<Direction>,
     incoming: Arc<Direction>,
     /// Messages the peer has received from us (the ack), watched by `flush`.
-    acked_by_peer: watch::Receiver<u64>,
+    acked_by_peer: AckWatch,
     /// Messages we have received, published to the peer as its ack.
-    we_received: watch::Sender<u64>,
+    we_received: AckCounter,
     closed: AtomicBool,
 }
 
@@ -36,8 +38,8 @@ impl InMemoryTransport {
     pub fn pair(capacity: usize) -> (Self, Self) {
         let (a_tx, b_rx) = mpsc::channel(capacity.max(1));
         let (b_tx, a_rx) = mpsc::channel(capacity.max(1));
-        let (a_recv_tx, a_recv_rx) = watch::channel(0);
-        let (b_recv_tx, b_recv_rx) = watch::channel(0);
+        let (a_recv_tx, b_recv_tx) = (AckCounter::new(), AckCounter::new());
+        let (a_recv_rx, b_recv_rx) = (a_recv_tx.watch(), b_recv_tx.watch());
         let (a_to_b, b_to_a) = (
             Arc::new(Direction::default()),
             Arc::new(Direction::default()),
@@ -90,23 +92,23 @@ impl Transport for InMemoryTransport {
     fn flush(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             let target = self.outgoing.sent.load(Ordering::Acquire);
-            let mut acked = self.acked_by_peer.clone();
-            acked
-                .wait_for(|&n| n >= target)
-                .await
-                .map_err(|_| Error::PeerClosed {
-                    code: crate::codec::CloseCode::Normal,
-                    reason: "the other end was dropped before acknowledging".into(),
-                })?;
-            Ok(())
+            if target == 0 || self.acked_by_peer.beyond(target - 1).await >= target {
+                return Ok(());
+            }
+            Err(Error::PeerClosed {
+                code: crate::codec::CloseCode::Normal,
+                reason: "the other end was dropped before acknowledging".into(),
+            })
         })
     }
 
     fn recv(&self) -> BoxFuture<'_, Result<Option<Bytes>>> {
         Box::pin(async move {
-            let msg = self.rx.lock().await.recv().await;
+            let mut rx = self.rx.lock().await;
+            let msg = rx.recv().await;
             if msg.is_some() {
-                self.we_received.send_modify(|n| *n += 1);
+                // Under the receive lock, so concurrent receivers count every message.
+                self.we_received.advance_to(self.we_received.get() + 1);
             }
             Ok(msg)
         })
@@ -116,11 +118,15 @@ impl Transport for InMemoryTransport {
         let mut m = TransportMetrics::new(TransportKind::InMemory);
         m.messages_sent = self.outgoing.sent.load(Ordering::Acquire);
         m.bytes_sent = self.outgoing.bytes.load(Ordering::Acquire);
-        m.messages_acked = *self.acked_by_peer.borrow();
-        m.messages_received = *self.we_received.borrow();
+        m.messages_acked = self.acked_by_peer.get();
+        m.messages_received = self.we_received.get();
         m.bytes_received = self.incoming.bytes.load(Ordering::Acquire);
         m.active_streams = 1;
         m
+    }
+
+    fn acked(&self) -> AckWatch {
+        self.acked_by_peer.clone()
     }
 
     fn close(&self) -> BoxFuture<'_, Result<()>> {

@@ -30,18 +30,21 @@ mod error;
 mod in_memory;
 mod metrics;
 mod mode;
+mod progress;
 mod ranges;
 mod reassembly;
 mod recycle;
 mod send_buffer;
 mod transport;
+pub mod util;
 
 pub use crc::{crc32c, crc32c_append};
 pub use error::{Error, ProtocolError, Result};
 #[cfg(feature = "in-memory")]
 pub use in_memory::InMemoryTransport;
 pub use metrics::TransportMetrics;
-pub use mode::{Mode, TransportKind};
+pub use mode::{Congestion, Mode, TransportKind};
+pub use progress::{AckCounter, AckWatch, Beyond};
 pub use ranges::RangeSet;
 pub use reassembly::{Inserted, Reassembler, ReassemblyConfig};
 pub use send_buffer::{AckOutcome, Outgoing, PathId, SendBuffer};

@@ -14,6 +14,32 @@ pub enum Mode {
     Hybrid,
 }
 
+/// The congestion control a transport is asked to run. Each transport maps it to its own
+/// (the kernel's `TCP_CONGESTION` for amst-tcp, amst-cc's controllers for amst-quic).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Congestion {
+    /// BBR: model-based, tolerant of random loss (internet paths).
+    Bbr,
+    /// CUBIC: loss-based, the Linux default (datacenter paths).
+    Cubic,
+}
+
+impl Congestion {
+    /// The lower-case name, which is also the kernel's.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Congestion::Bbr => "bbr",
+            Congestion::Cubic => "cubic",
+        }
+    }
+}
+
+impl fmt::Display for Congestion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl Mode {
     /// All modes, in a fixed order.
     pub const ALL: [Mode; 3] = [Mode::Datacenter, Mode::Internet, Mode::Hybrid];

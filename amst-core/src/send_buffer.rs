@@ -43,6 +43,35 @@ pub struct AckOutcome {
     pub messages_acked: u64,
 }
 
+/// A queued message: a header and a payload sent as one message without being joined. A
+/// chunk never spans the two, so both go out as slices of what the caller gave.
+#[derive(Debug)]
+struct Parts {
+    head: Bytes,
+    body: Bytes,
+}
+
+impl Parts {
+    fn len(&self) -> usize {
+        self.head.len() + self.body.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Up to `max` bytes from `offset`, stopping at the end of the header.
+    fn slice(&self, offset: usize, max: usize) -> Bytes {
+        let h = self.head.len();
+        if offset < h {
+            self.head.slice(offset..h.min(offset + max))
+        } else {
+            let o = offset - h;
+            self.body.slice(o..self.body.len().min(o + max))
+        }
+    }
+}
+
 /// Chunks messages, tracks what is unacknowledged and where it went, and obeys the peer's
 /// credit. Sans-IO: the caller supplies `now` and does the sending.
 #[derive(Debug)]
@@ -52,7 +81,7 @@ pub struct SendBuffer {
     /// Session offset of the next byte not yet chunked.
     next_offset: u64,
     /// Messages queued, not fully chunked yet: (msg_id, base offset, bytes, next msg offset).
-    queue: VecDeque<(u64, u64, Bytes, u64)>,
+    queue: VecDeque<(u64, u64, Parts, u64)>,
     queued_bytes: u64,
     /// Keyed by (session offset, message id): an empty message shares its offset with the
     /// first chunk of the next one.
@@ -89,6 +118,17 @@ impl SendBuffer {
 
     /// Queues a message; returns its id.
     pub fn push(&mut self, message: Bytes) -> Result<u64, Error> {
+        self.push_parts(Bytes::new(), message)
+    }
+
+    /// Queues one message made of `header` then `payload`, without joining them: the header
+    /// goes out as its own chunk (or chunks) and the payload as slices of itself. Returns the
+    /// message's id.
+    pub fn push_parts(&mut self, header: Bytes, payload: Bytes) -> Result<u64, Error> {
+        let message = Parts {
+            head: header,
+            body: payload,
+        };
         let len = message.len() as u64;
         if len > self.max_message {
             return Err(Error::MessageTooLarge {
@@ -149,7 +189,8 @@ impl SendBuffer {
         if take == 0 && remaining > 0 {
             return None;
         }
-        let payload = msg.slice(*msg_offset as usize..(*msg_offset + take) as usize);
+        let payload = msg.slice(*msg_offset as usize, take as usize);
+        let take = payload.len() as u64;
         let chunk = if seal {
             DataChunk::new(start, *id, *msg_offset, msg.len() as u64, payload)
         } else {

@@ -8,7 +8,7 @@ use bytes::Bytes;
 
 use std::time::Duration;
 
-use crate::{Error, Result, TransportMetrics};
+use crate::{AckWatch, Error, Result, TransportMetrics};
 
 /// A boxed, `Send` future: what the trait's methods return, so that the trait stays usable as
 /// `Arc<dyn Transport>` (amst-hybrid swaps the active one with arc-swap).
@@ -24,6 +24,22 @@ pub trait Transport: Send + Sync + fmt::Debug {
     /// queue (which may wait for the peer's credit), not when it is delivered: use
     /// [`flush`](Transport::flush) for that.
     fn send(&self, message: Bytes) -> BoxFuture<'_, Result<()>>;
+
+    /// Queues one message made of `header` followed by `payload`; the peer receives them as
+    /// one message. A transport that can send both without joining them (amst-tcp, amst-quic)
+    /// does, so a protocol above can put a small header on a large payload without copying
+    /// it; the default joins them.
+    fn send_parts(&self, header: Bytes, payload: Bytes) -> BoxFuture<'_, Result<()>> {
+        let mut joined = Vec::with_capacity(header.len() + payload.len());
+        joined.extend_from_slice(&header);
+        joined.extend_from_slice(&payload);
+        self.send(Bytes::from(joined))
+    }
+
+    /// A subscription to the count of messages, from the first sent, that the peer has
+    /// acknowledged as received whole (the same count as
+    /// [`TransportMetrics::messages_acked`]): wait on it instead of polling metrics.
+    fn acked(&self) -> AckWatch;
 
     /// Resolves when the peer has acknowledged every message queued before the call.
     fn flush(&self) -> BoxFuture<'_, Result<()>>;

@@ -27,14 +27,16 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
                 nonce: n,
             })),
         (
-            any::<u16>(),
+            any::<(u16, u16, u16)>(),
             any::<[u8; 16]>(),
             any::<u64>(),
             any::<[u8; 32]>(),
             any::<[u8; 32]>()
         )
-            .prop_map(|(v, s, caps, n, m)| Frame::HelloAck(HelloAck {
+            .prop_map(|((v, lo, hi), s, caps, n, m)| Frame::HelloAck(HelloAck {
                 version: v,
+                version_min: lo,
+                version_max: hi,
                 session_id: s,
                 capabilities: caps,
                 nonce: n,
@@ -479,4 +481,65 @@ fn short_keys_and_bad_stream_indices_are_refused() {
             ..
         })
     ));
+}
+
+#[test]
+fn a_version_range_narrowed_in_transit_fails_authentication() {
+    let key = b"downgrade tests";
+    let server = || ServerHandshake::with_versions(psk(key), [2; 32], 0, (1, 3));
+    let client = || ClientHandshake::with_versions(psk(key), [1; 32], [0; 16], 0, 1, 0, (1, 3));
+
+    // A man in the middle lowers the client's newest version to force version 1: the
+    // server, seeing 1..=1, agrees on 1, and the client refuses the server's proof.
+    let (hs, mut hello) = client();
+    hello.version_max = 1;
+    let (ack, _) = server().on_hello(&hello, [4; 16]).unwrap();
+    assert_eq!(ack.version, 1);
+    let err = hs.on_hello_ack(&ack).unwrap_err();
+    assert_eq!(err, ProtocolError::AuthFailed);
+    let msg = err.to_string();
+    assert!(
+        msg.contains("altered in transit") && msg.contains("downgrade"),
+        "the error should say the handshake may have been tampered with: {msg}"
+    );
+
+    // The range itself is covered, not only the version chosen: narrowing the client's
+    // oldest version leaves the choice at 3 and still fails.
+    let (hs, mut hello) = client();
+    hello.version_min = 2;
+    let (ack, _) = server().on_hello(&hello, [4; 16]).unwrap();
+    assert_eq!(ack.version, 3);
+    assert_eq!(
+        hs.on_hello_ack(&ack).unwrap_err(),
+        ProtocolError::AuthFailed
+    );
+
+    // Narrowing the server's advertised range in the HelloAck fails the same way.
+    let (hs, hello) = client();
+    let (mut ack, _) = server().on_hello(&hello, [4; 16]).unwrap();
+    ack.version_min = 3;
+    assert_eq!(
+        hs.on_hello_ack(&ack).unwrap_err(),
+        ProtocolError::AuthFailed
+    );
+
+    // And the server refuses a client proof made over another range than it saw: the
+    // honest exchange's proof does not open a session whose Hello was narrowed.
+    let (hs, hello) = client();
+    let (ack, _) = server().on_hello(&hello, [4; 16]).unwrap();
+    let (proof, _) = hs.on_hello_ack(&ack).unwrap();
+    let mut narrowed = hello.clone();
+    narrowed.version_min = 2;
+    let (_, awaiting) = server().on_hello(&narrowed, [4; 16]).unwrap();
+    assert_eq!(
+        awaiting.on_auth(&proof).unwrap_err(),
+        ProtocolError::AuthFailed
+    );
+
+    // Untampered, both sides agree on the highest common version.
+    let (hs, hello) = client();
+    let (ack, awaiting) = server().on_hello(&hello, [4; 16]).unwrap();
+    let (proof, est) = hs.on_hello_ack(&ack).unwrap();
+    assert_eq!(est.version, 3);
+    assert_eq!(awaiting.on_auth(&proof).unwrap(), est);
 }

@@ -397,3 +397,32 @@ fn unsealed_chunks_match_sealed_ones_once_sealed() {
     again.chunk.seal();
     assert!(again.chunk.crc_ok());
 }
+
+#[test]
+fn a_header_and_payload_go_as_one_message_without_copying_the_payload() {
+    let mut tx = SendBuffer::new(1 << 20);
+    let mut rx = Reassembler::new(ReassemblyConfig::default());
+    tx.on_credit(rx.credit());
+    let header = Bytes::from_static(b"\x01header!");
+    let payload = Bytes::from(vec![7u8; 100 << 10]);
+    tx.push_parts(header.clone(), payload.clone()).unwrap();
+    tx.push_parts(Bytes::new(), Bytes::new()).unwrap();
+    let mut chunks = Vec::new();
+    while let Some(out) = tx.next_chunk(64 << 10) {
+        chunks.push(out.chunk);
+    }
+    // The header is a chunk of its own; the payload chunks are slices of the payload.
+    assert_eq!(chunks[0].payload, header);
+    assert_eq!(chunks[1].payload.as_ptr(), payload.as_ptr());
+    assert_eq!(chunks[1].payload.len(), 64 << 10);
+    assert_eq!(chunks[2].payload.len(), 36 << 10);
+    for c in chunks {
+        rx.insert(c).unwrap();
+    }
+    let mut whole = header.to_vec();
+    whole.extend_from_slice(&payload);
+    assert_eq!(rx.pop().unwrap(), Bytes::from(whole));
+    assert_eq!(rx.pop().unwrap(), Bytes::new());
+    tx.on_ack(&rx.ack()).unwrap();
+    assert!(tx.is_empty());
+}

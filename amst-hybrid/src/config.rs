@@ -3,18 +3,9 @@
 use std::time::Duration;
 
 use amst_core::codec::Psk;
-use amst_core::{Mode, TransportKind};
+use amst_core::{Congestion, Mode, TransportKind};
 
 use crate::{Error, Result};
-
-/// Congestion control asked of a transport.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Congestion {
-    /// BBR: model-based, tolerant of random loss (internet paths).
-    Bbr,
-    /// CUBIC: loss-based (datacenter paths).
-    Cubic,
-}
 
 /// The transport of the datacenter profile.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
@@ -132,8 +123,6 @@ pub struct AmstConfig {
     pub max_reorder_bytes: u64,
     /// Bytes of in-order messages waiting for `recv` before the readers stop pulling.
     pub recv_buffer: u64,
-    /// How often each transport's acknowledged count is read while messages are outstanding.
-    pub ack_poll_interval: Duration,
     /// How long a new transport may take to be attached by the server.
     pub attach_timeout: Duration,
     /// How long an old transport may take to drain before it is dropped.
@@ -169,7 +158,6 @@ impl AmstConfig {
             max_message: 1 << 30,
             max_reorder_bytes: 3 << 30,
             recv_buffer: 64 << 20,
-            ack_poll_interval: Duration::from_millis(1),
             attach_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(30),
             hybrid_versions: (
@@ -238,9 +226,6 @@ impl AmstConfig {
                     self.max_reorder_bytes, self.send_window
                 ),
             );
-        }
-        if self.ack_poll_interval.is_zero() {
-            return bad("ack_poll_interval", "is zero".into());
         }
         Ok(())
     }
@@ -372,8 +357,6 @@ setters! {
     max_reorder_bytes: u64,
     /// See [`AmstConfig::recv_buffer`].
     recv_buffer: u64,
-    /// See [`AmstConfig::ack_poll_interval`].
-    ack_poll_interval: Duration,
     /// See [`AmstConfig::attach_timeout`].
     attach_timeout: Duration,
     /// See [`AmstConfig::drain_timeout`].

@@ -1,8 +1,8 @@
 //! The sender's half of lossless switching, sans-IO: every message gets a hybrid sequence
 //! number and is kept until a transport that carried it reports it acknowledged.
 //!
-//! Acknowledgement comes from the transports themselves: `TransportMetrics::messages_acked`
-//! says the first N messages *sent on that transport* reached the peer whole (a prefix). Each
+//! Acknowledgement comes from the transports themselves: `Transport::acked` says the first N
+//! messages *sent on that transport* reached the peer whole (a prefix). Each
 //! lane (one transport in one session) logs, for every data message it carried, the transport
 //! message count after it (`idx_end`) and its sequence number. When the lane's acked count
 //! reaches `idx_end`, the message is released. A message resent on a second lane is released by
@@ -149,7 +149,7 @@ impl SendLedger {
         self.slots.get(i as usize)?.as_ref()
     }
 
-    /// Applies a lane's acknowledged prefix (its transport's `messages_acked`).
+    /// Applies a lane's acknowledged prefix (its transport's `acked` count).
     pub fn on_lane_acked(&mut self, lane: LaneId, acked: u64) -> Released {
         let mut out = Released::default();
         let Some(log) = self.lanes.get_mut(&lane) else {

@@ -55,9 +55,10 @@ mod tcp;
 pub mod wire;
 
 pub use amst::{Amst, AmstListener};
+pub use amst_core::Congestion;
 /// The RDMA devices on this host, or why there are none (amst-rdma's `devices`).
 pub use amst_rdma::devices as rdma_devices;
-pub use config::{AmstConfig, AmstConfigBuilder, Congestion, DatacenterTransport, LaneProfile};
+pub use config::{AmstConfig, AmstConfigBuilder, DatacenterTransport, LaneProfile};
 pub use connect::{Acceptor, Connected, Connector};
 #[cfg(feature = "in-memory")]
 pub use connect::{MemoryAcceptor, MemoryConnector, memory_network};

@@ -5,12 +5,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use amst_core::BoxFuture;
-use amst_quic::{CongestionControl, Identity, QuicConfig, QuicConnector, QuicListener};
+use amst_quic::{Identity, QuicConfig, QuicConnector, QuicListener};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::warn;
 
-use crate::{Acceptor, AmstConfig, Congestion, Connected, Error, LaneProfile, Result};
+use crate::wire;
+use crate::{Acceptor, AmstConfig, Connected, Error, LaneProfile, Result};
 
 /// The server name clients ask for; verification is PSK-bound (amst-quic's default), so the
 /// self-signed certificate's name is not what authenticates the server.
@@ -18,11 +19,8 @@ pub const QUIC_SERVER_NAME: &str = "amst";
 
 /// The amst-quic configuration a lane profile maps to (client side).
 pub fn quic_config(config: &AmstConfig, profile: &LaneProfile) -> QuicConfig {
-    let mut q = QuicConfig::new(config.psk.clone()).with_congestion(match profile.congestion {
-        Congestion::Bbr => CongestionControl::AmstBbr,
-        Congestion::Cubic => CongestionControl::AmstCubic,
-    });
-    q.max_message = config.max_message;
+    let mut q = QuicConfig::new(config.psk.clone()).with_congestion(profile.congestion.into());
+    q.max_message = config.max_message + wire::DATA_HEADER_LEN as u64;
     q
 }
 
@@ -51,7 +49,7 @@ impl QuicAcceptor {
     pub fn bind(addr: SocketAddr, config: &AmstConfig) -> Result<Self> {
         let identity = Identity::self_signed(&[QUIC_SERVER_NAME])?;
         let mut q = QuicConfig::new(config.psk.clone()).with_identity(identity);
-        q.max_message = config.max_message;
+        q.max_message = config.max_message + wire::DATA_HEADER_LEN as u64;
         Ok(QuicAcceptor {
             listener: QuicListener::bind(addr, q)?,
         })

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use amst_core::BoxFuture;
 use amst_rdma::{RdmaConfig, RdmaListener, RdmaTransport};
 
+use crate::wire;
 use crate::{Acceptor, AmstConfig, Connected, DatacenterTransport, Result};
 
 /// The RDMA bootstrap listens this many port numbers above the session's TCP port.
@@ -31,7 +32,7 @@ pub fn rdma_config(config: &AmstConfig) -> RdmaConfig {
         c.device = device.clone();
         c.gid_index = *gid_index;
     }
-    c.max_message = config.max_message;
+    c.max_message = config.max_message + wire::DATA_HEADER_LEN as u64;
     c.send_window = c.send_window.min(config.send_window).max(1);
     c
 }

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use amst_core::codec::SessionId;
@@ -23,8 +23,14 @@ use crate::metrics::{Instruments, SwitchStats};
 use crate::wire::{self, HybridFrame};
 use crate::{AmstConfig, Connector, Error, LaneProfile, Result};
 
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+pub(crate) use amst_core::util::{hex, lock};
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until_or_never(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Which end of the session this is; only the client dials, so only it drives switches.
@@ -328,11 +334,10 @@ impl Shared {
             self.instruments.sent(msg.len());
             return Ok(lane.sent.fetch_add(1, Ordering::Relaxed));
         }
-        let frames: u64 = if msg.len() <= wire::INLINE_MAX { 1 } else { 2 };
         loop {
             let lane = self.route.load().pick(msg.len()).clone();
             let guard = lane.tx.lock().await;
-            let idx_end = lane.sent.load(Ordering::Relaxed) + frames;
+            let idx_end = lane.sent.load(Ordering::Relaxed) + 1;
             let seq = loop {
                 let notified = self.room.notified();
                 match lock(&self.ledger).push(lane.id, &msg, idx_end) {
@@ -383,19 +388,13 @@ impl Shared {
     /// ledger. A transport error kills the lane; the message stays in the ledger and goes out
     /// again after the recovery switch.
     async fn transmit(self: &Arc<Self>, lane: &Arc<Lane>, seq: u64, msg: &Bytes) {
-        let (first, second) = wire::encode_data(seq, msg);
-        let n = 1 + second.is_some() as u64;
-        let r = async {
-            lane.transport.send(first).await?;
-            if let Some(s) = second {
-                lane.transport.send(s).await?;
-            }
-            Ok::<_, amst_core::Error>(())
-        }
-        .await;
+        let r = match wire::encode_data(seq, msg) {
+            (inline, None) => lane.transport.send(inline).await,
+            (header, Some(payload)) => lane.transport.send_parts(header, payload).await,
+        };
         match r {
             Ok(()) => {
-                lane.sent.fetch_add(n, Ordering::Relaxed);
+                lane.sent.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => self.lane_failed(lane, format!("send failed: {e}")),
         }
@@ -540,7 +539,6 @@ impl Shared {
     // ---- per-lane tasks --------------------------------------------------------------------
 
     async fn read_lane(self: Arc<Self>, lane: Arc<Lane>) {
-        let mut head: Option<(u64, u64)> = None;
         let outcome: Result<&'static str> = async {
             loop {
                 let msg = tokio::select! {
@@ -550,26 +548,16 @@ impl Shared {
                 let Some(msg) = msg else {
                     return Ok("ended");
                 };
-                if let Some((seq, len)) = head.take() {
-                    if msg.len() as u64 != len {
-                        return Err(Error::protocol(format!(
-                            "message {seq} announced {len} bytes, carried {}",
-                            msg.len()
-                        )));
-                    }
-                    self.deliver(seq, msg).await?;
-                    continue;
-                }
                 match HybridFrame::decode(msg)? {
-                    HybridFrame::Data { seq, payload } => self.deliver(seq, payload).await?,
-                    HybridFrame::DataHead { seq, len } => {
-                        if len > self.config.max_message {
+                    HybridFrame::Data { seq, payload } => {
+                        if payload.len() as u64 > self.config.max_message {
                             return Err(Error::protocol(format!(
-                                "message {seq} of {len} bytes exceeds the limit of {}",
+                                "message {seq} of {} bytes exceeds the limit of {}",
+                                payload.len(),
                                 self.config.max_message
                             )));
                         }
-                        head = Some((seq, len));
+                        self.deliver(seq, payload).await?
                     }
                     HybridFrame::AttachAck { generation } if self.role == Role::Client => {
                         self.attach
@@ -660,29 +648,44 @@ impl Shared {
         self.readable.notify_waiters();
     }
 
-    /// Reads the transport's acknowledged prefix while messages are outstanding, releases
-    /// them from the ledger, and times the switch.
+    /// Follows the transport's acknowledged prefix (its `acked` subscription) while messages
+    /// are outstanding, releases them from the ledger, and times the switch.
     async fn pump_lane(self: Arc<Self>, lane: Arc<Lane>) {
-        let poll = self.config.ack_poll_interval;
+        let acks = lane.transport.acked();
+        let mut seen = 0;
         loop {
             if lane.dead.load(Ordering::Acquire) || *self.shutdown.borrow() {
                 return;
             }
-            let waiting =
-                lock(&self.ledger).lane_outstanding(lane.id) || lock(&lane.switch_mark).is_some();
-            if waiting {
-                tokio::time::sleep(poll).await;
-            } else {
-                lane.kick.notified().await;
+            let mark = *lock(&lane.switch_mark);
+            let waiting = lock(&self.ledger).lane_outstanding(lane.id) || mark.is_some();
+            if !waiting || acks.ended() {
+                // Nothing to wait for (or the transport is gone, which its reader reports):
+                // a send or the lane's failure kicks.
+                tokio::select! {
+                    _ = lane.kick.notified() => {}
+                    _ = self.until_shutdown() => return,
+                }
                 continue;
             }
-            let acked = lane.transport.metrics().messages_acked;
-            let released = lock(&self.ledger).on_lane_acked(lane.id, acked);
-            if released.messages > 0 {
-                self.room.notify_waiters();
-                self.update_rate();
+            // With a switch to time, give up on it after `drain_timeout` without traffic.
+            let expiry = mark.map(|(t0, _, _)| t0 + self.config.drain_timeout);
+            tokio::select! {
+                _ = acks.beyond(seen) => {}
+                _ = lane.kick.notified() => {}
+                _ = self.until_shutdown() => return,
+                _ = sleep_until_or_never(expiry) => {}
             }
+            let acked = acks.get();
             let mark = *lock(&lane.switch_mark);
+            if acked > seen {
+                seen = acked;
+                let released = lock(&self.ledger).on_lane_acked(lane.id, acked);
+                if released.messages > 0 {
+                    self.room.notify_waiters();
+                    self.update_rate();
+                }
+            }
             if let Some((t0, _, _)) = mark
                 && t0.elapsed() > self.config.drain_timeout
             {
@@ -1143,8 +1146,4 @@ impl Shared {
     pub fn live_lanes(&self) -> usize {
         lock(&self.lanes).len()
     }
-}
-
-pub(crate) fn hex(id: &[u8]) -> String {
-    id.iter().map(|b| format!("{b:02x}")).collect()
 }

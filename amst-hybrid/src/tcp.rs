@@ -11,6 +11,7 @@ use amst_quic::QuicConnector;
 use amst_tcp::{MAX_CHUNK, MIN_CHUNK, TcpConfig, TcpListener, TcpTransport};
 use tracing::warn;
 
+use crate::wire;
 use crate::{Acceptor, AmstConfig, Congestion, Connected, Connector, LaneProfile, Result};
 
 /// Dials amst-tcp transports to one server address.
@@ -83,13 +84,10 @@ pub fn tcp_config(psk: &Psk, profile: &LaneProfile, max_message: u64) -> TcpConf
     c.streams = profile.streams;
     c.min_streams = profile.min_streams.min(profile.streams);
     c.max_streams = profile.max_streams.max(profile.streams);
-    c.congestion = match profile.congestion {
-        Congestion::Bbr => amst_tcp::Congestion::Bbr,
-        Congestion::Cubic => amst_tcp::Congestion::Cubic,
-    };
+    c.congestion = profile.congestion;
     c.pacing = profile.pacing;
     c.chunk_size = profile.chunk_size.clamp(MIN_CHUNK, MAX_CHUNK);
-    c.max_message = max_message;
+    c.max_message = max_message + wire::DATA_HEADER_LEN as u64;
     // TLS as in amst-tcp's presets: on for internet lanes, off for datacenter ones. One
     // listener (`TcpAcceptor`) takes both, stream by stream.
     c
@@ -151,7 +149,7 @@ impl TcpAcceptor {
     pub async fn bind(addr: SocketAddr, config: &AmstConfig) -> Result<Self> {
         let mut c = TcpConfig::datacenter(config.psk.clone());
         c.max_streams = config.max_streams.max(c.max_streams);
-        c.max_message = config.max_message;
+        c.max_message = config.max_message + wire::DATA_HEADER_LEN as u64;
         c.tls = Some(amst_tcp::TcpTls::psk_bound().with_plaintext_too());
         Ok(TcpAcceptor {
             listener: TcpListener::bind(addr, c).await?,

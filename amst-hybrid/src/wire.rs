@@ -4,9 +4,8 @@
 //! with one kind byte. Integers are big-endian.
 //!
 //! ```text
-//! 0x01 Data       seq:u64 payload..         a message small enough to copy behind a header
-//! 0x02 DataHead   seq:u64 len:u64           the NEXT transport message on this transport is
-//!                                           the payload, verbatim (large messages: no copy)
+//! 0x01 Data       seq:u64 payload..         an application message; a large payload is
+//!                                           sent with `Transport::send_parts`, not copied
 //! 0x10 Open       "AMHY" vmin:u16 vmax:u16  first message of a new hybrid session
 //! 0x11 OpenAck    version:u16 session:[16]
 //! 0x12 Attach     session:[16] gen:u64 index:u8 count:u8 mode:u8
@@ -32,9 +31,14 @@ pub const HYBRID_VERSION_MIN: u16 = 1;
 /// The newest hybrid protocol version this build speaks.
 pub const HYBRID_VERSION_MAX: u16 = 1;
 
-/// Messages up to this size are copied behind their header in one transport message; larger
-/// ones go as a header message plus the payload untouched.
+/// Messages up to this size are copied behind their header; larger ones go with
+/// `Transport::send_parts`, header and payload in one transport message, the payload
+/// untouched.
 pub const INLINE_MAX: usize = 16 << 10;
+
+/// Bytes a Data frame adds before the payload: transports must allow messages this much
+/// larger than the hybrid limit.
+pub const DATA_HEADER_LEN: usize = 9;
 
 /// Opens every Open frame, so that a server can tell a hybrid client from a plain one whose
 /// transport does not report capabilities.
@@ -44,7 +48,6 @@ pub const OPEN_MAGIC: [u8; 4] = *b"AMHY";
 pub const MAX_REASON: usize = 1024;
 
 const DATA: u8 = 0x01;
-const DATA_HEAD: u8 = 0x02;
 const OPEN: u8 = 0x10;
 const OPEN_ACK: u8 = 0x11;
 const ATTACH: u8 = 0x12;
@@ -63,13 +66,6 @@ pub enum HybridFrame {
         seq: u64,
         /// The message.
         payload: Bytes,
-    },
-    /// The next transport message on the same transport is message `seq`, `len` bytes.
-    DataHead {
-        /// Hybrid sequence number.
-        seq: u64,
-        /// Length of the payload message that follows.
-        len: u64,
     },
     /// Opens a hybrid session on the first transport.
     Open {
@@ -141,7 +137,7 @@ fn mode_from(b: u8) -> Result<Mode> {
 
 impl HybridFrame {
     /// The frame as one transport message. Data frames copy their payload: use
-    /// [`data_header`] for large messages.
+    /// [`encode_data`] for application messages.
     pub fn encode(&self) -> Bytes {
         let mut b = BytesMut::with_capacity(64);
         match self {
@@ -150,11 +146,6 @@ impl HybridFrame {
                 b.put_u8(DATA);
                 b.put_u64(*seq);
                 b.put_slice(payload);
-            }
-            HybridFrame::DataHead { seq, len } => {
-                b.put_u8(DATA_HEAD);
-                b.put_u64(*seq);
-                b.put_u64(*len);
             }
             HybridFrame::Open {
                 version_min,
@@ -242,13 +233,6 @@ impl HybridFrame {
                 let seq = msg.get_u64();
                 HybridFrame::Data { seq, payload: msg }
             }
-            DATA_HEAD => {
-                exact(&msg, 16, "DataHead")?;
-                HybridFrame::DataHead {
-                    seq: msg.get_u64(),
-                    len: msg.get_u64(),
-                }
-            }
             OPEN => {
                 exact(&msg, 8, "Open")?;
                 if msg[..4] != OPEN_MAGIC {
@@ -333,26 +317,21 @@ impl HybridFrame {
     }
 }
 
-/// The header that precedes a large message sent as its own transport message.
-pub fn data_header(seq: u64, len: usize) -> Bytes {
-    HybridFrame::DataHead {
-        seq,
-        len: len as u64,
-    }
-    .encode()
-}
-
-/// The transport messages that carry message `seq`: one (header and payload copied together)
-/// for small messages, two (header, then the payload untouched) for large ones.
+/// The transport message that carries message `seq`: the header with the payload copied
+/// behind it for small messages, or the header and the payload untouched, to go together
+/// with `Transport::send_parts`, for large ones.
 pub fn encode_data(seq: u64, payload: &Bytes) -> (Bytes, Option<Bytes>) {
     if payload.len() <= INLINE_MAX {
-        let mut b = BytesMut::with_capacity(9 + payload.len());
+        let mut b = BytesMut::with_capacity(DATA_HEADER_LEN + payload.len());
         b.put_u8(DATA);
         b.put_u64(seq);
         b.put_slice(payload);
         (b.freeze(), None)
     } else {
-        (data_header(seq, payload.len()), Some(payload.clone()))
+        let mut b = BytesMut::with_capacity(DATA_HEADER_LEN);
+        b.put_u8(DATA);
+        b.put_u64(seq);
+        (b.freeze(), Some(payload.clone()))
     }
 }
 
@@ -382,10 +361,6 @@ mod tests {
             HybridFrame::Data {
                 seq: 7,
                 payload: Bytes::from_static(b"hi"),
-            },
-            HybridFrame::DataHead {
-                seq: 9,
-                len: 1 << 30,
             },
             HybridFrame::Open {
                 version_min: 1,
@@ -421,18 +396,22 @@ mod tests {
     fn large_messages_are_not_copied() {
         let big = Bytes::from(vec![3u8; INLINE_MAX + 1]);
         let (head, body) = encode_data(5, &big);
-        assert_eq!(
-            HybridFrame::decode(head).unwrap(),
-            HybridFrame::DataHead {
-                seq: 5,
-                len: big.len() as u64
-            }
-        );
+        assert_eq!(head.len(), DATA_HEADER_LEN);
         let body = body.unwrap();
         assert_eq!(
             body.as_ptr(),
             big.as_ptr(),
             "the payload must be the same buffer"
+        );
+        // What the peer receives: header and payload as one message, one Data frame.
+        let mut joined = head.to_vec();
+        joined.extend_from_slice(&body);
+        assert_eq!(
+            HybridFrame::decode(joined.into()).unwrap(),
+            HybridFrame::Data {
+                seq: 5,
+                payload: big
+            }
         );
         let (one, none) = encode_data(6, &Bytes::from_static(b"small"));
         assert!(none.is_none());

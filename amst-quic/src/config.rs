@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use amst_core::codec::Psk;
-use amst_core::{Error, Result};
+use amst_core::{Congestion, Error, Result};
 
 use crate::tls::{Fingerprint, Identity};
 
@@ -40,6 +40,16 @@ impl CongestionControl {
             CongestionControl::QuinnCubic => "quinn-cubic",
             CongestionControl::QuinnBbr => "quinn-bbr",
             CongestionControl::QuinnNewReno => "quinn-newreno",
+        }
+    }
+}
+
+impl From<Congestion> for CongestionControl {
+    /// amst-cc's implementation of the algorithm.
+    fn from(c: Congestion) -> Self {
+        match c {
+            Congestion::Bbr => CongestionControl::AmstBbr,
+            Congestion::Cubic => CongestionControl::AmstCubic,
         }
     }
 }

@@ -17,6 +17,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
+use amst_core::codec::driver::{self, FrameIo};
 use amst_core::codec::{
     ClientHandshake, CloseCode, Frame, FrameKind, Limits, ServerHandshake, capabilities,
     random_bytes,
@@ -46,39 +47,62 @@ fn reject<T>(conn: &Connection, code: CloseCode, err: Error) -> Result<T> {
     Err(err)
 }
 
-async fn next_frame(
-    conn: &Connection,
-    reader: &mut FrameReader,
+/// The control stream during the handshake, for amst-core's driver. Every failure to read
+/// the expected frame closes the connection with a code and a reason the peer sees.
+struct ControlIo<'a> {
+    conn: &'a Connection,
+    send: &'a mut quinn::SendStream,
+    reader: &'a mut FrameReader,
     timeout: Duration,
-    waiting_for: &'static str,
-) -> Result<Frame> {
-    match tokio::time::timeout(timeout, reader.next()).await {
-        Err(_) => reject(
-            conn,
-            CloseCode::ProtocolError,
-            Error::Timeout {
-                what: waiting_for,
-                after: timeout,
-            },
-        ),
-        Ok(Err(e)) => Err(e.into_error()),
-        Ok(Ok(None)) => Err(Error::io(
-            waiting_for,
-            io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the peer ended the control stream",
-            ),
-        )),
-        Ok(Ok(Some(Frame::Close(c)))) => Err(Error::PeerClosed {
-            code: c.code,
-            reason: c.reason,
-        }),
-        Ok(Ok(Some(f))) => Ok(f),
+}
+
+impl FrameIo for ControlIo<'_> {
+    async fn send(&mut self, frame: &Frame) -> Result<()> {
+        write(self.send, frame).await
+    }
+
+    async fn recv(&mut self, allowed: &'static [FrameKind], state: &'static str) -> Result<Frame> {
+        let frame = match tokio::time::timeout(self.timeout, self.reader.next()).await {
+            Err(_) => {
+                let e = Error::Timeout {
+                    what: state,
+                    after: self.timeout,
+                };
+                return reject(self.conn, CloseCode::ProtocolError, e);
+            }
+            Ok(Err(e)) => return Err(e.into_error()),
+            Ok(Ok(None)) => {
+                return Err(Error::io(
+                    state,
+                    io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the peer ended the control stream",
+                    ),
+                ));
+            }
+            Ok(Ok(Some(f))) => f,
+        };
+        match frame {
+            Frame::Close(c) => Err(driver::refused(c)),
+            f if allowed.contains(&f.kind()) => Ok(f),
+            other => {
+                let e = Error::Protocol(ProtocolError::UnexpectedFrame {
+                    got: other.kind(),
+                    state,
+                });
+                reject(self.conn, CloseCode::ProtocolError, e)
+            }
+        }
     }
 }
 
-fn unexpected(got: FrameKind, state: &'static str) -> Error {
-    Error::Protocol(ProtocolError::UnexpectedFrame { got, state })
+/// Closes the connection for a handshake that failed on a protocol error the driver found.
+fn reject_failed<T>(conn: &Connection, e: Error) -> Result<T> {
+    match e {
+        Error::Protocol(ProtocolError::AuthFailed) => reject(conn, CloseCode::AuthFailed, e),
+        Error::Protocol(_) => reject(conn, CloseCode::ProtocolError, e),
+        other => Err(other),
+    }
 }
 
 /// A capability bit of amst-quic's own: the client sent this Hello in 0-RTT, on a TLS session
@@ -107,26 +131,16 @@ async fn finish_client(
     send: &mut quinn::SendStream,
     reader: &mut FrameReader,
 ) -> Result<()> {
-    let t = config.handshake_timeout;
-    let ack = match next_frame(conn, reader, t, "waiting for the server's HelloAck").await? {
-        Frame::HelloAck(a) => a,
-        other => {
-            let e = unexpected(other.kind(), "waiting for HelloAck");
-            return reject(conn, CloseCode::ProtocolError, e);
-        }
+    let mut io = ControlIo {
+        conn,
+        send,
+        reader,
+        timeout: config.handshake_timeout,
     };
-    let (proof, _established) = match hs.on_hello_ack(&ack) {
-        Ok(x) => x,
-        Err(p) => {
-            let code = if p == ProtocolError::AuthFailed {
-                CloseCode::AuthFailed
-            } else {
-                CloseCode::ProtocolError
-            };
-            return reject(conn, code, Error::Protocol(p));
-        }
-    };
-    write(send, &Frame::Auth(proof)).await
+    match driver::client_finish(&mut io, hs).await {
+        Ok(_) => Ok(()),
+        Err(e) => reject_failed(conn, e),
+    }
 }
 
 /// The connecting side on a full handshake: opens the control stream and proves the key, with
@@ -227,13 +241,13 @@ pub(crate) async fn server(
         Ok(r) => r.map_err(|e| connection_error(&e))?,
     };
     let mut reader = FrameReader::new(recv, Limits::default());
-    let hello = match next_frame(conn, &mut reader, t, "waiting for the client's Hello").await? {
-        Frame::Hello(h) => h,
-        other => {
-            let e = unexpected(other.kind(), "waiting for Hello");
-            return reject(conn, CloseCode::ProtocolError, e);
-        }
+    let mut io = ControlIo {
+        conn,
+        send: &mut send,
+        reader: &mut reader,
+        timeout: t,
     };
+    let hello = driver::server_hello(&mut io).await?;
     let early = hello.capabilities & EARLY_HELLO != 0;
     if early && !config.zero_rtt {
         let e = Error::Protocol(ProtocolError::Malformed {
@@ -269,7 +283,7 @@ pub(crate) async fn server(
     };
     if early {
         // 0.5-RTT: the HelloAck rides with the server's handshake flight.
-        write(&mut send, &Frame::HelloAck(ack)).await?;
+        io.send(&Frame::HelloAck(ack)).await?;
         early_answered();
         wait_complete.await?;
     } else {
@@ -283,18 +297,13 @@ pub(crate) async fn server(
                 ProtocolError::AuthFailed.into(),
             );
         }
-        write(&mut send, &Frame::HelloAck(ack)).await?;
+        io.send(&Frame::HelloAck(ack)).await?;
     }
-    let proof = match next_frame(conn, &mut reader, t, "waiting for the client's proof").await? {
-        Frame::Auth(p) => p,
-        other => {
-            let e = unexpected(other.kind(), "waiting for Auth");
-            return reject(conn, CloseCode::ProtocolError, e);
+    if let Err(e) = driver::server_finish(&mut io, awaiting).await {
+        if matches!(e, Error::Protocol(ProtocolError::AuthFailed)) {
+            tracing::warn!(peer = %conn.remote_address(), "QUIC client failed PSK authentication");
         }
-    };
-    if let Err(p) = awaiting.on_auth(&proof) {
-        tracing::warn!(peer = %conn.remote_address(), "QUIC client failed PSK authentication");
-        return reject(conn, CloseCode::AuthFailed, p.into());
+        return reject_failed(conn, e);
     }
     Ok(Accepted {
         control_tx: send,

@@ -11,13 +11,13 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use amst_core::codec::{CloseCode, Decoder, Frame, Limits, Ping, Pong};
 use amst_core::{
-    Error, PathSample, ProtocolError, Reassembler, ReassemblyConfig, Result, SendBuffer,
-    TransportKind, TransportMetrics,
+    AckCounter, Error, PathSample, ProtocolError, Reassembler, ReassemblyConfig, Result,
+    SendBuffer, TransportKind, TransportMetrics,
 };
 use bytes::{Bytes, BytesMut};
 use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream, VarInt};
@@ -140,9 +140,7 @@ impl FrameReader {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+use amst_core::util::lock;
 
 /// Waits until `check` returns `Some`, re-checking after every notification. The waiter is
 /// registered before the check, so a change between the check and the wait is not missed.
@@ -173,6 +171,8 @@ pub(crate) struct Shared {
     config: SharedConfig,
     epoch: Instant,
     tx: Mutex<SendBuffer>,
+    /// Messages the peer acknowledged, for `Transport::acked` subscribers.
+    pub(crate) acked_messages: AckCounter,
     /// Data queued, credit or acks arrived, or the session failed.
     tx_changed: Notify,
     rx: Mutex<Reassembler>,
@@ -221,6 +221,7 @@ impl Shared {
             endpoint,
             epoch: Instant::now(),
             tx: Mutex::new(SendBuffer::new(config.max_message)),
+            acked_messages: AckCounter::new(),
             tx_changed: Notify::new(),
             rx: Mutex::new(Reassembler::new(reassembly)),
             rx_changed: Notify::new(),
@@ -282,11 +283,12 @@ impl Shared {
         lock(&self.probes).clear();
     }
 
-    pub(crate) async fn send(&self, message: Bytes) -> Result<()> {
+    /// Queues one message, `header` then `payload`, without joining them.
+    pub(crate) async fn send(&self, header: Bytes, payload: Bytes) -> Result<()> {
         if self.closing.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
-        let len = message.len() as u64;
+        let len = (header.len() + payload.len()) as u64;
         if len > self.config.max_message {
             return Err(Error::MessageTooLarge {
                 len,
@@ -294,7 +296,7 @@ impl Shared {
             });
         }
         let limit = self.config.window.max(u64::from(self.config.max_chunk));
-        let mut message = Some(message);
+        let mut message = Some((header, payload));
         let r = wait_until(&self.tx_changed, || {
             if let Some(f) = self.failure() {
                 return Some(Err(f.to_error()));
@@ -303,8 +305,8 @@ impl Shared {
             let held = tx.queued_bytes() + tx.unacked_bytes();
             // A message larger than the limit still goes when nothing else is held.
             if held == 0 || held + len <= limit {
-                let m = message.take().unwrap_or_default();
-                Some(tx.push(m).map(drop))
+                let (h, p) = message.take().unwrap_or_default();
+                Some(tx.push_parts(h, p).map(drop))
             } else {
                 None
             }
@@ -683,10 +685,14 @@ async fn control_reader(shared: Arc<Shared>, mut reader: FrameReader) {
             Frame::Ack(ack) => {
                 let r = {
                     let mut tx = lock(&shared.tx);
-                    tx.on_ack(&ack).map(|_| tx.cumulative_acked())
+                    let r = tx.on_ack(&ack);
+                    r.map(|_| (tx.cumulative_acked(), tx.messages_acked()))
                 };
                 match r {
-                    Ok(acked) => shared.on_ack_progress(acked),
+                    Ok((acked, messages)) => {
+                        shared.acked_messages.advance_to(messages);
+                        shared.on_ack_progress(acked);
+                    }
                     Err(p) => {
                         shared.fail(Failure::Protocol(p));
                         break;

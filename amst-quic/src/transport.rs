@@ -5,7 +5,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use amst_core::{BoxFuture, Error, PathSample, Result, Transport, TransportMetrics};
+use amst_core::{AckWatch, BoxFuture, Error, PathSample, Result, Transport, TransportMetrics};
 use bytes::Bytes;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{ConnectionError, Endpoint, EndpointConfig, TokioRuntime};
@@ -148,7 +148,15 @@ impl Drop for QuicTransport {
 
 impl Transport for QuicTransport {
     fn send(&self, message: Bytes) -> BoxFuture<'_, Result<()>> {
-        Box::pin(self.shared.send(message))
+        Box::pin(self.shared.send(Bytes::new(), message))
+    }
+
+    fn send_parts(&self, header: Bytes, payload: Bytes) -> BoxFuture<'_, Result<()>> {
+        Box::pin(self.shared.send(header, payload))
+    }
+
+    fn acked(&self) -> AckWatch {
+        self.shared.acked_messages.watch()
     }
 
     fn flush(&self) -> BoxFuture<'_, Result<()>> {

@@ -5,9 +5,10 @@
 use std::io;
 use std::net::SocketAddr;
 
+use amst_core::codec::driver::{self, FrameIo};
 use amst_core::codec::{
-    ClientHandshake, Close, CloseCode, Decoder, Established, Frame, FrameKind, ServerHandshake,
-    capabilities, random_bytes,
+    ClientHandshake, Decoder, Established, Frame, FrameKind, ServerHandshake, capabilities,
+    random_bytes,
 };
 use amst_core::{Error, ProtocolError, Result};
 use bytes::BytesMut;
@@ -141,59 +142,41 @@ async fn write_frame(stream: &mut TcpStream, frame: &Frame) -> Result<()> {
         .map_err(|e| Error::io("writing a bootstrap frame", e))
 }
 
-/// Reads one handshake frame. Only `allowed` kinds are accepted, judged from the first byte,
-/// so that nothing before the proof can make us buffer more than a Hello (a Data header
-/// announcing a large body fails at once, not after its body arrived).
-async fn read_frame(
-    stream: &mut TcpStream,
-    buf: &mut BytesMut,
-    allowed: &[FrameKind],
-    state: &'static str,
-) -> Result<Frame> {
-    let decoder = Decoder::default();
-    loop {
-        if let Some(&b) = buf.first() {
-            match FrameKind::from_u8(b) {
-                Some(kind) if allowed.contains(&kind) => {}
-                Some(kind) => {
-                    return Err(ProtocolError::UnexpectedFrame { got: kind, state }.into());
-                }
-                None => return Err(ProtocolError::UnknownFrameType(b).into()),
-            }
-        }
-        if let Some(f) = decoder.decode(buf)? {
-            return Ok(f);
-        }
-        buf.reserve(256);
-        let n = stream
-            .read_buf(buf)
-            .await
-            .map_err(|e| Error::io("reading a bootstrap frame", e))?;
-        if n == 0 {
-            decoder.decode_eof(buf)?;
-            return Err(Error::io(
-                "reading a bootstrap frame",
-                io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the peer closed the bootstrap connection during the handshake",
-                ),
-            ));
-        }
-    }
+/// The bootstrap connection during the handshake, for amst-core's driver; `buf` keeps bytes
+/// read past it (the client may send its endpoint right behind its proof).
+struct BootstrapIo<'a> {
+    stream: &'a mut TcpStream,
+    buf: BytesMut,
 }
 
-fn unexpected(f: &Frame, state: &'static str) -> Error {
-    match f {
-        Frame::Close(c) if c.code == CloseCode::AuthFailed => ProtocolError::AuthFailed.into(),
-        Frame::Close(c) => Error::PeerClosed {
-            code: c.code,
-            reason: c.reason.clone(),
-        },
-        other => ProtocolError::UnexpectedFrame {
-            got: other.kind(),
-            state,
+impl FrameIo for BootstrapIo<'_> {
+    async fn send(&mut self, frame: &Frame) -> Result<()> {
+        write_frame(self.stream, frame).await
+    }
+
+    async fn recv(&mut self, allowed: &'static [FrameKind], state: &'static str) -> Result<Frame> {
+        let decoder = Decoder::default();
+        loop {
+            if let Some(f) = driver::decode_expected(&decoder, &mut self.buf, allowed, state)? {
+                return Ok(f);
+            }
+            self.buf.reserve(256);
+            let n = self
+                .stream
+                .read_buf(&mut self.buf)
+                .await
+                .map_err(|e| Error::io("reading a bootstrap frame", e))?;
+            if n == 0 {
+                decoder.decode_eof(&mut self.buf)?;
+                return Err(Error::io(
+                    "reading a bootstrap frame",
+                    io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the peer closed the bootstrap connection during the handshake",
+                    ),
+                ));
+            }
         }
-        .into(),
     }
 }
 
@@ -218,21 +201,12 @@ pub async fn dial(
             1,
             capabilities::RDMA,
         );
-        write_frame(&mut stream, &Frame::Hello(hello)).await?;
-        let mut buf = BytesMut::new();
-        let ack = match read_frame(
-            &mut stream,
-            &mut buf,
-            &[FrameKind::HelloAck, FrameKind::Close],
-            "waiting for HelloAck",
-        )
-        .await?
-        {
-            Frame::HelloAck(a) => a,
-            other => return Err(unexpected(&other, "waiting for HelloAck")),
+        let mut io = BootstrapIo {
+            stream: &mut stream,
+            buf: BytesMut::new(),
         };
-        let (proof, est) = hs.on_hello_ack(&ack)?;
-        write_frame(&mut stream, &Frame::Auth(proof)).await?;
+        let est = driver::client(&mut io, hs, hello).await?;
+        let buf = io.buf;
         Ok((stream, est, buf))
     })
     .await
@@ -252,27 +226,16 @@ pub async fn accept(
     let limit = config.handshake_timeout;
     let _ = stream.set_nodelay(true);
     let r = tokio::time::timeout(limit, async {
-        let mut buf = BytesMut::new();
-        let hello =
-            match read_frame(stream, &mut buf, &[FrameKind::Hello], "waiting for Hello").await? {
-                Frame::Hello(h) => h,
-                other => return Err(unexpected(&other, "waiting for Hello")),
-            };
+        let mut io = BootstrapIo {
+            stream: &mut *stream,
+            buf: BytesMut::new(),
+        };
+        let hello = driver::server_hello(&mut io).await?;
         let hs = ServerHandshake::new(config.psk.clone(), random_bytes(), capabilities::RDMA);
         let (ack, awaiting) = hs.on_hello(&hello, random_bytes())?;
-        write_frame(stream, &Frame::HelloAck(ack)).await?;
-        let proof = match read_frame(
-            stream,
-            &mut buf,
-            &[FrameKind::Auth, FrameKind::Close],
-            "waiting for the Auth proof",
-        )
-        .await?
-        {
-            Frame::Auth(p) => p,
-            other => return Err(unexpected(&other, "waiting for the Auth proof")),
-        };
-        let est = awaiting.on_auth(&proof)?;
+        io.send(&Frame::HelloAck(ack)).await?;
+        let est = driver::server_finish(&mut io, awaiting).await?;
+        let buf = io.buf;
         Ok((est, buf))
     })
     .await;
@@ -280,11 +243,7 @@ pub async fn accept(
         Ok(Ok(e)) => Ok(e),
         Ok(Err(e)) => {
             if !matches!(e, Error::Io { .. }) {
-                let code = match &e {
-                    Error::Protocol(ProtocolError::AuthFailed) => CloseCode::AuthFailed,
-                    _ => CloseCode::ProtocolError,
-                };
-                let _ = write_frame(stream, &Frame::Close(Close::new(code, e.to_string()))).await;
+                let _ = write_frame(stream, &Frame::Close(driver::close_for(&e))).await;
             }
             Err(e)
         }

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 
-use amst_core::{BoxFuture, Error, Result, Transport, TransportKind, TransportMetrics};
+use amst_core::{AckWatch, BoxFuture, Error, Result, Transport, TransportKind, TransportMetrics};
 use bytes::Bytes;
 use tokio::net::TcpListener;
 
@@ -166,6 +166,15 @@ impl Transport for RdmaTransport {
         #[cfg(feature = "rdma")]
         {
             self.inner.metrics()
+        }
+        #[cfg(not(feature = "rdma"))]
+        match self.never {}
+    }
+
+    fn acked(&self) -> AckWatch {
+        #[cfg(feature = "rdma")]
+        {
+            self.inner.acked()
         }
         #[cfg(not(feature = "rdma"))]
         match self.never {}

@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use amst_core::codec::CloseCode;
-use amst_core::{Error, ProtocolError, Result, TransportKind, TransportMetrics};
+use amst_core::{
+    AckCounter, AckWatch, Error, ProtocolError, Result, TransportKind, TransportMetrics,
+};
 use bytes::Bytes;
 use sideway::ibverbs::AccessFlags;
 use sideway::ibverbs::address::{AddressHandleAttribute, Gid, GidType};
@@ -266,6 +268,8 @@ pub(crate) struct Session {
     aborted: AtomicBool,
     keep_bootstrap: AtomicBool,
     parked: Mutex<Option<TcpStream>>,
+    /// Messages the peer acknowledged, for `Transport::acked` subscribers.
+    acked_messages: AckCounter,
 }
 
 impl std::fmt::Debug for Session {
@@ -430,6 +434,7 @@ impl Session {
             aborted: AtomicBool::new(false),
             keep_bootstrap: AtomicBool::new(false),
             parked: Mutex::new(None),
+            acked_messages: AckCounter::new(),
         }))
     }
 
@@ -563,6 +568,10 @@ impl Session {
             None
         })
         .await
+    }
+
+    pub(crate) fn acked(&self) -> AckWatch {
+        self.acked_messages.watch()
     }
 
     pub(crate) fn metrics(&self) -> TransportMetrics {
@@ -887,6 +896,7 @@ impl Driver {
             st.window_used -= n;
         }
         st.acked = self.flow.peer_acked();
+        s.acked_messages.advance_to(st.acked);
         match header.kind {
             SegmentKind::Data => {
                 st.bytes_received += payload.len() as u64;

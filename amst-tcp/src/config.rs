@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use amst_core::codec::{PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, Psk};
-use amst_core::{Error, Result};
+use amst_core::{Congestion, Error, Result};
 
 use crate::tls::TcpTls;
 
@@ -19,25 +19,6 @@ pub enum Profile {
     Internet,
     /// A short, fast path: 32–512 streams under CUBIC, large chunks.
     Datacenter,
-}
-
-/// The kernel congestion control asked for on every stream (`TCP_CONGESTION`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Congestion {
-    /// BBR: model-based, tolerant of random loss.
-    Bbr,
-    /// CUBIC: the Linux default, loss-based.
-    Cubic,
-}
-
-impl Congestion {
-    /// The kernel's name for it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Congestion::Bbr => "bbr",
-            Congestion::Cubic => "cubic",
-        }
-    }
 }
 
 /// Everything a [`TcpTransport`](crate::TcpTransport) or [`TcpListener`](crate::TcpListener)

@@ -7,9 +7,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use amst_core::codec::driver::{self, FrameIo};
 use amst_core::codec::{
-    ClientHandshake, Close, CloseCode, Decoder, Established, Frame, FrameKind, ServerHandshake,
-    SessionId, capabilities, random_bytes,
+    ClientHandshake, CloseCode, Decoder, Established, Frame, FrameKind, ServerHandshake, SessionId,
+    capabilities, random_bytes,
 };
 use amst_core::{Error, ProtocolError, Result};
 use bytes::BytesMut;
@@ -49,63 +50,44 @@ async fn write_frame(stream: &mut Conn, frame: &Frame) -> Result<()> {
         .map_err(|e| Error::io("writing a handshake frame", e))
 }
 
-/// Reads one handshake frame. Only `allowed` kinds are accepted, judged from the first byte,
-/// so that nothing before the proof can make us buffer more than a Hello.
-async fn read_frame(
-    stream: &mut Conn,
-    buf: &mut BytesMut,
-    decoder: &Decoder,
-    allowed: &[FrameKind],
-    state: &'static str,
-) -> Result<Frame> {
-    loop {
-        if let Some(&b) = buf.first() {
-            match FrameKind::from_u8(b) {
-                Some(kind) if allowed.contains(&kind) => {}
-                Some(kind) => {
-                    return Err(ProtocolError::UnexpectedFrame { got: kind, state }.into());
-                }
-                None => return Err(ProtocolError::UnknownFrameType(b).into()),
+/// A stream during the handshake, for amst-core's driver; `buf` keeps bytes read past it.
+struct HandshakeIo<'a> {
+    stream: &'a mut Conn,
+    buf: BytesMut,
+}
+
+impl FrameIo for HandshakeIo<'_> {
+    async fn send(&mut self, frame: &Frame) -> Result<()> {
+        write_frame(self.stream, frame).await
+    }
+
+    async fn recv(&mut self, allowed: &'static [FrameKind], state: &'static str) -> Result<Frame> {
+        let decoder = Decoder::default();
+        loop {
+            if let Some(f) = driver::decode_expected(&decoder, &mut self.buf, allowed, state)? {
+                return Ok(f);
+            }
+            self.buf.reserve(256);
+            // Never more than the reservation: a Hello is small, and the rest of the buffer
+            // stays for frames after the handshake.
+            let n = match (&mut *self.stream).take(256).read_buf(&mut self.buf).await {
+                // Over TLS, a peer that hangs up without close_notify (a client that found our
+                // key proof wrong does) is the same event as a plain EOF, and says so alike.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => 0,
+                r => r.map_err(|e| Error::io("reading a handshake frame", e))?,
+            };
+            if n == 0 {
+                decoder.decode_eof(&mut self.buf)?;
+                return Err(Error::io(
+                    "reading a handshake frame",
+                    io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the peer closed the connection during the handshake",
+                    ),
+                ));
             }
         }
-        if let Some(f) = decoder.decode(buf)? {
-            return Ok(f);
-        }
-        buf.reserve(256);
-        // Never more than the reservation: a Hello is small, and the rest of the buffer
-        // stays for frames after the handshake.
-        let n = match (&mut *stream).take(256).read_buf(buf).await {
-            // Over TLS, a peer that hangs up without close_notify (a client that found our
-            // key proof wrong does) is the same event as a plain EOF, and says so alike.
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => 0,
-            r => r.map_err(|e| Error::io("reading a handshake frame", e))?,
-        };
-        if n == 0 {
-            decoder.decode_eof(buf)?;
-            return Err(Error::io(
-                "reading a handshake frame",
-                io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the peer closed the connection during the handshake",
-                ),
-            ));
-        }
     }
-}
-
-/// The error a client reports when the server answers its Hello with a Close.
-fn rejected(close: Close) -> Error {
-    match close.code {
-        CloseCode::AuthFailed => Error::Protocol(ProtocolError::AuthFailed),
-        code => Error::PeerClosed {
-            code,
-            reason: close.reason,
-        },
-    }
-}
-
-fn handshake_decoder() -> Decoder {
-    Decoder::default()
 }
 
 /// Dials one stream and authenticates it: a new session when `session` is `None`. `tls` is
@@ -160,30 +142,12 @@ async fn dial_inner(
         CAPABILITIES,
         config.versions,
     );
-    write_frame(&mut stream, &Frame::Hello(hello)).await?;
-    let decoder = handshake_decoder();
-    let mut buf = BytesMut::with_capacity(256);
-    let ack = match read_frame(
-        &mut stream,
-        &mut buf,
-        &decoder,
-        &[FrameKind::HelloAck, FrameKind::Close],
-        "waiting for HelloAck",
-    )
-    .await?
-    {
-        Frame::HelloAck(a) => a,
-        Frame::Close(c) => return Err(rejected(c)),
-        other => {
-            return Err(ProtocolError::UnexpectedFrame {
-                got: other.kind(),
-                state: "waiting for HelloAck",
-            }
-            .into());
-        }
+    let mut io = HandshakeIo {
+        stream: &mut stream,
+        buf: BytesMut::with_capacity(256),
     };
-    let (proof, established) = hs.on_hello_ack(&ack)?;
-    write_frame(&mut stream, &Frame::Auth(proof)).await?;
+    let established = driver::client(&mut io, hs, hello).await?;
+    let buf = io.buf;
     Ok(Authenticated {
         stream,
         established,
@@ -219,7 +183,7 @@ pub(crate) async fn accept(
             Ok((session, established, leftover)) => Ok((conn, session, established, leftover)),
             Err(e) => {
                 if !matches!(e, Error::Io { .. }) {
-                    let _ = write_frame(&mut conn, &Frame::Close(close_for(&e))).await;
+                    let _ = write_frame(&mut conn, &Frame::Close(driver::close_for(&e))).await;
                 }
                 Err(e)
             }
@@ -245,16 +209,6 @@ pub(crate) async fn accept(
         Some(s) => Accepted::Join(s, auth),
         None => Accepted::New(auth),
     })
-}
-
-fn close_for(e: &Error) -> Close {
-    let code = match e {
-        Error::Protocol(ProtocolError::AuthFailed) => CloseCode::AuthFailed,
-        Error::Config { field, .. } if field.starts_with("max_") => CloseCode::LimitExceeded,
-        Error::Unavailable { .. } => CloseCode::Aborted,
-        _ => CloseCode::ProtocolError,
-    };
-    Close::new(code, e.to_string())
 }
 
 /// Looks at the first byte the client sent: a TLS ClientHello when TLS is on, an AMST Hello
@@ -286,7 +240,7 @@ async fn start_tls(stream: TcpStream, tls: Option<&ServerTls>) -> Result<(Conn, 
                     .into(),
             };
             let mut conn = Conn::Plain(stream);
-            let _ = write_frame(&mut conn, &Frame::Close(close_for(&e))).await;
+            let _ = write_frame(&mut conn, &Frame::Close(driver::close_for(&e))).await;
             Err(e)
         }
         None if speaks_tls => {
@@ -299,7 +253,7 @@ async fn start_tls(stream: TcpStream, tls: Option<&ServerTls>) -> Result<(Conn, 
             // The client cannot read a plaintext Close, but seeing plaintext is how it
             // learns that TLS is off here.
             let mut conn = Conn::Plain(stream);
-            let _ = write_frame(&mut conn, &Frame::Close(close_for(&e))).await;
+            let _ = write_frame(&mut conn, &Frame::Close(driver::close_for(&e))).await;
             Err(e)
         }
         _ => Ok((Conn::Plain(stream), None)),
@@ -313,26 +267,11 @@ async fn accept_inner(
     find: impl Fn(&SessionId) -> Option<Arc<Shared>>,
     session_cap: impl Fn() -> Option<Error>,
 ) -> Result<(Option<Arc<Shared>>, Established, BytesMut)> {
-    let decoder = handshake_decoder();
-    let mut buf = BytesMut::with_capacity(256);
-    let hello = match read_frame(
+    let mut io = HandshakeIo {
         stream,
-        &mut buf,
-        &decoder,
-        &[FrameKind::Hello],
-        "waiting for Hello",
-    )
-    .await?
-    {
-        Frame::Hello(h) => h,
-        other => {
-            return Err(ProtocolError::UnexpectedFrame {
-                got: other.kind(),
-                state: "waiting for Hello",
-            }
-            .into());
-        }
+        buf: BytesMut::with_capacity(256),
     };
+    let hello = driver::server_hello(&mut io).await?;
     if binding.is_some_and(|b| hello.nonce != b) {
         // Relayed from another TLS session: someone in the middle.
         warn!("PSK handshake not bound to this TLS session");
@@ -372,27 +311,9 @@ async fn accept_inner(
         config.versions,
     );
     let (ack, awaiting) = hs.on_hello(&hello, id)?;
-    write_frame(stream, &Frame::HelloAck(ack)).await?;
-    let proof = match read_frame(
-        stream,
-        &mut buf,
-        &decoder,
-        &[FrameKind::Auth],
-        "waiting for the client's Auth proof",
-    )
-    .await?
-    {
-        Frame::Auth(p) => p,
-        other => {
-            return Err(ProtocolError::UnexpectedFrame {
-                got: other.kind(),
-                state: "waiting for the client's Auth proof",
-            }
-            .into());
-        }
-    };
-    let established = awaiting.on_auth(&proof)?;
-    Ok((session, established, buf))
+    io.send(&Frame::HelloAck(ack)).await?;
+    let established = driver::server_finish(&mut io, awaiting).await?;
+    Ok((session, established, io.buf))
 }
 
 /// Re-dials a lost stream into its slot, with backoff, until it attaches or the session

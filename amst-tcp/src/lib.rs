@@ -50,7 +50,8 @@ mod tls;
 mod transport;
 pub mod tuner;
 
-pub use config::{Congestion, MAX_CHUNK, MIN_CHUNK, Profile, TcpConfig};
+pub use amst_core::Congestion;
+pub use config::{MAX_CHUNK, MIN_CHUNK, Profile, TcpConfig};
 pub use listener::TcpListener;
 pub use sockopt::{Applied, TcpInfo};
 pub use stats::{BufferStats, StreamStats};

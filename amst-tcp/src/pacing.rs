@@ -8,8 +8,8 @@ use amst_cc::bbr::{Bbr, BbrConfig};
 use amst_cc::{Ack, CongestionController, Phase, RateSample};
 use tracing::debug;
 
-use crate::config::Congestion;
 use crate::tuner::Aggregate;
+use amst_core::Congestion;
 
 /// Per-stream floor of the cap, bytes/s, so that a model that has seen little cannot starve
 /// a stream (1 Mbit/s).

@@ -7,11 +7,13 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use amst_core::codec::{CloseCode, Frame, Limits, SessionId};
-use amst_core::{Error, PathId, ProtocolError, Reassembler, ReassemblyConfig, SendBuffer};
+use amst_core::{
+    AckCounter, Error, PathId, ProtocolError, Reassembler, ReassemblyConfig, SendBuffer,
+};
 use bytes::BytesMut;
 use socket2::Socket;
 use tokio::sync::{Notify, oneshot};
@@ -114,6 +116,8 @@ pub(crate) struct Shared {
     pub space: Notify,
     /// `flush` waits here for acks.
     pub acked: Notify,
+    /// Messages the peer acknowledged, for `Transport::acked` subscribers.
+    pub acked_messages: AckCounter,
     pub rx: Mutex<RxState>,
     /// `recv` waits here for messages.
     pub rx_wake: Notify,
@@ -176,13 +180,7 @@ impl std::fmt::Debug for Shared {
     }
 }
 
-pub(crate) fn hex(id: &[u8]) -> String {
-    id.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+pub(crate) use amst_core::util::{hex, lock};
 
 /// Delay before an ack that no threshold forced goes out: long enough to coalesce a burst,
 /// short against any RTT that matters for `flush`.
@@ -230,6 +228,7 @@ impl Shared {
             tx_wake: Notify::new(),
             space: Notify::new(),
             acked: Notify::new(),
+            acked_messages: AckCounter::new(),
             rx_wake: Notify::new(),
             // The peer's send buffer starts with no credit: our first write grants it.
             ctrl_pending: AtomicBool::new(true),

@@ -371,9 +371,16 @@ fn handle_frames(
         match f {
             Frame::Data(_) => {}
             Frame::Ack(ack) => {
-                let res = lock(&shared.tx).sb.on_ack(&ack);
+                let res = {
+                    let mut tx = lock(&shared.tx);
+                    let res = tx.sb.on_ack(&ack);
+                    res.map(|out| (out, tx.sb.messages_acked()))
+                };
                 match res {
-                    Ok(out) => {
+                    Ok((out, messages_acked)) => {
+                        if out.messages_acked > 0 {
+                            shared.acked_messages.advance_to(messages_acked);
+                        }
                         if out.newly_acked_bytes > 0 || out.messages_acked > 0 {
                             shared.acked.notify_waiters();
                             shared.space.notify_waiters();

@@ -7,166 +7,17 @@
 //! certificate, keeps the data confidential. TLS adds confidentiality and integrity; without
 //! it a session is authenticated but readable on the wire.
 //!
-//! The certificate types mirror amst-quic's `tls` module (same behaviour, same fingerprint
-//! format); they belong in a shared crate once a second TLS user exists.
+//! Certificates, fingerprints and the certificate check are amst-tls's, shared with
+//! amst-quic; what is here is the stream side: tokio-rustls, the exporter binding and the
+//! errors a client reports.
 
 use std::fmt;
-use std::path::Path;
-use std::str::FromStr;
 use std::sync::Arc;
 
 use amst_core::{Error, Result};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
-
-/// The SHA-256 of a certificate's DER encoding, which pins exactly that certificate.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Fingerprint(pub [u8; 32]);
-
-impl Fingerprint {
-    /// The fingerprint of a DER-encoded certificate.
-    pub fn of(der: &[u8]) -> Self {
-        let digest = ring::digest::digest(&ring::digest::SHA256, der);
-        let mut out = [0u8; 32];
-        out.copy_from_slice(digest.as_ref());
-        Fingerprint(out)
-    }
-}
-
-impl fmt::Display for Fingerprint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for b in self.0 {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
-    }
-}
-
-impl fmt::Debug for Fingerprint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "sha256:{self}")
-    }
-}
-
-impl FromStr for Fingerprint {
-    type Err = Error;
-
-    /// 64 hex digits, optionally with `sha256:` in front and `:` between bytes.
-    fn from_str(s: &str) -> Result<Self> {
-        let hex: String = s
-            .trim()
-            .trim_start_matches("sha256:")
-            .chars()
-            .filter(|c| *c != ':')
-            .collect();
-        let bad = || Error::Config {
-            field: "fingerprint",
-            reason: format!("{s:?} is not 64 hex digits (a SHA-256)"),
-        };
-        if hex.len() != 64 || !hex.is_ascii() {
-            return Err(bad());
-        }
-        let mut out = [0u8; 32];
-        for (i, b) in out.iter_mut().enumerate() {
-            *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
-        }
-        Ok(Fingerprint(out))
-    }
-}
-
-/// A certificate chain and its private key: what a listener presents.
-pub struct Identity {
-    chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
-}
-
-impl Clone for Identity {
-    fn clone(&self) -> Self {
-        Identity {
-            chain: self.chain.clone(),
-            key: self.key.clone_key(),
-        }
-    }
-}
-
-impl fmt::Debug for Identity {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Identity")
-            .field("fingerprint", &self.fingerprint())
-            .field("chain_len", &self.chain.len())
-            .finish_non_exhaustive()
-    }
-}
-
-impl Identity {
-    /// A fresh self-signed certificate (ECDSA P-256, made with rcgen) for these DNS names;
-    /// pin it by [`fingerprint`](Self::fingerprint) or rely on [`TlsVerify::PskBound`].
-    pub fn self_signed(names: &[&str]) -> Result<Self> {
-        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-        let ck = rcgen::generate_simple_self_signed(names).map_err(|e| Error::Config {
-            field: "tls.identity",
-            reason: format!("generating a self-signed certificate failed: {e}"),
-        })?;
-        Ok(Identity {
-            chain: vec![ck.cert.der().clone()],
-            key: PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into()),
-        })
-    }
-
-    /// A chain (leaf first) and key already in DER.
-    pub fn from_der(
-        chain: Vec<CertificateDer<'static>>,
-        key: PrivateKeyDer<'static>,
-    ) -> Result<Self> {
-        if chain.is_empty() {
-            return Err(Error::Config {
-                field: "tls.identity",
-                reason: "the certificate chain is empty".into(),
-            });
-        }
-        Ok(Identity { chain, key })
-    }
-
-    /// The chain (leaf first) and the key from PEM files.
-    pub fn from_pem_files(cert_chain: impl AsRef<Path>, key: impl AsRef<Path>) -> Result<Self> {
-        let (cp, kp) = (cert_chain.as_ref(), key.as_ref());
-        let chain = CertificateDer::pem_file_iter(cp)
-            .and_then(|it| it.collect::<std::result::Result<Vec<_>, _>>())
-            .map_err(|e| Error::Config {
-                field: "tls.identity",
-                reason: format!("reading certificates from {}: {e}", cp.display()),
-            })?;
-        let key = PrivateKeyDer::from_pem_file(kp).map_err(|e| Error::Config {
-            field: "tls.identity",
-            reason: format!("reading a private key from {}: {e}", kp.display()),
-        })?;
-        Self::from_der(chain, key)
-    }
-
-    /// The leaf certificate in DER.
-    pub fn certificate_der(&self) -> &CertificateDer<'static> {
-        &self.chain[0]
-    }
-
-    /// The leaf certificate's fingerprint, which a client pins.
-    pub fn fingerprint(&self) -> Fingerprint {
-        Fingerprint::of(&self.chain[0])
-    }
-}
-
-/// Reads trust anchors for [`TlsVerify::Roots`] from a PEM file.
-pub fn roots_from_pem_file(path: impl AsRef<Path>) -> Result<Vec<CertificateDer<'static>>> {
-    let p = path.as_ref();
-    CertificateDer::pem_file_iter(p)
-        .and_then(|it| it.collect::<std::result::Result<Vec<_>, _>>())
-        .map_err(|e| Error::Config {
-            field: "tls.verify",
-            reason: format!("reading trust anchors from {}: {e}", p.display()),
-        })
-}
+use amst_tls::ServerCheck;
+pub use amst_tls::{Fingerprint, Identity, roots_from_pem_file};
+use rustls::pki_types::{CertificateDer, ServerName};
 
 /// How a client checks the server's certificate. There is no mode that checks nothing:
 /// every mode either checks the certificate or relies on the PSK handshake being bound to
@@ -259,10 +110,6 @@ const DEFAULT_NAME: &str = "amst";
 /// Exporter label binding the PSK handshake to the TLS session.
 const BINDING_LABEL: &[u8] = b"EXPORTER-amst-tcp psk binding";
 
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
 fn tls_err(field: &'static str, e: impl fmt::Display) -> Error {
     Error::Config {
         field,
@@ -290,12 +137,7 @@ pub(crate) fn server(tls: &TcpTls) -> Result<ServerTls> {
         Some(id) => id.clone(),
         None => Identity::self_signed(&[DEFAULT_NAME])?,
     };
-    let config = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| tls_err("tls", e))?
-        .with_no_client_auth()
-        .with_single_cert(id.chain.clone(), id.key.clone_key())
-        .map_err(|e| tls_err("tls.identity", e))?;
+    let config = amst_tls::server_config(&id, "tls.identity")?;
     Ok(ServerTls {
         acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
         fingerprint: id.fingerprint(),
@@ -319,39 +161,14 @@ impl fmt::Debug for ClientTls {
 
 pub(crate) fn client(tls: &TcpTls) -> Result<ClientTls> {
     tls.validate()?;
-    let builder = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| tls_err("tls", e))?;
-    let verifier = |pins| {
-        Arc::new(Verifier {
-            pins,
-            algs: provider().signature_verification_algorithms,
-        })
-    };
-    let (config, name) = match &tls.verify {
+    let (check, name) = match &tls.verify {
         TlsVerify::Roots { roots, server_name } => {
-            let mut store = rustls::RootCertStore::empty();
-            for r in roots {
-                store.add(r.clone()).map_err(|e| tls_err("tls.verify", e))?;
-            }
-            let config = builder.with_root_certificates(store).with_no_client_auth();
-            (config, server_name.clone())
+            (ServerCheck::Roots(roots.clone()), server_name.clone())
         }
-        TlsVerify::Pinned(pins) => (
-            builder
-                .dangerous()
-                .with_custom_certificate_verifier(verifier(Some(pins.clone())))
-                .with_no_client_auth(),
-            DEFAULT_NAME.to_string(),
-        ),
-        TlsVerify::PskBound => (
-            builder
-                .dangerous()
-                .with_custom_certificate_verifier(verifier(None))
-                .with_no_client_auth(),
-            DEFAULT_NAME.to_string(),
-        ),
+        TlsVerify::Pinned(pins) => (ServerCheck::Pinned(pins.clone()), DEFAULT_NAME.into()),
+        TlsVerify::PskBound => (ServerCheck::PskBound, DEFAULT_NAME.into()),
     };
+    let config = amst_tls::client_config(&check, "tls.verify")?;
     let name = ServerName::try_from(name).map_err(|e| tls_err("tls.verify", e))?;
     Ok(ClientTls {
         connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
@@ -397,97 +214,9 @@ pub(crate) fn dial_error(addr: std::net::SocketAddr, e: std::io::Error) -> Error
     }
 }
 
-/// Pins certificates by fingerprint, or (with no pins) defers the server's authenticity to
-/// the PSK handshake that is bound to the TLS session. Either way the handshake signature is
-/// checked, so the server holds the key of the certificate it showed.
-#[derive(Debug)]
-struct Verifier {
-    pins: Option<Vec<Fingerprint>>,
-    algs: WebPkiSupportedAlgorithms,
-}
-
-/// Why a pinned check failed, carried to the client's error.
-#[derive(Debug)]
-struct NotPinned {
-    got: Fingerprint,
-    pins: Vec<Fingerprint>,
-}
-
-impl fmt::Display for NotPinned {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "its fingerprint {:?} is not among the pinned {:?}",
-            self.got, self.pins
-        )
-    }
-}
-
-impl std::error::Error for NotPinned {}
-
-impl ServerCertVerifier for Verifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        let Some(pins) = &self.pins else {
-            return Ok(ServerCertVerified::assertion());
-        };
-        let got = Fingerprint::of(end_entity);
-        if pins.contains(&got) {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::Other(rustls::OtherError(Arc::new(NotPinned {
-                    got,
-                    pins: pins.clone(),
-                }))),
-            ))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        // Only TLS 1.3 is enabled; a TLS 1.2 signature is never legitimate here.
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls12NotOffered,
-        ))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn fingerprint_parses_its_own_display_and_rejects_garbage() {
-        let fp = Fingerprint::of(b"certificate");
-        assert_eq!(fp.to_string().parse::<Fingerprint>().unwrap(), fp);
-        assert_eq!(format!("{fp:?}").parse::<Fingerprint>().unwrap(), fp);
-        let err = "abc".parse::<Fingerprint>().unwrap_err().to_string();
-        assert!(err.contains("fingerprint"), "{err}");
-    }
 
     #[test]
     fn empty_pins_and_bad_names_are_config_errors() {

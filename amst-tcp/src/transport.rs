@@ -6,7 +6,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use amst_core::codec::{Close, CloseCode, Frame, Ping, SessionId};
-use amst_core::{BoxFuture, Error, PathSample, Result, Transport, TransportKind, TransportMetrics};
+use amst_core::{
+    AckWatch, BoxFuture, Error, PathSample, Result, Transport, TransportKind, TransportMetrics,
+};
 use bytes::Bytes;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
@@ -216,16 +218,16 @@ impl TcpTransport {
         Ok(())
     }
 
-    async fn send_inner(&self, message: Bytes) -> Result<()> {
+    async fn send_inner(&self, header: Bytes, payload: Bytes) -> Result<()> {
         let s = &self.shared;
-        let len = message.len() as u64;
+        let len = (header.len() + payload.len()) as u64;
         if len > s.config.max_message {
             return Err(Error::MessageTooLarge {
                 len,
                 limit: s.config.max_message,
             });
         }
-        let mut message = Some(message);
+        let mut message = Some((header, payload));
         loop {
             let space = s.space.notified();
             tokio::pin!(space);
@@ -235,8 +237,8 @@ impl TcpTransport {
                 let mut tx = lock(&s.tx);
                 let queued = tx.sb.queued_bytes();
                 if queued == 0 || queued + len <= s.config.send_queue {
-                    if let Some(m) = message.take() {
-                        tx.sb.push(m)?;
+                    if let Some((h, p)) = message.take() {
+                        tx.sb.push_parts(h, p)?;
                     }
                     let held = tx.sb.queued_bytes() + tx.sb.unacked_bytes();
                     tx.peak = tx.peak.max(held);
@@ -452,7 +454,15 @@ fn peer_closed() -> Error {
 
 impl Transport for TcpTransport {
     fn send(&self, message: Bytes) -> BoxFuture<'_, Result<()>> {
-        Box::pin(self.send_inner(message))
+        Box::pin(self.send_inner(Bytes::new(), message))
+    }
+
+    fn send_parts(&self, header: Bytes, payload: Bytes) -> BoxFuture<'_, Result<()>> {
+        Box::pin(self.send_inner(header, payload))
+    }
+
+    fn acked(&self) -> AckWatch {
+        self.shared.acked_messages.watch()
     }
 
     fn flush(&self) -> BoxFuture<'_, Result<()>> {

@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use crate::config::{Congestion, MAX_CHUNK, MIN_CHUNK};
+use crate::config::{MAX_CHUNK, MIN_CHUNK};
+use amst_core::Congestion;
 
 /// Bytes in flight one kernel TCP stream sustains comfortably: Linux's default
 /// `tcp_wmem`/`tcp_rmem` maxima are 4 MiB and 6 MiB, so a path whose BDP is larger than that

@@ -652,3 +652,40 @@ async fn an_authenticated_stream_that_sends_garbage_ends_only_its_own_session() 
         Some(&b"unaffected"[..])
     );
 }
+
+/// A man in the middle on the real transport lowers the newest version in the client's Hello
+/// (to force the oldest version both speak): the client refuses the server's proof with an
+/// error saying the handshake may have been altered, instead of running downgraded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_range_narrowed_in_transit_fails_authentication() {
+    init_tracing();
+    let mut both = config(1);
+    both.versions = (1, 2);
+    let (listener, server_addr) = bind(both.clone()).await;
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_addr = proxy.local_addr().unwrap();
+    let mitm = tokio::spawn(async move {
+        let (mut client, _) = proxy.accept().await.unwrap();
+        let mut server = TcpStream::connect(server_addr).await.unwrap();
+        // Frame type, body length, magic, then version_min and version_max.
+        let mut hello = [0u8; 5 + 68];
+        client.read_exact(&mut hello).await.unwrap();
+        assert_eq!(&hello[11..13], &2u16.to_be_bytes(), "offered version_max");
+        hello[11..13].copy_from_slice(&1u16.to_be_bytes());
+        server.write_all(&hello).await.unwrap();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::io::copy_bidirectional(&mut client, &mut server),
+        )
+        .await;
+    });
+    let err = TcpTransport::connect(proxy_addr, both).await.unwrap_err();
+    assert!(
+        matches!(err, Error::Protocol(ProtocolError::AuthFailed)),
+        "expected AuthFailed, got {err}"
+    );
+    assert!(err.to_string().contains("altered in transit"), "{err}");
+    mitm.await.unwrap();
+    let session = tokio::time::timeout(Duration::from_millis(200), listener.accept()).await;
+    assert!(session.is_err(), "a downgraded handshake opened a session");
+}

@@ -50,6 +50,11 @@ pub struct Hello {
 pub struct HelloAck {
     /// The version both sides will speak.
     pub version: u16,
+    /// The oldest protocol version the server accepts. Both MACs cover both sides' ranges, so
+    /// a man in the middle cannot narrow either range to force an older version.
+    pub version_min: u16,
+    /// The newest protocol version the server accepts.
+    pub version_max: u16,
     /// The session this connection belongs to.
     pub session_id: SessionId,
     /// The server's capability bits.

@@ -5,9 +5,13 @@
 //! ```text
 //! client                                   server
 //!   Hello{versions, session, nonce_c}  ->
-//!                                      <-  HelloAck{version, session, nonce_s, mac_s}
+//!                                      <-  HelloAck{version, versions, session, nonce_s, mac_s}
 //!   Auth{mac_c}                        ->  (data accepted only after this verifies)
 //! ```
+//!
+//! Both MACs cover the version range each side offered as well as the version chosen, so a
+//! man in the middle who narrows the client's range (to force an older version) or the
+//! server's makes the handshake fail authentication instead of silently downgrading it.
 
 use std::fmt;
 
@@ -105,6 +109,8 @@ struct Transcript {
     server_nonce: Nonce,
     session_id: SessionId,
     version: u16,
+    client_versions: (u16, u16),
+    server_versions: (u16, u16),
     stream_index: u16,
     stream_count: u16,
     client_caps: u64,
@@ -123,6 +129,14 @@ impl Transcript {
         out.extend_from_slice(&self.server_nonce);
         out.extend_from_slice(&self.session_id);
         out.extend_from_slice(&self.version.to_be_bytes());
+        for v in [
+            self.client_versions.0,
+            self.client_versions.1,
+            self.server_versions.0,
+            self.server_versions.1,
+        ] {
+            out.extend_from_slice(&v.to_be_bytes());
+        }
         out.extend_from_slice(&self.stream_index.to_be_bytes());
         out.extend_from_slice(&self.stream_count.to_be_bytes());
         out.extend_from_slice(&self.client_caps.to_be_bytes());
@@ -230,12 +244,27 @@ impl ClientHandshake {
             server_nonce: ack.nonce,
             session_id: ack.session_id,
             version: ack.version,
+            client_versions: self.versions,
+            server_versions: (ack.version_min, ack.version_max),
             stream_index: self.hello.stream_index,
             stream_count: self.hello.stream_count,
             client_caps: self.hello.capabilities,
             server_caps: ack.capabilities,
         };
         self.psk.verify(SERVER_LABEL, &t, &ack.mac)?;
+        // The MAC proves both ranges are as each side sent them, so the highest common
+        // version is known here; a keyed server that chose another is broken or hostile.
+        let highest = negotiate_version(self.versions, (ack.version_min, ack.version_max))?;
+        if ack.version != highest {
+            return Err(ProtocolError::Malformed {
+                kind: FrameKind::HelloAck,
+                field: "version",
+                reason: format!(
+                    "is {}, but the highest version both sides offered is {highest}: a downgrade",
+                    ack.version
+                ),
+            });
+        }
         let proof = AuthProof {
             mac: self.psk.tag(CLIENT_LABEL, &t),
         };
@@ -268,6 +297,8 @@ pub struct AwaitingProof {
     transcript_established: Established,
     client_nonce: Nonce,
     server_nonce: Nonce,
+    client_versions: (u16, u16),
+    server_versions: (u16, u16),
     client_caps: u64,
     server_caps: u64,
 }
@@ -317,6 +348,8 @@ impl ServerHandshake {
             server_nonce: self.nonce,
             session_id,
             version,
+            client_versions: (hello.version_min, hello.version_max),
+            server_versions: self.versions,
             stream_index: hello.stream_index,
             stream_count: hello.stream_count,
             client_caps: hello.capabilities,
@@ -324,6 +357,8 @@ impl ServerHandshake {
         };
         let ack = HelloAck {
             version,
+            version_min: self.versions.0,
+            version_max: self.versions.1,
             session_id,
             capabilities: self.capabilities,
             nonce: self.nonce,
@@ -340,6 +375,8 @@ impl ServerHandshake {
             },
             client_nonce: hello.nonce,
             server_nonce: self.nonce,
+            client_versions: (hello.version_min, hello.version_max),
+            server_versions: self.versions,
             client_caps: hello.capabilities,
             server_caps: self.capabilities,
         };
@@ -356,6 +393,8 @@ impl AwaitingProof {
             server_nonce: self.server_nonce,
             session_id: e.session_id,
             version: e.version,
+            client_versions: self.client_versions,
+            server_versions: self.server_versions,
             stream_index: e.stream_index,
             stream_count: e.stream_count,
             client_caps: self.client_caps,

@@ -1,6 +1,8 @@
 //! AMST's wire protocol as a sans-IO codec: frame types, a streaming decoder with limits,
-//! and the PSK handshake. Nothing here touches a socket or a clock.
+//! and the PSK handshake. Nothing here touches a socket or a clock; [`driver`] runs the
+//! handshake over any transport's [`FrameIo`](driver::FrameIo).
 
+pub mod driver;
 mod frame;
 mod handshake;
 mod wire;

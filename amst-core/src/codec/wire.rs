@@ -17,7 +17,7 @@ pub const DATA_HEADER_LEN: usize = FRAME_HEADER_LEN + DATA_FIELDS_LEN;
 
 const DATA_FIELDS_LEN: usize = 8 * 4 + 4 + 4;
 const HELLO_LEN: usize = 4 + 2 + 2 + 16 + 2 + 2 + 8 + 32;
-const HELLO_ACK_LEN: usize = 4 + 2 + 16 + 8 + 32 + 32;
+const HELLO_ACK_LEN: usize = 4 + 2 + 2 + 2 + 16 + 8 + 32 + 32;
 const AUTH_LEN: usize = 32;
 const CREDIT_LEN: usize = 16;
 const PING_FIELDS_LEN: usize = 16;
@@ -136,6 +136,8 @@ impl Frame {
             Frame::HelloAck(h) => {
                 dst.put_u32(MAGIC);
                 dst.put_u16(h.version);
+                dst.put_u16(h.version_min);
+                dst.put_u16(h.version_max);
                 dst.put_slice(&h.session_id);
                 dst.put_u64(h.capabilities);
                 dst.put_slice(&h.nonce);
@@ -303,6 +305,8 @@ impl Decoder {
                 check_magic(b.get_u32())?;
                 Frame::HelloAck(HelloAck {
                     version: b.get_u16(),
+                    version_min: b.get_u16(),
+                    version_max: b.get_u16(),
                     session_id: take(&mut b),
                     capabilities: b.get_u64(),
                     nonce: take(&mut b),
