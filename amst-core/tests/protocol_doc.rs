@@ -98,6 +98,7 @@ fn the_handshake_examples_decode_and_their_macs_verify() {
         panic!("hello-ack is not a HelloAck")
     };
     assert_eq!(ack.version, 1);
+    assert_eq!((ack.version_min, ack.version_max), (1, 1));
     assert_eq!(ack.session_id, SESSION);
     assert_eq!(ack.capabilities, capabilities::HYBRID);
     assert_eq!(ack.nonce, SERVER_NONCE);
@@ -128,6 +129,11 @@ fn the_handshake_examples_decode_and_their_macs_verify() {
         &CLIENT_NONCE[..],
         &SERVER_NONCE,
         &SESSION,
+        &1u16.to_be_bytes(),
+        // the client's offered range, then the server's
+        &1u16.to_be_bytes(),
+        &1u16.to_be_bytes(),
+        &1u16.to_be_bytes(),
         &1u16.to_be_bytes(),
         &0u16.to_be_bytes(),
         &8u16.to_be_bytes(),

@@ -51,13 +51,6 @@ fn expected() -> Vec<(&'static str, HybridFrame)> {
             },
         ),
         (
-            "hybrid-data-head",
-            HybridFrame::DataHead {
-                seq: 6,
-                len: 1 << 20,
-            },
-        ),
-        (
             "hybrid-open",
             HybridFrame::Open {
                 version_min: 1,
