@@ -94,9 +94,10 @@ async fn tcp_datacenter_internet_and_back_under_traffic() {
     .await;
 }
 
-/// A forced switch every 100 ms for 10 s under traffic over TCP: 0 lost, 0 duplicated.
+/// 40 forced switches, 100 ms apart, under traffic over TCP: 0 lost, 0 duplicated. Bounded by
+/// count, not time, so a slow machine takes longer instead of failing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tcp_flip_storm_every_100ms_for_10s() {
+async fn tcp_flip_storm_40_switches_100ms_apart() {
     within(120, async {
         let (client, server, _l) = tcp_pair(builder().build().unwrap()).await;
         let stop = Arc::new(AtomicBool::new(false));
@@ -122,7 +123,7 @@ async fn tcp_flip_storm_every_100ms_for_10s() {
         let start = Instant::now();
         let modes = [Mode::Internet, Mode::Datacenter];
         let mut k = 0usize;
-        while start.elapsed() < Duration::from_secs(10) {
+        while k < 40 {
             tokio::time::sleep(Duration::from_millis(100)).await;
             client.force_mode(modes[k % 2]).await.unwrap();
             k += 1;
@@ -142,7 +143,6 @@ async fn tcp_flip_storm_every_100ms_for_10s() {
             d.last().copied().unwrap_or_default(),
             d.len()
         );
-        assert!(k >= 40, "only {k} switches in 10 s");
         assert_eq!(client.metrics().switches, k as u64);
     })
     .await;
