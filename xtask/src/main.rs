@@ -122,6 +122,10 @@ fn ci() -> Result<(), String> {
     if let Err(e) = run("cargo", &["test", "--doc", "--workspace", "--all-features"]) {
         failures.push(e);
     }
+    // Every library crate still packages (manifest, metadata, file list) for crates.io.
+    if let Err(e) = package::package(&[]) {
+        failures.push(e);
+    }
     if let Err(e) = fuzz(&["--build-only".to_string()]) {
         failures.push(e);
     }

@@ -17,6 +17,8 @@ pub const LIBRARY_CRATES: &[&str] = &[
     "amst-detect",
     "amst-hybrid",
     "amst-linkem",
+    "amst-tls",
+    "amst-files",
 ];
 
 pub fn package(args: &[String]) -> Result<(), String> {
