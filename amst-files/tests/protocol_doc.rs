@@ -305,6 +305,59 @@ fn file_abort_decodes_to_its_reason() {
     assert_eq!(decode("file-abort"), abort());
 }
 
+/// The error texts of the limits table are the decoder's, with the offending value as `N`.
+#[test]
+fn documented_decode_errors_are_the_decoders() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../PROTOCOL.md"))
+        .expect("PROTOCOL.md at the repository root");
+    let with = |name: &str, at: usize, patch: &[u8]| {
+        let mut b = examples()[name].clone();
+        b[at..at + patch.len()].copy_from_slice(patch);
+        b
+    };
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (with("file-hello", 3, &1000u32.to_be_bytes()), "1000"),
+        (
+            with("file-hello", 9, &(MAX_ENTRIES + 1).to_be_bytes()),
+            "67108865",
+        ),
+        // Entry 0's path is 1 byte, so its mtime_nsec is at 6 + 2 + 1 + 4 + 8.
+        (
+            with("file-manifest", 21, &1_000_000_000u32.to_be_bytes()),
+            "1000000000",
+        ),
+        (with("file-manifest", 25, &[9]), ""),
+        (
+            with("file-data-block", 50, &(MAX_BLOCK_SIZE + 1).to_be_bytes()),
+            "16777217",
+        ),
+        (with("file-data-small", 5, &[7]), ""),
+        (with("file-abort", 1, &4097u16.to_be_bytes()), "4097"),
+        (with("file-plan", 2, &u32::MAX.to_be_bytes()), "4294967295"),
+        (vec![0x60], ""),
+        (vec![0x44, 0], ""),
+        (Vec::new(), ""),
+        (with("file-hello", 8, &[2]), ""),
+        // Cut inside the third item's hash, which starts at byte 65.
+        (examples()["file-plan"][..80].to_vec(), ""),
+    ];
+    for (bytes, value) in cases {
+        let err = Message::decode(Bytes::from(bytes))
+            .expect_err("a broken example")
+            .to_string();
+        let mut shown = err.replacen(value, "N", usize::from(!value.is_empty()));
+        // A count's limit depends on the bytes left, so the table shows it as `M`.
+        if shown.starts_with("Plan.items") {
+            let (head, _) = shown.rsplit_once("limit of ").expect("a limit");
+            shown = format!("{head}limit of M");
+        }
+        assert!(
+            doc.contains(&shown),
+            "PROTOCOL.md does not show {shown:?} ({err})"
+        );
+    }
+}
+
 #[test]
 fn every_file_example_is_checked() {
     let names: Vec<String> = examples().into_keys().collect();
