@@ -17,7 +17,7 @@
 //! use amst_hybrid::{Amst, AmstConfig, memory_network};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
 //! let src = tempfile::tempdir()?;
 //! let out = tempfile::tempdir()?;
 //! std::fs::create_dir(src.path().join("data"))?;
@@ -33,10 +33,11 @@
 //! let server: Arc<dyn Channel> = Arc::new(listener.accept().await?);
 //!
 //! let tree = Tree::scan(&[src.path().join("data")])?;
-//! let sending = send_tree(client, tree, &SendOptions::default(), Default::default());
+//! let options = SendOptions::default();
+//! let sending = send_tree(client, tree, &options, Default::default());
 //! let receiving = async {
 //!     let hello = server.recv().await?.expect("a hello");
-//!     Ok::<_, Box<dyn std::error::Error>>(
+//!     Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
 //!         receive_tree(server, hello, &ReceiveOptions::new(out.path()), Default::default()).await?,
 //!     )
 //! };
