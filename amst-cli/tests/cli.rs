@@ -605,10 +605,11 @@ fn explain_measures_the_path_and_names_a_mode_and_settings() {
     assert_eq!(v["schema"], "amst-explain/1");
     assert_eq!(v["rtt_probes"], 10);
     assert!(v["rtt_median_us"].as_u64().unwrap() >= v["rtt_min_us"].as_u64().unwrap());
-    assert!(
-        v["probe_bytes_used"].as_u64().unwrap() >= 3 << 20,
-        "the bursts were sent"
-    );
+    // The rate trains grow until two agree, so they may stop well short of the budget, but
+    // never past it.
+    let used = v["probe_bytes_used"].as_u64().unwrap();
+    assert!(used > 0 && used <= 4 << 20, "probe bytes used: {used}");
+    assert!(v["bandwidth_trains"].as_u64().unwrap() >= 1, "{v}");
     let mode = v["mode"].as_str().unwrap();
     assert!(
         ["datacenter", "internet", "hybrid"].contains(&mode),
