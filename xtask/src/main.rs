@@ -342,19 +342,7 @@ fn fuzz(args: &[String]) -> Result<(), String> {
 }
 
 fn run(program: &str, args: &[&str]) -> Result<(), String> {
-    eprintln!("+ {program} {}", args.join(" "));
-    let status = Command::new(program)
-        .args(args)
-        .status()
-        .map_err(|e| format!("could not start {program}: {e}"))?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "`{program} {}` failed with {status}",
-            args.join(" ")
-        ))
-    }
+    setup::run_env(program, args, &[])
 }
 
 #[cfg(test)]

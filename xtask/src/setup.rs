@@ -273,7 +273,8 @@ pub fn ensure(need: Need, dry_run: bool) -> Result<(), String> {
     Ok(())
 }
 
-fn run_env(program: &str, args: &[&str], env: &[(&str, &str)]) -> Result<(), String> {
+/// Runs `program` with `args` (and `env` added), echoing the command; fails naming it.
+pub(crate) fn run_env(program: &str, args: &[&str], env: &[(&str, &str)]) -> Result<(), String> {
     eprintln!("+ {program} {}", args.join(" "));
     let status = Command::new(program)
         .args(args)
