@@ -117,6 +117,15 @@ impl Flow {
         self.recv_credit() > 0
     }
 
+    /// Payload bytes the peer's credit lets this side post now: data SENDs into its posted
+    /// receives (the control reserve left out) of up to `small_max` bytes each, of which as
+    /// many as it has free ring slots may be ring writes of up to `slot_payload` bytes instead.
+    pub fn credit_window_bytes(&self, small_max: u64, slot_payload: u64) -> u64 {
+        let data = self.recv_credit().saturating_sub(self.reserve);
+        let ring = data.min(self.peer_ring_advertised.saturating_sub(self.ring_written));
+        ring * slot_payload + (data - ring) * small_max
+    }
+
     /// Records a SEND or a ring write posted; returns what it consumed.
     /// Panics when called without credit: the caller checks first.
     pub fn on_post_data(&mut self, ring: bool) -> Op {

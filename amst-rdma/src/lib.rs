@@ -7,6 +7,7 @@
 //! - [`wire`]: the segment header every SEND and ring slot carries; messages cut into
 //!   segments and rebuilt, each with a CRC32C.
 //! - [`credit`]: receive credits and ring-slot accounting, sans-IO.
+//! - [`path`]: the RTT from acknowledgement timing and the credit window, for `metrics`.
 //! - `verbs` (feature `rdma`): the queue pair, registered pools, the completion channel in
 //!   tokio's `AsyncFd`.
 //!
@@ -32,6 +33,7 @@
 pub mod bootstrap;
 mod config;
 pub mod credit;
+pub mod path;
 mod transport;
 #[cfg(feature = "rdma")]
 mod verbs;

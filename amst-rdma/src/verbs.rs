@@ -7,7 +7,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use amst_core::codec::CloseCode;
 use amst_core::{
@@ -37,6 +37,7 @@ use tracing::{debug, warn};
 use crate::bootstrap::{self, Endpoint};
 use crate::config::RdmaConfig;
 use crate::credit::{Flow, Op};
+use crate::path::PathEstimate;
 use crate::wire::{Assembler, SEGMENT_HEADER_LEN, SegmentHeader, SegmentKind, Segmenter};
 
 /// Receive credits held back for control segments.
@@ -255,6 +256,8 @@ struct State {
     peer_closed: bool,
     closed: bool,
     fatal: Option<Fatal>,
+    /// Ack-timed RTT and the peer's credit, which the driver updates and `metrics` reads.
+    path: PathEstimate,
 }
 
 /// One RDMA session: shared state plus the verbs objects, which the driver task owns once it
@@ -583,6 +586,8 @@ impl Session {
         m.messages_received = st.messages_received;
         m.messages_acked = st.acked;
         m.active_streams = usize::from(!st.closed);
+        st.path.report(&mut m);
+        m.chunk_size = Some(self.config.slot_payload() as u64);
         m
     }
 
@@ -661,6 +666,7 @@ struct Driver {
     free_send: Vec<u32>,
     send_len: Vec<u64>,
     small_max: usize,
+    slot_payload: u64,
     recv_buf: usize,
     slot: usize,
     close_posted: bool,
@@ -685,6 +691,7 @@ impl Driver {
             free_send: (0..SEND_SLOTS).rev().collect(),
             send_len: vec![0; SEND_SLOTS as usize],
             small_max: c.small_max as usize,
+            slot_payload: c.slot_payload() as u64,
             recv_buf: c.recv_buf_size(),
             slot: c.slot_size as usize,
             close_posted: false,
@@ -896,6 +903,8 @@ impl Driver {
             st.window_used -= n;
         }
         st.acked = self.flow.peer_acked();
+        let acked = st.acked;
+        st.path.on_acked(acked, Instant::now());
         s.acked_messages.advance_to(st.acked);
         match header.kind {
             SegmentKind::Data => {
@@ -940,6 +949,9 @@ impl Driver {
             let seg = self.segmenter.next_segment().expect("in progress");
             let op = self.flow.on_post_data(ring);
             self.post(SegmentKind::Data, seg.flags, seg.msg_len, &seg.payload, op)?;
+            if !self.segmenter.in_progress() {
+                s.lock().path.on_message_posted(Instant::now());
+            }
             posted = true;
         }
         let (closing, drained) = {
@@ -969,6 +981,9 @@ impl Driver {
             self.post(SegmentKind::Control, 0, 0, &[], op)?;
             posted = true;
         }
+        s.lock()
+            .path
+            .on_credit(&self.flow, self.small_max as u64, self.slot_payload);
         if posted {
             s.changed.notify_waiters();
         }

@@ -121,7 +121,16 @@ async fn t1_bulk_sha256_equal() {
                 "AMST-INFO amst goodput {:.4} Gb/s ({mib} MiB in {secs:.1} s)",
                 total as f64 * 8.0 / secs / 1e9
             );
-            assert_eq!(t.metrics().messages_acked, mib);
+            let m = t.metrics();
+            assert_eq!(m.messages_acked, mib);
+            // What the RDMA transport reports of its path: ack-timed RTT, the peer's credit
+            // and the segment size; the NIC's congestion control stays out of sight.
+            let rtt = m.rtt.expect("an ack-timed RTT after acknowledged messages");
+            assert!(m.min_rtt.is_some_and(|min| min <= rtt), "{m:?}");
+            assert!(m.credit_window.is_some_and(|w| w > 0), "{m:?}");
+            assert_eq!(m.chunk_size, Some(config().slot_payload() as u64));
+            assert_eq!(m.cwnd, None);
+            println!("AMST-INFO amst rdma srtt {rtt:?} after the bulk transfer");
             t.close().await.unwrap();
         }
         Role::Server => {
