@@ -57,6 +57,8 @@ pub mod family {
     pub const RETRANSMITTED_CHUNKS: &str = "amst_retransmitted_chunks_total";
     /// Counter: packets declared lost, where the transport knows (QUIC).
     pub const LOST_PACKETS: &str = "amst_lost_packets_total";
+    /// Gauge: packets marked lost and not yet repaired, where the transport knows (TCP).
+    pub const LOST_OUTSTANDING: &str = "amst_lost_packets_outstanding";
     /// Gauge: the credit window the peers grant.
     pub const CREDIT_WINDOW: &str = "amst_credit_window_bytes";
     /// Gauge: received bytes held for reassembly and reordering, not yet taken.
@@ -77,7 +79,7 @@ pub const FAMILIES: &[(&str, Option<Unit>, &str)] = &[
     (
         family::GOODPUT,
         None,
-        "Application bytes delivered per second: acknowledged to a sender, received by a receiver",
+        "Application bytes delivered per second (bytes/s): acknowledged to a sender, received by a receiver",
     ),
     (
         family::GOODPUT_TOTAL,
@@ -87,7 +89,7 @@ pub const FAMILIES: &[(&str, Option<Unit>, &str)] = &[
     (
         family::RTT,
         Some(Unit::Seconds),
-        "Smoothed round-trip time (TCP_INFO, QUIC path stats), mean over sessions",
+        "Smoothed round-trip time (TCP: TCP_INFO; QUIC: quinn's path; RDMA: acknowledgement timing), mean over sessions",
     ),
     (
         family::MIN_RTT,
@@ -97,12 +99,12 @@ pub const FAMILIES: &[(&str, Option<Unit>, &str)] = &[
     (
         family::CWND,
         Some(Unit::Bytes),
-        "Congestion window of the amst-cc model (the kernel's when no model paces TCP), summed over sessions",
+        "Congestion window of the amst-cc model (the kernel's when no model paces TCP; RDMA has none in sight), summed over sessions",
     ),
     (
         family::PACING_RATE,
         None,
-        "Pacing rate the amst-cc model set, summed over sessions",
+        "Pacing rate the amst-cc model set (bytes/s; TCP and QUIC), summed over sessions",
     ),
     (
         family::STREAMS,
@@ -112,7 +114,7 @@ pub const FAMILIES: &[(&str, Option<Unit>, &str)] = &[
     (
         family::CHUNK_SIZE,
         Some(Unit::Bytes),
-        "Chunk size the sender cuts messages into, largest over sessions",
+        "Chunk size the sender cuts messages into (RDMA: the ring slot's payload), largest over sessions",
     ),
     (
         family::RETRANSMITTED_BYTES,
@@ -127,12 +129,17 @@ pub const FAMILIES: &[(&str, Option<Unit>, &str)] = &[
     (
         family::LOST_PACKETS,
         Some(Unit::Count),
-        "Packets declared lost, where the transport knows (QUIC loss detection)",
+        "Packets declared lost, where the transport knows (QUIC loss detection; TCP keeps no total, see amst_lost_packets_outstanding)",
+    ),
+    (
+        family::LOST_OUTSTANDING,
+        Some(Unit::Count),
+        "Packets marked lost and not yet repaired, where the transport knows (TCP: tcpi_lost summed over streams)",
     ),
     (
         family::CREDIT_WINDOW,
         Some(Unit::Bytes),
-        "Bytes the peer lets this side send beyond what it acknowledged, summed over sessions",
+        "Credit the peer grants, summed over sessions (TCP, QUIC: bytes beyond what it acknowledged; RDMA: bytes its unused receive and ring-slot credits take)",
     ),
     (
         family::RECEIVE_HELD,
@@ -147,13 +154,13 @@ pub const FAMILIES: &[(&str, Option<Unit>, &str)] = &[
     (
         family::DETECTOR_CONFIDENCE,
         None,
-        "Confidence (0 to 1) of the mode detector's latest verdict, mean over sessions",
+        "Confidence (a ratio, 0 to 1) of the mode detector's latest verdict, mean over sessions",
     ),
     (family::SESSIONS, Some(Unit::Count), "Live sessions"),
     (
         family::HEALTH,
         None,
-        "1 when every live session is open and has not failed, else 0",
+        "1 when every live session is open and has not failed, else 0 (a boolean gauge)",
     ),
     (
         "amst_messages_sent_total",
@@ -316,6 +323,7 @@ struct Sums {
     pacing_rate: u64,
     streams: u64,
     chunk_size: u64,
+    lost_outstanding: u64,
     credit_window: u64,
     receive_held: u64,
     verdicts: [u64; 3],
@@ -419,6 +427,7 @@ fn add_gauges(s: &mut Sums, m: &AmstMetrics) {
     s.pacing_rate += m.pacing_rate.unwrap_or(0);
     s.streams += m.streams as u64;
     s.chunk_size = s.chunk_size.max(m.chunk_size.unwrap_or(0));
+    s.lost_outstanding += m.lost_outstanding.unwrap_or(0);
     s.credit_window += m.credit_window.unwrap_or(0);
     s.receive_held += m.receive_held_bytes;
     if let Some(v) = m.detector {
@@ -446,6 +455,7 @@ fn set_gauges(key: &Key, s: &Sums, goodput: Option<f64>) {
     set(family::PACING_RATE, s.pacing_rate as f64);
     set(family::STREAMS, s.streams as f64);
     set(family::CHUNK_SIZE, s.chunk_size as f64);
+    set(family::LOST_OUTSTANDING, s.lost_outstanding as f64);
     set(family::CREDIT_WINDOW, s.credit_window as f64);
     set(family::RECEIVE_HELD, s.receive_held as f64);
     set(family::DETECTOR_CONFIDENCE, mean(s.confidence));

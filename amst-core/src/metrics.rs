@@ -33,8 +33,12 @@ pub struct TransportMetrics {
     /// Payload bytes the network layer sent again (TCP: the kernel's `tcpi_bytes_retrans`
     /// summed over live streams; QUIC: bytes in packets declared lost), if known.
     pub retransmitted_bytes: Option<u64>,
-    /// Packets the transport declared lost, where it knows (QUIC's loss detection).
+    /// Packets the transport declared lost over its life, where it knows (QUIC's loss
+    /// detection). The kernel keeps no such total for TCP; see `lost_outstanding`.
     pub lost_packets: Option<u64>,
+    /// Packets the transport marks lost now and has not yet repaired, where it knows (TCP:
+    /// the kernel's `tcpi_lost`, summed over the live streams). A level, not a count.
+    pub lost_outstanding: Option<u64>,
     /// The congestion window of the amst-cc model, bytes, if one runs.
     pub cwnd: Option<u64>,
     /// The pacing rate the amst-cc model set, bytes per second, if pacing is on.
@@ -65,6 +69,7 @@ impl TransportMetrics {
             active_streams: 0,
             retransmitted_bytes: None,
             lost_packets: None,
+            lost_outstanding: None,
             cwnd: None,
             pacing_rate: None,
             chunk_size: None,

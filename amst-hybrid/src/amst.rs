@@ -394,6 +394,7 @@ impl Amst {
                 bulk_of(|b| b.retransmitted_bytes),
             ),
             lost_packets: sum_known(low.lost_packets, bulk_of(|b| b.lost_packets)),
+            lost_outstanding: sum_known(low.lost_outstanding, bulk_of(|b| b.lost_outstanding)),
             cwnd: sum_known(low.cwnd, bulk_of(|b| b.cwnd)),
             pacing_rate: sum_known(low.pacing_rate, bulk_of(|b| b.pacing_rate)),
             chunk_size: bulk_of(|b| b.chunk_size).or(low.chunk_size),

@@ -66,6 +66,9 @@ pub struct AmstMetrics {
     pub retransmitted_bytes: Option<u64>,
     /// Packets the current route's transports declared lost, where they know (QUIC).
     pub lost_packets: Option<u64>,
+    /// Packets the current route's transports mark lost now and have not yet repaired,
+    /// where they know (TCP's `tcpi_lost`).
+    pub lost_outstanding: Option<u64>,
     /// The congestion window of the current route's amst-cc model, bytes (summed over
     /// both lanes in hybrid mode).
     pub cwnd: Option<u64>,

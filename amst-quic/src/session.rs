@@ -190,9 +190,10 @@ pub(crate) struct Shared {
     active_streams: AtomicUsize,
     rate: Mutex<RateEstimate>,
     limits: Limits,
-    /// quinn's path statistics (cwnd, lost packets, lost bytes), sampled at most every
-    /// `PATH_STATS_PERIOD` because `metrics` runs every millisecond in amst-hybrid's ack pump.
-    path_stats: [AtomicU64; 3],
+    /// quinn's path statistics (cwnd, lost packets, lost bytes) and the controller's pacing
+    /// rate (bytes/s, 0 when it sets none), sampled at most every `PATH_STATS_PERIOD` because
+    /// `metrics` runs every millisecond in amst-hybrid's ack pump.
+    path_stats: [AtomicU64; 4],
     path_sampled_ns: AtomicU64,
 }
 
@@ -395,17 +396,24 @@ impl Shared {
         let last = self.path_sampled_ns.load(Ordering::Relaxed);
         if last == 0 || now - last.min(now) >= PATH_STATS_PERIOD.as_nanos() as u64 {
             let path = self.conn.stats().path;
+            // quinn reports the pacing rate in bits per second.
+            let pacing = self.conn.congestion_state().metrics().pacing_rate;
+            let pacing = pacing.map_or(0, |bits| bits / 8);
             for (slot, v) in
                 self.path_stats
                     .iter()
-                    .zip([path.cwnd, path.lost_packets, path.lost_bytes])
+                    .zip([path.cwnd, path.lost_packets, path.lost_bytes, pacing])
             {
                 slot.store(v, Ordering::Relaxed);
             }
             self.path_sampled_ns.store(now, Ordering::Relaxed);
         }
-        let [cwnd, lost_packets, lost_bytes] = &self.path_stats;
+        let [cwnd, lost_packets, lost_bytes, pacing] = &self.path_stats;
         m.cwnd = Some(cwnd.load(Ordering::Relaxed));
+        let pacing = pacing.load(Ordering::Relaxed);
+        m.pacing_rate = (pacing > 0).then_some(pacing);
+        // Every Data frame carries at most this much of a message.
+        m.chunk_size = Some(u64::from(self.config.max_chunk));
         m.lost_packets = Some(lost_packets.load(Ordering::Relaxed));
         m.retransmitted_bytes = Some(lost_bytes.load(Ordering::Relaxed));
         m

@@ -153,6 +153,8 @@ fn sample(shared: &Shared) -> Vec<(u32, sockopt::TcpInfo)> {
     shared
         .kernel_bytes_retrans
         .store(retrans, Ordering::Relaxed);
+    let lost = out.iter().map(|(_, i)| u64::from(i.lost)).sum();
+    shared.kernel_lost.store(lost, Ordering::Relaxed);
     let us = |d: Option<Duration>| d.map_or(0, |d| d.as_micros().max(1) as u64);
     shared.min_rtt_us.store(us(min_rtt), Ordering::Relaxed);
     shared.srtt_us.store(us(srtt), Ordering::Relaxed);

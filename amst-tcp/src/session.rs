@@ -153,6 +153,8 @@ pub(crate) struct Shared {
     pub kernel_cwnd: AtomicU64,
     /// Sum of the live streams' `tcpi_bytes_retrans` at the last sample.
     pub kernel_bytes_retrans: AtomicU64,
+    /// Sum of the live streams' `tcpi_lost` at the last sample, segments.
+    pub kernel_lost: AtomicU64,
     /// Probe trains in flight: while any is, the model's cap is lifted (the probe measures
     /// the path, not the pacing) and not re-applied.
     pub probing: AtomicU32,
@@ -251,6 +253,7 @@ impl Shared {
             model_cwnd: AtomicU64::new(0),
             kernel_cwnd: AtomicU64::new(0),
             kernel_bytes_retrans: AtomicU64::new(0),
+            kernel_lost: AtomicU64::new(0),
             probing: AtomicU32::new(0),
             delivery_rate: AtomicU64::new(0),
             srtt_us: AtomicU64::new(0),

@@ -218,6 +218,9 @@ pub struct TcpInfo {
     pub total_retrans: u32,
     /// Bytes retransmitted over the connection's life.
     pub bytes_retrans: u64,
+    /// Segments marked lost and not yet repaired (`tcpi_lost`, the kernel's `lost_out`): a
+    /// level that falls back as retransmissions are acknowledged.
+    pub lost: u32,
     /// Bytes sent over the connection's life, retransmissions included.
     pub bytes_sent: u64,
     /// Bytes acknowledged by the peer's kernel.
@@ -261,6 +264,7 @@ pub(crate) fn tcp_info(fd: RawFd) -> io::Result<TcpInfo> {
         app_limited: raw.app_limited & 1 == 1,
         total_retrans: raw.total_retrans,
         bytes_retrans: raw.bytes_retrans,
+        lost: raw.lost,
         bytes_sent: raw.bytes_sent,
         bytes_acked: raw.bytes_acked,
         delivered_segments: raw.delivered,

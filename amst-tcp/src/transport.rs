@@ -508,6 +508,7 @@ impl Transport for TcpTransport {
         let kernel_cwnd = s.kernel_cwnd.load(Ordering::Relaxed);
         if kernel_cwnd > 0 {
             m.retransmitted_bytes = Some(s.kernel_bytes_retrans.load(Ordering::Relaxed));
+            m.lost_outstanding = Some(s.kernel_lost.load(Ordering::Relaxed));
         }
         // The aggregate BBR model when pacing runs; otherwise the kernel's own windows.
         let model = s.model_cwnd.load(Ordering::Relaxed);
