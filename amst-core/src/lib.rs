@@ -31,6 +31,8 @@ mod in_memory;
 mod metrics;
 mod mode;
 mod progress;
+#[cfg(feature = "protocol-doc")]
+pub mod protocol_doc;
 mod ranges;
 mod reassembly;
 mod recycle;

@@ -1,9 +1,7 @@
 //! PROTOCOL.md's hex examples of amst-core frames and of the handshake are decoded here and
 //! their documented fields asserted, so the document cannot drift from the codec. The
-//! handshake's MACs are recomputed from the documented key and nonces.
-//!
-//! An example in PROTOCOL.md is a fenced block that starts with a line `example: NAME`
-//! followed by hex (whitespace and `#` comments ignored).
+//! handshake's MACs are recomputed from the documented key and nonces. The examples are
+//! read with `amst_core::protocol_doc` (feature `protocol-doc`), as in the other crates.
 
 use amst_core::codec::*;
 use bytes::BytesMut;
@@ -11,42 +9,7 @@ use bytes::BytesMut;
 /// The examples of PROTOCOL.md, by name.
 fn examples() -> std::collections::BTreeMap<String, Vec<u8>> {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../PROTOCOL.md");
-    let doc = std::fs::read_to_string(path).expect("PROTOCOL.md at the repository root");
-    parse_examples(&doc)
-}
-
-fn parse_examples(doc: &str) -> std::collections::BTreeMap<String, Vec<u8>> {
-    let mut out = std::collections::BTreeMap::new();
-    let mut lines = doc.lines();
-    while let Some(line) = lines.next() {
-        if line.trim() != "```hex" {
-            continue;
-        }
-        let mut name = None;
-        let mut hex = String::new();
-        for l in lines.by_ref() {
-            if l.trim() == "```" {
-                break;
-            }
-            if let Some(n) = l.trim().strip_prefix("example: ") {
-                name = Some(n.trim().to_string());
-                continue;
-            }
-            let l = l.split('#').next().unwrap_or_default();
-            hex.extend(l.chars().filter(|c| !c.is_whitespace()));
-        }
-        let name = name.expect("every hex block names its example");
-        assert!(
-            hex.len().is_multiple_of(2),
-            "{name}: odd number of hex digits"
-        );
-        let bytes = (0..hex.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex digits"))
-            .collect();
-        assert!(out.insert(name.clone(), bytes).is_none(), "{name} twice");
-    }
-    out
+    amst_core::protocol_doc::read_examples(path, "").unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn decode_one(name: &str, bytes: &[u8]) -> Frame {
@@ -207,7 +170,11 @@ fn the_data_and_control_examples_decode_to_their_documented_fields() {
 fn every_core_example_is_checked() {
     let names: Vec<String> = examples()
         .into_keys()
-        .filter(|n| !n.starts_with("hybrid-") && !n.starts_with("file-"))
+        .filter(|n| {
+            !["hybrid-", "file-", "rdma-"]
+                .iter()
+                .any(|p| n.starts_with(p))
+        })
         .collect();
     let checked = [
         "ack",
@@ -291,11 +258,7 @@ fn print_examples() {
         ("close", Frame::Close(Close::new(CloseCode::Normal, "done"))),
     ];
     for (name, f) in frames {
-        let b = f.to_bytes();
-        let hex: Vec<String> = b.iter().map(|x| format!("{x:02x}")).collect();
-        println!("{name}:");
-        for line in hex.chunks(16) {
-            println!("{}", line.join(" "));
-        }
+        let hex = amst_core::protocol_doc::hex_lines(&f.to_bytes());
+        println!("{name}:\n{hex}");
     }
 }

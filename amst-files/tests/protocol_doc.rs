@@ -1,9 +1,7 @@
 //! PROTOCOL.md's hex examples of the file protocol (those named `file-…`) are decoded here
 //! with `Message::decode`, their documented fields asserted and their re-encoding compared,
-//! so the document cannot drift from the codec.
-//!
-//! An example in PROTOCOL.md is a fenced ```` ```hex ```` block that starts with a line
-//! `example: NAME` followed by hex (whitespace and `#` comments ignored).
+//! so the document cannot drift from the codec. The examples are read with
+//! `amst_core::protocol_doc` (feature `protocol-doc`), as in the other crates.
 
 use std::collections::BTreeMap;
 
@@ -13,47 +11,9 @@ use bytes::Bytes;
 /// The `file-` examples of PROTOCOL.md, by name.
 fn examples() -> BTreeMap<String, Vec<u8>> {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../PROTOCOL.md");
-    let doc = std::fs::read_to_string(path).expect("PROTOCOL.md at the repository root");
-    let mut all = parse_examples(&doc);
-    all.retain(|name, _| name.starts_with("file-"));
-    all
+    amst_core::protocol_doc::read_examples(path, "file-").unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn parse_examples(doc: &str) -> BTreeMap<String, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    let mut lines = doc.lines();
-    while let Some(line) = lines.next() {
-        if line.trim() != "```hex" {
-            continue;
-        }
-        let mut name = None;
-        let mut hex = String::new();
-        for l in lines.by_ref() {
-            if l.trim() == "```" {
-                break;
-            }
-            if let Some(n) = l.trim().strip_prefix("example: ") {
-                name = Some(n.trim().to_string());
-                continue;
-            }
-            let l = l.split('#').next().unwrap_or_default();
-            hex.extend(l.chars().filter(|c| !c.is_whitespace()));
-        }
-        let name = name.expect("every hex block names its example");
-        assert!(
-            hex.len().is_multiple_of(2),
-            "{name}: odd number of hex digits"
-        );
-        let bytes = (0..hex.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex digits"))
-            .collect();
-        assert!(out.insert(name.clone(), bytes).is_none(), "{name} twice");
-    }
-    out
-}
-
-/// Decodes the named example, checks it is a tree message and re-encodes to the same bytes.
 fn decode(name: &str) -> Message {
     let bytes = examples()
         .remove(name)

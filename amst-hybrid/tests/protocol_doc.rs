@@ -10,34 +10,7 @@ use bytes::Bytes;
 
 fn examples() -> BTreeMap<String, Vec<u8>> {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../PROTOCOL.md");
-    let doc = std::fs::read_to_string(path).expect("PROTOCOL.md at the repository root");
-    let mut out = BTreeMap::new();
-    let mut lines = doc.lines();
-    while let Some(line) = lines.next() {
-        if line.trim() != "```hex" {
-            continue;
-        }
-        let mut name = None;
-        let mut hex = String::new();
-        for l in lines.by_ref() {
-            if l.trim() == "```" {
-                break;
-            }
-            if let Some(n) = l.trim().strip_prefix("example: ") {
-                name = Some(n.trim().to_string());
-                continue;
-            }
-            let l = l.split('#').next().unwrap_or_default();
-            hex.extend(l.chars().filter(|c| !c.is_whitespace()));
-        }
-        let name = name.expect("every hex block names its example");
-        let bytes = (0..hex.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex digits"))
-            .collect();
-        out.insert(name, bytes);
-    }
-    out
+    amst_core::protocol_doc::read_examples(path, "hybrid-").unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The hybrid examples and what each must decode to.
@@ -97,8 +70,7 @@ fn expected() -> Vec<(&'static str, HybridFrame)> {
 
 #[test]
 fn every_hybrid_example_decodes_to_its_documented_fields() {
-    let mut docs = examples();
-    docs.retain(|name, _| name.starts_with("hybrid-"));
+    let docs = examples();
     let expected = expected();
     let names: Vec<&str> = docs.keys().map(String::as_str).collect();
     let mut want: Vec<&str> = expected.iter().map(|(n, _)| *n).collect();
@@ -126,10 +98,7 @@ fn every_hybrid_example_decodes_to_its_documented_fields() {
 #[ignore = "prints PROTOCOL.md's examples"]
 fn print_examples() {
     for (name, f) in expected() {
-        let hex: Vec<String> = f.encode().iter().map(|x| format!("{x:02x}")).collect();
-        println!("{name}:");
-        for line in hex.chunks(16) {
-            println!("{}", line.join(" "));
-        }
+        let hex = amst_core::protocol_doc::hex_lines(&f.encode());
+        println!("{name}:\n{hex}");
     }
 }
