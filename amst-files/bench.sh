@@ -45,6 +45,7 @@ EOF
 
 echo "amst-files loopback bench: ${BIG_MIB} MiB file, ${SMALL} × 4 KiB, ${STREAMS} streams, ${ROUNDS} rounds, tmpfs $T"
 printf 'key for the amst-files bench only 0123456789\n' > "$T/key"
+chmod 600 "$T/key"
 
 RPORT=$(free_port)
 cat > "$T/rsyncd.conf" <<EOF
