@@ -167,6 +167,9 @@ pub async fn send(args: &SendArgs, paths: &[PathBuf], g: &Global) -> CliResult<(
         Ok(l) => l,
         Err(f) => return Err(fail(g, report, f)),
     };
+    // The session ends before the last sample, which then shows no streams: the report
+    // names the most seen while it ran.
+    let streams_at_start = link.stats().streams;
     if let Some(w) = backend::rdma_fallback(&args.transport, &link.stats()) {
         if g.json {
             report.warnings.push(w);
@@ -229,13 +232,15 @@ pub async fn send(args: &SendArgs, paths: &[PathBuf], g: &Global) -> CliResult<(
         [one] if r.entries.len() == 1 => Some(one.path.clone()),
         _ => None,
     };
-    report.end = Some(End::new(
-        &obs,
-        r.data_bytes_sent,
-        r.elapsed,
-        String::new(),
-        stored_as,
-    ));
+    let mut end = End::new(&obs, r.data_bytes_sent, r.elapsed, String::new(), stored_as);
+    end.streams = obs
+        .intervals
+        .iter()
+        .map(|i| i.streams)
+        .chain([streams_at_start, end.streams])
+        .max()
+        .unwrap_or(0);
+    report.end = Some(end);
     report.tree = Some(t);
     if failed > 0 {
         let first = report

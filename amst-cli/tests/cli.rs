@@ -829,3 +829,109 @@ fn a_directory_is_sent_killed_resumed_and_serve_stops_on_sigterm() {
         "summary after SIGTERM: {lines:?}"
     );
 }
+
+/// `amst serve` is SIGKILLed once half the tree is journaled as verified; a new `amst serve`
+/// on the same output directory takes the same `amst send ... --resume`, which sends at most
+/// 55% of the tree, and every file's BLAKE3 matches.
+#[test]
+fn a_receiver_killed_mid_tree_resumes_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), KEY);
+    let src = dir.path().join("dataset");
+    std::fs::create_dir_all(src.join("small")).unwrap();
+    for i in 0..3 {
+        write_random_file(&src.join(format!("big{i}.bin")), 64 << 20);
+    }
+    for i in 0..50 {
+        std::fs::write(
+            src.join(format!("small/s{i:02}.txt")),
+            format!("{i}").repeat(777),
+        )
+        .unwrap();
+    }
+    let total: u64 = 3 * (64 << 20);
+    let out_dir = dir.path().join("received");
+    let out = out_dir.to_str().unwrap();
+    let send = |addr: &str| {
+        let mut c = amst_spawn();
+        c.args(["send", addr, "--quiet", "--streams", "4", "--psk-file"])
+            .arg(&key)
+            .arg(&src);
+        c
+    };
+
+    let mut serve = Serve::start(&["--output", out, "--psk-file", key.to_str().unwrap()]);
+    let mut first = send(&serve.addr)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while journaled_bytes(&out_dir) + landed_bytes(&out_dir) < total / 2 {
+        assert!(Instant::now() < deadline, "half the tree never arrived");
+        assert!(
+            first.try_wait().unwrap().is_none(),
+            "the first send ended before half the tree"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    serve.child.kill().unwrap();
+    serve.child.wait().unwrap();
+    let verified_at_kill = arrived_bytes(&out_dir);
+    assert!(
+        verified_at_kill < total,
+        "the receiver was killed before the tree was complete"
+    );
+    // The sender finds its receiver gone and stops with an error, on its own.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let status = loop {
+        if let Some(s) = first.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the sender did not notice its receiver was killed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!status.success(), "the first send cannot have succeeded");
+
+    let serve = Serve::start(&["--output", out, "--psk-file", key.to_str().unwrap()]);
+    let o = send(&serve.addr)
+        .args(["--resume", "--json"])
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}\n{}", stdout_of(&o), stderr_of(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let tree = &v["tree"];
+    let sent = tree["data_bytes_sent"].as_u64().unwrap();
+    assert!(
+        sent <= total * 55 / 100,
+        "second try sent {sent} of {total} (verified at the kill: {verified_at_kill})"
+    );
+    assert!(tree["blocks_resumed"].as_u64().unwrap() > 0);
+    assert_eq!(tree["failed"], 0);
+    assert!(
+        v["end"]["streams"].as_u64().unwrap() > 0,
+        "the report names the streams"
+    );
+    let got = out_dir.join("dataset");
+    for i in 0..3 {
+        let name = format!("big{i}.bin");
+        assert_eq!(
+            b3_file(&got.join(&name)),
+            b3_file(&src.join(&name)),
+            "{name}"
+        );
+    }
+    for i in 0..50 {
+        let name = format!("small/s{i:02}.txt");
+        assert_eq!(
+            b3_file(&got.join(&name)),
+            b3_file(&src.join(&name)),
+            "{name}"
+        );
+    }
+    assert_eq!(journaled_bytes(&out_dir), 0, "no partial files are left");
+}

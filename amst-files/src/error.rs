@@ -42,6 +42,10 @@ pub enum Error {
     /// The peer closed the session before the transfer ended.
     #[error("the peer closed the session before the transfer ended")]
     Closed,
+    /// A newer session took over this session's partial files after it went quiet (its
+    /// sender was most likely killed); what it had verified stays resumable.
+    #[error("a newer session for the same files took over after this one went quiet")]
+    Superseded,
 }
 
 /// A `Result` with [`Error`].

@@ -345,6 +345,20 @@ pub fn block_message(id: u32, index: u64, len: u32) -> BytesMut {
     b
 }
 
+/// The [`BLOCK_HEADER_LEN`] bytes in front of a block's data in a one-block Data message, for
+/// a sender that reads the file into its own (reused) buffer behind them.
+pub fn block_header(id: u32, index: u64, len: u32, cv: &Digest) -> [u8; BLOCK_HEADER_LEN] {
+    let mut h = [0u8; BLOCK_HEADER_LEN];
+    h[0] = TAG_DATA;
+    h[1..5].copy_from_slice(&1u32.to_be_bytes());
+    h[5] = REC_BLOCK;
+    h[6..10].copy_from_slice(&id.to_be_bytes());
+    h[10..18].copy_from_slice(&index.to_be_bytes());
+    h[18..50].copy_from_slice(cv);
+    h[50..54].copy_from_slice(&len.to_be_bytes());
+    h
+}
+
 /// Writes the chaining value into a buffer from [`block_message`].
 pub fn seal_block(buf: &mut BytesMut, cv: &Digest) {
     buf[BLOCK_HEADER_LEN - 36..BLOCK_HEADER_LEN - 4].copy_from_slice(cv);
@@ -970,8 +984,9 @@ mod tests {
         let mut b = block_message(7, 42, 5);
         b[BLOCK_HEADER_LEN..].copy_from_slice(b"abcde");
         seal_block(&mut b, &[9; 32]);
+        let b = b.freeze();
         assert_eq!(
-            Message::decode(b.freeze()).unwrap(),
+            Message::decode(b.clone()).unwrap(),
             Message::Data(vec![Record::Block {
                 id: 7,
                 index: 42,
@@ -979,6 +994,9 @@ mod tests {
                 data: Bytes::from_static(b"abcde"),
             }])
         );
+        let mut own = block_header(7, 42, 5, &[9; 32]).to_vec();
+        own.extend_from_slice(b"abcde");
+        assert_eq!(own, b.to_vec(), "block_header lays out the same bytes");
     }
 
     #[test]

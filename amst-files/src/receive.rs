@@ -83,28 +83,71 @@ struct Session {
     hello: Hello,
     results: mpsc::UnboundedSender<(u32, Outcome)>,
     written: AtomicU64,
+    live: Arc<Liveness>,
 }
 
-/// Partial files some session in this process is receiving into. A sender killed mid-tree
-/// leaves its session draining for a while; a second try must not resume a file the first
-/// session is still writing (or about to move into place).
-static HELD: std::sync::LazyLock<Mutex<std::collections::HashSet<PathBuf>>> =
+/// Partial files some session in this process is receiving into, and which session. A
+/// sender killed mid-tree leaves its session waiting for a reconnect that never comes; a
+/// second try must not resume a file that session might still write.
+static HELD: std::sync::LazyLock<Mutex<HashMap<PathBuf, Arc<Liveness>>>> =
     std::sync::LazyLock::new(Default::default);
 
 /// How long a new session waits for an older one to let go of a partial file.
 const HELD_WAIT: Duration = Duration::from_secs(90);
 
+/// An older session that has received nothing for this long is asked to stop when a newer
+/// one wants its partial files: it finishes the writes it has, makes its journals durable,
+/// and lets go. A live sender never goes this quiet while it has data to send.
+const QUIET_TAKEOVER: Duration = Duration::from_secs(1);
+
+/// When a session last heard from its sender, and whether a newer session asked it to stop.
+#[derive(Debug)]
+struct Liveness {
+    born: Instant,
+    /// Milliseconds after `born` of the last message.
+    last_message_ms: AtomicU64,
+    stop: tokio::sync::Notify,
+}
+
+impl Liveness {
+    fn new() -> Self {
+        Liveness {
+            born: Instant::now(),
+            last_message_ms: AtomicU64::new(0),
+            stop: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn heard(&self) {
+        let ms = self.born.elapsed().as_millis() as u64;
+        self.last_message_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn quiet_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_message_ms.load(Ordering::Relaxed));
+        self.born.elapsed().saturating_sub(last)
+    }
+}
+
 struct Hold(PathBuf);
 
 impl Hold {
-    /// Takes `part` for this session, waiting for an older session to let go of it.
-    fn take(part: PathBuf) -> Option<Hold> {
+    /// Takes `part` for the session `me`. An older session holding it is asked to stop once
+    /// it has been quiet for [`QUIET_TAKEOVER`]; it lets go after its last write. `None`
+    /// after [`HELD_WAIT`].
+    fn take(part: PathBuf, me: &Arc<Liveness>) -> Option<Hold> {
         let deadline = Instant::now() + HELD_WAIT;
         loop {
             {
                 let mut held = HELD.lock().expect("not poisoned");
-                if held.insert(part.clone()) {
-                    return Some(Hold(part));
+                match held.get(&part) {
+                    None => {
+                        held.insert(part.clone(), me.clone());
+                        return Some(Hold(part));
+                    }
+                    Some(owner) if Arc::ptr_eq(owner, me) => return None,
+                    Some(owner) if owner.quiet_for() >= QUIET_TAKEOVER => owner.stop.notify_one(),
+                    Some(_) => {}
                 }
             }
             if Instant::now() >= deadline {
@@ -143,9 +186,68 @@ struct FileState {
     done: bool,
 }
 
+/// A partial file being written, and its journal. A block's record waits in `pending` until
+/// a batch of them is due: then the data is synced, and only then are the records appended
+/// to the journal and the journal synced, so a record on disk always names durable data.
 struct OpenPartial {
     file: File,
-    journal: Mutex<File>,
+    journal: Mutex<JournalState>,
+    /// One batch at a time, so records reach the journal in the order they were made durable.
+    syncing: Mutex<File>,
+}
+
+struct JournalState {
+    pending: Vec<u8>,
+    pending_data: u64,
+    last_sync: Instant,
+}
+
+/// Data written since the last sync that makes a batch due.
+const SYNC_BYTES: u64 = 64 << 20;
+/// Time since the last sync that makes a batch due (checked as blocks land).
+const SYNC_INTERVAL: Duration = Duration::from_millis(500);
+
+impl OpenPartial {
+    fn new(file: File, journal: File) -> Self {
+        OpenPartial {
+            file,
+            journal: Mutex::new(JournalState {
+                pending: Vec::new(),
+                pending_data: 0,
+                last_sync: Instant::now(),
+            }),
+            syncing: Mutex::new(journal),
+        }
+    }
+
+    /// Notes a written, verified block; makes the batch durable when one is due.
+    fn verified(&self, index: u64, cv: &Digest, len: u64) -> std::io::Result<()> {
+        let due = {
+            let mut j = self.journal.lock().expect("not poisoned");
+            j.pending.extend_from_slice(&journal::record(index, cv));
+            j.pending_data += len;
+            j.pending_data >= SYNC_BYTES || j.last_sync.elapsed() >= SYNC_INTERVAL
+        };
+        if due { self.make_durable() } else { Ok(()) }
+    }
+
+    /// Syncs the data written so far, then appends and syncs the records waiting for it.
+    fn make_durable(&self) -> std::io::Result<()> {
+        let mut journal = self.syncing.lock().expect("not poisoned");
+        let batch = {
+            let mut j = self.journal.lock().expect("not poisoned");
+            j.pending_data = 0;
+            j.last_sync = Instant::now();
+            std::mem::take(&mut j.pending)
+        };
+        if batch.is_empty() {
+            return Ok(());
+        }
+        // Every record in the batch was made after its block's pwrite returned.
+        self.file.sync_data()?;
+        journal.write_all(&batch)?;
+        journal.sync_data()
+    }
 }
 
 /// Receives one tree whose Hello is `first` (already read to tell it from other traffic),
@@ -181,7 +283,9 @@ pub async fn receive_tree(
         hello,
         results: results_tx,
         written: AtomicU64::new(0),
+        live: Arc::new(Liveness::new()),
     });
+    session.live.heard();
     let total = hello.entries;
     let reporter = tokio::spawn(report_results(ch.clone(), results_rx));
     let mut files: HashMap<u32, Arc<RecvFile>> = HashMap::new();
@@ -193,11 +297,16 @@ pub async fn receive_tree(
     let writers = Arc::new(Semaphore::new(opts.writers.max(1)));
     let mut writes = tokio::task::JoinSet::new();
     let broke = loop {
-        let msg = match ch.recv().await {
+        let received = tokio::select! {
+            r = ch.recv() => r,
+            () = session.live.stop.notified() => break Some(Error::Superseded),
+        };
+        let msg = match received {
             Ok(Some(m)) => m,
             Ok(None) => break Some(Error::Closed),
             Err(e) => break Some(Error::channel("receiving", e)),
         };
+        session.live.heard();
         let len = msg.len();
         let msg = match Message::decode(msg) {
             Ok(m) => m,
@@ -329,6 +438,17 @@ pub async fn receive_tree(
     while writes.join_next().await.is_some() {}
     if let Some(e) = broke {
         reporter.abort();
+        // What was written and verified counts for a resume once it is durable.
+        let open: Vec<Arc<RecvFile>> = files.into_values().collect();
+        let _ = tokio::task::spawn_blocking(move || {
+            for f in open {
+                let o = f.state.lock().expect("not poisoned").open.clone();
+                if let Some(o) = o {
+                    let _ = o.make_durable();
+                }
+            }
+        })
+        .await;
         return Err(e);
     }
     // Directories last, deepest first, so that writing into them does not move their mtime.
@@ -460,6 +580,7 @@ fn admit_batch(s: &Session, index: &mut TreeIndex, first_id: u32, batch: Vec<Ent
     let mut items = Vec::new();
     let mut files = Vec::new();
     let mut admitted = Vec::new();
+    let mut to_plan = Vec::new();
     for (i, entry) in batch.into_iter().enumerate() {
         let id = first_id + i as u32;
         let rel = match RelPath::parse(&entry.path) {
@@ -513,18 +634,22 @@ fn admit_batch(s: &Session, index: &mut TreeIndex, first_id: u32, batch: Vec<Ent
                     },
                 ));
             }
-            EntryKind::File { size } => {
-                let (want, file) = plan_file(s, id, &rel, &entry, *size);
-                if let Want::Refuse { reason } = &want {
-                    s.fail(id, reason.clone());
-                }
-                if let Some(f) = file {
-                    files.push(f);
-                }
-                items.push((id, want));
-            }
+            EntryKind::File { size } => to_plan.push((id, rel.clone(), entry.clone(), *size)),
         }
         admitted.push((rel, entry));
+    }
+    // Files last, once their directories exist: looking at (and hashing) what is already
+    // at the destination runs on several threads.
+    let at_targets = look_at_targets(s, &to_plan);
+    for ((id, rel, entry, size), at_target) in to_plan.into_iter().zip(at_targets) {
+        let (want, file) = plan_file(s, id, &rel, &entry, size, at_target);
+        if let Want::Refuse { reason } = &want {
+            s.fail(id, reason.clone());
+        }
+        if let Some(f) = file {
+            files.push(f);
+        }
+        items.push((id, want));
     }
     (items, files, admitted)
 }
@@ -600,15 +725,53 @@ fn identity(s: &Session, entry: &Entry, size: u64) -> Identity {
     }
 }
 
+/// What is at a file's destination now, hashed when the policy needs it.
+fn look_at_target(s: &Session, rel: &RelPath, size: u64) -> AtTarget {
+    let target = rel.under(&s.root);
+    match std::fs::symlink_metadata(&target) {
+        Err(_) => AtTarget::Missing,
+        Ok(m) if m.is_file() => AtTarget::File {
+            size: m.len(),
+            hash: wants_existing_hash(s.hello.policy, m.len(), size)
+                .then(|| hash_existing(&target, s.hello.block_size))
+                .flatten(),
+        },
+        Ok(_) => AtTarget::Other,
+    }
+}
+
+/// Threads that look at (and hash) existing destination files at once.
+const LOOKERS: usize = 4;
+
+/// [`look_at_target`] for many files, several at once, in order.
+fn look_at_targets(s: &Session, files: &[(u32, RelPath, Entry, u64)]) -> Vec<AtTarget> {
+    let look = |f: &(u32, RelPath, Entry, u64)| look_at_target(s, &f.1, f.3);
+    if files.len() < 64 {
+        return files.iter().map(look).collect();
+    }
+    let per = files.len().div_ceil(LOOKERS);
+    std::thread::scope(|scope| {
+        let parts: Vec<_> = files
+            .chunks(per)
+            .map(|part| scope.spawn(|| part.iter().map(look).collect::<Vec<_>>()))
+            .collect();
+        parts
+            .into_iter()
+            .flat_map(|p| p.join().expect("looking does not panic"))
+            .collect()
+    })
+}
+
 fn plan_file(
     s: &Session,
     id: u32,
     rel: &RelPath,
     entry: &Entry,
     size: u64,
+    at_target: AtTarget,
 ) -> (Want, Option<Arc<RecvFile>>) {
     let policy = s.hello.policy;
-    let Some(hold) = Hold::take(rel.partial_under(&s.root)) else {
+    let Some(hold) = Hold::take(rel.partial_under(&s.root), &s.live) else {
         return (
             Want::Refuse {
                 reason: "another session is still receiving this file; send again to resume it"
@@ -616,17 +779,6 @@ fn plan_file(
             },
             None,
         );
-    };
-    let target = rel.under(&s.root);
-    let at_target = match std::fs::symlink_metadata(&target) {
-        Err(_) => AtTarget::Missing,
-        Ok(m) if m.is_file() => AtTarget::File {
-            size: m.len(),
-            hash: wants_existing_hash(policy, m.len(), size)
-                .then(|| hash_existing(&target, s.hello.block_size))
-                .flatten(),
-        },
-        Ok(_) => AtTarget::Other,
     };
     let jpath = rel.journal_under(&s.root);
     let journal = std::fs::read(&jpath).ok().and_then(|b| journal::parse(&b));
@@ -789,10 +941,7 @@ fn open_partial(
                     *slot = Some(cv);
                 }
             }
-            OpenPartial {
-                file,
-                journal: Mutex::new(j),
-            }
+            OpenPartial::new(file, j)
         }
         None => {
             let file = OpenOptions::new()
@@ -804,10 +953,7 @@ fn open_partial(
             file.set_len(f.size)?;
             let mut j = File::create(&jpath)?;
             j.write_all(&journal::header(&identity(s, &f.entry, f.size)))?;
-            OpenPartial {
-                file,
-                journal: Mutex::new(j),
-            }
+            OpenPartial::new(file, j)
         }
     };
     let o = Arc::new(o);
@@ -854,11 +1000,8 @@ fn write_block(
         return Err(write_error(&e));
     }
     s.written.fetch_add(data.len() as u64, Ordering::Relaxed);
-    open.journal
-        .lock()
-        .expect("not poisoned")
-        .write_all(&journal::record(index, cv))
-        .map_err(|e| format!("cannot write the journal: {e}"))?;
+    open.verified(index, cv, data.len() as u64)
+        .map_err(|e| format!("cannot make the partial file and its journal durable: {e}"))?;
     let mut st = f.state.lock().expect("not poisoned");
     if let Some(slot) = st.cvs.get_mut(index as usize) {
         *slot = Some(*cv);
@@ -919,7 +1062,9 @@ fn finalize(s: &Session, f: &RecvFile) {
         );
         return;
     }
-    let file = match open.file.try_clone() {
+    // Durable before it takes the final name: a power loss never leaves a landed file
+    // with blocks missing.
+    let file = match open.file.sync_data().and_then(|()| open.file.try_clone()) {
         Ok(file) => file,
         Err(e) => {
             s.fail(f.id, format!("cannot finish the file: {e}"));
