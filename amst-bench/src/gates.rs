@@ -133,6 +133,9 @@ pub enum Verdict {
     Fail(f64),
     /// The number is missing, and why: this fails the gate.
     Missing(String),
+    /// The scenario produced every sample, but the metric has no value, and why: a ratio
+    /// over a peer that delivered nothing. This fails the gate in its own class.
+    Undefined(String),
     /// The run left the scenario out on purpose, and why.
     NotRun(String),
 }
@@ -234,6 +237,22 @@ pub fn check(gates: &[Gate], report: &Report, enforce: Enforce) -> Outcome {
                 ),
                 enforce.enforces(Class::Correctness),
             ),
+            // A ratio over a peer that delivered nothing is neither a pass nor a missing number.
+            // Not a pass: a baseline that moved nothing (broken, or a run too short for it)
+            // shows nothing about amst, and a gate must not pass on a number that is not
+            // there. Not missing: every sample is present (the peer ran and delivered zero),
+            // so the harness did its job, and a correctness failure would turn CI's quick run
+            // red whenever a weak peer (quinn Cubic, 5 s on a lossy 100 ms link) moves
+            // nothing yet. So it fails in the gate's own class: a full run, whose longer runs
+            // give the peer time to deliver, enforces it; CI's `--gate correctness` reports it.
+            Verdict::Undefined(why) => push(
+                format!(
+                    "FAIL {} {}: {what} has no value: {why}",
+                    g.name,
+                    tag(g.class)
+                ),
+                enforce.enforces(g.class),
+            ),
             Verdict::NotRun(why) => push(
                 format!("NOT RUN {} ({}): {what}: {why}", g.name, g.class),
                 false,
@@ -261,6 +280,9 @@ pub fn verdict(g: &Gate, report: &Report) -> Verdict {
     let Some(&v) = s.metrics.get(&g.metric) else {
         return Verdict::Missing("the scenario ran but did not produce this metric".into());
     };
+    if let Some(why) = s.undefined_metrics.get(&g.metric) {
+        return Verdict::Undefined(why.clone());
+    }
     if v.is_nan() {
         return Verdict::Missing("the metric is NaN".into());
     }
@@ -399,6 +421,52 @@ mod tests {
             "{p1}"
         );
         assert!(line(&o, "FAIL scenario a").contains("2 of 3"));
+    }
+
+    #[test]
+    fn a_ratio_over_a_peer_that_delivered_nothing_has_no_value_and_fails_in_its_class() {
+        let gates =
+            parse("[[gate]]\nname = \"Q\"\nscenario = \"q\"\nmetric = \"over_cubic\"\nmin = 2.0\n")
+                .unwrap();
+        let mut s = Scenario::new("q", "");
+        for (name, v) in [("bbr", 120.0), ("cubic", 0.0)] {
+            let mut c = Contender::new(name, "Mbit/s");
+            c.record(v, Vec::new());
+            s.contenders.push(c);
+        }
+        s.insert_ratio("over_cubic", 120.0, "cubic", 0.0);
+        let r = Report {
+            scenarios: vec![s],
+            ..Report::default()
+        };
+        let md = r.markdown(&[]);
+        assert!(
+            md.contains("peer delivered nothing (cubic: median 0)"),
+            "{md}"
+        );
+        assert!(!md.contains("e11") && !md.contains("NaN"), "{md}");
+        let json: serde_json::Value = serde_json::to_value(&r).unwrap();
+        assert!(json["scenarios"][0]["metrics"]["over_cubic"].is_null());
+        assert!(
+            json["scenarios"][0]["undefined_metrics"]["over_cubic"]
+                .as_str()
+                .unwrap()
+                .starts_with("peer delivered nothing")
+        );
+        let all = check(&gates, &r, Enforce::All);
+        assert!(
+            line(&all, "FAIL Q (ratio)")
+                .contains("q.over_cubic has no value: peer delivered nothing")
+        );
+        assert_eq!(all.failures.len(), 1);
+        let ci = check(&gates, &r, Enforce::Correctness);
+        assert!(line(&ci, "FAIL Q (ratio, report-only)").contains("peer delivered nothing"));
+        assert!(ci.passed());
+        // A later ratio over a peer that did deliver replaces the undefined one.
+        let mut s = r.scenarios[0].clone();
+        s.insert_ratio("over_cubic", 120.0, "cubic", 40.0);
+        assert_eq!(s.metrics["over_cubic"], 3.0);
+        assert!(s.undefined_metrics.is_empty());
     }
 
     #[test]

@@ -107,8 +107,12 @@ pub struct Scenario {
     pub description: String,
     /// The contenders.
     pub contenders: Vec<Contender>,
-    /// Derived numbers the gates read, e.g. `ratio` or `fraction_of_link`.
+    /// Derived numbers the gates read, e.g. `ratio` or `fraction_of_link`. A metric that has
+    /// no value (see [`Scenario::insert_ratio`]) is NaN here, `null` in the JSON, and
+    /// `undefined_metrics` says why.
     pub metrics: BTreeMap<String, f64>,
+    /// Why a metric has no value, e.g. a ratio over a peer that delivered nothing.
+    pub undefined_metrics: BTreeMap<String, String>,
     /// Remarks for the reader, e.g. which baseline was the best.
     pub notes: Vec<String>,
     /// Why the scenario could not produce its numbers: this fails the run.
@@ -128,6 +132,7 @@ impl Scenario {
             description: description.into(),
             contenders: Vec::new(),
             metrics: BTreeMap::new(),
+            undefined_metrics: BTreeMap::new(),
             notes: Vec::new(),
             failed: None,
             not_run: None,
@@ -172,6 +177,25 @@ impl Scenario {
             out.push("no contender produced a number".into());
         }
         out
+    }
+
+    /// Inserts the ratio `key` = `value / peer`, where `peer` is the median of the contender
+    /// named `peer_name`. When the peer delivered nothing (a zero median: quinn Cubic can move
+    /// nothing in a 5 s run on the lossy link), the ratio has no value: it is recorded as
+    /// undefined with that reason instead of as a quotient over a stand-in epsilon, which
+    /// printed ratios like 1.2e11.
+    pub fn insert_ratio(&mut self, key: impl Into<String>, value: f64, peer_name: &str, peer: f64) {
+        let key = key.into();
+        if peer > 0.0 && peer.is_finite() {
+            self.undefined_metrics.remove(&key);
+            self.metrics.insert(key, value / peer);
+        } else {
+            self.undefined_metrics.insert(
+                key.clone(),
+                format!("peer delivered nothing ({peer_name}: median {peer})"),
+            );
+            self.metrics.insert(key, f64::NAN);
+        }
     }
 
     /// The median of the named contender.
@@ -295,7 +319,14 @@ impl Report {
                 }
             }
             for (k, v) in &s.metrics {
-                let _ = writeln!(md, "| {} | **{k}** | **{v:.3}** | | | |", s.id);
+                match s.undefined_metrics.get(k) {
+                    Some(why) => {
+                        let _ = writeln!(md, "| {} | **{k}** | {why} | | | |", s.id);
+                    }
+                    None => {
+                        let _ = writeln!(md, "| {} | **{k}** | **{v:.3}** | | | |", s.id);
+                    }
+                }
             }
         }
         if !gate_lines.is_empty() {

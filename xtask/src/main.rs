@@ -152,6 +152,9 @@ fn ci() -> Result<(), String> {
 /// through `target/bench/rdma.json` (`--rdma-result`); if the VM run fails, the file carries
 /// the failure and the scenario fails with it. Without `--rdma` that scenario is listed as
 /// not run. Every other argument goes to `amst-e2e`.
+///
+/// Unless `--scenario` leaves out `files`, it first builds the `amst` binary in release, which
+/// that scenario drives.
 fn bench(args: &[String]) -> Result<(), String> {
     setup::ensure(setup::Need::CiAndBench, false)?;
     let micro = args.iter().any(|a| a == "--micro");
@@ -204,12 +207,20 @@ fn bench(args: &[String]) -> Result<(), String> {
         }
         rest.extend(["--micro-since".to_string(), since.to_string()]);
     }
+    let only: Vec<&str> = args
+        .windows(2)
+        .filter(|w| w[0] == "--scenario")
+        .map(|w| w[1].as_str())
+        .collect();
+    if only.is_empty() || only.contains(&"files") {
+        // The files scenario drives the `amst` binary as a user would; amst-e2e finds it
+        // beside itself in target/release.
+        run(
+            "cargo",
+            &["build", "--release", "-p", "amst-cli", "--bin", "amst"],
+        )?;
+    }
     if rdma {
-        let only: Vec<&str> = args
-            .windows(2)
-            .filter(|w| w[0] == "--scenario")
-            .map(|w| w[1].as_str())
-            .collect();
         if only.is_empty() || only.contains(&"rdma") {
             let result = "target/bench/rdma.json";
             rdma_bench(result);

@@ -80,7 +80,7 @@ pub const APT: &[AptPackage] = &[
     },
     AptPackage {
         package: "netcat-openbsd",
-        probe: Probe::Command("nc"),
+        probe: Probe::Command("nc.openbsd"),
         need: Need::CiAndBench,
         why: "the files scenario's `tar | nc` baseline",
     },

@@ -49,6 +49,7 @@ const SCENARIOS: &[&str] = &[
     "switch",
     "switch-quic",
     "rss",
+    "files",
     "rdma",
 ];
 
@@ -84,6 +85,10 @@ struct Opts {
     /// The Soft-RoCE VM run's goodputs, written by `cargo xtask bench --rdma`.
     #[arg(long, value_name = "FILE")]
     rdma_result: Option<PathBuf>,
+    /// The `amst` binary the `files` scenario drives (default: the one beside this binary,
+    /// which `cargo xtask bench` builds in release).
+    #[arg(long, value_name = "FILE")]
+    amst_bin: Option<PathBuf>,
     /// Internal: the receiver process of the `rss` scenario.
     #[arg(long, hide = true)]
     role_receiver: bool,
@@ -158,6 +163,17 @@ fn main() -> ExitCode {
     } else {
         (scaled(1 << 30), scaled(4 << 30))
     };
+    let files_plan = if opts.quick {
+        amst_bench::files::FilesPlan::quick()
+    } else {
+        amst_bench::files::FilesPlan::full(opts.scale)
+    };
+    let amst_bin = opts.amst_bin.clone().unwrap_or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(|d| d.join("amst")))
+            .unwrap_or_else(|| PathBuf::from("target/release/amst"))
+    });
     let mut scenarios = Vec::new();
     for &id in SCENARIOS {
         if !(opts.only.is_empty() || opts.only.iter().any(|o| o == id)) {
@@ -174,6 +190,7 @@ fn main() -> ExitCode {
             "switch" => timed(|| switch(id, switches, amst_core::TransportKind::Tcp)),
             "switch-quic" => timed(|| switch(id, switches, amst_core::TransportKind::Quic)),
             "rss" => timed(|| rss(rss_small, rss_large)),
+            "files" => timed(|| amst_bench::files::scenario(&files_plan, &amst_bin)),
             "rdma" => rdma(opts.rdma_result.as_deref()),
             other => Scenario::failed(other, "", "the harness lists it but cannot run it"),
         };
@@ -780,10 +797,14 @@ fn wan_tcp(duration: Duration, rounds: usize) -> Scenario {
     if let Some(a) = amst.summary() {
         s.metrics
             .insert("amst_fraction_of_link".into(), a.median / link_mbps);
-        if let Some(bbr_n) = others.get(3).and_then(|(c, _)| c.summary()) {
-            s.metrics.insert(
-                "ratio_vs_iperf3_bbr_same_streams".into(),
-                a.median / bbr_n.median.max(1e-9),
+        if let Some((c, _)) = others.get(3)
+            && let Some(bbr_n) = c.summary()
+        {
+            s.insert_ratio(
+                "ratio_vs_iperf3_bbr_same_streams",
+                a.median,
+                &c.name,
+                bbr_n.median,
             );
         }
     }
@@ -890,18 +911,20 @@ fn wan_quic(duration: Duration, rounds: usize) -> Scenario {
     }
     let link_mbps = WAN_RATE as f64 / 1e6;
     let [bbr, quinn_bbr, cubic] = [0, 1, 2].map(|i| contenders[i].0.summary());
+    let [_, quinn_bbr_name, cubic_name] = [0, 1, 2].map(|i| contenders[i].0.name.clone());
     if let Some(bbr) = bbr {
         s.metrics
             .insert("bbr_fraction_of_link".into(), bbr.median / link_mbps);
         if let Some(cubic) = cubic {
-            s.metrics.insert(
-                "bbr_over_quinn_cubic".into(),
-                bbr.median / cubic.median.max(1e-9),
+            s.insert_ratio(
+                "bbr_over_quinn_cubic",
+                bbr.median,
+                &cubic_name,
+                cubic.median,
             );
         }
         if let Some(q) = quinn_bbr {
-            s.metrics
-                .insert("bbr_over_quinn_bbr".into(), bbr.median / q.median.max(1e-9));
+            s.insert_ratio("bbr_over_quinn_bbr", bbr.median, &quinn_bbr_name, q.median);
             s.metrics
                 .insert("quinn_bbr_fraction_of_link".into(), q.median / link_mbps);
         }
@@ -1073,8 +1096,8 @@ fn cc_sim(duration: Duration) -> Scenario {
             .insert("bbr_fraction_of_link".into(), bbr.median / link_mbps);
         s.metrics
             .insert("cubic_fraction_of_link".into(), cubic.median / link_mbps);
-        s.metrics
-            .insert("bbr_over_cubic".into(), bbr.median / cubic.median.max(1e-9));
+        let cubic_name = s.contenders[1].name.clone();
+        s.insert_ratio("bbr_over_cubic", bbr.median, &cubic_name, cubic.median);
     }
     s
 }
