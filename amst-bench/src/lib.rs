@@ -13,5 +13,6 @@
 pub mod gates;
 pub mod iperf;
 pub mod plot;
+pub mod quic_loopback;
 pub mod report;
 pub mod stats;

@@ -307,6 +307,7 @@ impl QuicListener {
     /// Listens on a socket the caller bound (for example inside a network namespace).
     pub fn from_socket(socket: UdpSocket, config: QuicConfig) -> Result<Self> {
         config.validate()?;
+        crate::socket::size_buffers(&socket, config.socket_buffer);
         let crypto = QuicServerConfig::try_from(tls::server_crypto(&config)?).map_err(|e| {
             Error::Config {
                 field: "identity",
