@@ -21,6 +21,11 @@ pub enum CongestionControl {
     /// just delivered, where CUBIC cuts its window by a fixed factor.
     #[default]
     AmstBbr,
+    /// amst-cc's BBRv3 with its one extension, the random-loss tolerance
+    /// (`BbrConfig::draft().with_random_loss_tolerance(true)`): loss rounds without a queue
+    /// teach it the path's background loss rate, and the draft's loss thresholds apply to
+    /// loss above that. An opt-in; see the README for the measurement.
+    AmstBbrLossTolerant,
     /// amst-cc's CUBIC with HyStart++.
     AmstCubic,
     /// quinn's own CUBIC (quinn's default), for comparison.
@@ -36,6 +41,7 @@ impl CongestionControl {
     pub fn as_str(self) -> &'static str {
         match self {
             CongestionControl::AmstBbr => "amst-bbr",
+            CongestionControl::AmstBbrLossTolerant => "amst-bbr-loss-tolerant",
             CongestionControl::AmstCubic => "amst-cubic",
             CongestionControl::QuinnCubic => "quinn-cubic",
             CongestionControl::QuinnBbr => "quinn-bbr",
