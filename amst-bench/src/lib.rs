@@ -14,5 +14,6 @@ pub mod files;
 pub mod gates;
 pub mod iperf;
 pub mod plot;
+pub mod quic_loopback;
 pub mod report;
 pub mod stats;

@@ -21,6 +21,11 @@ pub enum CongestionControl {
     /// just delivered, where CUBIC cuts its window by a fixed factor.
     #[default]
     AmstBbr,
+    /// amst-cc's BBRv3 with its one extension, the random-loss tolerance
+    /// (`BbrConfig::draft().with_random_loss_tolerance(true)`): loss rounds without a queue
+    /// teach it the path's background loss rate, and the draft's loss thresholds apply to
+    /// loss above that. An opt-in; see the README for the measurement.
+    AmstBbrLossTolerant,
     /// amst-cc's CUBIC with HyStart++.
     AmstCubic,
     /// quinn's own CUBIC (quinn's default), for comparison.
@@ -36,6 +41,7 @@ impl CongestionControl {
     pub fn as_str(self) -> &'static str {
         match self {
             CongestionControl::AmstBbr => "amst-bbr",
+            CongestionControl::AmstBbrLossTolerant => "amst-bbr-loss-tolerant",
             CongestionControl::AmstCubic => "amst-cubic",
             CongestionControl::QuinnCubic => "quinn-cubic",
             CongestionControl::QuinnBbr => "quinn-bbr",
@@ -142,6 +148,9 @@ pub struct QuicConfig {
     /// saving one round trip; see the README for why only the Hello. Off: tickets still
     /// resume TLS, but nothing is sent early and a listener refuses early data.
     pub zero_rtt: bool,
+    /// UDP send and receive buffer sizes requested for the endpoint's socket (raised, never
+    /// lowered; the kernel caps them at `net.core.wmem_max` / `rmem_max`).
+    pub socket_buffer: usize,
 }
 
 impl fmt::Debug for QuicConfig {
@@ -159,13 +168,15 @@ impl fmt::Debug for QuicConfig {
             .field("max_chunk", &self.max_chunk)
             .field("alpn", &String::from_utf8_lossy(&self.alpn))
             .field("zero_rtt", &self.zero_rtt)
+            .field("socket_buffer", &self.socket_buffer)
             .finish_non_exhaustive()
     }
 }
 
 impl QuicConfig {
     /// Defaults: amst-cc BBR, four striped streams, 256 KiB chunks, 1 GiB messages, a 32 MiB
-    /// window (about 2.5 × the BDP of 1 Gbit/s × 100 ms), PSK-bound verification, 0-RTT on.
+    /// window (about 2.5 × the BDP of 1 Gbit/s × 100 ms), PSK-bound verification, 0-RTT on,
+    /// 8 MiB UDP socket buffers.
     pub fn new(psk: Psk) -> Self {
         QuicConfig {
             psk,
@@ -180,6 +191,7 @@ impl QuicConfig {
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
             zero_rtt: true,
+            socket_buffer: 8 << 20,
         }
     }
 
@@ -265,6 +277,12 @@ impl QuicConfig {
             return bad(
                 "idle_timeout",
                 format!("is {:?}; at least 100 ms", self.idle_timeout),
+            );
+        }
+        if self.socket_buffer > (1 << 30) {
+            return bad(
+                "socket_buffer",
+                format!("is {} bytes; at most 1 GiB", self.socket_buffer),
             );
         }
         if self.alpn.is_empty() || self.alpn.len() > 255 {

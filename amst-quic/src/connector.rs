@@ -125,6 +125,7 @@ impl QuicConnector {
         server_name: &str,
     ) -> Result<QuicTransport> {
         let config = &self.config;
+        crate::socket::size_buffers(&socket, config.socket_buffer);
         let endpoint = Endpoint::new(
             EndpointConfig::default(),
             None,

@@ -328,6 +328,11 @@ fn controller(cc: CongestionControl) -> Arc<dyn ControllerFactory + Send + Sync>
     use quinn::congestion::{BbrConfig, CubicConfig, NewRenoConfig};
     match cc {
         CongestionControl::AmstBbr => Arc::new(amst_cc::quinn::BbrFactory::draft()),
+        CongestionControl::AmstBbrLossTolerant => {
+            Arc::new(amst_cc::quinn::BbrFactory::with_config(
+                amst_cc::BbrConfig::draft().with_random_loss_tolerance(true),
+            ))
+        }
         CongestionControl::AmstCubic => Arc::new(amst_cc::quinn::CubicFactory::default()),
         CongestionControl::QuinnCubic => Arc::new(CubicConfig::default()),
         CongestionControl::QuinnBbr => Arc::new(BbrConfig::default()),

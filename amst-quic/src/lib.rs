@@ -44,6 +44,7 @@ mod config;
 mod connector;
 mod handshake;
 mod session;
+mod socket;
 mod tls;
 mod transport;
 

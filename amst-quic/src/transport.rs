@@ -138,6 +138,22 @@ impl QuicTransport {
     pub fn quic_stats(&self) -> quinn::ConnectionStats {
         self.shared.conn.stats()
     }
+
+    /// The state of amst-cc's controller on this connection (phase, cwnd, pacing rate,
+    /// bandwidth estimate), or `None` under one of quinn's own controllers. It copies the
+    /// controller, so call it for inspection, not per packet.
+    pub fn congestion_metrics(&self) -> Option<amst_cc::ControllerMetrics> {
+        use amst_cc::CongestionController;
+        use amst_cc::quinn::QuinnController;
+        let any = self.shared.conn.congestion_state().into_any();
+        let any = match any.downcast::<QuinnController<amst_cc::Bbr>>() {
+            Ok(bbr) => return Some(bbr.inner().metrics()),
+            Err(other) => other,
+        };
+        any.downcast::<QuinnController<amst_cc::Cubic>>()
+            .ok()
+            .map(|cubic| cubic.inner().metrics())
+    }
 }
 
 impl Drop for QuicTransport {
@@ -307,6 +323,7 @@ impl QuicListener {
     /// Listens on a socket the caller bound (for example inside a network namespace).
     pub fn from_socket(socket: UdpSocket, config: QuicConfig) -> Result<Self> {
         config.validate()?;
+        crate::socket::size_buffers(&socket, config.socket_buffer);
         let crypto = QuicServerConfig::try_from(tls::server_crypto(&config)?).map_err(|e| {
             Error::Config {
                 field: "identity",

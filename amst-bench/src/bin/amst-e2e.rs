@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use amst_bench::gates::Enforce;
 use amst_bench::report::{Contender, Report, Scenario};
-use amst_bench::{gates, iperf, plot};
+use amst_bench::{gates, iperf, plot, quic_loopback};
 use amst_core::Transport;
 use amst_core::codec::Psk;
 use amst_linkem::LinkEm;
@@ -42,6 +42,7 @@ const PSK: &[u8] = b"amst benchmark key, loopback only";
 const SCENARIOS: &[&str] = &[
     "loopback-8",
     "loopback-1",
+    "quic-loopback",
     "wan-tcp",
     "wan-quic",
     "share",
@@ -140,6 +141,13 @@ fn main() -> ExitCode {
     } else {
         scaled(4 << 30)
     };
+    // QUIC moves about a tenth of what TCP does on loopback; --quick keeps the scenario's
+    // four contenders x 3 rounds within about half a minute.
+    let quic_bytes = if opts.quick {
+        128 << 20
+    } else {
+        scaled(1 << 30)
+    };
     let wan_time = if opts.quick {
         Duration::from_secs(5)
     } else {
@@ -183,6 +191,7 @@ fn main() -> ExitCode {
         let s = match id {
             "loopback-8" => timed(|| loopback(id, 8, loopback_bytes, rounds)),
             "loopback-1" => timed(|| loopback(id, 1, loopback_bytes, rounds)),
+            "quic-loopback" => timed(|| quic_loopback::run(quic_bytes, rounds)),
             "wan-tcp" => timed(|| wan_tcp(wan_time, rounds)),
             "wan-quic" => timed(|| wan_quic(wan_time, rounds)),
             "share" => timed(|| share(share_time, share_rounds)),
