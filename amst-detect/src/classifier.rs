@@ -552,6 +552,17 @@ impl Classifier {
         }
     }
 
+    /// Whether the newest observation lies firmly in a mode other than the one in effect
+    /// (and no mode is forced): a change point may be one observation away.
+    pub fn change_pending(&self) -> bool {
+        self.forced.is_none()
+            && self
+                .recent
+                .back()
+                .and_then(|s| self.firm(&s.obs))
+                .is_some_and(|m| m != self.mode())
+    }
+
     /// The mode every one of the newest `step_samples` observations lies firmly in, if any.
     fn change_point(&self) -> Option<Mode> {
         if self.recent.len() < self.config.step_samples {

@@ -141,7 +141,24 @@ impl Detector {
     /// for the first [`startup_samples`](DetectorConfig::startup_samples) steps, then
     /// [`period`](DetectorConfig::period). [`spawn`](Self::spawn)'s loop follows it; the
     /// probe budget is sized by it.
+    ///
+    /// After an observation that lies firmly in another mode, the next period is also the
+    /// start-up period: the change point needs one more such observation, and waiting a
+    /// full period for it would add most of a period to every switch (a link that flipped
+    /// under a transfer was followed 2–2.5 s later with 500 ms periods, the design asks
+    /// for well under 2 s). A steady link never takes the short period after start-up.
     pub fn current_period(&self) -> std::time::Duration {
+        if self.classifier.change_pending() {
+            self.config.startup_period.min(self.config.period)
+        } else {
+            self.budget_period()
+        }
+    }
+
+    /// The period the probe budget is sized by: the start-up or the regular one. A short
+    /// confirmation period after a firm change keeps the regular budget; it happens once
+    /// per change, so the probe stays at 1 % over time.
+    fn budget_period(&self) -> std::time::Duration {
         if self.steps < self.config.startup_samples as u64 {
             self.config.startup_period.min(self.config.period)
         } else {
@@ -183,7 +200,7 @@ impl Detector {
         match rate {
             None => p.bootstrap_burst.min(p.max_burst) + self.probe_overhead,
             Some(r) => {
-                let allowed = p.max_fraction * r as f64 * self.current_period().as_secs_f64();
+                let allowed = p.max_fraction * r as f64 * self.budget_period().as_secs_f64();
                 (allowed as u64).min(p.max_burst + self.probe_overhead)
             }
         }
@@ -227,17 +244,14 @@ impl Detector {
         });
         let fresh = delta.is_some_and(|(bytes, _)| bytes > 0);
         let busy = delta.is_some_and(|(bytes, _)| bytes >= self.config.busy_bytes);
-        // Only a period in which data moved has fresh estimates. The path's RTT is the
-        // minimum: a bulk transfer's smoothed RTT includes the queue it builds itself
-        // (10–12 ms on loopback under the internet profile, which would read as a hybrid
-        // path). The trade-off: the minimum does not rise when a busy path gets longer;
-        // such a path shows in the delivery rate if it also got slower, and in the ping of
-        // the next idle period otherwise.
-        let passive_rtt = if fresh {
-            metrics.min_rtt.or(metrics.rtt)
-        } else {
-            None
-        };
+        // Only a period in which data moved has fresh estimates (see `busy_rtt`).
+        let passive_rtt = if fresh { self.busy_rtt(&metrics) } else { None };
+        if busy && passive_rtt.is_some_and(|r| self.rtt_moved(r)) {
+            // The path changed under the transfer: a rate measured on the old one must not
+            // stand as evidence (or size trains) in the next idle periods.
+            tracing::debug!(target: "amst_detect", rtt = ?passive_rtt, "RTT moved while busy; rate memory cleared");
+            self.forget_rates();
+        }
         let obs = if busy {
             let moved_per_sec = delta.map_or(0.0, |(_, per_sec)| per_sec);
             // A delivery rate proves a slow path only if the application kept the path
@@ -274,6 +288,28 @@ impl Detector {
         Some(obs)
     }
 
+    /// The path's RTT from a period in which data moved.
+    ///
+    /// Normally the transport's minimum RTT: a bulk transfer's smoothed RTT includes the
+    /// queue it builds itself (10–12 ms on loopback under the internet profile, which
+    /// would read as a hybrid path). But the minimum (TCP's is a 5-minute window) does not
+    /// rise when a busy path gets longer, so a link that flips from datacenter to
+    /// internet mid-transfer would keep its old RTT for minutes. So when the smoothed RTT
+    /// is firmly internet by itself (above the internet threshold by the change-point
+    /// margin, 75 ms by default), it is the path's RTT: a round trip that long is an
+    /// internet path whether the delay is propagation or a queue, and a queue that deep
+    /// on a fast path (≥ 9 MB at 1 Gbit/s) is not what a datacenter link looks like. One
+    /// such period cannot flip the mode alone: the classifier's change point needs
+    /// `step_samples` firm samples in a row, and its window a 0.7 majority.
+    fn busy_rtt(&self, metrics: &TransportMetrics) -> Option<std::time::Duration> {
+        let c = &self.config.classifier;
+        let firmly_long = c.thresholds.internet_min_rtt.mul_f64(c.step_margin);
+        match (metrics.min_rtt, metrics.rtt) {
+            (Some(min), Some(srtt)) if srtt > firmly_long => Some(srtt.max(min)),
+            (min, srtt) => min.or(srtt),
+        }
+    }
+
     /// An idle period: an RTT ping first; then, unless the RTT moved by the change-point
     /// margin (the path changed, so the remembered rate may be stale and the budget too
     /// large), a burst within the budget.
@@ -287,21 +323,28 @@ impl Detector {
             bandwidth: None,
             source: SampleSource::Passive,
         };
+        let before = moved(&transport.metrics());
         let Some(ping) = self.probe(transport, 0).await else {
             return fallback;
         };
+        // A ping answered while the application was moving data waited behind it: on a
+        // session's first period (no byte count yet to tell busy from idle) a 0.1 ms link
+        // read 56–107 ms this way under a starting bulk transfer, and two such pings
+        // switched a datacenter link to internet. Such a ping is not the path's RTT, and
+        // trains would only compete with the application; the next period is passive.
+        let app_moved = moved(&transport.metrics())
+            .saturating_sub(before)
+            .saturating_sub(ping.bytes_used);
+        if app_moved > self.config.busy_bytes {
+            tracing::debug!(target: "amst_detect", rtt = ?ping.rtt, app_moved, "ping overlapped traffic; not a sample");
+            return fallback;
+        }
         let mut obs = Observation {
             rtt: Some(ping.rtt),
             bandwidth: None,
             source: SampleSource::Probe,
         };
-        let margin = self.config.classifier.step_margin;
-        let moved = self.classifier.estimate().0.is_some_and(|est| {
-            let (a, b) = (ping.rtt.as_secs_f64(), est.as_secs_f64());
-            // Sub-millisecond RTTs jitter by ×2 on their own; that is not a new path.
-            (a - b).abs() >= RTT_JITTER_FLOOR.as_secs_f64()
-                && (a / b.max(1e-9) > margin || b / a.max(1e-9) > margin)
-        });
+        let moved = self.rtt_moved(ping.rtt);
         if moved {
             tracing::debug!(target: "amst_detect", rtt = ?ping.rtt, "RTT moved; burst skipped, rate memory cleared");
             self.forget_rates();
@@ -340,6 +383,18 @@ impl Detector {
             obs.bandwidth = Some(Bandwidth::measured(measured));
         }
         obs
+    }
+
+    /// Whether `rtt` differs from the classifier's RTT estimate by the change-point margin
+    /// (×1.5 by default) and by at least [`RTT_JITTER_FLOOR`]: a new path.
+    fn rtt_moved(&self, rtt: std::time::Duration) -> bool {
+        let margin = self.config.classifier.step_margin;
+        self.classifier.estimate().0.is_some_and(|est| {
+            let (a, b) = (rtt.as_secs_f64(), est.as_secs_f64());
+            // Sub-millisecond RTTs jitter by ×2 on their own; that is not a new path.
+            (a - b).abs() >= RTT_JITTER_FLOOR.as_secs_f64()
+                && (a / b.max(1e-9) > margin || b / a.max(1e-9) > margin)
+        })
     }
 
     fn forget_rates(&mut self) {

@@ -337,6 +337,13 @@ fn iperf3_rate(link: &LinkEm, port: u16) -> Option<f64> {
 /// The rate measurement on an idle amst-tcp session through the emulator at `rate_bps`,
 /// 20 ms RTT: within 10 % of the set rate, or, when plain iperf3 cannot reach 90 % of it
 /// through the emulator on this machine, within 10 % of what iperf3 gets.
+///
+/// iperf3 runs right before and right after the measurement. Where the emulator cannot
+/// carry the set rate, it is CPU-bound, and on a loaded 2-core machine what it carries
+/// moved by ±13 % between runs a few seconds apart (703–913 Mbit/s at 1 Gbit/s in ten
+/// runs), as much as the tolerance itself. So the reference is what iperf3 got in the
+/// same few seconds: the measurement may be 10 % below the lower and 10 % above the
+/// higher of the two runs, never further.
 fn rate_accuracy(rate_bps: u64, port: u16) {
     let link = LinkEm::builder()
         .params(LinkParams {
@@ -348,6 +355,7 @@ fn rate_accuracy(rate_bps: u64, port: u16) {
         .start()
         .unwrap();
     let addr = serve(&link);
+    let iperf_before = iperf3_rate(&link, port + 1);
     let estimate = link.left().block_on(async move {
         // The internet profile's 8 streams, as amst-hybrid opens them.
         let config = tcp_config().with_streams(8);
@@ -358,20 +366,21 @@ fn rate_accuracy(rate_bps: u64, port: u16) {
         client.close().await.unwrap();
         e
     });
+    let iperf_after = iperf3_rate(&link, port + 2);
     let bw = estimate.bandwidth.expect("a rate");
     let measured = bw.bytes_per_sec as f64 * 8.0;
     let set = rate_bps as f64;
-    let mut reference = set;
+    let (mut low, mut high) = (set, set);
     let mut against = "the set rate";
-    let iperf = iperf3_rate(&link, port + 1);
-    if let Some(i) = iperf
-        && i < 0.9 * set
+    if let (Some(a), Some(b)) = (iperf_before, iperf_after)
+        && a.min(b) < 0.9 * set
     {
-        reference = i;
-        against = "iperf3 -P 8 -C bbr through the emulator (it cannot reach the set rate here)";
+        (low, high) = (a.min(b), a.max(b));
+        against = "iperf3 -P 8 -C bbr through the emulator just before and after (it cannot reach the set rate here)";
     }
+    let mbit = |r: Option<f64>| r.map_or("not run".into(), |i| format!("{:.1} Mbit/s", i / 1e6));
     println!(
-        "linkem 20 ms, {} Mbit/s: measured {:.1} Mbit/s ({}; {} trains, {:.1} MB, {:?}); iperf3 -P 8 -C bbr: {}; compared with {against}: {:.3}",
+        "linkem 20 ms, {} Mbit/s: measured {:.1} Mbit/s ({}; {} trains, {:.1} MB, {:?}); iperf3 -P 8 -C bbr before {}, after {}; compared with {against}: {:.3}..{:.3}",
         rate_bps / 1_000_000,
         measured / 1e6,
         if bw.lower_bound {
@@ -382,21 +391,23 @@ fn rate_accuracy(rate_bps: u64, port: u16) {
         estimate.trains,
         estimate.bytes as f64 / 1e6,
         estimate.took,
-        iperf.map_or("not run".into(), |i| format!("{:.1} Mbit/s", i / 1e6)),
-        measured / reference,
+        mbit(iperf_before),
+        mbit(iperf_after),
+        measured / high,
+        measured / low,
     );
     // Converged or cut by its budget (then the best train, a lower bound): either way it
     // must read the link's rate.
     assert!(
-        (measured / reference - 1.0).abs() <= 0.10,
-        "measured {:.1} Mbit/s against {against} {:.1} Mbit/s",
+        measured >= 0.9 * low && measured <= 1.1 * high,
+        "measured {:.1} Mbit/s against {against} {:.1}..{:.1} Mbit/s",
         measured / 1e6,
-        reference / 1e6
+        low / 1e6,
+        high / 1e6
     );
 }
 
 #[test]
-#[ignore = "missed 10% once in three loaded runs (a stall lets two trains agree early); run with --run-ignored"]
 fn linkem_rate_measurement_within_10_percent_at_50_mbit() {
     if skip("linkem_rate_measurement_within_10_percent_at_50_mbit") {
         return;
@@ -413,7 +424,7 @@ fn linkem_rate_measurement_within_10_percent_at_200_mbit() {
 }
 
 #[test]
-#[ignore = "missed 10% once in three loaded runs (a stall lets two trains agree early); run with --run-ignored"]
+#[ignore = "amst-tcp's trains through the CPU-bound emulator read 0.77-0.95 of iperf3 -P 8 run just before and after, on this loaded 2-core machine (in 10 % in 2 of 5 runs, 2026-12-04); its 32 MiB trains alone read about 0.8 of iperf3, so it is the transport's throughput here, not the estimator; run with --run-ignored"]
 fn linkem_rate_measurement_within_10_percent_at_1_gbit() {
     if skip("linkem_rate_measurement_within_10_percent_at_1_gbit") {
         return;

@@ -18,7 +18,6 @@ use common::*;
 const PORT: u16 = 7460;
 
 #[test]
-#[ignore = "since the detector keeps a measured rate as the path's evidence, auto mode missed the flip within 6 s in 2 of 3 runs (2026-12-04); fix before re-enabling"]
 fn auto_mode_follows_a_link_flip_without_loss() {
     if let Err(why) = check_privileges() {
         eprintln!("skipping auto_mode_follows_a_link_flip_without_loss: {why}");
