@@ -5,7 +5,9 @@
 use std::time::{Duration, Instant};
 
 use amst_core::codec::{Credit, DataChunk};
-use amst_core::{Inserted, ProtocolError, Reassembler, ReassemblyConfig, SendBuffer};
+use amst_core::{
+    Inserted, MIN_WINDOW, MemoryBudget, ProtocolError, Reassembler, ReassemblyConfig, SendBuffer,
+};
 use bytes::Bytes;
 use proptest::prelude::*;
 use rand::seq::SliceRandom;
@@ -425,4 +427,74 @@ fn a_header_and_payload_go_as_one_message_without_copying_the_payload() {
     assert_eq!(rx.pop().unwrap(), Bytes::new());
     tx.on_ack(&rx.ack()).unwrap();
     assert!(tx.is_empty());
+}
+
+/// Credit comes from the shared budget: two receivers on one budget divide it, a delivered
+/// message keeps its bytes charged until dropped, and the budget bounds what any peer can
+/// make the receivers hold.
+#[test]
+fn receivers_sharing_a_budget_divide_it_and_delivered_messages_stay_charged() {
+    let budget = MemoryBudget::new(8 << 20);
+    let config = ReassemblyConfig::default(); // a 64 MiB window, more than the whole budget
+    let mut a = Reassembler::with_budget(config, budget.clone());
+    assert_eq!(a.credit().limit, 8 << 20, "alone, a receiver takes the whole budget");
+    let mut b = Reassembler::with_budget(config, budget.clone());
+    assert_eq!(
+        b.credit().limit,
+        MIN_WINDOW,
+        "the budget is spent: the second gets only the guaranteed minimum"
+    );
+    assert_eq!(budget.held(), (8 << 20) + MIN_WINDOW);
+
+    // `a` fills its credit; the message keeps the charge after delivery.
+    let msg = Bytes::from(vec![5u8; 1 << 20]);
+    a.insert(DataChunk::new(0, 0, 0, msg.len() as u64, msg))
+        .unwrap();
+    let got = a.pop().unwrap();
+    assert_eq!(a.reserved_bytes(), 7 << 20, "the popped MiB left the reservation");
+    assert_eq!(
+        a.credit().limit,
+        8 << 20,
+        "no new credit while the application holds the message and the budget is full"
+    );
+    let slice = got.slice(10..20);
+    drop(got);
+    assert_eq!(budget.held(), (8 << 20) + MIN_WINDOW, "a slice still holds it");
+    drop(slice);
+    assert_eq!(budget.held(), (7 << 20) + MIN_WINDOW);
+
+    // With two receivers each may grow to half the budget: `b` takes what room there is.
+    let small = Bytes::from_static(b"hello");
+    b.insert(DataChunk::new(0, 0, 0, 5, small)).unwrap();
+    drop(b.pop());
+    assert_eq!(b.credit().limit, 1 << 20, "the minimum, then what the budget had left");
+    assert_eq!(budget.held(), budget.limit() - 5, "the dropped hello gave its 5 back");
+    assert!(budget.held() <= budget.limit() + MIN_WINDOW);
+    drop((a, b));
+    assert_eq!(budget.held(), 0, "every byte came back");
+}
+
+/// A flood of empty messages is bounded by message credit derived from the window.
+#[test]
+fn empty_messages_are_bounded_by_message_credit() {
+    let budget = MemoryBudget::new(128 << 10);
+    let config = ReassemblyConfig {
+        window: 64 << 20,
+        ..Default::default()
+    };
+    let mut rx = Reassembler::with_budget(config, budget);
+    let credit = rx.credit().max_msg_id;
+    // The budget is smaller than the guaranteed minimum window, which sets the count.
+    assert_eq!(credit, MIN_WINDOW / 1024, "one message id per KiB of the window");
+    // Out of order so that none can be popped: every one is held.
+    for id in (1..credit).rev() {
+        rx.insert(DataChunk::new(0, id, 0, 0, Bytes::new())).unwrap();
+    }
+    let err = rx
+        .insert(DataChunk::new(0, credit, 0, 0, Bytes::new()))
+        .unwrap_err();
+    assert!(
+        matches!(err, ProtocolError::CreditExceeded { end, granted } if end == credit && granted == credit),
+        "{err:?}"
+    );
 }
