@@ -39,9 +39,7 @@ mod send_buffer;
 mod transport;
 pub mod util;
 
-pub use budget::{
-    BudgetMember, Charge, DEFAULT_MEMORY_BUDGET, MemoryBudget, charged,
-};
+pub use budget::{BudgetMember, Charge, DEFAULT_MEMORY_BUDGET, MemoryBudget, charged};
 pub use crc::{crc32c, crc32c_append};
 pub use error::{Error, ProtocolError, Result};
 #[cfg(feature = "in-memory")]

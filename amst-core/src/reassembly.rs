@@ -50,7 +50,7 @@ impl Default for ReassemblyConfig {
 
 /// Credit every session gets whatever the budget holds (bounded by `window`): enough for
 /// progress, small enough that 64 sessions' worth stays far below the default budget.
-pub const MIN_WINDOW: u64 = 512 << 10;
+pub const MIN_WINDOW: u64 = 256 << 10;
 /// Message ids granted per byte of window: a window of tiny (or empty) messages costs
 /// bookkeeping, which bytes alone would not bound.
 const BYTES_PER_MESSAGE_CREDIT: u64 = 1 << 10;
@@ -157,8 +157,8 @@ impl Reassembler {
             });
         }
         if chunk.msg_id >= self.granted_messages {
-            return Err(ProtocolError::CreditExceeded {
-                end: chunk.msg_id,
+            return Err(ProtocolError::MessageCreditExceeded {
+                msg_id: chunk.msg_id,
                 granted: self.granted_messages,
             });
         }

@@ -225,7 +225,7 @@ fn too_many_pending_messages_is_a_protocol_error() {
     }
     assert!(matches!(
         rx.insert(DataChunk::new(4, 4, 0, 1, Bytes::from_static(b"x"))),
-        Err(ProtocolError::CreditExceeded { .. })
+        Err(ProtocolError::MessageCreditExceeded { .. })
     ));
     assert_eq!(rx.credit().max_msg_id, 4);
     rx.pop().unwrap();
@@ -437,7 +437,11 @@ fn receivers_sharing_a_budget_divide_it_and_delivered_messages_stay_charged() {
     let budget = MemoryBudget::new(8 << 20);
     let config = ReassemblyConfig::default(); // a 64 MiB window, more than the whole budget
     let mut a = Reassembler::with_budget(config, budget.clone());
-    assert_eq!(a.credit().limit, 8 << 20, "alone, a receiver takes the whole budget");
+    assert_eq!(
+        a.credit().limit,
+        8 << 20,
+        "alone, a receiver takes the whole budget"
+    );
     let mut b = Reassembler::with_budget(config, budget.clone());
     assert_eq!(
         b.credit().limit,
@@ -451,7 +455,11 @@ fn receivers_sharing_a_budget_divide_it_and_delivered_messages_stay_charged() {
     a.insert(DataChunk::new(0, 0, 0, msg.len() as u64, msg))
         .unwrap();
     let got = a.pop().unwrap();
-    assert_eq!(a.reserved_bytes(), 7 << 20, "the popped MiB left the reservation");
+    assert_eq!(
+        a.reserved_bytes(),
+        7 << 20,
+        "the popped MiB left the reservation"
+    );
     assert_eq!(
         a.credit().limit,
         8 << 20,
@@ -459,7 +467,11 @@ fn receivers_sharing_a_budget_divide_it_and_delivered_messages_stay_charged() {
     );
     let slice = got.slice(10..20);
     drop(got);
-    assert_eq!(budget.held(), (8 << 20) + MIN_WINDOW, "a slice still holds it");
+    assert_eq!(
+        budget.held(),
+        (8 << 20) + MIN_WINDOW,
+        "a slice still holds it"
+    );
     drop(slice);
     assert_eq!(budget.held(), (7 << 20) + MIN_WINDOW);
 
@@ -467,8 +479,16 @@ fn receivers_sharing_a_budget_divide_it_and_delivered_messages_stay_charged() {
     let small = Bytes::from_static(b"hello");
     b.insert(DataChunk::new(0, 0, 0, 5, small)).unwrap();
     drop(b.pop());
-    assert_eq!(b.credit().limit, 1 << 20, "the minimum, then what the budget had left");
-    assert_eq!(budget.held(), budget.limit() - 5, "the dropped hello gave its 5 back");
+    assert_eq!(
+        b.credit().limit,
+        1 << 20,
+        "the minimum, then what the budget had left"
+    );
+    assert_eq!(
+        budget.held(),
+        budget.limit() - 5,
+        "the dropped hello gave its 5 back"
+    );
     assert!(budget.held() <= budget.limit() + MIN_WINDOW);
     drop((a, b));
     assert_eq!(budget.held(), 0, "every byte came back");
@@ -485,16 +505,21 @@ fn empty_messages_are_bounded_by_message_credit() {
     let mut rx = Reassembler::with_budget(config, budget);
     let credit = rx.credit().max_msg_id;
     // The budget is smaller than the guaranteed minimum window, which sets the count.
-    assert_eq!(credit, MIN_WINDOW / 1024, "one message id per KiB of the window");
+    assert_eq!(
+        credit,
+        MIN_WINDOW / 1024,
+        "one message id per KiB of the window"
+    );
     // Out of order so that none can be popped: every one is held.
     for id in (1..credit).rev() {
-        rx.insert(DataChunk::new(0, id, 0, 0, Bytes::new())).unwrap();
+        rx.insert(DataChunk::new(0, id, 0, 0, Bytes::new()))
+            .unwrap();
     }
     let err = rx
         .insert(DataChunk::new(0, credit, 0, 0, Bytes::new()))
         .unwrap_err();
     assert!(
-        matches!(err, ProtocolError::CreditExceeded { end, granted } if end == credit && granted == credit),
+        matches!(err, ProtocolError::MessageCreditExceeded { msg_id, granted } if msg_id == credit && granted == credit),
         "{err:?}"
     );
 }
