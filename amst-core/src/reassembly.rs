@@ -128,7 +128,14 @@ impl Reassembler {
             granted_messages: 0,
             member,
         };
-        r.update_grant();
+        // Only the minimum until data arrives: a session that never receives (the sending
+        // side of most) holds almost none of the budget, and the first data opens the window.
+        let floor = config.window.min(MIN_WINDOW);
+        r.reserved.grow(floor);
+        r.granted = floor;
+        r.granted_messages = (floor / BYTES_PER_MESSAGE_CREDIT)
+            .max(MIN_MESSAGE_CREDIT)
+            .min(config.max_pending_messages.max(1));
         r
     }
 
