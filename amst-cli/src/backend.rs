@@ -266,9 +266,14 @@ pub struct Accepted {
 }
 
 impl Server {
-    /// Binds `addr`.
-    pub async fn bind(addr: SocketAddr, s: &Settings) -> CliResult<Server> {
-        let config = config(s)?;
+    /// Binds `addr`; every session holds what it receives against `budget`.
+    pub async fn bind(
+        addr: SocketAddr,
+        s: &Settings,
+        budget: amst_core::MemoryBudget,
+    ) -> CliResult<Server> {
+        let mut config = config(s)?;
+        config.memory_budget = budget;
         let listener = Amst::listen(addr, config)
             .await
             .map_err(|e| hybrid_failure(&format!("listening on {addr}"), &e))?;

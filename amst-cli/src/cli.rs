@@ -184,6 +184,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N")]
     pub max_sessions: Option<u64>,
 
+    /// Bytes all sessions together may hold of received data, e.g. 256M (default: 128 MiB).
+    /// Each session's credit is its share of it.
+    #[arg(long, value_name = "SIZE")]
+    pub memory_budget: Option<ByteSize>,
+
     #[command(flatten)]
     pub psk: PskArgs,
 

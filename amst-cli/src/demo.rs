@@ -35,7 +35,12 @@ pub async fn run(args: DemoArgs, g: &Global) -> CliResult<()> {
         psk: crate::psk::random(),
         args: transport.clone(),
     };
-    let server = Server::bind("127.0.0.1:0".parse().expect("valid"), &settings).await?;
+    let server = Server::bind(
+        "127.0.0.1:0".parse().expect("valid"),
+        &settings,
+        amst_core::MemoryBudget::process(),
+    )
+    .await?;
     let addr = server.local_addr();
     let receiver = tokio::spawn(async move {
         let acc = server.accept().await?;

@@ -15,6 +15,9 @@ use crate::run::Global;
 use crate::size::{human_bits_per_sec, human_bytes};
 use crate::transfer::{ReceiveOptions, Received, SessionReport, metric, receive_session};
 
+/// The smallest `--memory-budget` accepted.
+const MIN_MEMORY_BUDGET: u64 = 4 << 20;
+
 /// How long sessions still running at Ctrl-C may take to finish.
 const GRACE: Duration = Duration::from_secs(10);
 
@@ -65,7 +68,19 @@ pub async fn run(args: ServeArgs, g: &Global) -> CliResult<()> {
         psk,
         args: args.transport.clone(),
     };
-    let server = Server::bind(addr, &settings).await?;
+    let budget = match args.memory_budget {
+        Some(b) if b.0 < MIN_MEMORY_BUDGET => {
+            return Err(Failure::usage(format!(
+                "--memory-budget {} is too small: at least {} (a few sessions' guaranteed \
+                 minimum windows)",
+                human_bytes(b.0),
+                human_bytes(MIN_MEMORY_BUDGET)
+            )));
+        }
+        Some(b) => amst_core::MemoryBudget::new(b.0),
+        None => amst_core::MemoryBudget::process(),
+    };
+    let server = Server::bind(addr, &settings, budget).await?;
     let opts = Arc::new(ReceiveOptions {
         output: output.clone(),
     });

@@ -101,11 +101,23 @@ pub enum ProtocolError {
         limit: u64,
     },
     /// The peer sent beyond the credit we granted.
-    #[error("credit exceeded: data up to session offset {end} but only {granted} granted")]
+    #[error(
+        "credit exceeded: data up to session offset {end} but only {granted} granted (the credit window, from the memory budget)"
+    )]
     CreditExceeded {
         /// End of the offending chunk in the session byte sequence.
         end: u64,
         /// The limit we granted.
+        granted: u64,
+    },
+    /// The peer sent a message beyond the message credit we granted.
+    #[error(
+        "message credit exceeded: message id {msg_id} but only ids below {granted} granted (one per KiB of the credit window, from the memory budget)"
+    )]
+    MessageCreditExceeded {
+        /// The offending message.
+        msg_id: u64,
+        /// Message ids below this were granted.
         granted: u64,
     },
     /// A chunk disagrees with what earlier chunks said about the same bytes.

@@ -22,6 +22,7 @@
 //! ```
 
 mod assembly;
+mod budget;
 pub mod clock;
 pub mod codec;
 mod crc;
@@ -40,6 +41,7 @@ mod send_buffer;
 mod transport;
 pub mod util;
 
+pub use budget::{BudgetMember, Charge, DEFAULT_MEMORY_BUDGET, MemoryBudget, charged};
 pub use crc::{crc32c, crc32c_append};
 pub use error::{Error, ProtocolError, Result};
 #[cfg(feature = "in-memory")]
@@ -48,6 +50,6 @@ pub use metrics::TransportMetrics;
 pub use mode::{Congestion, Mode, TransportKind};
 pub use progress::{AckCounter, AckWatch, Beyond};
 pub use ranges::RangeSet;
-pub use reassembly::{Inserted, Reassembler, ReassemblyConfig};
+pub use reassembly::{Inserted, MIN_WINDOW, Reassembler, ReassemblyConfig};
 pub use send_buffer::{AckOutcome, Outgoing, PathId, SendBuffer};
 pub use transport::{BoxFuture, PathSample, Transport};

@@ -6,6 +6,12 @@
 //! credit as an absolute offset in it, so the sender can never make it buffer more than the
 //! window beyond what the application has taken, plus the message at the head of the line
 //! (which must be held whole: a message is delivered as one `Bytes`).
+//!
+//! Credit is backed by a [`MemoryBudget`]: the window grows only by bytes reserved there, and
+//! each session's window is at most its share of the budget, so many sessions divide one
+//! budget. A delivered message takes its bytes' reservation along and gives it back when the
+//! application drops it. A small minimum window is always granted, so that every session makes
+//! progress however full the budget is.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -13,6 +19,7 @@ use bytes::Bytes;
 
 use crate::ProtocolError;
 use crate::assembly::Assembly;
+use crate::budget::{BudgetMember, Charge, MemoryBudget, charged};
 use crate::codec::{AckFrame, Credit, DataChunk};
 use crate::ranges::RangeSet;
 
@@ -25,7 +32,8 @@ pub struct ReassemblyConfig {
     pub max_message: u64,
     /// Most SACK ranges reported in one ack.
     pub max_ack_ranges: usize,
-    /// Messages the sender may have outstanding beyond the last one popped.
+    /// Messages the sender may have outstanding beyond the last one popped; with a budget,
+    /// also at most one per KiB of the window granted now.
     pub max_pending_messages: u64,
 }
 
@@ -39,6 +47,15 @@ impl Default for ReassemblyConfig {
         }
     }
 }
+
+/// Credit every session gets whatever the budget holds (bounded by `window`): enough for
+/// progress, small enough that 64 sessions' worth stays far below the default budget.
+pub const MIN_WINDOW: u64 = 256 << 10;
+/// Message ids granted per byte of window: a window of tiny (or empty) messages costs
+/// bookkeeping, which bytes alone would not bound.
+const BYTES_PER_MESSAGE_CREDIT: u64 = 1 << 10;
+/// Message ids every session may have outstanding, however small its window.
+const MIN_MESSAGE_CREDIT: u64 = 64;
 
 /// What [`Reassembler::insert`] did with a chunk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,16 +94,29 @@ pub struct Reassembler {
     popped_end: u64,
     buffered: u64,
     duplicates: u64,
+    /// Reserves `granted - popped_end` bytes of the budget.
+    reserved: Charge,
+    /// Message ids below this may be sent; never lowered.
+    granted_messages: u64,
+    member: BudgetMember,
 }
 
 impl Reassembler {
-    /// A reassembler that has granted the first `config.window` bytes.
+    /// A reassembler with a budget of its own that never runs out: it grants `config.window`
+    /// bytes beyond what the application has taken.
     pub fn new(config: ReassemblyConfig) -> Self {
-        Reassembler {
+        Reassembler::with_budget(config, MemoryBudget::new(u64::MAX))
+    }
+
+    /// A reassembler whose credit comes from `budget`, shared with every other receiver
+    /// given the same budget.
+    pub fn with_budget(config: ReassemblyConfig, budget: MemoryBudget) -> Self {
+        let member = budget.join();
+        let mut r = Reassembler {
             config,
             received: RangeSet::new(),
             cumulative: 0,
-            granted: config.window,
+            granted: 0,
             partial: BTreeMap::new(),
             complete: VecDeque::new(),
             extents: BTreeMap::new(),
@@ -94,7 +124,19 @@ impl Reassembler {
             popped_end: 0,
             buffered: 0,
             duplicates: 0,
-        }
+            reserved: budget.empty_charge(),
+            granted_messages: 0,
+            member,
+        };
+        // Only the minimum until data arrives: a session that never receives (the sending
+        // side of most) holds almost none of the budget, and the first data opens the window.
+        let floor = config.window.min(MIN_WINDOW);
+        r.reserved.grow(floor);
+        r.granted = floor;
+        r.granted_messages = (floor / BYTES_PER_MESSAGE_CREDIT)
+            .max(MIN_MESSAGE_CREDIT)
+            .min(config.max_pending_messages.max(1));
+        r
     }
 
     /// Stores a chunk. Errors mean the peer broke the protocol (sent past credit, or chunks
@@ -121,10 +163,10 @@ impl Reassembler {
                 granted: self.granted,
             });
         }
-        if chunk.msg_id >= self.granted_messages() {
-            return Err(ProtocolError::CreditExceeded {
-                end: chunk.msg_id,
-                granted: self.granted_messages(),
+        if chunk.msg_id >= self.granted_messages {
+            return Err(ProtocolError::MessageCreditExceeded {
+                msg_id: chunk.msg_id,
+                granted: self.granted_messages,
             });
         }
         if chunk.msg_len > self.config.max_message {
@@ -248,8 +290,10 @@ impl Reassembler {
         self.popped_end = base + len;
         self.buffered -= len;
         self.next_pop += 1;
+        // The message's bytes stay charged until the application drops it.
+        let charge = self.reserved.split(len);
         self.update_grant();
-        Some(msg)
+        Some(charged(msg, charge))
     }
 
     fn update_grant(&mut self) {
@@ -260,7 +304,28 @@ impl Reassembler {
             .map(|&(base, len)| base + len)
             .unwrap_or(self.popped_end);
         let consumed = self.cumulative.min(head_end).max(self.popped_end);
-        self.granted = self.granted.max(consumed + self.config.window);
+        let floor = self.config.window.min(MIN_WINDOW);
+        let budget = self.member.budget().share();
+        let window = self.config.window.min(budget).max(floor);
+        let target = consumed.saturating_add(window);
+        if target > self.granted {
+            // The minimum is granted whatever the budget holds; the rest only if it has room.
+            let guaranteed = consumed.saturating_add(floor);
+            if guaranteed > self.granted {
+                self.reserved.grow(guaranteed - self.granted);
+                self.granted = guaranteed;
+            }
+            let want = target.saturating_sub(self.granted);
+            if want > 0 {
+                self.granted += self.reserved.grow_up_to(want);
+            }
+        }
+        let messages = (window / BYTES_PER_MESSAGE_CREDIT)
+            .max(MIN_MESSAGE_CREDIT)
+            .min(self.config.max_pending_messages.max(1));
+        self.granted_messages = self
+            .granted_messages
+            .max(self.next_pop.saturating_add(messages));
     }
 
     /// The acknowledgement to send now: everything received so far.
@@ -285,14 +350,14 @@ impl Reassembler {
     pub fn credit(&self) -> Credit {
         Credit {
             limit: self.granted,
-            max_msg_id: self.granted_messages(),
+            max_msg_id: self.granted_messages,
         }
     }
 
-    /// Message ids below this may be sent: bounds per-message bookkeeping, which byte credit
-    /// alone would not (a window of tiny messages).
-    fn granted_messages(&self) -> u64 {
-        self.next_pop + self.config.max_pending_messages
+    /// Bytes of the budget this receiver reserves now: credit granted beyond the messages
+    /// the application has taken (which carry their own share until dropped).
+    pub fn reserved_bytes(&self) -> u64 {
+        self.reserved.bytes()
     }
 
     /// Every byte below this session offset has arrived.

@@ -5,7 +5,9 @@
 //! page-faults under the first copy into it: with 8 streams over loopback that was 15% of all
 //! CPU (perf). When the application drops such a message, its buffer comes back here, and the
 //! next message of a similar size reuses the mapped pages. The cache is bounded for the whole
-//! process, in bytes and in buffers, whatever the number of sessions.
+//! process, in bytes and in buffers, whatever the number of sessions, and it keeps a buffer
+//! only while the process's [`MemoryBudget`](crate::MemoryBudget) has room for it besides
+//! what the receivers hold: idle memory never pushes the process past its budget.
 //!
 //! A reused buffer holds an earlier message's bytes. [`Assembly`](crate::assembly) never
 //! exposes a byte it has not written, so none of them can leak into a new message.
@@ -81,8 +83,12 @@ impl Drop for Returning {
     fn drop(&mut self) {
         let mut v = std::mem::take(&mut self.0);
         v.clear();
+        let budget = crate::MemoryBudget::process();
         let mut c = cache();
-        if c.free.len() < MAX_CACHED_BUFFERS && c.bytes + v.capacity() <= MAX_CACHED_BYTES {
+        let room = budget.limit().saturating_sub(budget.held());
+        if c.free.len() < MAX_CACHED_BUFFERS
+            && c.bytes + v.capacity() <= MAX_CACHED_BYTES.min(room as usize)
+        {
             c.bytes += v.capacity();
             c.free.push(v);
         }

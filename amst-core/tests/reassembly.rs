@@ -5,7 +5,9 @@
 use std::time::{Duration, Instant};
 
 use amst_core::codec::{Credit, DataChunk};
-use amst_core::{Inserted, ProtocolError, Reassembler, ReassemblyConfig, SendBuffer};
+use amst_core::{
+    Inserted, MIN_WINDOW, MemoryBudget, ProtocolError, Reassembler, ReassemblyConfig, SendBuffer,
+};
 use bytes::Bytes;
 use proptest::prelude::*;
 use rand::seq::SliceRandom;
@@ -223,7 +225,7 @@ fn too_many_pending_messages_is_a_protocol_error() {
     }
     assert!(matches!(
         rx.insert(DataChunk::new(4, 4, 0, 1, Bytes::from_static(b"x"))),
-        Err(ProtocolError::CreditExceeded { .. })
+        Err(ProtocolError::MessageCreditExceeded { .. })
     ));
     assert_eq!(rx.credit().max_msg_id, 4);
     rx.pop().unwrap();
@@ -425,4 +427,82 @@ fn a_header_and_payload_go_as_one_message_without_copying_the_payload() {
     assert_eq!(rx.pop().unwrap(), Bytes::new());
     tx.on_ack(&rx.ack()).unwrap();
     assert!(tx.is_empty());
+}
+
+/// Credit comes from the shared budget: two receivers on one budget divide it, a delivered
+/// message keeps its bytes charged until dropped, and the budget bounds what any peer can
+/// make the receivers hold.
+#[test]
+fn receivers_sharing_a_budget_divide_it_and_delivered_messages_stay_charged() {
+    let budget = MemoryBudget::new(8 << 20);
+    let config = ReassemblyConfig::default(); // a 64 MiB window, more than the whole budget
+    let mut a = Reassembler::with_budget(config, budget.clone());
+    let mut b = Reassembler::with_budget(config, budget.clone());
+    assert_eq!(
+        a.credit().limit,
+        MIN_WINDOW,
+        "only the minimum before data arrives"
+    );
+    assert_eq!(budget.held(), 2 * MIN_WINDOW);
+
+    // Data opens `a`'s window to its share: half the budget, two receivers sharing it.
+    let msg = Bytes::from(vec![5u8; MIN_WINDOW as usize]);
+    a.insert(DataChunk::new(0, 0, 0, MIN_WINDOW, msg)).unwrap();
+    let got = a.pop().unwrap();
+    assert_eq!(a.credit().limit, MIN_WINDOW + (4 << 20));
+    assert_eq!(
+        a.reserved_bytes(),
+        4 << 20,
+        "the popped message left the reservation"
+    );
+    assert_eq!(budget.held(), MIN_WINDOW + (4 << 20) + MIN_WINDOW);
+
+    // `b` may grow to its share too, but only as far as the budget has room: the message
+    // the application still holds counts.
+    b.insert(DataChunk::new(0, 0, 0, 5, Bytes::from_static(b"hello")))
+        .unwrap();
+    drop(b.pop());
+    assert!(b.credit().limit > MIN_WINDOW && b.credit().limit < 5 + (4 << 20));
+    assert!(budget.held() <= budget.limit());
+    let slice = got.slice(10..20);
+    drop(got);
+    let before = budget.held();
+    drop(slice);
+    assert_eq!(
+        budget.held(),
+        before - MIN_WINDOW,
+        "the last slice gave the bytes back"
+    );
+    drop((a, b));
+    assert_eq!(budget.held(), 0, "every byte came back");
+}
+
+/// A flood of empty messages is bounded by message credit derived from the window.
+#[test]
+fn empty_messages_are_bounded_by_message_credit() {
+    let budget = MemoryBudget::new(128 << 10);
+    let config = ReassemblyConfig {
+        window: 64 << 20,
+        ..Default::default()
+    };
+    let mut rx = Reassembler::with_budget(config, budget);
+    let credit = rx.credit().max_msg_id;
+    // The budget is smaller than the guaranteed minimum window, which sets the count.
+    assert_eq!(
+        credit,
+        MIN_WINDOW / 1024,
+        "one message id per KiB of the window"
+    );
+    // Out of order so that none can be popped: every one is held.
+    for id in (1..credit).rev() {
+        rx.insert(DataChunk::new(0, id, 0, 0, Bytes::new()))
+            .unwrap();
+    }
+    let err = rx
+        .insert(DataChunk::new(0, credit, 0, 0, Bytes::new()))
+        .unwrap_err();
+    assert!(
+        matches!(err, ProtocolError::MessageCreditExceeded { msg_id, granted } if msg_id == credit && granted == credit),
+        "{err:?}"
+    );
 }

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use amst_core::codec::Psk;
-use amst_core::{Congestion, Mode, TransportKind};
+use amst_core::{Congestion, MemoryBudget, Mode, TransportKind};
 
 use crate::{Error, Result};
 
@@ -119,8 +119,16 @@ pub struct AmstConfig {
     pub send_window: u64,
     /// Largest message.
     pub max_message: u64,
-    /// Bytes received ahead of a gap before the peer is declared broken.
+    /// Bytes received ahead of a gap before the peer is declared broken (each message
+    /// counts [`REORDER_MESSAGE_COST`](crate::merger::REORDER_MESSAGE_COST) bytes more, so
+    /// empty messages count too).
     pub max_reorder_bytes: u64,
+    /// Messages received ahead of a gap before the peer is declared broken.
+    pub max_reorder_messages: u64,
+    /// The byte budget every received byte is held against, shared by every session given
+    /// the same budget: the transports' credit comes from it, and messages held for
+    /// reordering stay charged to it. [`MemoryBudget::process`] (128 MiB) unless set.
+    pub memory_budget: MemoryBudget,
     /// Bytes of in-order messages waiting for `recv` before the readers stop pulling.
     pub recv_buffer: u64,
     /// How long a new transport may take to be attached by the server.
@@ -156,7 +164,9 @@ impl AmstConfig {
             keep_warm: false,
             send_window: 64 << 20,
             max_message: 1 << 30,
-            max_reorder_bytes: 3 << 30,
+            max_reorder_bytes: 128 << 20,
+            max_reorder_messages: 1 << 16,
+            memory_budget: MemoryBudget::process(),
             recv_buffer: 64 << 20,
             attach_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(30),
@@ -217,6 +227,9 @@ impl AmstConfig {
         }
         if self.send_window == 0 || self.recv_buffer == 0 {
             return bad("send_window", "and recv_buffer must be positive".into());
+        }
+        if self.max_reorder_messages == 0 {
+            return bad("max_reorder_messages", "is 0; at least 1".into());
         }
         if self.max_reorder_bytes < self.send_window {
             return bad(
@@ -355,6 +368,10 @@ setters! {
     max_message: u64,
     /// See [`AmstConfig::max_reorder_bytes`].
     max_reorder_bytes: u64,
+    /// See [`AmstConfig::max_reorder_messages`].
+    max_reorder_messages: u64,
+    /// See [`AmstConfig::memory_budget`].
+    memory_budget: MemoryBudget,
     /// See [`AmstConfig::recv_buffer`].
     recv_buffer: u64,
     /// See [`AmstConfig::attach_timeout`].

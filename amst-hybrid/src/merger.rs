@@ -3,8 +3,11 @@
 //!
 //! Memory: messages that arrive ahead of a gap wait in `pending`. The sender never has more than
 //! its window unacknowledged, so a gap is at most one window wide plus whatever the transports
-//! acknowledged but have not handed over yet; `max_pending_bytes` is the safety net that turns
-//! a misbehaving peer into an error instead of growth. Messages ready for the application wait
+//! acknowledged but have not handed over yet; `max_pending_bytes` and `max_pending_messages`
+//! are the safety net that turns a misbehaving peer into an error instead of growth. Each
+//! message counts [`REORDER_MESSAGE_COST`] bytes besides its payload, so a flood of empty
+//! messages is bounded too. (The payloads stay charged to the transports' memory budget
+//! while they wait here.) Messages ready for the application wait
 //! in `ready`, and the reader stops pulling from transports while `ready` is over its limit, so
 //! that transport credit pushes back on the sender.
 
@@ -13,6 +16,10 @@ use std::collections::{BTreeMap, VecDeque};
 use bytes::Bytes;
 
 use crate::{Error, Result};
+
+/// Bytes each message held ahead of a gap counts besides its payload: about what its entry
+/// costs in memory.
+pub const REORDER_MESSAGE_COST: u64 = 128;
 
 /// What [`ReceiveMerger::insert`] did with a message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,6 +37,7 @@ pub struct ReceiveMerger {
     pending: BTreeMap<u64, Bytes>,
     pending_bytes: u64,
     max_pending_bytes: u64,
+    max_pending_messages: u64,
     ready: VecDeque<Bytes>,
     ready_bytes: u64,
     duplicates: u64,
@@ -39,13 +47,15 @@ pub struct ReceiveMerger {
 }
 
 impl ReceiveMerger {
-    /// An empty merger expecting message 0.
-    pub fn new(max_pending_bytes: u64) -> Self {
+    /// An empty merger expecting message 0 that holds at most `max_pending_bytes` (payloads
+    /// plus [`REORDER_MESSAGE_COST`] each) and `max_pending_messages` ahead of a gap.
+    pub fn new(max_pending_bytes: u64, max_pending_messages: u64) -> Self {
         ReceiveMerger {
             next: 0,
             pending: BTreeMap::new(),
             pending_bytes: 0,
             max_pending_bytes,
+            max_pending_messages,
             ready: VecDeque::new(),
             ready_bytes: 0,
             duplicates: 0,
@@ -71,17 +81,25 @@ impl ReceiveMerger {
         if seq == self.next {
             self.push_ready(msg);
             while let Some(m) = self.pending.remove(&self.next) {
-                self.pending_bytes -= m.len() as u64;
+                self.pending_bytes -= m.len() as u64 + REORDER_MESSAGE_COST;
                 self.push_ready(m);
             }
         } else {
-            let len = msg.len() as u64;
+            let len = msg.len() as u64 + REORDER_MESSAGE_COST;
             if self.pending_bytes + len > self.max_pending_bytes {
                 return Err(Error::protocol(format!(
-                    "message {seq} would hold {} bytes out of order waiting for message {} (limit {})",
+                    "message {seq} would hold {} bytes out of order waiting for message {} (max_reorder_bytes {}, counting {REORDER_MESSAGE_COST} per message)",
                     self.pending_bytes + len,
                     self.next,
                     self.max_pending_bytes
+                )));
+            }
+            if self.pending.len() as u64 >= self.max_pending_messages {
+                return Err(Error::protocol(format!(
+                    "message {seq} would be message {} held out of order waiting for message {} (max_reorder_messages {})",
+                    self.pending.len() + 1,
+                    self.next,
+                    self.max_pending_messages
                 )));
             }
             self.pending_bytes += len;
@@ -133,7 +151,7 @@ impl ReceiveMerger {
         self.ready_bytes
     }
 
-    /// Bytes held ahead of a gap.
+    /// Bytes held ahead of a gap, with [`REORDER_MESSAGE_COST`] for each message.
     pub fn pending_bytes(&self) -> u64 {
         self.pending_bytes
     }
@@ -159,7 +177,7 @@ mod tests {
 
     #[test]
     fn reorders_drops_duplicates_and_finishes() {
-        let mut r = ReceiveMerger::new(1 << 20);
+        let mut r = ReceiveMerger::new(1 << 20, 100);
         assert_eq!(r.insert(1, m(1)).unwrap(), Merged::New);
         assert_eq!(r.pop(), None, "gap at 0");
         assert_eq!(r.insert(1, m(1)).unwrap(), Merged::Duplicate);
@@ -178,14 +196,33 @@ mod tests {
 
     #[test]
     fn out_of_order_bytes_are_bounded() {
-        let mut r = ReceiveMerger::new(16);
+        let mut r = ReceiveMerger::new(2 * (8 + REORDER_MESSAGE_COST), 100);
         r.insert(1, m(1)).unwrap();
         r.insert(2, m(2)).unwrap();
         let err = r.insert(3, m(3)).unwrap_err().to_string();
-        assert!(err.contains("waiting for message 0"), "{err}");
-        assert_eq!(r.pending_bytes(), 16);
+        assert!(
+            err.contains("waiting for message 0") && err.contains("max_reorder_bytes"),
+            "{err}"
+        );
+        assert_eq!(r.pending_bytes(), 2 * (8 + REORDER_MESSAGE_COST));
         r.insert(0, m(0)).unwrap();
         assert_eq!(r.pending_bytes(), 0);
         assert!(r.set_end(2).is_err(), "3 messages arrived");
+    }
+
+    #[test]
+    fn out_of_order_messages_are_counted_even_when_empty() {
+        let mut r = ReceiveMerger::new(1 << 20, 3);
+        for seq in 1..=3 {
+            r.insert(seq, Bytes::new()).unwrap();
+        }
+        let err = r.insert(4, Bytes::new()).unwrap_err().to_string();
+        assert!(err.contains("max_reorder_messages 3"), "{err}");
+        let mut r = ReceiveMerger::new(10 * REORDER_MESSAGE_COST, 1000);
+        for seq in 1..=10 {
+            r.insert(seq, Bytes::new()).unwrap();
+        }
+        let err = r.insert(11, Bytes::new()).unwrap_err().to_string();
+        assert!(err.contains("max_reorder_bytes"), "{err}");
     }
 }

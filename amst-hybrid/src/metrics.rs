@@ -79,8 +79,8 @@ pub struct AmstMetrics {
     /// The credit window the peer grants the current route, bytes.
     pub credit_window: Option<u64>,
     /// Bytes this side holds for received data that `recv` has not taken: the transports'
-    /// reassembly plus the merger's reorder buffer. No session-wide memory budget exists
-    /// yet; this is what such a budget would be charged with.
+    /// reassembly plus the merger's reorder buffer. (The process-wide total held against the
+    /// memory budget is [`MemoryBudget::held`](amst_core::MemoryBudget::held).)
     pub receive_held_bytes: u64,
     /// The detector's latest verdict, if auto mode runs and it has decided.
     pub detector: Option<DetectorVerdict>,

@@ -21,6 +21,7 @@ pub const QUIC_SERVER_NAME: &str = "amst";
 pub fn quic_config(config: &AmstConfig, profile: &LaneProfile) -> QuicConfig {
     let mut q = QuicConfig::new(config.psk.clone()).with_congestion(profile.congestion.into());
     q.max_message = config.max_message + wire::DATA_HEADER_LEN as u64;
+    q.memory_budget = config.memory_budget.clone();
     q
 }
 
@@ -50,6 +51,7 @@ impl QuicAcceptor {
         let identity = Identity::self_signed(&[QUIC_SERVER_NAME])?;
         let mut q = QuicConfig::new(config.psk.clone()).with_identity(identity);
         q.max_message = config.max_message + wire::DATA_HEADER_LEN as u64;
+        q.memory_budget = config.memory_budget.clone();
         Ok(QuicAcceptor {
             listener: QuicListener::bind(addr, q)?,
         })

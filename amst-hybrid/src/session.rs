@@ -211,7 +211,10 @@ impl Shared {
         };
         let shared = Arc::new(Shared {
             role,
-            merger: Mutex::new(ReceiveMerger::new(config.max_reorder_bytes)),
+            merger: Mutex::new(ReceiveMerger::new(
+                config.max_reorder_bytes,
+                config.max_reorder_messages,
+            )),
             instruments: Instruments::new(role),
             config,
             session_id,

@@ -72,6 +72,7 @@ impl TcpConnector {
     /// The amst-tcp configuration for a lane profile.
     pub fn tcp_config(&self, profile: &LaneProfile) -> TcpConfig {
         tcp_config(&self.psk, profile, self.max_message)
+            .with_memory_budget(self.config.memory_budget.clone())
     }
 }
 
@@ -151,6 +152,7 @@ impl TcpAcceptor {
         c.max_streams = config.max_streams.max(c.max_streams);
         c.max_message = config.max_message + wire::DATA_HEADER_LEN as u64;
         c.tls = Some(amst_tcp::TcpTls::psk_bound().with_plaintext_too());
+        c.memory_budget = config.memory_budget.clone();
         Ok(TcpAcceptor {
             listener: TcpListener::bind(addr, c).await?,
         })

@@ -105,7 +105,7 @@ proptest! {
         prop_assert!(ledger.is_empty(), "{} left", ledger.unacked_messages());
 
         // (4): feed the merger every lane's full delivery stream, interleaved pseudo-randomly.
-        let mut merger = ReceiveMerger::new(u64::MAX);
+        let mut merger = ReceiveMerger::new(u64::MAX, u64::MAX);
         let mut cursors = vec![0usize; lanes.len()];
         let mut rng = interleave | 1;
         let mut out = Vec::new();
@@ -132,7 +132,7 @@ proptest! {
             rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17;
             arrivals.swap(i, (rng as usize) % (i + 1));
         }
-        let mut m = ReceiveMerger::new(u64::MAX);
+        let mut m = ReceiveMerger::new(u64::MAX, u64::MAX);
         let mut seen = BTreeSet::new();
         let mut out = Vec::new();
         for s in arrivals {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use amst_core::codec::Psk;
-use amst_core::{Congestion, Error, Result};
+use amst_core::{Congestion, Error, MemoryBudget, Result};
 
 use crate::tls::{Fingerprint, Identity};
 
@@ -132,6 +132,11 @@ pub struct QuicConfig {
     /// Bytes the peer may have in flight towards us: AMST's credit window, and QUIC's stream
     /// and connection receive windows. Size it from the path with [`QuicConfig::for_path`].
     pub window: u64,
+    /// The byte budget received messages are held against (AMST's credit is at most this
+    /// connection's share of it), shared with every session given the same budget:
+    /// [`MemoryBudget::process`] unless set. quinn's own receive buffers (up to `window`)
+    /// are not counted.
+    pub memory_budget: MemoryBudget,
     /// Largest message accepted or sent.
     pub max_message: u64,
     /// Largest chunk of a message written as one frame.
@@ -185,6 +190,7 @@ impl QuicConfig {
             congestion: CongestionControl::default(),
             mapping: StreamMapping::default(),
             window: 32 << 20,
+            memory_budget: MemoryBudget::process(),
             max_message: 1 << 30,
             max_chunk: 256 << 10,
             alpn: ALPN.to_vec(),

@@ -224,7 +224,10 @@ impl Shared {
             tx: Mutex::new(SendBuffer::new(config.max_message)),
             acked_messages: AckCounter::new(),
             tx_changed: Notify::new(),
-            rx: Mutex::new(Reassembler::new(reassembly)),
+            rx: Mutex::new(Reassembler::with_budget(
+                reassembly,
+                config.memory_budget.clone(),
+            )),
             rx_changed: Notify::new(),
             ack_wanted: Notify::new(),
             failure: Mutex::new(None),

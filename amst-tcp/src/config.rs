@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use amst_core::codec::{PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, Psk};
-use amst_core::{Congestion, Error, Result};
+use amst_core::{Congestion, Error, MemoryBudget, Result};
 
 use crate::tls::TcpTls;
 
@@ -45,8 +45,12 @@ pub struct TcpConfig {
     pub adaptive: bool,
     /// The pre-shared key both sides prove they hold before any data is accepted.
     pub psk: Psk,
-    /// Bytes the peer may send beyond what the application has taken (the credit window).
+    /// Bytes the peer may send beyond what the application has taken (the credit window),
+    /// at most: the window is also at most this session's share of `memory_budget`.
     pub receive_window: u64,
+    /// The byte budget every received byte is held against, shared with every other session
+    /// given the same budget: [`MemoryBudget::process`] unless set.
+    pub memory_budget: MemoryBudget,
     /// Bytes `send` accepts into the queue before it waits for the writers to catch up.
     pub send_queue: u64,
     /// Largest message accepted, either way.
@@ -104,6 +108,7 @@ impl TcpConfig {
             adaptive: true,
             psk,
             receive_window: 64 << 20,
+            memory_budget: MemoryBudget::process(),
             send_queue: 32 << 20,
             max_message: 1 << 30,
             handshake_timeout: Duration::from_secs(10),
@@ -147,6 +152,12 @@ impl TcpConfig {
     /// Turns TLS on with these settings, or off with `None`.
     pub fn with_tls(mut self, tls: Option<TcpTls>) -> Self {
         self.tls = tls;
+        self
+    }
+
+    /// Holds received bytes against `budget` instead of the process's.
+    pub fn with_memory_budget(mut self, budget: MemoryBudget) -> Self {
+        self.memory_budget = budget;
         self
     }
 

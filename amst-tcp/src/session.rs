@@ -25,6 +25,9 @@ use crate::conn::Conn;
 use crate::sockopt::{self, Applied};
 use crate::stats::{BufferStats, StreamCtl, StreamStats};
 
+/// Control frames waiting for a writer, at most; Pongs beyond it are dropped.
+const MAX_QUEUED_CONTROL: usize = 256;
+
 /// Bytes of a probe train one writer takes at a time.
 const PROBE_SLICE: usize = 256 << 10;
 
@@ -203,11 +206,14 @@ impl Shared {
             max_message: config.max_message,
             ..Limits::default()
         };
-        let reasm = Reassembler::new(ReassemblyConfig {
-            window: config.receive_window,
-            max_message: config.max_message,
-            ..ReassemblyConfig::default()
-        });
+        let reasm = Reassembler::with_budget(
+            ReassemblyConfig {
+                window: config.receive_window,
+                max_message: config.max_message,
+                ..ReassemblyConfig::default()
+            },
+            config.memory_budget.clone(),
+        );
         let shared = Arc::new(Shared {
             target_streams: AtomicUsize::new(config.streams),
             chunk_size: AtomicUsize::new(config.chunk_size),
@@ -289,7 +295,15 @@ impl Shared {
 
     /// Queues a control frame (Ping, Pong) for the next writer.
     pub(crate) fn queue_frame(&self, frame: Frame) {
-        lock(&self.ctrl_queue).push_back(frame);
+        {
+            let mut q = lock(&self.ctrl_queue);
+            if q.len() >= MAX_QUEUED_CONTROL && matches!(frame, Frame::Pong(_)) {
+                // A peer that pings faster than it reads its answers loses some: the queue
+                // stays small whatever it sends.
+                return;
+            }
+            q.push_back(frame);
+        }
         self.ctrl_queued.store(true, Ordering::Release);
         self.tx_wake.notify_one();
     }

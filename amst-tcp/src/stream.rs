@@ -5,6 +5,12 @@
 //! one: work stealing, not round-robin. Headers and payloads go out in one vectored write, the
 //! payload never copied. The reader decodes frames in place and hands data chunks to the
 //! reassembler; chunks are split off large read slabs without a copy.
+//!
+//! Memory: each reader's slab is charged to the session's memory budget. A message that
+//! arrives whole in one chunk would keep the slab it was read into alive as long as the
+//! application holds it; one that would pin a slab more than twice its size is copied out,
+//! and one that is kept pays for the rest of its slab, so that what a peer makes us pin is
+//! always counted.
 
 use std::io::{self, IoSlice};
 use std::sync::Arc;
@@ -12,8 +18,8 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use amst_core::codec::{Close, CloseCode, DATA_HEADER_LEN, DataChunk, Decoder, Frame, Pong};
-use amst_core::{Inserted, PathId};
-use bytes::BytesMut;
+use amst_core::{Charge, Inserted, PathId, charged};
+use bytes::{Bytes, BytesMut};
 use tracing::{debug, trace};
 
 use crate::conn::{ReadSide, WriteSide};
@@ -217,6 +223,9 @@ async fn read_loop(
     let mut hint = SMALL_READ;
     let mut read_frames = 1;
     let mut frames: Vec<Frame> = Vec::new();
+    let budget = &shared.config.memory_budget;
+    let mut slab_len = buf.capacity();
+    let mut _slab_charge: Charge = budget.charge(slab_len as u64);
     loop {
         // Decode what we have; stop at the first incomplete frame.
         loop {
@@ -233,6 +242,11 @@ async fn read_loop(
             shared.last_heard.store(shared.now_ns(), Ordering::Relaxed);
             if !shared.heard.load(Ordering::Relaxed) {
                 shared.heard.store(true, Ordering::Relaxed);
+            }
+        }
+        for f in frames.iter_mut() {
+            if let Frame::Data(chunk) = f {
+                unpin_from_slab(shared, chunk, slab_len);
             }
         }
         if !frames.is_empty() && !handle_frames(shared, path, ctl, &mut frames) {
@@ -262,12 +276,20 @@ async fn read_loop(
             let streams = shared.stream_count().max(1);
             read_frames = (READ_BUDGET / hint.saturating_mul(streams)).clamp(1, MAX_READ_FRAMES);
             // Two reads' worth: one being reassembled while the next comes in.
-            let slab = want.max(hint.saturating_mul(read_frames * 2));
+            let mut slab = want.max(hint.saturating_mul(read_frames * 2));
+            if budget.held().saturating_add(slab as u64) > budget.limit() {
+                // The budget is spent (many sessions, or a full window): one frame at a time.
+                read_frames = 1;
+                slab = want;
+            }
             if !buf.try_reclaim(slab.saturating_sub(buf.len())) {
                 let mut fresh = BytesMut::with_capacity(slab);
                 fresh.extend_from_slice(&buf);
                 buf = fresh;
             }
+            // The old slab, if still alive, is paid for by the chunks that pin it.
+            slab_len = buf.capacity();
+            _slab_charge = budget.charge(slab_len as u64);
         }
         // To the end of the frame in progress and read_frames - 1 more of the last size seen:
         // with frames of one size, reads and so slabs end on frame boundaries, and no partial
@@ -286,6 +308,27 @@ async fn read_loop(
                 format!("stream ended inside a frame ({} bytes pending)", buf.len()),
             ));
         }
+    }
+}
+
+/// A chunk that is a whole message is kept as a slice of the read slab, so it keeps the whole
+/// slab alive until the application drops it. A small one is copied out instead (a copy of
+/// a small message is cheap; pinning an 8 MiB slab for it is not); a large one keeps the
+/// slab and is charged for the part of the slab it does not use, so a slab's bytes are
+/// always counted while they are pinned.
+fn unpin_from_slab(shared: &Shared, chunk: &mut DataChunk, slab_len: usize) {
+    let len = chunk.payload.len();
+    let whole = chunk.msg_offset == 0 && len as u64 == chunk.msg_len;
+    if !whole || len == 0 {
+        // Parts of larger messages are copied into the message's buffer and let go at once.
+        return;
+    }
+    if len.saturating_mul(2) < slab_len {
+        chunk.payload = Bytes::copy_from_slice(&chunk.payload);
+    } else {
+        let rest = slab_len.saturating_sub(len) as u64;
+        let surcharge = shared.config.memory_budget.charge(rest);
+        chunk.payload = charged(std::mem::take(&mut chunk.payload), surcharge);
     }
 }
 

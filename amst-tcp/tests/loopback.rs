@@ -357,7 +357,14 @@ async fn close_is_graceful_and_later_calls_fail_cleanly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_directions_carry_data_at_once() {
     init_tracing();
-    let (client, server) = pair(fixed(4), fixed(4)).await;
+    // Each side buffers all 64 MiB unread until its own send is flushed: a budget with room
+    // for that in all four receivers of this process.
+    let budget = amst_core::MemoryBudget::new(512 << 20);
+    let (client, server) = pair(
+        fixed(4).with_memory_budget(budget.clone()),
+        fixed(4).with_memory_budget(budget),
+    )
+    .await;
     let (client, server) = (Arc::new(client), Arc::new(server));
     let total = 64u64 << 20;
     let a = {

@@ -1,0 +1,311 @@
+//! One byte budget for everything a receiver holds for its peers, shared by every session of
+//! the process.
+//!
+//! A receiver grants credit only against bytes reserved here, so a peer can make it hold no
+//! more than its share, and 64 sessions divide one budget instead of each taking a default
+//! window. Bytes keep their charge after they leave the transport: a delivered message
+//! releases its bytes only when the application drops the last `Bytes` sharing it (see
+//! [`charged`]), so queues above the transport (a reorder buffer, a file sink's queue) are
+//! counted without knowing about the budget.
+//!
+//! The hot path is one atomic add or compare-and-swap per change; there is no lock.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+
+/// The default process-wide budget: 128 MiB.
+pub const DEFAULT_MEMORY_BUDGET: u64 = 128 << 20;
+
+/// A shared byte budget. Cloning gives another handle to the same budget.
+#[derive(Clone, Debug)]
+pub struct MemoryBudget {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    limit: u64,
+    held: AtomicU64,
+    receivers: AtomicU64,
+}
+
+impl MemoryBudget {
+    /// A new budget of `limit` bytes, separate from every other.
+    pub fn new(limit: u64) -> Self {
+        MemoryBudget {
+            inner: Arc::new(Inner {
+                limit,
+                held: AtomicU64::new(0),
+                receivers: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// The budget every configuration uses unless given another: one per process,
+    /// [`DEFAULT_MEMORY_BUDGET`] bytes.
+    pub fn process() -> Self {
+        static PROCESS: OnceLock<MemoryBudget> = OnceLock::new();
+        PROCESS
+            .get_or_init(|| MemoryBudget::new(DEFAULT_MEMORY_BUDGET))
+            .clone()
+    }
+
+    /// Bytes this budget allows.
+    pub fn limit(&self) -> u64 {
+        self.inner.limit
+    }
+
+    /// Bytes held against the budget now; may exceed [`limit`](Self::limit) by the small
+    /// guaranteed minimum each session keeps so that it always makes progress.
+    pub fn held(&self) -> u64 {
+        self.inner.held.load(Ordering::Relaxed)
+    }
+
+    /// Receivers (sessions) sharing the budget now.
+    pub fn receivers(&self) -> u64 {
+        self.inner.receivers.load(Ordering::Relaxed)
+    }
+
+    /// One receiver's fair share: the limit divided among the receivers registered now.
+    pub fn share(&self) -> u64 {
+        self.inner.limit / self.receivers().max(1)
+    }
+
+    /// Registers a receiver for [`share`](Self::share) until the returned guard drops.
+    pub fn join(&self) -> BudgetMember {
+        self.inner.receivers.fetch_add(1, Ordering::Relaxed);
+        BudgetMember {
+            budget: self.clone(),
+        }
+    }
+
+    /// Charges `bytes` if the budget has room for them, else nothing.
+    pub fn try_charge(&self, bytes: u64) -> Option<Charge> {
+        self.try_reserve(bytes).then(|| Charge {
+            budget: self.clone(),
+            bytes,
+        })
+    }
+
+    /// Charges `bytes` whether or not the budget has room: for bytes already in memory
+    /// (which must be counted so that others back off) or a guaranteed minimum.
+    pub fn charge(&self, bytes: u64) -> Charge {
+        self.inner.held.fetch_add(bytes, Ordering::Relaxed);
+        Charge {
+            budget: self.clone(),
+            bytes,
+        }
+    }
+
+    /// A charge of nothing, to grow later.
+    pub fn empty_charge(&self) -> Charge {
+        Charge {
+            budget: self.clone(),
+            bytes: 0,
+        }
+    }
+
+    fn try_reserve(&self, bytes: u64) -> bool {
+        let held = &self.inner.held;
+        let mut now = held.load(Ordering::Relaxed);
+        loop {
+            let Some(after) = now.checked_add(bytes).filter(|a| *a <= self.inner.limit) else {
+                return false;
+            };
+            match held.compare_exchange_weak(now, after, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return true,
+                Err(actual) => now = actual,
+            }
+        }
+    }
+
+    fn release(&self, bytes: u64) {
+        if bytes > 0 {
+            self.inner.held.fetch_sub(bytes, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Default for MemoryBudget {
+    fn default() -> Self {
+        MemoryBudget::process()
+    }
+}
+
+/// Bytes held against a [`MemoryBudget`], given back when dropped.
+#[derive(Debug)]
+pub struct Charge {
+    budget: MemoryBudget,
+    bytes: u64,
+}
+
+impl Charge {
+    /// Bytes this charge holds.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Adds `more` bytes if the budget has room; returns whether it did.
+    pub fn try_grow(&mut self, more: u64) -> bool {
+        let ok = self.budget.try_reserve(more);
+        if ok {
+            self.bytes += more;
+        }
+        ok
+    }
+
+    /// Adds as many of `more` bytes as the budget has room for; returns how many.
+    pub fn grow_up_to(&mut self, more: u64) -> u64 {
+        let held = &self.budget.inner.held;
+        let limit = self.budget.inner.limit;
+        let mut now = held.load(Ordering::Relaxed);
+        loop {
+            let take = more.min(limit.saturating_sub(now));
+            if take == 0 {
+                return 0;
+            }
+            match held.compare_exchange_weak(now, now + take, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => {
+                    self.bytes += take;
+                    return take;
+                }
+                Err(actual) => now = actual,
+            }
+        }
+    }
+
+    /// Adds `more` bytes whether or not the budget has room.
+    pub fn grow(&mut self, more: u64) {
+        self.budget.inner.held.fetch_add(more, Ordering::Relaxed);
+        self.bytes += more;
+    }
+
+    /// Gives `less` bytes (at most all) back to the budget.
+    pub fn shrink(&mut self, less: u64) {
+        let less = less.min(self.bytes);
+        self.budget.release(less);
+        self.bytes -= less;
+    }
+
+    /// Moves `bytes` (at most all) of this charge into a charge of their own.
+    pub fn split(&mut self, bytes: u64) -> Charge {
+        let bytes = bytes.min(self.bytes);
+        self.bytes -= bytes;
+        Charge {
+            budget: self.budget.clone(),
+            bytes,
+        }
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.budget.release(self.bytes);
+    }
+}
+
+/// A receiver registered with [`MemoryBudget::join`]; leaves the budget's count when dropped.
+#[derive(Debug)]
+pub struct BudgetMember {
+    budget: MemoryBudget,
+}
+
+impl BudgetMember {
+    /// The budget joined.
+    pub fn budget(&self) -> &MemoryBudget {
+        &self.budget
+    }
+}
+
+impl Drop for BudgetMember {
+    fn drop(&mut self) {
+        self.budget.inner.receivers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// `bytes` holding `charge` until the last `Bytes` sharing them (slices and clones too) is
+/// dropped. A charge of nothing leaves `bytes` as they are.
+pub fn charged(bytes: Bytes, charge: Charge) -> Bytes {
+    if charge.bytes == 0 {
+        return bytes;
+    }
+    Bytes::from_owner(Charged {
+        _charge: charge,
+        bytes,
+    })
+}
+
+/// Field order matters: the charge is released after the bytes are freed, so that whoever
+/// sees the budget's room has the memory too.
+struct Charged {
+    bytes: Bytes,
+    _charge: Charge,
+}
+
+impl AsRef<[u8]> for Charged {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn try_charge_stops_at_the_limit_and_drops_give_back() {
+        let b = MemoryBudget::new(100);
+        let a = b.try_charge(60).expect("room");
+        assert!(b.try_charge(41).is_none());
+        let mut c = b.try_charge(40).expect("room");
+        assert_eq!(b.held(), 100);
+        assert!(!c.try_grow(1));
+        drop(a);
+        assert!(c.try_grow(10));
+        assert_eq!(c.grow_up_to(100), 50);
+        c.shrink(50);
+        let part = c.split(30);
+        assert_eq!((c.bytes(), part.bytes(), b.held()), (20, 30, 50));
+        c.shrink(100);
+        assert_eq!(b.held(), 30);
+        drop(part);
+        assert_eq!(b.held(), 0);
+    }
+
+    #[test]
+    fn a_forced_charge_may_exceed_the_limit() {
+        let b = MemoryBudget::new(10);
+        let c = b.charge(25);
+        assert_eq!(b.held(), 25);
+        assert!(b.try_charge(1).is_none());
+        drop(c);
+        assert!(b.try_charge(10).is_some());
+    }
+
+    #[test]
+    fn charged_bytes_release_when_the_last_slice_drops() {
+        let b = MemoryBudget::new(1 << 20);
+        let msg = charged(Bytes::from(vec![7u8; 1000]), b.charge(1000));
+        let tail = msg.slice(500..);
+        drop(msg);
+        assert_eq!(b.held(), 1000, "a slice still holds the bytes");
+        assert_eq!(tail.len(), 500);
+        drop(tail);
+        assert_eq!(b.held(), 0);
+    }
+
+    #[test]
+    fn members_divide_the_limit() {
+        let b = MemoryBudget::new(120);
+        assert_eq!(b.share(), 120);
+        let m1 = b.join();
+        let m2 = b.join();
+        let _m3 = m1.budget().join();
+        assert_eq!(b.share(), 40);
+        drop(m2);
+        assert_eq!(b.share(), 60);
+    }
+}
