@@ -232,7 +232,8 @@ pub struct SendArgs {
     #[arg(long, value_name = "SIZE")]
     pub size: Option<ByteSize>,
 
-    /// Limit the application's send rate, in bytes per second, e.g. 50M.
+    /// Limit the application's send rate, in bytes per second, e.g. 50M (stdin and --size
+    /// only; files and directories are refused with it, not silently unlimited).
     #[arg(long, value_name = "BYTES_PER_SEC")]
     pub rate: Option<ByteSize>,
 

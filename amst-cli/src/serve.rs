@@ -80,6 +80,7 @@ pub async fn run(args: ServeArgs, g: &Global) -> CliResult<()> {
         Some(b) => amst_core::MemoryBudget::new(b.0),
         None => amst_core::MemoryBudget::process(),
     };
+    crate::telemetry::watch_budget(&budget);
     let server = Server::bind(addr, &settings, budget).await?;
     let opts = Arc::new(ReceiveOptions {
         output: output.clone(),

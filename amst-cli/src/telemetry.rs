@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
+use amst_core::MemoryBudget;
 use amst_hybrid::{Amst, AmstMetrics, Role};
 use metrics::Unit;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -63,6 +64,11 @@ pub mod family {
     pub const CREDIT_WINDOW: &str = "amst_credit_window_bytes";
     /// Gauge: received bytes held for reassembly and reordering, not yet taken.
     pub const RECEIVE_HELD: &str = "amst_receive_held_bytes";
+    /// Gauge: bytes held against the process's memory budget (credit granted to peers and
+    /// received bytes not yet dropped).
+    pub const BUDGET_HELD: &str = "amst_memory_budget_held_bytes";
+    /// Gauge: the memory budget's limit.
+    pub const BUDGET_LIMIT: &str = "amst_memory_budget_limit_bytes";
     /// Gauge: sessions whose detector favours `mode`, by its latest verdict.
     pub const DETECTOR_VERDICT: &str = "amst_detector_verdict_sessions";
     /// Gauge: the confidence of the detector's latest verdict, mean over the sessions.
@@ -144,7 +150,17 @@ pub const FAMILIES: &[(&str, Option<Unit>, &str)] = &[
     (
         family::RECEIVE_HELD,
         Some(Unit::Bytes),
-        "Received bytes held for reassembly and reordering (no memory budget exists yet; this is what it would be charged)",
+        "Received bytes held for reassembly and reordering, not yet taken by the application",
+    ),
+    (
+        family::BUDGET_HELD,
+        Some(Unit::Bytes),
+        "Bytes held against the process's memory budget: credit granted to peers plus received bytes the application still holds (may pass the limit by each session's small guaranteed window)",
+    ),
+    (
+        family::BUDGET_LIMIT,
+        Some(Unit::Bytes),
+        "The process's memory budget for everything held for peers (amst serve --memory-budget)",
     ),
     (
         family::DETECTOR_VERDICT,
@@ -255,6 +271,12 @@ fn describe() {
     }
 }
 
+/// Makes `/metrics` show `budget` as the process's memory budget, instead of the default
+/// [`MemoryBudget::process`].
+pub fn watch_budget(budget: &MemoryBudget) {
+    *lock(&registry().budget) = Some(budget.clone());
+}
+
 /// Adds `amst` to the sessions `/metrics` shows, until it is dropped.
 pub fn track(amst: &Arc<Amst>) {
     let registry = registry();
@@ -274,6 +296,7 @@ pub fn track(amst: &Arc<Amst>) {
 #[derive(Debug, Default)]
 struct Registry {
     sessions: Mutex<Vec<Tracked>>,
+    budget: Mutex<Option<MemoryBudget>>,
     state: Mutex<State>,
 }
 
@@ -380,6 +403,11 @@ fn refresh(registry: &Registry) {
         state.seen.insert(key);
     }
     metrics::gauge!(family::HEALTH).set(if healthy { 1.0 } else { 0.0 });
+    let budget = lock(&registry.budget)
+        .clone()
+        .unwrap_or_else(MemoryBudget::process);
+    metrics::gauge!(family::BUDGET_HELD).set(budget.held() as f64);
+    metrics::gauge!(family::BUDGET_LIMIT).set(budget.limit() as f64);
 }
 
 /// Grows the counters by what the session did since the last refresh; returns the goodput

@@ -124,6 +124,12 @@ fn files_failure(e: amst_files::Error) -> Failure {
 
 /// `amst send PEER PATH...` for files and directories.
 pub async fn send(args: &SendArgs, paths: &[PathBuf], g: &Global) -> CliResult<()> {
+    if args.rate.is_some() {
+        return Err(Failure::usage(
+            "--rate limits stdin (-) or generated data (--size); sending files and \
+             directories is not rate-limited yet",
+        ));
+    }
     // Walk first: a missing path is reported before any network activity.
     let tree = Tree::scan(paths).map_err(files_failure)?;
     let psk = crate::psk::load(args.psk.psk_file.as_deref(), g.psk_env.as_deref())?;
@@ -270,6 +276,9 @@ pub async fn send(args: &SendArgs, paths: &[PathBuf], g: &Global) -> CliResult<(
     Ok(())
 }
 
+/// How long a superseded session may take to say goodbye before it is dropped.
+const SUPERSEDED_CLOSE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Receives a tree whose first message is `first`, for `amst serve`.
 pub async fn receive(
     link: Arc<dyn Link>,
@@ -294,7 +303,13 @@ pub async fn receive(
     let opts = ReceiveOptions::new(output);
     let r = amst_files::receive_tree(ch, first, &opts, progress.clone()).await;
     let bytes = progress.bytes.load(Ordering::Relaxed);
-    let _ = link.close().await;
+    if matches!(r, Err(amst_files::Error::Superseded)) {
+        // Its sender is gone (a newer session took over): a goodbye would wait for a peer
+        // that cannot answer until the transport's reconnect timeout.
+        let _ = tokio::time::timeout(SUPERSEDED_CLOSE, link.close()).await;
+    } else {
+        let _ = link.close().await;
+    }
     match r {
         Ok(r) => {
             let failures: Vec<String> = r

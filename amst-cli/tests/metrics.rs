@@ -32,6 +32,7 @@ const MOVING: &[(&str, End)] = &[
     ("amst_detector_verdict_sessions", End::Sender),
     ("amst_detector_confidence_ratio", End::Sender),
     ("amst_sessions", End::Both),
+    ("amst_memory_budget_held_bytes", End::Both),
 ];
 
 /// Families that must be present but need not move here: loopback loses nothing, so nothing
@@ -44,6 +45,7 @@ const PRESENT: &[&str] = &[
     "amst_lost_packets_outstanding",
     "amst_receive_held_bytes",
     "amst_health",
+    "amst_memory_budget_limit_bytes",
 ];
 
 /// Families a QUIC transfer in internet mode must move under `transport="quic"`: quinn's

@@ -640,9 +640,17 @@ fn admit_batch(s: &Session, index: &mut TreeIndex, first_id: u32, batch: Vec<Ent
     }
     // Files last, once their directories exist: looking at (and hashing) what is already
     // at the destination runs on several threads.
+    // Each partial file is ours before its destination is looked at: an older session that
+    // still held it may land the file while we wait, and then it is there to be seen.
+    let holds: Vec<Option<Hold>> = to_plan
+        .iter()
+        .map(|(_, rel, _, _)| Hold::take(rel.partial_under(&s.root), &s.live))
+        .collect();
     let at_targets = look_at_targets(s, &to_plan);
-    for ((id, rel, entry, size), at_target) in to_plan.into_iter().zip(at_targets) {
-        let (want, file) = plan_file(s, id, &rel, &entry, size, at_target);
+    for (((id, rel, entry, size), at_target), hold) in
+        to_plan.into_iter().zip(at_targets).zip(holds)
+    {
+        let (want, file) = plan_file(s, id, &rel, &entry, size, at_target, hold);
         if let Want::Refuse { reason } = &want {
             s.fail(id, reason.clone());
         }
@@ -769,9 +777,10 @@ fn plan_file(
     entry: &Entry,
     size: u64,
     at_target: AtTarget,
+    hold: Option<Hold>,
 ) -> (Want, Option<Arc<RecvFile>>) {
     let policy = s.hello.policy;
-    let Some(hold) = Hold::take(rel.partial_under(&s.root), &s.live) else {
+    let Some(hold) = hold else {
         return (
             Want::Refuse {
                 reason: "another session is still receiving this file; send again to resume it"
