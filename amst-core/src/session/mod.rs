@@ -199,6 +199,9 @@ pub struct Session {
     next_ping: u64,
     paths: BTreeMap<PathId, PathState>,
     srtt: Option<Duration>,
+    /// The stall timer counts from here: the oldest send among the chunks not yet
+    /// requeued, as of the last check (kept coarse: finding it is a scan).
+    stall_base: Option<Instant>,
     last_heard: Option<Instant>,
     /// The idle clock: the later of the last frame heard and the last time the send buffer
     /// went from empty to holding data.
@@ -249,6 +252,7 @@ impl Session {
             next_ping: 0,
             paths: BTreeMap::new(),
             srtt: None,
+            stall_base: None,
             last_heard: None,
             idle_since: now,
             last_ping: None,
@@ -422,6 +426,9 @@ impl Session {
             bytes += out.chunk.payload.len();
             chunks.push(out.chunk);
         }
+        if !chunks.is_empty() && self.stall_base.is_none() {
+            self.stall_base = Some(now);
+        }
         if control.is_empty() && chunks.is_empty() {
             Transmit::Idle
         } else {
@@ -463,6 +470,9 @@ impl Session {
                 Ok(out) => {
                     if out.messages_acked > 0 || out.newly_acked_bytes > 0 {
                         self.ev_acked = true;
+                    }
+                    if self.sb.is_empty() {
+                        self.stall_base = None;
                     }
                 }
                 Err(e) => return Err(self.fail(Fatal::Protocol(e))),
@@ -562,7 +572,7 @@ impl Session {
         }
         let mut next = self.ack_at;
         let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
-        if let Some(t) = self.sb.oldest_unacked_sent_at() {
+        if let Some(t) = self.stall_base.filter(|_| !self.sb.is_empty()) {
             consider(t + self.stall_timeout());
         }
         if !self.sb.is_empty() {
@@ -594,12 +604,17 @@ impl Session {
             }
         }
         let stall = self.stall_timeout();
-        if self
-            .sb
-            .oldest_unacked_sent_at()
-            .is_some_and(|t| now.saturating_duration_since(t) >= stall)
-        {
+        if self.stall_base.is_some_and(|t| now >= t + stall) {
             self.sb.requeue_older_than(now, stall);
+            // Chunks requeued keep their old send time until a path takes them; checking
+            // again at most every eighth of the timeout keeps a session with no live path
+            // from spinning on them.
+            let floor = (now + stall / 8).checked_sub(stall).unwrap_or(now);
+            self.stall_base = self
+                .sb
+                .oldest_unacked_sent_at()
+                .map(|t| t.max(floor))
+                .filter(|_| !self.sb.is_empty());
         }
         if self.sb.is_empty() {
             return;

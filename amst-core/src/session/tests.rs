@@ -290,6 +290,11 @@ fn stalled_chunks_go_out_again_after_the_stall_timeout() {
         Transmit::Idle
     );
     a.on_timeout(t0 + stall);
+    // Until a path takes the requeued chunk, the timer does not spin on it.
+    assert!(
+        a.poll_timeout()
+            .is_some_and(|t| t >= t0 + stall + stall / 8)
+    );
     let (frames, _) = transmit(&mut a, 1, t0 + stall, 1 << 16);
     deliver(&mut b, 1, frames, t0 + stall);
     assert_eq!(b.read(t0).as_deref(), Some(&b"stuck"[..]));
