@@ -71,7 +71,11 @@ pub(crate) async fn run(shared: Arc<Shared>) {
         tokio::select! {
             _ = &mut moved => continue,
             _ = timeout => {
-                shared.update(|p| p.on_timeout(Instant::now()));
+                let requeued = shared.update(|p| p.on_timeout(Instant::now()));
+                if requeued > 0 {
+                    info!(session = %hex(&shared.session_id), requeued,
+                        "chunks stalled past the timeout; resending on other streams");
+                }
                 if lock(&shared.proto).fatal().is_some() {
                     return;
                 }

@@ -592,10 +592,12 @@ impl Session {
     }
 
     /// Runs what is due at `now`: the delayed ack, resending stalled chunks, and with data
-    /// outstanding, pinging a silent peer or failing the session (idle timeout).
-    pub fn on_timeout(&mut self, now: Instant) {
+    /// outstanding, pinging a silent peer or failing the session (idle timeout). Returns how
+    /// many stalled chunks were queued to go out again, for the driver's log.
+    pub fn on_timeout(&mut self, now: Instant) -> usize {
+        let mut requeued = 0;
         if self.fatal.is_some() || self.closed {
-            return;
+            return requeued;
         }
         if self.ack_at.is_some_and(|t| now >= t) {
             self.ack_at = None;
@@ -605,7 +607,7 @@ impl Session {
         }
         let stall = self.stall_timeout();
         if self.stall_base.is_some_and(|t| now >= t + stall) {
-            self.sb.requeue_older_than(now, stall);
+            requeued = self.sb.requeue_older_than(now, stall);
             // Chunks requeued keep their old send time until a path takes them; checking
             // again at most every eighth of the timeout keeps a session with no live path
             // from spinning on them.
@@ -617,7 +619,7 @@ impl Session {
                 .filter(|_| !self.sb.is_empty());
         }
         if self.sb.is_empty() {
-            return;
+            return requeued;
         }
         let clock = self.idle_clock();
         let silent = now.saturating_duration_since(clock);
@@ -627,7 +629,7 @@ impl Session {
                 what: "waiting for the peer with data outstanding (idle timeout)",
                 after: limit,
             });
-            return;
+            return requeued;
         }
         let ping_from = self.last_ping.map_or(clock, |p| p.max(clock));
         if now.saturating_duration_since(ping_from) >= limit / 3 {
@@ -636,6 +638,7 @@ impl Session {
                 self.ping(0, false, now);
             }
         }
+        requeued
     }
 
     /// Nanoseconds since the session began, for Ping timestamps.

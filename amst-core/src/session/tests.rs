@@ -284,12 +284,12 @@ fn stalled_chunks_go_out_again_after_the_stall_timeout() {
     a.set_srtt(Some(stall / 4));
     assert_eq!(a.poll_timeout(), Some(t0 + stall * 2));
     a.set_srtt(None);
-    a.on_timeout(t0 + stall - MS);
+    assert_eq!(a.on_timeout(t0 + stall - MS), 0);
     assert_eq!(
         transmit(&mut a, 1, t0 + stall - MS, 1 << 16).1,
         Transmit::Idle
     );
-    a.on_timeout(t0 + stall);
+    assert_eq!(a.on_timeout(t0 + stall), 1);
     // Until a path takes the requeued chunk, the timer does not spin on it.
     assert!(
         a.poll_timeout()
