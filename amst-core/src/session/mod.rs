@@ -650,7 +650,8 @@ impl Session {
 
     /// A path joined the session; the peer hears our state on it.
     pub fn add_path(&mut self, path: PathId) {
-        self.paths.insert(path, PathState::default());
+        // Its writer may have asked for a transmit first: keep what that recorded.
+        self.paths.entry(path).or_default();
         self.ack_now = true;
     }
 
