@@ -1,6 +1,7 @@
 //! The foundation every AMST crate builds on: the [`Transport`] trait, [`Mode`], metrics and
 //! errors, the wire protocol as a sans-IO [`codec`], and the two halves of reliable delivery,
-//! [`SendBuffer`] and [`Reassembler`].
+//! [`SendBuffer`] and [`Reassembler`], and the per-connection [`session`] protocol built
+//! on them as a sans-IO state machine.
 //!
 //! Nothing here does IO or reads a clock; time is always an argument.
 //!
@@ -38,6 +39,7 @@ mod ranges;
 mod reassembly;
 mod recycle;
 mod send_buffer;
+pub mod session;
 mod transport;
 pub mod util;
 

@@ -323,8 +323,8 @@ pub(crate) async fn redial(shared: Arc<Shared>, addr: SocketAddr, slot: u16) {
     let mut backoff = Duration::from_millis(20);
     loop {
         {
-            let life = lock(&shared.life);
-            if life.closing || life.closed || life.peer_closed || life.fatal.is_some() {
+            let p = lock(&shared.proto);
+            if p.is_closing() || p.is_closed() || p.is_peer_closed() || p.fatal().is_some() {
                 return;
             }
         }

@@ -124,7 +124,7 @@ impl TcpListener {
 /// A session counts against `max_sessions` until it is torn down, not until the last of its
 /// aborted tasks happens to drop its reference.
 fn live(w: &Weak<Shared>) -> bool {
-    w.upgrade().is_some_and(|s| !lock(&s.life).closed)
+    w.upgrade().is_some_and(|s| !lock(&s.proto).is_closed())
 }
 
 /// Counts a connection as pending for as long as it lives, even if its task is aborted.

@@ -1,5 +1,5 @@
-//! The session's housekeeping task: delayed acks, `TCP_INFO` sampling, stall detection, the
-//! pacing model and the adaptive tuner.
+//! The session's housekeeping task: the protocol's timer (delayed acks, stall resends, idle
+//! pings and timeout), `TCP_INFO` sampling, the pacing model and the adaptive tuner.
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -10,7 +10,7 @@ use tokio::time::MissedTickBehavior;
 use tracing::{info, warn};
 
 use crate::pacing::Pacer;
-use crate::session::{ACK_DELAY, Role, Shared, hex, lock};
+use crate::session::{Role, Shared, hex, lock};
 use crate::sockopt;
 use crate::tuner::{self, Aggregate, TunerBounds};
 
@@ -58,10 +58,27 @@ pub(crate) async fn run(shared: Arc<Shared>) {
     let mut app_limited = false;
     let mut smoother = tuner::LossSmoother::default();
     loop {
+        let moved = shared.timer.notified();
+        tokio::pin!(moved);
+        moved.as_mut().enable();
+        let deadline = lock(&shared.proto).poll_timeout();
+        let timeout = async {
+            match deadline {
+                Some(t) => tokio::time::sleep_until(t.into()).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            _ = shared.ack_timer.notified() => {
-                tokio::time::sleep(ACK_DELAY).await;
-                shared.delayed_ack();
+            _ = &mut moved => continue,
+            _ = timeout => {
+                let requeued = shared.update(|p| p.on_timeout(Instant::now()));
+                if requeued > 0 {
+                    info!(session = %hex(&shared.session_id), requeued,
+                        "chunks stalled past the timeout; resending on other streams");
+                }
+                if lock(&shared.proto).fatal().is_some() {
+                    return;
+                }
                 continue;
             }
             _ = tick.tick() => {}
@@ -73,15 +90,12 @@ pub(crate) async fn run(shared: Arc<Shared>) {
         last_sample = now;
         let (min_rtt, srtt) = rtts(&infos);
         let starved = {
-            let tx = lock(&shared.tx);
-            !tx.sb.has_sendable() && tx.sb.queued_bytes() == 0
+            let mut p = lock(&shared.proto);
+            // A long path lengthens the stall timeout.
+            p.set_srtt(srtt);
+            !p.send_buffer().has_sendable() && p.send_buffer().queued_bytes() == 0
         };
         app_limited |= starved;
-
-        check_stalls(&shared, now, srtt);
-        if !check_idle(&shared) {
-            return;
-        }
 
         if let Some(p) = pacer.as_mut() {
             let sample = Aggregate {
@@ -173,64 +187,6 @@ fn rtts(infos: &[(u32, sockopt::TcpInfo)]) -> (Option<Duration>, Option<Duration
         .min();
     let mean = live.iter().map(|(_, i)| i.rtt).sum::<Duration>() / live.len() as u32;
     (min, Some(mean))
-}
-
-/// Chunks unacknowledged for longer than the stall timeout (or 8 RTTs) are sent again on
-/// whichever streams are moving; the receiver drops the copy that loses the race.
-fn check_stalls(shared: &Shared, now: Instant, srtt: Option<Duration>) {
-    let timeout = shared
-        .config
-        .stall_timeout
-        .max(srtt.unwrap_or_default() * 8);
-    let requeued = {
-        let mut tx = lock(&shared.tx);
-        match tx.sb.oldest_unacked_sent_at() {
-            Some(t) if now.saturating_duration_since(t) >= timeout => {
-                tx.sb.requeue_older_than(now, timeout)
-            }
-            _ => 0,
-        }
-    };
-    if requeued > 0 {
-        info!(
-            session = %hex(&shared.session_id), requeued, timeout_ms = timeout.as_millis() as u64,
-            "chunks stalled past the timeout; resending on other streams"
-        );
-        shared.tx_wake.notify_one();
-    }
-}
-
-/// With data outstanding, pings the peer after a third of the idle timeout of silence and
-/// fails the session after all of it. Returns false once the session failed.
-fn check_idle(shared: &Arc<Shared>) -> bool {
-    let outstanding = !lock(&shared.tx).sb.is_empty();
-    let now_ns = shared.now_ns();
-    if !outstanding {
-        // Idle sessions are kept by keepalive; start the clock afresh for the next send.
-        shared.last_heard.store(now_ns, Ordering::Relaxed);
-        return true;
-    }
-    let silent =
-        Duration::from_nanos(now_ns.saturating_sub(shared.last_heard.load(Ordering::Relaxed)));
-    let limit = shared.config.idle_timeout;
-    if silent >= limit {
-        warn!(session = %hex(&shared.session_id), silent_ms = silent.as_millis() as u64,
-            "peer silent with data outstanding; idle timeout");
-        shared.fail(crate::session::Fatal::Timeout {
-            what: "waiting for the peer with data outstanding (idle timeout)",
-            after: limit,
-        });
-        return false;
-    }
-    if silent >= limit / 3 {
-        let id = shared.next_ping.fetch_add(1, Ordering::Relaxed);
-        shared.queue_frame(amst_core::codec::Frame::Ping(amst_core::codec::Ping {
-            id,
-            timestamp_ns: now_ns,
-            padding: 0,
-        }));
-    }
-    true
 }
 
 /// Caps every stream's kernel pacing at the aggregate rate divided by the stream count.

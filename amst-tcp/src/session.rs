@@ -1,19 +1,20 @@
-//! One session's shared state: the send buffer, the reassembler, the control frames waiting
-//! for a writer, and the registry of live streams.
+//! One session's driver state: amst-core's sans-IO [`Session`] behind a lock, the wake-ups
+//! of the tasks that drive it, and the registry of live streams with their sockets.
 //!
 //! Locks are `std::sync::Mutex`, held for a few bookkeeping operations and never across an
-//! `await`. `tx` and `rx` are never held together.
+//! `await`. The protocol (acks, credit, pings, parting, the fatal latch) is all in `proto`;
+//! this file only turns its events into wake-ups, tasks and socket calls.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use amst_core::codec::{CloseCode, Frame, Limits, SessionId};
-use amst_core::{
-    AckCounter, Error, PathId, ProtocolError, Reassembler, ReassemblyConfig, SendBuffer,
-};
+use amst_core::codec::{Limits, SessionId};
+pub(crate) use amst_core::session::Fatal;
+use amst_core::session::{Event, Session, SessionConfig};
+use amst_core::{AckCounter, Error, PathId};
 use bytes::BytesMut;
 use socket2::Socket;
 use tokio::sync::{Notify, oneshot};
@@ -25,73 +26,11 @@ use crate::conn::Conn;
 use crate::sockopt::{self, Applied};
 use crate::stats::{BufferStats, StreamCtl, StreamStats};
 
-/// Control frames waiting for a writer, at most; Pongs beyond it are dropped.
-const MAX_QUEUED_CONTROL: usize = 256;
-
-/// Bytes of a probe train one writer takes at a time.
-const PROBE_SLICE: usize = 256 << 10;
-
 /// Which side of the session we are; only the client dials streams.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Role {
     Client { addr: SocketAddr },
     Server,
-}
-
-/// A session-ending error, kept so that every later call can report it.
-#[derive(Clone, Debug)]
-pub(crate) enum Fatal {
-    Protocol(ProtocolError),
-    PeerClosed { code: CloseCode, reason: String },
-    Timeout { what: &'static str, after: Duration },
-}
-
-impl Fatal {
-    pub(crate) fn to_error(&self) -> Error {
-        match self.clone() {
-            Fatal::Protocol(p) => Error::Protocol(p),
-            Fatal::PeerClosed { code, reason } => Error::PeerClosed { code, reason },
-            Fatal::Timeout { what, after } => Error::Timeout { what, after },
-        }
-    }
-
-    fn close_code(&self) -> CloseCode {
-        match self {
-            Fatal::Protocol(ProtocolError::ChunkCorrupt { .. }) => CloseCode::Corrupt,
-            Fatal::Protocol(ProtocolError::AuthFailed) => CloseCode::AuthFailed,
-            Fatal::Protocol(ProtocolError::MessageTooLarge { .. }) => CloseCode::LimitExceeded,
-            Fatal::Protocol(_) => CloseCode::ProtocolError,
-            _ => CloseCode::Aborted,
-        }
-    }
-}
-
-pub(crate) struct TxState {
-    pub sb: SendBuffer,
-    pub peak: u64,
-}
-
-pub(crate) struct RxState {
-    pub reasm: Reassembler,
-    /// Payload bytes and chunks inserted since the last ack went out.
-    pub bytes_since_ack: u64,
-    pub chunks_since_ack: u64,
-    /// The credit limit last sent.
-    pub advertised: u64,
-    pub peak: u64,
-}
-
-#[derive(Default)]
-pub(crate) struct LifeState {
-    /// `close` has begun: no new sends, no re-dials.
-    pub closing: bool,
-    /// The peer sent Close(Normal).
-    pub peer_closed: bool,
-    /// Torn down: tasks aborted.
-    pub closed: bool,
-    pub fatal: Option<Fatal>,
-    /// The Close a session ending without an error sends on every stream (see `parting`).
-    pub goodbye: Option<amst_core::codec::Close>,
 }
 
 pub(crate) struct StreamEntry {
@@ -112,7 +51,8 @@ pub(crate) struct Shared {
     pub role: Role,
     pub session_id: SessionId,
     pub limits: Limits,
-    pub tx: Mutex<TxState>,
+    /// The session protocol itself.
+    pub proto: Mutex<Session>,
     /// Writers wait here for chunks or control frames.
     pub tx_wake: Notify,
     /// `send` waits here for queue space.
@@ -121,20 +61,10 @@ pub(crate) struct Shared {
     pub acked: Notify,
     /// Messages the peer acknowledged, for `Transport::acked` subscribers.
     pub acked_messages: AckCounter,
-    pub rx: Mutex<RxState>,
     /// `recv` waits here for messages.
     pub rx_wake: Notify,
-    /// An ack and a credit update should go out with the next write.
-    pub ctrl_pending: AtomicBool,
-    /// Queued control frames (Ping, Pong).
-    pub ctrl_queue: Mutex<VecDeque<Frame>>,
-    pub ctrl_queued: AtomicBool,
-    /// A probe train's padded Pings, taken a slice at a time by whichever writers are free,
-    /// so that the train spreads over the streams as data does.
-    pub probe_queue: Mutex<VecDeque<Frame>>,
-    pub probe_queued: AtomicBool,
-    /// Tells the monitor that an ack is owed and should go out after the ack delay.
-    pub ack_timer: Notify,
+    /// Tells the monitor that the protocol's next timeout moved earlier.
+    pub timer: Notify,
     pub streams: Mutex<Vec<StreamEntry>>,
     pub streams_changed: Notify,
     pub next_path: AtomicU32,
@@ -143,11 +73,8 @@ pub(crate) struct Shared {
     pub chunk_size: AtomicUsize,
     pub bytes_sent: AtomicU64,
     pub bytes_received: AtomicU64,
-    pub life: Mutex<LifeState>,
     pub tasks: Mutex<Vec<AbortHandle>>,
     pub pings: Mutex<HashMap<u64, oneshot::Sender<Instant>>>,
-    pub next_ping: AtomicU64,
-    pub epoch: Instant,
     /// Aggregate pacing rate from the model, bytes/s (0 = none yet).
     pub pacing_rate: AtomicU64,
     /// The aggregate model's congestion window, bytes (0 = no model or none yet).
@@ -165,13 +92,8 @@ pub(crate) struct Shared {
     pub delivery_rate: AtomicU64,
     pub srtt_us: AtomicU64,
     pub min_rtt_us: AtomicU64,
-    /// When a frame last arrived from the peer, ns since `epoch`.
-    pub last_heard: AtomicU64,
-    /// A frame has arrived from the peer since the session started.
-    pub heard: AtomicBool,
-    /// The session ends: writers send the parting Close on every stream and half-close.
-    pub parting: AtomicBool,
-    /// The session failed locally: readers drop what still comes.
+    /// The session failed locally: readers drop what still comes (a lock-free copy of the
+    /// protocol's latch, read on every read).
     pub failed: AtomicBool,
 }
 
@@ -189,7 +111,7 @@ pub(crate) use amst_core::util::{hex, lock};
 
 /// Delay before an ack that no threshold forced goes out: long enough to coalesce a burst,
 /// short against any RTT that matters for `flush`.
-pub(crate) const ACK_DELAY: Duration = Duration::from_millis(1);
+const ACK_DELAY: Duration = Duration::from_millis(1);
 
 /// Longest wait, after this side failed the session, for the peer to read our Close and
 /// close its streams.
@@ -206,28 +128,21 @@ impl Shared {
             max_message: config.max_message,
             ..Limits::default()
         };
-        let reasm = Reassembler::with_budget(
-            ReassemblyConfig {
-                window: config.receive_window,
+        let proto = Session::new(
+            SessionConfig {
                 max_message: config.max_message,
-                ..ReassemblyConfig::default()
+                receive_window: config.receive_window,
+                ack_delay: ACK_DELAY,
+                idle_timeout: config.idle_timeout,
+                stall_timeout: config.stall_timeout,
             },
             config.memory_budget.clone(),
+            Instant::now(),
         );
         let shared = Arc::new(Shared {
             target_streams: AtomicUsize::new(config.streams),
             chunk_size: AtomicUsize::new(config.chunk_size),
-            tx: Mutex::new(TxState {
-                sb: SendBuffer::new(config.max_message),
-                peak: 0,
-            }),
-            rx: Mutex::new(RxState {
-                reasm,
-                bytes_since_ack: 0,
-                chunks_since_ack: 0,
-                advertised: 0,
-                peak: 0,
-            }),
+            proto: Mutex::new(proto),
             config,
             client_tls,
             role,
@@ -238,23 +153,14 @@ impl Shared {
             acked: Notify::new(),
             acked_messages: AckCounter::new(),
             rx_wake: Notify::new(),
-            // The peer's send buffer starts with no credit: our first write grants it.
-            ctrl_pending: AtomicBool::new(true),
-            ctrl_queue: Mutex::new(VecDeque::new()),
-            ctrl_queued: AtomicBool::new(false),
-            probe_queue: Mutex::new(VecDeque::new()),
-            probe_queued: AtomicBool::new(false),
-            ack_timer: Notify::new(),
+            timer: Notify::new(),
             streams: Mutex::new(Vec::new()),
             streams_changed: Notify::new(),
             next_path: AtomicU32::new(0),
             bytes_sent: AtomicU64::new(0),
             bytes_received: AtomicU64::new(0),
-            life: Mutex::new(LifeState::default()),
             tasks: Mutex::new(Vec::new()),
             pings: Mutex::new(HashMap::new()),
-            next_ping: AtomicU64::new(0),
-            epoch: Instant::now(),
             pacing_rate: AtomicU64::new(0),
             model_cwnd: AtomicU64::new(0),
             kernel_cwnd: AtomicU64::new(0),
@@ -264,9 +170,6 @@ impl Shared {
             delivery_rate: AtomicU64::new(0),
             srtt_us: AtomicU64::new(0),
             min_rtt_us: AtomicU64::new(0),
-            last_heard: AtomicU64::new(0),
-            heard: AtomicBool::new(false),
-            parting: AtomicBool::new(false),
             failed: AtomicBool::new(false),
         });
         let monitor = tokio::spawn(crate::monitor::run(shared.clone()));
@@ -274,113 +177,73 @@ impl Shared {
         shared
     }
 
-    /// Bytes of new data after which the receiver acks at once.
-    pub(crate) fn ack_threshold(&self) -> u64 {
-        (self.config.receive_window / 8).clamp(64 << 10, 4 << 20)
-    }
+    // ----- driving the protocol -----
 
-    /// Growth of the grantable credit after which it is advertised at once.
-    pub(crate) fn credit_threshold(&self) -> u64 {
-        (self.config.receive_window / 8).max(1)
-    }
-
-    // ----- control frames -----
-
-    /// Asks a writer to send the current ack and credit with its next write.
-    pub(crate) fn request_ack(&self) {
-        if !self.ctrl_pending.swap(true, Ordering::AcqRel) {
+    /// Runs `f` on the protocol, then acts on what it asks: wakes a writer if something can
+    /// be sent, the monitor if its timeout moved, and handles the events it raised.
+    pub(crate) fn update<R>(self: &Arc<Self>, f: impl FnOnce(&mut Session) -> R) -> R {
+        let mut events = Vec::new();
+        let (r, transmit, timer) = {
+            let mut p = lock(&self.proto);
+            let r = f(&mut p);
+            while let Some(e) = p.poll_event() {
+                events.push(e);
+            }
+            (r, p.wants_transmit(), p.take_timeout_moved())
+        };
+        if transmit {
             self.tx_wake.notify_one();
         }
+        if timer {
+            self.timer.notify_one();
+        }
+        for e in events {
+            self.on_event(e);
+        }
+        r
     }
 
-    /// Queues a control frame (Ping, Pong) for the next writer.
-    pub(crate) fn queue_frame(&self, frame: Frame) {
-        {
-            let mut q = lock(&self.ctrl_queue);
-            if q.len() >= MAX_QUEUED_CONTROL && matches!(frame, Frame::Pong(_)) {
-                // A peer that pings faster than it reads its answers loses some: the queue
-                // stays small whatever it sends.
-                return;
+    fn on_event(self: &Arc<Self>, event: Event) {
+        match event {
+            Event::Readable => self.rx_wake.notify_waiters(),
+            Event::Acked { messages } => {
+                self.acked_messages.advance_to(messages);
+                self.acked.notify_waiters();
+                self.space.notify_waiters();
             }
-            q.push_back(frame);
-        }
-        self.ctrl_queued.store(true, Ordering::Release);
-        self.tx_wake.notify_one();
-    }
-
-    /// Appends the pending acks, credit and control frames to `out`.
-    pub(crate) fn take_control(&self, out: &mut BytesMut) {
-        if self.ctrl_pending.swap(false, Ordering::AcqRel) {
-            let (ack, credit) = {
-                let mut rx = lock(&self.rx);
-                rx.bytes_since_ack = 0;
-                rx.chunks_since_ack = 0;
-                let credit = rx.reasm.credit();
-                rx.advertised = credit.limit;
-                (rx.reasm.ack(), credit)
-            };
-            Frame::Ack(ack).encode(out);
-            Frame::Credit(credit).encode(out);
-        }
-        if self.ctrl_queued.swap(false, Ordering::AcqRel) {
-            for f in lock(&self.ctrl_queue).drain(..) {
-                f.encode(out);
+            Event::Pong { id } => {
+                if let Some(tx) = lock(&self.pings).remove(&id) {
+                    let _ = tx.send(Instant::now());
+                }
             }
-        }
-        if self.probe_queued.load(Ordering::Acquire) {
-            let mut q = lock(&self.probe_queue);
-            let mut taken = 0;
-            while taken < PROBE_SLICE
-                && let Some(f) = q.pop_front()
-            {
-                let before = out.len();
-                f.encode(out);
-                taken += out.len() - before;
+            Event::PathStopped { path } => {
+                // The peer removes this stream: answer in kind once our writer is done.
+                if let Some(e) = lock(&self.streams).iter().find(|e| e.path == path) {
+                    e.ctl.mark_stopping();
+                }
             }
-            if q.is_empty() {
-                self.probe_queued.store(false, Ordering::Release);
-            } else {
-                // More for the next free writer.
-                self.tx_wake.notify_one();
+            Event::Closed => {
+                let socks: Vec<_> = lock(&self.streams).iter().map(|e| e.sock.clone()).collect();
+                debug!(session = %hex(&self.session_id), "peer closed the session");
+                // Nothing more will be sent either way: half-close so its readers end.
+                for s in socks {
+                    let _ = s.shutdown(std::net::Shutdown::Write);
+                }
+                self.wake_all();
             }
+            Event::Failed(fatal) => self.on_failed(fatal),
         }
     }
 
-    /// After data arrived or the application took a message: ack now if a threshold is
-    /// crossed, else let the monitor ack after [`ACK_DELAY`].
-    pub(crate) fn after_rx_change(&self, rx: &RxState) {
-        let credit_growth = rx.reasm.credit().limit.saturating_sub(rx.advertised);
-        if rx.bytes_since_ack >= self.ack_threshold() || credit_growth >= self.credit_threshold() {
-            self.request_ack();
-        } else if rx.chunks_since_ack > 0 || credit_growth > 0 {
-            self.ack_timer.notify_one();
-        }
-    }
-
-    /// Called by the monitor after the ack delay.
-    pub(crate) fn delayed_ack(&self) {
-        let owed = {
-            let rx = lock(&self.rx);
-            rx.chunks_since_ack > 0 || rx.reasm.credit().limit > rx.advertised
-        };
-        if owed {
-            self.request_ack();
-        }
-    }
-
-    // ----- life cycle -----
-
-    /// Ends the session with an error: tells the peer (best effort), stops every task and
-    /// wakes every waiter, who will report it.
+    /// Fails the session (the first failure latches; see `on_failed`).
     pub(crate) fn fail(self: &Arc<Self>, fatal: Fatal) {
-        {
-            let mut life = lock(&self.life);
-            if life.fatal.is_some() || life.closed {
-                return;
-            }
-            warn!(session = %hex(&self.session_id), error = %fatal.to_error(), "session failed");
-            life.fatal = Some(fatal.clone());
-        }
+        self.update(|p| p.fail(fatal));
+    }
+
+    /// The session failed: tell the peer (best effort), stop every task and wake every
+    /// waiter, who will report it.
+    fn on_failed(self: &Arc<Self>, fatal: Fatal) {
+        warn!(session = %hex(&self.session_id), error = %fatal.to_error(), "session failed");
         if matches!(fatal, Fatal::PeerClosed { .. }) || self.stream_count() == 0 {
             self.wake_all();
             self.teardown();
@@ -391,7 +254,6 @@ impl Shared {
         // at once would reset connections with unread data and could destroy the Close, and
         // the peer would re-dial instead of reporting our reason.
         self.failed.store(true, Ordering::Release);
-        self.parting.store(true, Ordering::Release);
         self.wake_all();
         for e in lock(&self.streams).iter() {
             e.ctl.wake.notify_one();
@@ -419,25 +281,12 @@ impl Shared {
         }
     }
 
-    /// The Close that tells the peer why this session ends: its failure, else its goodbye.
-    pub(crate) fn parting_close(&self) -> Option<Frame> {
-        let life = lock(&self.life);
-        if let Some(f) = life.fatal.as_ref() {
-            return Some(Frame::Close(amst_core::codec::Close::new(
-                f.close_code(),
-                f.to_error().to_string(),
-            )));
-        }
-        life.goodbye.clone().map(Frame::Close)
-    }
-
     /// Aborts every task and shuts every stream. Idempotent.
     pub(crate) fn teardown(&self) {
-        let entries: Vec<StreamEntry> = {
-            let mut life = lock(&self.life);
-            life.closed = true;
-            lock(&self.streams).drain(..).collect()
-        };
+        // Closed first, then the streams (never both locks at once): `attach` checks closed
+        // under the streams lock, so a stream it adds is either refused or drained here.
+        lock(&self.proto).set_closed();
+        let entries: Vec<StreamEntry> = lock(&self.streams).drain(..).collect();
         for e in entries {
             for t in &e.tasks {
                 t.abort();
@@ -464,8 +313,8 @@ impl Shared {
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
-        let life = lock(&self.life);
-        if life.closed {
+        let p = lock(&self.proto);
+        if p.is_closed() {
             return;
         }
         let h = tokio::spawn(fut);
@@ -495,8 +344,8 @@ impl Shared {
         let (read_side, write_side) = stream.split();
         let mut streams = lock(&self.streams);
         {
-            let life = lock(&self.life);
-            if life.closed || life.closing || life.peer_closed {
+            let p = lock(&self.proto);
+            if p.is_closed() || p.is_closing() || p.is_peer_closed() {
                 return Err(Error::Closed);
             }
         }
@@ -536,9 +385,8 @@ impl Shared {
         if let Some(rate) = rate {
             let _ = sockopt::set_max_pacing_rate(std::os::fd::AsRawFd::as_raw_fd(&*sock), rate);
         }
-        // A new stream may be the only one; make sure the peer hears our state.
-        self.request_ack();
-        self.tx_wake.notify_one();
+        // A new stream may be the only one; the peer hears our state on it.
+        self.update(|p| p.add_path(path));
         self.streams_changed.notify_waiters();
         debug!(session = %hex(&self.session_id), path, slot, streams = n, tls, congestion = %applied.congestion, "stream attached");
         Ok(path)
@@ -570,12 +418,15 @@ impl Shared {
         }
         let _ = sockopt::shutdown_fd(&*entry.sock);
         let (closing, closed) = {
-            let life = lock(&self.life);
+            let p = lock(&self.proto);
             (
-                life.closing || life.peer_closed,
-                life.closed || life.fatal.is_some(),
+                p.is_closing() || p.is_peer_closed(),
+                p.is_closed() || p.fatal().is_some(),
             )
         };
+        // Unless graceful or ending, its unacknowledged chunks go out again on the others,
+        // and our state with them (control frames written to it may be lost).
+        let requeued = self.update(|p| p.path_ended(path, graceful));
         let left = self.stream_count();
         self.streams_changed.notify_waiters();
         if closed {
@@ -585,14 +436,10 @@ impl Shared {
             debug!(session = %hex(&self.session_id), path, streams = left, why, "stream closed");
             return;
         }
-        let requeued = lock(&self.tx).sb.requeue_path(path);
         info!(
             session = %hex(&self.session_id), path, slot = entry.slot, requeued, streams = left, why,
             "stream died; its unacknowledged chunks go out on the others"
         );
-        // Control frames written to the dead stream may be lost: send the state again.
-        self.request_ack();
-        self.tx_wake.notify_one();
         match self.role {
             Role::Client { addr } => {
                 let me = self.clone();
@@ -654,14 +501,26 @@ impl Shared {
     }
 
     /// Removes the highest-slot stream gracefully, for the tuner. Never the last one.
-    pub(crate) fn shrink(&self) {
-        let streams = lock(&self.streams);
-        let live: Vec<_> = streams.iter().filter(|e| !e.ctl.stopping()).collect();
-        if live.len() <= 1 {
-            return;
+    pub(crate) fn shrink(self: &Arc<Self>) {
+        let path = {
+            let streams = lock(&self.streams);
+            let live: Vec<_> = streams.iter().filter(|e| !e.ctl.stopping()).collect();
+            if live.len() <= 1 {
+                return;
+            }
+            live.iter().max_by_key(|e| e.slot).map(|e| e.path)
+        };
+        if let Some(path) = path {
+            self.stop_stream(path);
         }
-        if let Some(e) = live.iter().max_by_key(|e| e.slot) {
-            e.ctl.request_stop();
+    }
+
+    /// Ends a stream gracefully: its writer stops taking chunks, sends Close(StreamClosed)
+    /// and half-closes; nothing is resent.
+    pub(crate) fn stop_stream(self: &Arc<Self>, path: PathId) {
+        self.update(|p| p.stop_path(path));
+        if let Some(e) = lock(&self.streams).iter().find(|e| e.path == path) {
+            e.ctl.mark_stopping();
         }
     }
 
@@ -691,23 +550,15 @@ impl Shared {
     }
 
     pub(crate) fn buffer_stats(&self) -> BufferStats {
-        let (send_queued, send_unacked, send_peak) = {
-            let tx = lock(&self.tx);
-            (tx.sb.queued_bytes(), tx.sb.unacked_bytes(), tx.peak)
-        };
-        let rx = lock(&self.rx);
+        let b = lock(&self.proto).buffers();
         BufferStats {
-            send_queued,
-            send_unacked,
-            send_peak,
-            recv_buffered: rx.reasm.buffered_bytes(),
-            recv_peak: rx.peak,
+            send_queued: b.send_queued,
+            send_unacked: b.send_unacked,
+            send_peak: b.send_peak,
+            recv_buffered: b.recv_buffered,
+            recv_peak: b.recv_peak,
             receive_window: self.config.receive_window,
-            duplicates: rx.reasm.duplicates(),
+            duplicates: b.duplicates,
         }
-    }
-
-    pub(crate) fn now_ns(&self) -> u64 {
-        self.epoch.elapsed().as_nanos() as u64
     }
 }

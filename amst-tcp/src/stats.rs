@@ -55,14 +55,14 @@ pub(crate) struct StreamCtl {
     pub chunks_sent: AtomicU64,
     pub chunks_received: AtomicU64,
     pub info: Mutex<Option<TcpInfo>>,
-    /// Set to end the stream gracefully: the writer stops taking chunks, sends
-    /// Close(StreamClosed) and half-closes.
+    /// The stream is ending gracefully (a lock-free copy of the protocol's path state, which
+    /// decides what the writer sends).
     pub stop: AtomicBool,
     pub wake: Notify,
 }
 
 impl StreamCtl {
-    pub(crate) fn request_stop(&self) {
+    pub(crate) fn mark_stopping(&self) {
         self.stop.store(true, Ordering::Release);
         self.wake.notify_one();
     }

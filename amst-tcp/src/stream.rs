@@ -17,8 +17,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use amst_core::codec::{Close, CloseCode, DATA_HEADER_LEN, DataChunk, Decoder, Frame, Pong};
-use amst_core::{Charge, Inserted, PathId, charged};
+use amst_core::codec::{DATA_HEADER_LEN, DataChunk, Decoder, Frame};
+use amst_core::session::{MAX_BATCH, Transmit};
+use amst_core::{Charge, PathId, charged};
 use bytes::{Bytes, BytesMut};
 use tracing::{debug, trace};
 
@@ -27,8 +28,6 @@ use crate::conn::{ReadSide, WriteSide};
 use crate::session::{Fatal, Shared, lock};
 use crate::stats::StreamCtl;
 
-/// Most chunks batched into one vectored write (small messages).
-const MAX_BATCH: usize = 64;
 /// Read buffer for control traffic and small frames.
 const SMALL_READ: usize = 64 << 10;
 /// Bytes a session's readers take per read, all streams together: about what the L2 caches
@@ -54,8 +53,8 @@ pub(crate) async fn writer(
         }
         Err(e) => {
             let quiet = {
-                let life = lock(&shared.life);
-                life.closing || life.peer_closed || life.closed
+                let p = lock(&shared.proto);
+                p.is_closing() || p.is_peer_closed() || p.is_closed()
             };
             if quiet {
                 // The session is closing and we half-closed: the reader ends the stream.
@@ -84,37 +83,24 @@ async fn write_loop(
         tokio::pin!(stream_woken);
         stream_woken.as_mut().enable();
 
-        if shared.parting.load(Ordering::Relaxed) {
-            // Every stream carries the reason, after whole frames only, then half-closes:
-            // whichever stream the peer reads first tells it why.
-            control.clear();
-            if let Some(close) = shared.parting_close() {
-                close.encode(&mut control);
-                write_all(stream, &control, &[], &[]).await?;
-            }
-            stream.shutdown_write().await;
-            return Ok(());
-        }
         control.clear();
-        shared.take_control(&mut control);
         batch.clear();
-        let stopping = ctl.stopping();
-        if !stopping {
-            take_chunks(shared, path, &mut batch);
-        }
-        if stopping && batch.is_empty() {
-            Frame::Close(Close::new(CloseCode::StreamClosed, "stream removed"))
-                .encode(&mut control);
-            write_all(stream, &control, &[], &[]).await?;
-            stream.shutdown_write().await;
-            return Ok(());
-        }
-        if control.is_empty() && batch.is_empty() {
-            tokio::select! {
-                _ = &mut woken => {}
-                _ = &mut stream_woken => {}
+        match take(shared, path, &mut control, &mut batch) {
+            Transmit::Finish => {
+                // The parting Close (or this stream's own), after whole frames only; then
+                // half-close.
+                write_all(stream, &control, &[], &[]).await?;
+                stream.shutdown_write().await;
+                return Ok(());
             }
-            continue;
+            Transmit::Idle => {
+                tokio::select! {
+                    _ = &mut woken => {}
+                    _ = &mut stream_woken => {}
+                }
+                continue;
+            }
+            Transmit::Send => {}
         }
         headers.clear();
         headers.extend(batch.iter().map(DataChunk::encode_header));
@@ -129,26 +115,24 @@ async fn write_loop(
     }
 }
 
-/// Takes up to one chunk's worth of data (several chunks when they are small) from the send
-/// buffer, recording that it goes out on `path`.
-fn take_chunks(shared: &Shared, path: PathId, batch: &mut Vec<DataChunk>) {
+/// Asks the protocol what this stream writes next: control frames and up to one chunk's
+/// worth of data (several chunks when they are small), recorded as sent on `path`.
+fn take(
+    shared: &Shared,
+    path: PathId,
+    control: &mut BytesMut,
+    batch: &mut Vec<DataChunk>,
+) -> Transmit {
     let max = shared.chunk_size.load(Ordering::Relaxed);
     let now = Instant::now();
-    let (more, queued) = {
-        let mut tx = lock(&shared.tx);
-        let mut bytes = 0usize;
-        while batch.len() < MAX_BATCH && bytes < max {
-            // Unsealed: the CRC is computed below, after the lock is released, so writers
-            // checksum in parallel and never hold each other up.
-            let Some(out) = tx.sb.next_chunk_unsealed(max) else {
-                break;
-            };
-            tx.sb.on_sent(&out.chunk, path, now);
-            bytes += out.chunk.payload.len();
-            batch.push(out.chunk);
-        }
-        (tx.sb.has_sendable(), tx.sb.queued_bytes())
+    let (t, more, queued) = {
+        let mut p = lock(&shared.proto);
+        let t = p.poll_transmit(path, now, max, control, batch);
+        let sb = p.send_buffer();
+        (t, sb.has_sendable(), sb.queued_bytes())
     };
+    // Unsealed: the CRC is computed here, after the lock is released, so writers checksum
+    // in parallel and never hold each other up.
     for c in batch.iter_mut() {
         c.seal();
     }
@@ -157,10 +141,11 @@ fn take_chunks(shared: &Shared, path: PathId, batch: &mut Vec<DataChunk>) {
     if !batch.is_empty() && (queued == 0 || queued <= shared.config.send_queue / 2) {
         shared.space.notify_waiters();
     }
-    if more {
+    if more && t == Transmit::Send {
         // Someone else can take the rest while we write.
         shared.tx_wake.notify_one();
     }
+    t
 }
 
 /// Writes control bytes, then each header followed by its payload, with as few syscalls as
@@ -202,7 +187,7 @@ pub(crate) async fn reader(
 ) {
     match read_loop(&shared, path, &ctl, &mut stream, leftover).await {
         Ok(ReadEnd::Eof) => {
-            let graceful = ctl.stopping();
+            let graceful = lock(&shared.proto).path_stopping(path);
             shared.stream_ended(path, graceful, "peer closed the stream");
         }
         Ok(ReadEnd::Fatal) => shared.stream_ended(path, true, "session failed"),
@@ -236,12 +221,6 @@ async fn read_loop(
                     shared.fail(Fatal::Protocol(e));
                     return drain(stream, buf).await;
                 }
-            }
-        }
-        if !frames.is_empty() {
-            shared.last_heard.store(shared.now_ns(), Ordering::Relaxed);
-            if !shared.heard.load(Ordering::Relaxed) {
-                shared.heard.store(true, Ordering::Relaxed);
             }
         }
         for f in frames.iter_mut() {
@@ -353,56 +332,24 @@ fn handle_frames(
     ctl: &StreamCtl,
     frames: &mut Vec<Frame>,
 ) -> bool {
-    // Data first, under one lock.
     let mut data_bytes = 0u64;
     let mut data_chunks = 0u64;
-    if frames.iter().any(|f| matches!(f, Frame::Data(_))) {
-        let mut rx = lock(&shared.rx);
-        let mut err = None;
-        for f in frames.iter_mut() {
-            let Frame::Data(chunk) = f else { continue };
-            let len = chunk.payload.len() as u64;
-            data_bytes += len;
+    for f in frames.iter() {
+        if let Frame::Data(c) = f {
+            data_bytes += c.payload.len() as u64;
             data_chunks += 1;
-            let chunk = std::mem::replace(
-                chunk,
-                DataChunk {
-                    session_offset: 0,
-                    msg_id: 0,
-                    msg_offset: 0,
-                    msg_len: 0,
-                    crc: 0,
-                    payload: bytes::Bytes::new(),
-                },
-            );
-            match rx.reasm.insert(chunk) {
-                Ok(Inserted::New) => {
-                    rx.bytes_since_ack += len;
-                    rx.chunks_since_ack += 1;
-                }
-                Ok(Inserted::Duplicate) => {
-                    // The sender resent it (a stream died); ack so it stops.
-                    rx.chunks_since_ack += 1;
-                }
-                Err(e) => {
-                    err = Some(e);
-                    break;
-                }
-            }
         }
-        let buffered = rx.reasm.buffered_bytes();
-        rx.peak = rx.peak.max(buffered);
-        let ready = rx.reasm.has_message();
-        shared.after_rx_change(&rx);
-        drop(rx);
-        if let Some(e) = err {
-            frames.clear();
-            shared.fail(Fatal::Protocol(e));
-            return false;
-        }
-        if ready {
-            shared.rx_wake.notify_waiters();
-        }
+    }
+    let now = Instant::now();
+    // All of a read's frames under one lock.
+    let ok = shared.update(|p| {
+        frames
+            .drain(..)
+            .try_for_each(|f| p.on_frame(path, f, now))
+            .is_ok()
+    });
+    frames.clear();
+    if data_chunks > 0 {
         ctl.bytes_received.fetch_add(data_bytes, Ordering::Relaxed);
         ctl.chunks_received
             .fetch_add(data_chunks, Ordering::Relaxed);
@@ -410,84 +357,5 @@ fn handle_frames(
             .bytes_received
             .fetch_add(data_bytes, Ordering::Relaxed);
     }
-    for f in frames.drain(..) {
-        match f {
-            Frame::Data(_) => {}
-            Frame::Ack(ack) => {
-                let res = {
-                    let mut tx = lock(&shared.tx);
-                    let res = tx.sb.on_ack(&ack);
-                    res.map(|out| (out, tx.sb.messages_acked()))
-                };
-                match res {
-                    Ok((out, messages_acked)) => {
-                        if out.messages_acked > 0 {
-                            shared.acked_messages.advance_to(messages_acked);
-                        }
-                        if out.newly_acked_bytes > 0 || out.messages_acked > 0 {
-                            shared.acked.notify_waiters();
-                            shared.space.notify_waiters();
-                        }
-                    }
-                    Err(e) => {
-                        shared.fail(Fatal::Protocol(e));
-                        return false;
-                    }
-                }
-            }
-            Frame::Credit(c) => {
-                lock(&shared.tx).sb.on_credit(c);
-                shared.tx_wake.notify_one();
-            }
-            Frame::Ping(p) => {
-                shared.queue_frame(Frame::Pong(Pong {
-                    id: p.id,
-                    timestamp_ns: p.timestamp_ns,
-                }));
-            }
-            Frame::Pong(p) => {
-                if let Some(tx) = lock(&shared.pings).remove(&p.id) {
-                    let _ = tx.send(Instant::now());
-                }
-            }
-            Frame::Close(c) => match c.code {
-                CloseCode::StreamClosed => {
-                    // The peer removes this stream: answer in kind once our writer is done.
-                    trace!(path, "peer closes the stream");
-                    ctl.request_stop();
-                }
-                CloseCode::Normal => {
-                    let streams: Vec<_> = {
-                        let mut life = lock(&shared.life);
-                        life.peer_closed = true;
-                        lock(&shared.streams)
-                            .iter()
-                            .map(|e| e.sock.clone())
-                            .collect()
-                    };
-                    debug!(path, "peer closed the session");
-                    // Nothing more will be sent either way: half-close so its readers end.
-                    for s in streams {
-                        let _ = s.shutdown(std::net::Shutdown::Write);
-                    }
-                    shared.wake_all();
-                }
-                code => {
-                    shared.fail(Fatal::PeerClosed {
-                        code,
-                        reason: c.reason,
-                    });
-                    return false;
-                }
-            },
-            other => {
-                shared.fail(Fatal::Protocol(amst_core::ProtocolError::UnexpectedFrame {
-                    got: other.kind(),
-                    state: "carrying data after the handshake",
-                }));
-                return false;
-            }
-        }
-    }
-    true
+    ok
 }

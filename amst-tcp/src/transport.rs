@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use amst_core::codec::{Close, CloseCode, Frame, Ping, SessionId};
+use amst_core::codec::{Close, CloseCode, SessionId};
 use amst_core::{
     AckWatch, BoxFuture, Error, PathSample, Result, Transport, TransportKind, TransportMetrics,
 };
@@ -55,9 +55,12 @@ impl TcpTransport {
         // The server registers the session before its first frame (the initial credit):
         // until we hear it, the other streams' Hellos could name a session it does not know.
         let heard_by = Instant::now() + shared.config.handshake_timeout;
-        while !shared.heard.load(Ordering::Relaxed) && Instant::now() < heard_by {
-            if lock(&shared.life).fatal.is_some() {
-                break;
+        while Instant::now() < heard_by {
+            {
+                let p = lock(&shared.proto);
+                if p.heard() || p.fatal().is_some() {
+                    break;
+                }
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
@@ -161,7 +164,7 @@ impl TcpTransport {
     /// Removes one stream gracefully: its writer stops taking chunks, tells the peer and
     /// half-closes; nothing is resent. Refuses to remove the last stream.
     pub async fn remove_stream(&self) -> Result<()> {
-        let ctl = {
+        let path = {
             let streams = lock(&self.shared.streams);
             if streams.len() <= 1 {
                 return Err(Error::Config {
@@ -177,7 +180,7 @@ impl TcpTransport {
                     field: "streams",
                     reason: "every stream is already being removed".into(),
                 })?;
-            e.ctl.clone()
+            e.path
         };
         let _ =
             self.shared
@@ -185,7 +188,7 @@ impl TcpTransport {
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
                     Some(t.saturating_sub(1).max(1))
                 });
-        ctl.request_stop();
+        self.shared.stop_stream(path);
         Ok(())
     }
 
@@ -205,17 +208,7 @@ impl TcpTransport {
     }
 
     fn check_can_send(&self) -> Result<()> {
-        let life = lock(&self.shared.life);
-        if let Some(f) = &life.fatal {
-            return Err(f.to_error());
-        }
-        if life.closing || life.closed {
-            return Err(Error::Closed);
-        }
-        if life.peer_closed {
-            return Err(peer_closed());
-        }
-        Ok(())
+        lock(&self.shared.proto).check_can_send()
     }
 
     async fn send_inner(&self, header: Bytes, payload: Bytes) -> Result<()> {
@@ -232,17 +225,15 @@ impl TcpTransport {
             let space = s.space.notified();
             tokio::pin!(space);
             space.as_mut().enable();
-            self.check_can_send()?;
             {
-                let mut tx = lock(&s.tx);
-                let queued = tx.sb.queued_bytes();
+                let mut p = lock(&s.proto);
+                p.check_can_send()?;
+                let queued = p.send_buffer().queued_bytes();
                 if queued == 0 || queued + len <= s.config.send_queue {
-                    if let Some((h, p)) = message.take() {
-                        tx.sb.push_parts(h, p)?;
+                    if let Some((h, m)) = message.take() {
+                        p.push_parts(h, m, Instant::now())?;
                     }
-                    let held = tx.sb.queued_bytes() + tx.sb.unacked_bytes();
-                    tx.peak = tx.peak.max(held);
-                    drop(tx);
+                    drop(p);
                     s.tx_wake.notify_one();
                     return Ok(());
                 }
@@ -253,23 +244,23 @@ impl TcpTransport {
 
     async fn flush_inner(&self) -> Result<()> {
         let s = &self.shared;
-        let target = lock(&s.tx).sb.messages_sent();
+        let target = lock(&s.proto).send_buffer().messages_sent();
         loop {
             let acked = s.acked.notified();
             tokio::pin!(acked);
             acked.as_mut().enable();
-            if lock(&s.tx).sb.messages_acked() >= target {
-                return Ok(());
-            }
             {
-                let life = lock(&s.life);
-                if let Some(f) = &life.fatal {
+                let p = lock(&s.proto);
+                if p.send_buffer().messages_acked() >= target {
+                    return Ok(());
+                }
+                if let Some(f) = p.fatal() {
                     return Err(f.to_error());
                 }
-                if life.peer_closed {
+                if p.is_peer_closed() {
                     return Err(peer_closed());
                 }
-                if life.closed {
+                if p.is_closed() {
                     return Err(Error::Closed);
                 }
             }
@@ -283,21 +274,18 @@ impl TcpTransport {
             let woken = s.rx_wake.notified();
             tokio::pin!(woken);
             woken.as_mut().enable();
-            {
-                let mut rx = lock(&s.rx);
-                if let Some(m) = rx.reasm.pop() {
-                    s.after_rx_change(&rx);
-                    return Ok(Some(m));
+            // Some(answer), or None to wait.
+            let got = s.update(|p| {
+                if let Some(m) = p.read(Instant::now()) {
+                    return Some(Ok(Some(m)));
                 }
-            }
-            {
-                let life = lock(&s.life);
-                if let Some(f) = &life.fatal {
-                    return Err(f.to_error());
+                if let Some(f) = p.fatal() {
+                    return Some(Err(f.to_error()));
                 }
-                if life.peer_closed || life.closed {
-                    return Ok(None);
-                }
+                (p.is_peer_closed() || p.is_closed()).then_some(Ok(None))
+            });
+            if let Some(answer) = got {
+                return answer;
             }
             woken.await;
         }
@@ -306,16 +294,16 @@ impl TcpTransport {
     async fn close_inner(&self) -> Result<()> {
         let s = &self.shared;
         {
-            let life = lock(&s.life);
-            if life.closed && life.fatal.is_none() {
+            let p = lock(&s.proto);
+            if p.is_closed() && p.fatal().is_none() {
                 return Ok(());
             }
         }
         let flushed = self.flush_inner().await;
         let peer_gone = {
-            let mut life = lock(&s.life);
-            life.closing = true;
-            life.peer_closed || life.closed
+            let mut p = lock(&s.proto);
+            p.close(None);
+            p.is_peer_closed() || p.is_closed()
         };
         if !peer_gone && flushed.is_ok() {
             say_goodbye(s, Close::new(CloseCode::Normal, "done")).await;
@@ -327,18 +315,13 @@ impl TcpTransport {
     async fn probe_inner(&self, burst_bytes: u64) -> Result<PathSample> {
         self.check_can_send()?;
         let s = &self.shared;
-        let ping = |padding: u32| {
-            let id = s.next_ping.fetch_add(1, Ordering::Relaxed);
+        // Registers the answer's channel before the Ping can go out.
+        let ping = |padding: u32, probe: bool| {
             let (tx, rx) = oneshot::channel();
-            lock(&s.pings).insert(id, tx);
-            (
-                Frame::Ping(Ping {
-                    id,
-                    timestamp_ns: s.now_ns(),
-                    padding,
-                }),
-                rx,
-            )
+            let mut pings = lock(&s.pings);
+            let id = lock(&s.proto).ping(padding, probe, Instant::now());
+            pings.insert(id, tx);
+            rx
         };
         let wait = |rx: oneshot::Receiver<Instant>| async move {
             match tokio::time::timeout(PROBE_TIMEOUT, rx).await {
@@ -352,9 +335,9 @@ impl TcpTransport {
         };
         // Ping and Pong frames: 5 header + 16 fields each.
         const FRAME: u64 = 21;
-        let (f, rx) = ping(0);
         let sent = Instant::now();
-        s.queue_frame(f);
+        let rx = ping(0, false);
+        s.tx_wake.notify_one();
         let rtt = wait(rx).await?.saturating_duration_since(sent);
         let mut used = 2 * FRAME;
         let mut delivery_rate = None;
@@ -367,13 +350,11 @@ impl TcpTransport {
             while left > 0 {
                 let pad = left.min(PROBE_PADDING);
                 left -= pad;
-                let (f, rx) = ping(pad as u32);
                 // Free writers take it a slice at a time: the train spreads over the streams.
-                lock(&s.probe_queue).push_back(f);
+                let rx = ping(pad as u32, true);
                 pending.push(rx);
                 sizes.push(pad + FRAME);
             }
-            s.probe_queued.store(true, Ordering::Release);
             s.tx_wake.notify_waiters();
             let mut times = Vec::with_capacity(pending.len());
             for rx in pending {
@@ -428,7 +409,7 @@ impl Drop for Unpaced<'_> {
         let s = self.shared;
         if s.probing.fetch_sub(1, Ordering::AcqRel) == 1 {
             // A cancelled probe's train goes no further.
-            lock(&s.probe_queue).clear();
+            lock(&s.proto).clear_probes();
             if let Some(per) = s.per_stream_pacing(s.stream_count()) {
                 set_stream_pacing(s, per);
             }
@@ -445,12 +426,7 @@ fn set_stream_pacing(s: &Shared, per_stream: u64) {
     }
 }
 
-fn peer_closed() -> Error {
-    Error::PeerClosed {
-        code: CloseCode::Normal,
-        reason: "the peer closed the session".into(),
-    }
-}
+use amst_core::session::peer_closed;
 
 impl Transport for TcpTransport {
     fn send(&self, message: Bytes) -> BoxFuture<'_, Result<()>> {
@@ -479,20 +455,15 @@ impl Transport for TcpTransport {
         m.bytes_sent = s.bytes_sent.load(Ordering::Relaxed);
         m.bytes_received = s.bytes_received.load(Ordering::Relaxed);
         {
-            let tx = lock(&s.tx);
-            m.messages_sent = tx.sb.messages_sent();
-            m.messages_acked = tx.sb.messages_acked();
-            m.chunks_retransmitted = tx.sb.retransmissions();
-            m.credit_window = Some(
-                tx.sb
-                    .credit_limit()
-                    .saturating_sub(tx.sb.cumulative_acked()),
-            );
-        }
-        {
-            let rx = lock(&s.rx);
-            m.messages_received = rx.reasm.delivered_messages();
-            m.receive_held_bytes = Some(rx.reasm.buffered_bytes());
+            let p = lock(&s.proto);
+            let sb = p.send_buffer();
+            m.messages_sent = sb.messages_sent();
+            m.messages_acked = sb.messages_acked();
+            m.chunks_retransmitted = sb.retransmissions();
+            m.credit_window = Some(sb.credit_limit().saturating_sub(sb.cumulative_acked()));
+            let rx = p.reassembler();
+            m.messages_received = rx.delivered_messages();
+            m.receive_held_bytes = Some(rx.buffered_bytes());
         }
         let us = |a: &std::sync::atomic::AtomicU64| {
             let v = a.load(Ordering::Relaxed);
@@ -532,8 +503,7 @@ impl Transport for TcpTransport {
 /// not read yet, our Close included. On every stream, because the peer reads its streams
 /// in any order: one that saw only a FIN would look lost and be re-dialled.
 async fn say_goodbye(s: &Shared, close: Close) {
-    lock(&s.life).goodbye = Some(close);
-    s.parting.store(true, Ordering::Release);
+    lock(&s.proto).close(Some(close));
     s.tx_wake.notify_waiters();
     for e in lock(&s.streams).iter() {
         e.ctl.wake.notify_one();
@@ -549,9 +519,10 @@ impl Drop for TcpTransport {
     fn drop(&mut self) {
         let s = self.shared.clone();
         let live = {
-            let mut life = lock(&s.life);
-            let live = !(life.closed || life.closing || life.peer_closed || life.fatal.is_some());
-            life.closing = true;
+            let mut p = lock(&s.proto);
+            let live =
+                !(p.is_closed() || p.is_closing() || p.is_peer_closed() || p.fatal().is_some());
+            p.close(None);
             live
         };
         let runtime = tokio::runtime::Handle::try_current();
@@ -560,8 +531,8 @@ impl Drop for TcpTransport {
             return;
         };
         let unacked = {
-            let tx = lock(&s.tx);
-            tx.sb.queued_bytes() + tx.sb.unacked_bytes()
+            let p = lock(&s.proto);
+            p.send_buffer().queued_bytes() + p.send_buffer().unacked_bytes()
         };
         let close = if unacked == 0 {
             Close::new(CloseCode::Normal, "the session was dropped")
