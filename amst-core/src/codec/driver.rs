@@ -1,7 +1,7 @@
 //! The one async driver of the PSK handshake, for every transport and any runtime.
 //!
-//! The handshake's logic is the sans-IO [`ClientHandshake`] and [`ServerHandshake`]; this
-//! module runs their frame exchange over anything that implements [`FrameIo`] (a TCP or TLS
+//! The handshake's logic is the sans-IO [`ClientHandshake`] and
+//! [`ServerHandshake`](super::ServerHandshake); this module runs their frame exchange over anything that implements [`FrameIo`] (a TCP or TLS
 //! stream, a QUIC control stream, an RDMA bootstrap socket). A transport supplies the IO,
 //! its timeouts and its policy between the steps: which session a Hello joins, whether its
 //! nonce is bound to the TLS session, when a QUIC server may read the proof.
