@@ -26,10 +26,16 @@ use crate::sockopt::{self, Applied};
 use crate::stats::{BufferStats, StreamCtl, StreamStats};
 
 /// Control frames waiting for a writer, at most; Pongs beyond it are dropped.
-const MAX_QUEUED_CONTROL: usize = 256;
+/// Room for every answer to amst-detect's largest probe train (32 MiB = 512 Pings) with
+/// margin: a receiver whose reader takes in a train before its writer runs must not drop
+/// the Pongs (the prober would wait for them until its timeout).
+const MAX_QUEUED_CONTROL: usize = 1024;
 
-/// Bytes of a probe train one writer takes at a time.
-const PROBE_SLICE: usize = 256 << 10;
+/// Bytes of a probe train one writer takes at a time: one full Ping. A larger slice
+/// commits more of the train to one stream ahead of time, and the train's end then waits
+/// for the slowest stream's share (at 50 Mbit/s one stream carries about 6 Mbit/s, so
+/// every 64 KiB left on it is 80 ms).
+const PROBE_SLICE: usize = 64 << 10;
 
 /// Which side of the session we are; only the client dials streams.
 #[derive(Clone, Copy, Debug)]
