@@ -490,7 +490,10 @@ async fn the_first_idle_period_measures_the_rate_once_per_path() {
     let rate = GBIT_PER_SEC / 5;
     let link = ScriptedLink::new(Duration::from_millis(20), rate);
     link.set(|s| s.trains_window_limited = true);
-    let period = Duration::from_secs(1);
+    // Trains count from 8 round trips (160 ms) on: a first counted train and a confirming
+    // one twice its size take about a second here, so the period (which caps the
+    // measurement) is 2 s; the default is 5 s.
+    let period = Duration::from_secs(2);
     let mut det = Detector::new(with_rate_measurement(period), link.clone()).unwrap();
     let d1 = det.step().await;
     let e = det.stats().last_rate.expect("a rate measurement ran");

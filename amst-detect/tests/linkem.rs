@@ -43,10 +43,15 @@ fn config(period: Duration) -> DetectorConfig {
 
 /// Serves one session in `right` until the client closes, draining what it receives.
 fn serve(link: &LinkEm) -> SocketAddr {
+    serve_with(link, tcp_config())
+}
+
+/// [`serve`] with the server's own configuration.
+fn serve_with(link: &LinkEm, server_config: TcpConfig) -> SocketAddr {
     let addr = SocketAddr::from((link.right().addr(), PORT));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     link.right().spawn_tokio(async move {
-        let listener = TcpListener::bind(addr, tcp_config()).await.unwrap();
+        let listener = TcpListener::bind(addr, server_config).await.unwrap();
         ready_tx.send(()).unwrap();
         let session = listener.accept().await.unwrap();
         while let Ok(Some(_)) = session.recv().await {}
@@ -207,13 +212,21 @@ fn linkem_flip_to_internet_is_detected_within_two_periods() {
         let handle = Detector::new(config(period), client.clone())
             .unwrap()
             .spawn();
-        // Settle on the fast link (the loop's start-up periods are 200 ms).
+        // Settle on the fast link (the loop's start-up periods are 200 ms). Not a speed
+        // assertion: on a loaded machine a sub-millisecond link's pings read 0.3-4 ms, each
+        // move past ×1.5 re-runs the rate measurement (up to a period), and settling took
+        // over 5 periods in 3 of 5 runs.
         tokio::time::timeout(
-            period * 5,
+            period * 15,
             handle.subscribe().wait_for(|m| *m == Mode::Datacenter),
         )
         .await
-        .expect("datacenter on the fast link")
+        .unwrap_or_else(|_| {
+            panic!(
+                "datacenter on the fast link: {:?}",
+                handle.reports().borrow()
+            )
+        })
         .unwrap();
         let before = handle.last_decision().unwrap();
         println!("before: {before}");
@@ -335,15 +348,16 @@ fn iperf3_rate(link: &LinkEm, port: u16) -> Option<f64> {
 }
 
 /// The rate measurement on an idle amst-tcp session through the emulator at `rate_bps`,
-/// 20 ms RTT: within 10 % of the set rate, or, when plain iperf3 cannot reach 90 % of it
-/// through the emulator on this machine, within 10 % of what iperf3 gets.
+/// 20 ms RTT: within 10 % of the set rate, or, when plain iperf3 cannot reach 93 % of it
+/// through the emulator on this machine, between 0.9 × what iperf3 gets and 1.1 × the set
+/// rate.
 ///
 /// iperf3 runs right before and right after the measurement. Where the emulator cannot
 /// carry the set rate, it is CPU-bound, and on a loaded 2-core machine what it carries
 /// moved by ±13 % between runs a few seconds apart (703–913 Mbit/s at 1 Gbit/s in ten
-/// runs), as much as the tolerance itself. So the reference is what iperf3 got in the
-/// same few seconds: the measurement may be 10 % below the lower and 10 % above the
-/// higher of the two runs, never further.
+/// runs), as much as the tolerance itself. So the floor is what iperf3 got in the same
+/// few seconds: the measurement may be 10 % below the lower of the two runs, never
+/// further, and 10 % above the set rate.
 fn rate_accuracy(rate_bps: u64, port: u16) {
     let link = LinkEm::builder()
         .params(LinkParams {
@@ -354,11 +368,18 @@ fn rate_accuracy(rate_bps: u64, port: u16) {
         })
         .start()
         .unwrap();
-    let addr = serve(&link);
+    let mut plain = tcp_config();
+    plain.tls = None;
+    let addr = serve_with(&link, plain);
     let iperf_before = iperf3_rate(&link, port + 1);
     let estimate = link.left().block_on(async move {
-        // The internet profile's 8 streams, as amst-hybrid opens them.
-        let config = tcp_config().with_streams(8);
+        // The internet profile's 8 streams, as amst-hybrid opens them, without TLS: on this
+        // 2-core machine the emulator needs most of a core at 1 Gbit/s, and TLS's
+        // encryption on both ends competes with it for the rest (the same probe read 0.72-0.9
+        // of iperf3 with TLS, 0.95-1.05 without). That is the transport's CPU ceiling, not
+        // the estimator's accuracy, which is what this test measures.
+        let mut config = tcp_config().with_streams(8);
+        config.tls = None;
         let client = TcpTransport::connect(addr, config).await.unwrap();
         let e = measure_rate(&client, &RateProbeConfig::default())
             .await
@@ -370,14 +391,23 @@ fn rate_accuracy(rate_bps: u64, port: u16) {
     let bw = estimate.bandwidth.expect("a rate");
     let measured = bw.bytes_per_sec as f64 * 8.0;
     let set = rate_bps as f64;
-    let (mut low, mut high) = (set, set);
-    let mut against = "the set rate";
-    if let (Some(a), Some(b)) = (iperf_before, iperf_after)
-        && a.min(b) < 0.9 * set
-    {
-        (low, high) = (a.min(b), a.max(b));
-        against = "iperf3 -P 8 -C bbr through the emulator just before and after (it cannot reach the set rate here)";
-    }
+    // A link that carries its set rate gives iperf3 0.95-0.96 of it (TCP/IP headers):
+    // 47.9 of 50, 190 of 200 Mbit/s. Below 0.93 the emulator, CPU-bound on this machine,
+    // does not carry the set rate, and the floor is what iperf3 got through the same link
+    // in the same run. The ceiling stays the set rate: no probe reads above the link.
+    let high = set;
+    let iperf_low = [iperf_before, iperf_after]
+        .into_iter()
+        .flatten()
+        .fold(set, f64::min);
+    let (low, against) = if iperf_low < 0.93 * set {
+        (
+            iperf_low,
+            "the set rate, floored at what iperf3 -P 8 -C bbr got through the same link just before and after (the emulator cannot carry the set rate here)",
+        )
+    } else {
+        (set, "the set rate")
+    };
     let mbit = |r: Option<f64>| r.map_or("not run".into(), |i| format!("{:.1} Mbit/s", i / 1e6));
     println!(
         "linkem 20 ms, {} Mbit/s: measured {:.1} Mbit/s ({}; {} trains, {:.1} MB, {:?}); iperf3 -P 8 -C bbr before {}, after {}; compared with {against}: {:.3}..{:.3}",
@@ -408,7 +438,6 @@ fn rate_accuracy(rate_bps: u64, port: u16) {
 }
 
 #[test]
-#[ignore = "reads 0.90-0.93 of the set rate (iperf3 itself 0.96) and failed 2 of 8 loaded runs on 2026-12-04: too thin a margin for CI until the 4 % gap below iperf3 is found; run with --run-ignored"]
 fn linkem_rate_measurement_within_10_percent_at_50_mbit() {
     if skip("linkem_rate_measurement_within_10_percent_at_50_mbit") {
         return;
@@ -425,7 +454,7 @@ fn linkem_rate_measurement_within_10_percent_at_200_mbit() {
 }
 
 #[test]
-#[ignore = "amst-tcp's trains through the CPU-bound emulator read 0.77-0.95 of iperf3 -P 8 run just before and after, on this loaded 2-core machine (in 10 % in 2 of 5 runs, 2026-12-04); its 32 MiB trains alone read about 0.8 of iperf3, so it is the transport's throughput here, not the estimator; run with --run-ignored"]
+#[ignore = "the emulator carries 585-928 Mbit/s here; without TLS 5 of 6 runs read 1.06-1.23 of iperf3's lower run through the same link, one 0.86 (2026-12-05): a run's 32 MiB trains either reach the emulator's ceiling or stay near 0.8 of it, not yet explained; run with --run-ignored"]
 fn linkem_rate_measurement_within_10_percent_at_1_gbit() {
     if skip("linkem_rate_measurement_within_10_percent_at_1_gbit") {
         return;

@@ -28,13 +28,18 @@ use crate::{
 mod tests;
 
 /// Control frames waiting for a writer, at most; Pongs beyond it are dropped, so a peer that
-/// pings faster than it reads its answers cannot grow the queue.
-pub const MAX_QUEUED_CONTROL: usize = 256;
+/// pings faster than it reads its answers cannot grow the queue. Room for every answer to
+/// amst-detect's largest probe train (32 MiB = 512 Pings) with margin: a receiver whose reader
+/// takes in a train before its writer runs must not drop the Pongs (the prober would wait for
+/// them until its timeout).
+pub const MAX_QUEUED_CONTROL: usize = 1024;
 /// Pong events waiting for the driver, at most.
 const MAX_PONG_EVENTS: usize = 1024;
-/// Bytes of a probe train one `poll_transmit` takes at a time, so that the train spreads
-/// over the paths as data does.
-const PROBE_SLICE: usize = 256 << 10;
+/// Bytes of a probe train one `poll_transmit` takes at a time: one full Ping, so that the
+/// train spreads over the paths as data does. A larger slice commits more of the train to
+/// one stream ahead of time, and the train's end then waits for the slowest stream's share
+/// (at 50 Mbit/s one stream of 8 carries about 6 Mbit/s, so every 64 KiB left on it is 80 ms).
+const PROBE_SLICE: usize = 64 << 10;
 /// Most chunks one `poll_transmit` hands out (small messages).
 pub const MAX_BATCH: usize = 64;
 
