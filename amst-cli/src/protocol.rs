@@ -216,16 +216,8 @@ fn malformed(what: &'static str, reason: impl ToString) -> DecodeError {
     }
 }
 
-/// Lower-case hex of a digest.
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
-}
+/// Lower-case hex of a digest (amst-core's, re-exported for the report and the tests).
+pub use amst_core::util::hex;
 
 #[cfg(test)]
 mod tests {

@@ -3,6 +3,7 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::util::lock;
 /// A source of `now`.
 pub trait Clock: Send + Sync + std::fmt::Debug {
     /// The current instant.
@@ -35,14 +36,14 @@ impl ManualClock {
 
     /// Moves the clock forward.
     pub fn advance(&self, by: Duration) {
-        let mut now = self.now.lock().unwrap_or_else(|e| e.into_inner());
+        let mut now = lock(&self.now);
         *now += by;
     }
 }
 
 impl Clock for ManualClock {
     fn now(&self) -> Instant {
-        *self.now.lock().unwrap_or_else(|e| e.into_inner())
+        *lock(&self.now)
     }
 }
 

@@ -37,7 +37,7 @@ static CACHE: Mutex<Cache> = Mutex::new(Cache {
 
 fn cache() -> std::sync::MutexGuard<'static, Cache> {
     // A panic while holding it cannot leave it inconsistent beyond a wrong byte count.
-    CACHE.lock().unwrap_or_else(|e| e.into_inner())
+    crate::util::lock(&CACHE)
 }
 
 /// An empty buffer with room for `len` bytes: a cached one when one fits without wasting

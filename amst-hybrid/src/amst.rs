@@ -12,8 +12,10 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::metrics::AmstMetrics;
-use crate::session::{Role, Shared, hex, lock};
+use amst_core::util::{hex, lock};
+
+use crate::metrics::{AmstMetrics, SwitchStats};
+use crate::session::{HybridSession, PlainSession, Role, Session};
 use crate::wire::{self, HybridFrame};
 use crate::{Acceptor, AmstConfig, Connected, Connector, Error, Result};
 
@@ -30,13 +32,13 @@ pub struct Amst {
 
 #[derive(Debug)]
 struct Owner {
-    shared: Arc<Shared>,
+    session: Session,
     auto: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Drop for Owner {
     fn drop(&mut self) {
-        self.shared.shut_down();
+        self.session.shut_down();
         if let Some(t) = lock(&self.auto).take() {
             t.abort();
         }
@@ -44,10 +46,10 @@ impl Drop for Owner {
 }
 
 impl Amst {
-    fn from_shared(shared: Arc<Shared>) -> Self {
+    fn from_session(session: Session) -> Self {
         Amst {
             inner: Arc::new(Owner {
-                shared,
+                session,
                 auto: Mutex::new(None),
             }),
         }
@@ -65,18 +67,8 @@ impl Amst {
                 "the peer does not speak the hybrid protocol: plain session on one {} transport, no mode switching",
                 first.preset
             );
-            let shared = Shared::new(
-                Role::Client,
-                config,
-                [0; 16],
-                false,
-                transport,
-                Some(first.clone()),
-                first.preset,
-                None,
-                0,
-            );
-            return Ok(Amst::from_shared(shared));
+            let plain = PlainSession::new(Role::Client, config, transport, first.preset, None);
+            return Ok(Amst::from_session(Session::Plain(plain)));
         }
         let (vmin, vmax) = config.hybrid_versions;
         transport
@@ -128,11 +120,10 @@ impl Amst {
             first.preset
         };
         let auto = config.auto_mode;
-        let shared = Shared::new(
+        let shared = HybridSession::new(
             Role::Client,
             config,
             session_id,
-            true,
             transport,
             Some(first),
             start_mode,
@@ -140,7 +131,7 @@ impl Amst {
             1,
         );
         info!(session = %hex(&session_id), mode = %start_mode, "hybrid session open");
-        let amst = Amst::from_shared(shared.clone());
+        let amst = Amst::from_session(Session::Hybrid(shared.clone()));
         if profiles.len() > 1 {
             shared.switch_to(amst_core::Mode::Hybrid, false).await?;
         }
@@ -164,7 +155,9 @@ impl Amst {
     }
 
     fn start_auto_mode(&self) {
-        *lock(&self.inner.auto) = crate::auto::spawn(&self.inner.shared);
+        if let Session::Hybrid(h) = &self.inner.session {
+            *lock(&self.inner.auto) = crate::auto::spawn(h);
+        }
     }
 
     /// Connects to an `Amst` server over amst-tcp.
@@ -215,14 +208,17 @@ impl Amst {
         Amst::listen_with(Arc::new(crate::MultiAcceptor::new(acceptors)), config)
     }
 
-    fn shared(&self) -> &Arc<Shared> {
-        &self.inner.shared
+    fn session(&self) -> &Session {
+        &self.inner.session
     }
 
     /// Queues a message. Resolves once it is accepted (it may wait for the send window);
     /// delivery is whole, exactly once and in order, across mode switches.
     pub async fn send(&self, message: Bytes) -> Result<()> {
-        self.shared().send(message).await.map(|_| ())
+        match self.session() {
+            Session::Plain(p) => p.send(message).await,
+            Session::Hybrid(h) => h.send(message).await.map(|_| ()),
+        }
     }
 
     /// Sends a message and waits until the peer acknowledged it, calling
@@ -234,8 +230,17 @@ impl Amst {
         F: FnMut(u64, u64) + Send,
     {
         let total = message.len() as u64;
-        let s = self.shared();
-        let wire_now = |s: &Shared| {
+        let s = match self.session() {
+            Session::Plain(p) => {
+                progress(0, total);
+                p.send(message).await?;
+                p.flush().await?;
+                progress(total, total);
+                return Ok(());
+            }
+            Session::Hybrid(h) => h,
+        };
+        let wire_now = |s: &HybridSession| {
             let r = s.route.load();
             let t = r.pick(total as usize).transport.clone();
             let ptr = Arc::as_ptr(&t) as *const () as usize;
@@ -244,11 +249,6 @@ impl Amst {
         let (mut which, mut base) = wire_now(s);
         progress(0, total);
         let seq = s.send(message).await?;
-        if !s.hybrid {
-            s.flush().await?;
-            progress(total, total);
-            return Ok(());
-        }
         let mut last = 0;
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         loop {
@@ -274,25 +274,33 @@ impl Amst {
 
     /// Resolves when every message sent so far has been acknowledged by the peer.
     pub async fn flush(&self) -> Result<()> {
-        self.shared().flush().await
+        self.session().flush().await
     }
 
     /// The next message, or `None` once the peer has closed and everything it sent has been
     /// delivered.
     pub async fn recv(&self) -> Result<Option<Bytes>> {
-        self.shared().recv().await
+        self.session().recv().await
     }
 
     /// The mode of the current route.
     pub fn mode(&self) -> Mode {
-        self.shared().route.load().mode
+        self.session().mode()
+    }
+
+    /// The hybrid session, or the error a plain one gives for `what`.
+    fn hybrid(&self, what: &'static str) -> Result<&Arc<HybridSession>> {
+        match self.session() {
+            Session::Plain(_) => Err(Error::NotHybrid(what)),
+            Session::Hybrid(h) => Ok(h),
+        }
     }
 
     /// Switches to `mode` now and holds it there (the auto loop stops deciding until
     /// [`release_mode`](Amst::release_mode)). On a server this asks the client, which owns
     /// the connections, and waits until it has switched.
     pub async fn force_mode(&self, mode: Mode) -> Result<()> {
-        let s = self.shared();
+        let s = self.hybrid("switching modes")?;
         s.pinned.store(true, std::sync::atomic::Ordering::Release);
         match s.role {
             Role::Client => s.switch_to(mode, false).await.map(|_| ()),
@@ -303,35 +311,46 @@ impl Amst {
     /// Switches to `mode` even if it is current, through fresh transports (a failover test,
     /// or to pick up new settings).
     pub async fn reconnect(&self, mode: Mode) -> Result<()> {
-        self.shared().switch_to(mode, true).await.map(|_| ())
+        let s = self.hybrid("switching modes")?;
+        s.switch_to(mode, true).await.map(|_| ())
     }
 
     /// Lets the detector decide the mode again.
     pub fn release_mode(&self) {
-        self.shared()
-            .pinned
-            .store(false, std::sync::atomic::Ordering::Release);
+        if let Session::Hybrid(h) = self.session() {
+            h.pinned.store(false, std::sync::atomic::Ordering::Release);
+        }
     }
 
     /// Whether both ends speak the hybrid protocol (false: a plain peer, no switching).
     pub fn is_hybrid(&self) -> bool {
-        self.shared().hybrid
+        matches!(self.session(), Session::Hybrid(_))
     }
 
     /// The hybrid session id (all zeroes for a plain session).
     pub fn session_id(&self) -> SessionId {
-        self.shared().session_id
+        match self.session() {
+            Session::Plain(_) => [0; 16],
+            Session::Hybrid(h) => h.session_id,
+        }
     }
 
     /// Whether this end connected or accepted.
     pub fn role(&self) -> Role {
-        self.shared().role
+        self.session().role()
+    }
+
+    fn switch_stats(&self) -> SwitchStats {
+        match self.session() {
+            Session::Plain(_) => SwitchStats::default(),
+            Session::Hybrid(h) => lock(&h.switch_stats).clone(),
+        }
     }
 
     /// Every measured switch duration (swap to first acknowledged message on the new
     /// transport), oldest first, up to the last 4096.
     pub fn switch_durations(&self) -> Vec<Duration> {
-        lock(&self.shared().switch_stats).durations.clone()
+        self.switch_stats().durations
     }
 
     /// Every measured switch, timed from the decision to switch (the call to
@@ -340,70 +359,23 @@ impl Amst {
     /// included. Same order and length as [`switch_durations`](Amst::switch_durations); on a
     /// server, whose decision is the client's Attach arriving, the two are alike.
     pub fn switch_durations_from_decision(&self) -> Vec<Duration> {
-        lock(&self.shared().switch_stats).from_decision.clone()
+        self.switch_stats().from_decision
     }
 
     /// The current route's transport (the low-latency one in hybrid mode), e.g. for a
     /// detector or for transport-specific statistics.
     pub fn active_transport(&self) -> Arc<dyn Transport> {
-        self.shared().route.load().low.transport.clone()
+        match self.session() {
+            Session::Plain(p) => p.transport.clone(),
+            Session::Hybrid(h) => h.route.load().low.transport.clone(),
+        }
     }
 
     /// A snapshot of the session's counters.
     pub fn metrics(&self) -> AmstMetrics {
-        let s = self.shared();
-        let r = s.route.load_full();
-        let low = r.low.transport.metrics();
-        let bulk = (!Arc::ptr_eq(&r.low, &r.bulk)).then(|| r.bulk.transport.metrics());
-        let (unacked_messages, unacked_bytes) = s.unacked();
-        let (messages_received, bytes_received, duplicates_dropped) = if s.hybrid {
-            s.merger_stats()
-        } else {
-            (low.messages_received, low.bytes_received, 0)
-        };
-        let sw = lock(&s.switch_stats).clone();
-        let bulk_of = |f: fn(&TransportMetrics) -> Option<u64>| bulk.as_ref().and_then(f);
-        use std::sync::atomic::Ordering::Relaxed;
-        AmstMetrics {
-            mode: r.mode,
-            transport: low.kind,
-            bulk_transport: bulk.as_ref().map(|b| b.kind),
-            generation: r.generation,
-            hybrid: s.hybrid,
-            throughput_bps: s.throughput(),
-            streams: low.active_streams + bulk.as_ref().map_or(0, |b| b.active_streams),
-            messages_sent: s.instruments.n_messages_sent.load(Relaxed),
-            bytes_sent: s.instruments.n_bytes_sent.load(Relaxed),
-            bytes_acked: s.acked_bytes(),
-            unacked_messages,
-            unacked_bytes,
-            messages_received,
-            bytes_received,
-            duplicates_dropped,
-            chunks_retransmitted: low.chunks_retransmitted
-                + bulk.as_ref().map_or(0, |b| b.chunks_retransmitted),
-            rtt: low.rtt,
-            min_rtt: low.min_rtt,
-            switches: sw.switches,
-            last_switch_resent: sw.last_resent,
-            last_switch_duration: sw.durations.last().copied(),
-            open_transports: s.live_lanes(),
-            bytes_resent: s.instruments.n_bytes_resent.load(Relaxed),
-            retransmitted_bytes: sum_known(
-                low.retransmitted_bytes,
-                bulk_of(|b| b.retransmitted_bytes),
-            ),
-            lost_packets: sum_known(low.lost_packets, bulk_of(|b| b.lost_packets)),
-            lost_outstanding: sum_known(low.lost_outstanding, bulk_of(|b| b.lost_outstanding)),
-            cwnd: sum_known(low.cwnd, bulk_of(|b| b.cwnd)),
-            pacing_rate: sum_known(low.pacing_rate, bulk_of(|b| b.pacing_rate)),
-            chunk_size: bulk_of(|b| b.chunk_size).or(low.chunk_size),
-            credit_window: sum_known(low.credit_window, bulk_of(|b| b.credit_window)),
-            receive_held_bytes: s.merger_held_bytes()
-                + low.receive_held_bytes.unwrap_or(0)
-                + bulk_of(|b| b.receive_held_bytes).unwrap_or(0),
-            detector: s.instruments.verdict(),
-            healthy: s.check_open().is_ok(),
+        match self.session() {
+            Session::Plain(p) => plain_metrics(p),
+            Session::Hybrid(h) => hybrid_metrics(h),
         }
     }
 
@@ -413,7 +385,99 @@ impl Amst {
         if let Some(t) = lock(&self.inner.auto).take() {
             t.abort();
         }
-        self.shared().close().await
+        self.session().close().await
+    }
+}
+
+/// A plain session's counters: its one transport's, and nothing of switching.
+fn plain_metrics(p: &PlainSession) -> AmstMetrics {
+    use std::sync::atomic::Ordering::Relaxed;
+    let t = p.transport.metrics();
+    AmstMetrics {
+        mode: p.mode,
+        transport: t.kind,
+        bulk_transport: None,
+        generation: 0,
+        hybrid: false,
+        throughput_bps: 0.0,
+        streams: t.active_streams,
+        messages_sent: p.instruments.n_messages_sent.load(Relaxed),
+        bytes_sent: p.instruments.n_bytes_sent.load(Relaxed),
+        bytes_acked: 0,
+        unacked_messages: 0,
+        unacked_bytes: 0,
+        messages_received: t.messages_received,
+        bytes_received: t.bytes_received,
+        duplicates_dropped: 0,
+        chunks_retransmitted: t.chunks_retransmitted,
+        rtt: t.rtt,
+        min_rtt: t.min_rtt,
+        switches: 0,
+        last_switch_resent: 0,
+        last_switch_duration: None,
+        open_transports: 1,
+        bytes_resent: 0,
+        retransmitted_bytes: t.retransmitted_bytes,
+        lost_packets: t.lost_packets,
+        lost_outstanding: t.lost_outstanding,
+        cwnd: t.cwnd,
+        pacing_rate: t.pacing_rate,
+        chunk_size: t.chunk_size,
+        credit_window: t.credit_window,
+        receive_held_bytes: t.receive_held_bytes.unwrap_or(0),
+        detector: p.instruments.verdict(),
+        healthy: p.check_open().is_ok(),
+    }
+}
+
+/// A hybrid session's counters: the route's transports' (both lanes summed where that
+/// means something) and the session's own.
+fn hybrid_metrics(s: &HybridSession) -> AmstMetrics {
+    let r = s.route.load_full();
+    let low = r.low.transport.metrics();
+    let bulk = (!Arc::ptr_eq(&r.low, &r.bulk)).then(|| r.bulk.transport.metrics());
+    let (unacked_messages, unacked_bytes) = s.unacked();
+    let (messages_received, bytes_received, duplicates_dropped) = s.merger_stats();
+    let sw = lock(&s.switch_stats).clone();
+    let bulk_of = |f: fn(&TransportMetrics) -> Option<u64>| bulk.as_ref().and_then(f);
+    use std::sync::atomic::Ordering::Relaxed;
+    AmstMetrics {
+        mode: r.mode,
+        transport: low.kind,
+        bulk_transport: bulk.as_ref().map(|b| b.kind),
+        generation: r.generation,
+        hybrid: true,
+        throughput_bps: s.throughput(),
+        streams: low.active_streams + bulk.as_ref().map_or(0, |b| b.active_streams),
+        messages_sent: s.instruments.n_messages_sent.load(Relaxed),
+        bytes_sent: s.instruments.n_bytes_sent.load(Relaxed),
+        bytes_acked: s.acked_bytes(),
+        unacked_messages,
+        unacked_bytes,
+        messages_received,
+        bytes_received,
+        duplicates_dropped,
+        chunks_retransmitted: low.chunks_retransmitted
+            + bulk.as_ref().map_or(0, |b| b.chunks_retransmitted),
+        rtt: low.rtt,
+        min_rtt: low.min_rtt,
+        switches: sw.switches,
+        last_switch_resent: sw.last_resent,
+        last_switch_duration: sw.durations.last().copied(),
+        open_transports: s.live_lanes(),
+        bytes_resent: s.instruments.n_bytes_resent.load(Relaxed),
+        retransmitted_bytes: sum_known(low.retransmitted_bytes, bulk_of(|b| b.retransmitted_bytes)),
+        lost_packets: sum_known(low.lost_packets, bulk_of(|b| b.lost_packets)),
+        lost_outstanding: sum_known(low.lost_outstanding, bulk_of(|b| b.lost_outstanding)),
+        cwnd: sum_known(low.cwnd, bulk_of(|b| b.cwnd)),
+        pacing_rate: sum_known(low.pacing_rate, bulk_of(|b| b.pacing_rate)),
+        chunk_size: bulk_of(|b| b.chunk_size).or(low.chunk_size),
+        credit_window: sum_known(low.credit_window, bulk_of(|b| b.credit_window)),
+        receive_held_bytes: s.merger_held_bytes()
+            + low.receive_held_bytes.unwrap_or(0)
+            + bulk_of(|b| b.receive_held_bytes).unwrap_or(0),
+        detector: s.instruments.verdict(),
+        healthy: s.check_open().is_ok(),
     }
 }
 
@@ -465,7 +529,7 @@ async fn bind_rdma(addr: SocketAddr, config: &AmstConfig) -> Option<Arc<dyn Acce
     }
 }
 
-type Registry = Arc<Mutex<HashMap<SessionId, Weak<Shared>>>>;
+type Registry = Arc<Mutex<HashMap<SessionId, Weak<HybridSession>>>>;
 
 async fn accept_loop(
     acceptor: Arc<dyn Acceptor>,
@@ -499,22 +563,14 @@ async fn incoming(
     let Connected { transport, hybrid } = c;
     let plain = |first: Option<Bytes>| {
         info!("plain (non-hybrid) peer: session without mode switching");
-        let mode = config.initial_mode;
-        let shared = Shared::new(
+        let plain = PlainSession::new(
             Role::Server,
             config.clone(),
-            [0; 16],
-            false,
             transport.clone(),
-            None,
-            mode,
-            None,
-            0,
+            config.initial_mode,
+            first,
         );
-        if let Some(m) = first {
-            shared.stash_first(m);
-        }
-        Amst::from_shared(shared)
+        Amst::from_session(Session::Plain(plain))
     };
     if hybrid == Some(false) {
         let _ = tx.send(Ok(plain(None))).await;
@@ -581,11 +637,10 @@ async fn incoming(
                 return;
             }
             let mode = config.initial_mode;
-            let shared = Shared::new(
+            let shared = HybridSession::new(
                 Role::Server,
                 config,
                 session_id,
-                true,
                 transport,
                 None,
                 mode,
@@ -598,7 +653,9 @@ async fn incoming(
                 reg.insert(session_id, Arc::downgrade(&shared));
             }
             info!(session = %hex(&session_id), version, "hybrid session accepted");
-            let _ = tx.send(Ok(Amst::from_shared(shared))).await;
+            let _ = tx
+                .send(Ok(Amst::from_session(Session::Hybrid(shared))))
+                .await;
         }
         Ok(HybridFrame::Attach {
             session_id,

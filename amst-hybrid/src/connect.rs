@@ -106,10 +106,7 @@ mod memory {
 
         /// Every profile dialed so far, in order.
         pub fn dialed(&self) -> Vec<LaneProfile> {
-            self.dialed
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone()
+            amst_core::util::lock(&self.dialed).clone()
         }
 
         /// Connects without a profile, as a plain transport user would; returns the client end.
@@ -128,10 +125,7 @@ mod memory {
     impl Connector for MemoryConnector {
         fn connect<'a>(&'a self, profile: &'a LaneProfile) -> BoxFuture<'a, Result<Connected>> {
             Box::pin(async move {
-                self.dialed
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(profile.clone());
+                amst_core::util::lock(&self.dialed).push(profile.clone());
                 let transport = self.connect_raw()?;
                 Ok(Connected {
                     transport,

@@ -6,7 +6,8 @@
 //! not seen acknowledged. Every message carries a hybrid sequence number, and the receiver
 //! merges deliveries from old and new transports: exactly once, in order, bounded memory.
 //!
-//! The sans-IO halves are [`SendLedger`] and [`ReceiveMerger`]; [`wire`] is the frame codec.
+//! The sans-IO halves are [`SendLedger`], [`ReceiveMerger`] and the [`roster`] (Attach,
+//! Retire and Bye); [`wire`] is the frame codec.
 //!
 //! Features: `rdma` (the verbs datacenter lane; without it an RDMA lane falls back to TCP)
 //! and `in-memory` (`memory_network`, used by the example below and by tests).
@@ -50,6 +51,7 @@ pub mod merger;
 mod metrics;
 mod quic;
 mod rdma;
+pub mod roster;
 mod session;
 mod tcp;
 pub mod wire;

@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use amst_core::util::lock;
 use amst_core::{Mode, TransportKind};
 use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 
@@ -187,11 +188,11 @@ impl Instruments {
     }
 
     pub fn set_verdict(&self, v: DetectorVerdict) {
-        *self.verdict.lock().unwrap_or_else(|e| e.into_inner()) = Some(v);
+        *lock(&self.verdict) = Some(v);
     }
 
     pub fn verdict(&self) -> Option<DetectorVerdict> {
-        *self.verdict.lock().unwrap_or_else(|e| e.into_inner())
+        *lock(&self.verdict)
     }
 
     /// 0 datacenter, 1 internet, 2 hybrid.

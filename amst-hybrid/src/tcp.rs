@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use amst_core::codec::Psk;
+use amst_core::util::lock;
 use amst_core::{BoxFuture, Mode, TransportKind};
 use amst_quic::QuicConnector;
 use amst_tcp::{MAX_CHUNK, MIN_CHUNK, TcpConfig, TcpListener, TcpTransport};
@@ -45,7 +46,7 @@ impl TcpConnector {
 
     /// The QUIC connector for `profile`, made on first use.
     fn quic_connector(&self, profile: &LaneProfile) -> amst_core::Result<Arc<QuicConnector>> {
-        let mut connectors = self.quic.lock().unwrap_or_else(|e| e.into_inner());
+        let mut connectors = lock(&self.quic);
         if let Some(c) = connectors.get(&profile.congestion) {
             return Ok(c.clone());
         }
@@ -59,7 +60,7 @@ impl TcpConnector {
 
     /// Connections made and 0-RTT resumptions, summed over this connector's QUIC lanes.
     pub fn quic_stats(&self) -> amst_quic::ConnectorStats {
-        let connectors = self.quic.lock().unwrap_or_else(|e| e.into_inner());
+        let connectors = lock(&self.quic);
         let mut sum = amst_quic::ConnectorStats::default();
         for s in connectors.values().map(|c| c.stats()) {
             sum.connects += s.connects;

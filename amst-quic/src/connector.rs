@@ -236,7 +236,7 @@ impl TicketGate {
         &self,
     ) -> std::sync::MutexGuard<'_, Option<Vec<(ServerName<'static>, Tls13ClientSessionValue)>>>
     {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+        amst_core::util::lock(&self.pending)
     }
 
     /// The server is authenticated: keep its tickets, the ones held back and any later ones.

@@ -7,8 +7,7 @@ use std::net::SocketAddr;
 
 use amst_core::codec::driver::{self, FrameIo};
 use amst_core::codec::{
-    ClientHandshake, Decoder, Established, Frame, FrameKind, ServerHandshake, capabilities,
-    random_bytes,
+    ClientHandshake, Established, Frame, ServerHandshake, capabilities, random_bytes,
 };
 use amst_core::{Error, ProtocolError, Result};
 use bytes::BytesMut;
@@ -135,49 +134,27 @@ impl Endpoint {
     }
 }
 
+/// The bootstrap connection during the handshake, for amst-core's `driver::StreamIo`.
+struct Bootstrap<'a>(&'a mut TcpStream);
+
+impl driver::ByteStream for Bootstrap<'_> {
+    async fn send_bytes(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.0.write_all(bytes).await
+    }
+
+    async fn recv_bytes(&mut self, buf: &mut BytesMut, max: usize) -> io::Result<usize> {
+        (&mut *self.0).take(max as u64).read_buf(buf).await
+    }
+}
+
+/// Frames on the bootstrap connection; `buf` keeps bytes read past the handshake (the client
+/// may send its endpoint right behind its proof).
+fn bootstrap_io(stream: &mut TcpStream) -> driver::StreamIo<Bootstrap<'_>> {
+    driver::StreamIo::new(Bootstrap(stream), "bootstrap")
+}
+
 async fn write_frame(stream: &mut TcpStream, frame: &Frame) -> Result<()> {
-    stream
-        .write_all(&frame.to_bytes())
-        .await
-        .map_err(|e| Error::io("writing a bootstrap frame", e))
-}
-
-/// The bootstrap connection during the handshake, for amst-core's driver; `buf` keeps bytes
-/// read past it (the client may send its endpoint right behind its proof).
-struct BootstrapIo<'a> {
-    stream: &'a mut TcpStream,
-    buf: BytesMut,
-}
-
-impl FrameIo for BootstrapIo<'_> {
-    async fn send(&mut self, frame: &Frame) -> Result<()> {
-        write_frame(self.stream, frame).await
-    }
-
-    async fn recv(&mut self, allowed: &'static [FrameKind], state: &'static str) -> Result<Frame> {
-        let decoder = Decoder::default();
-        loop {
-            if let Some(f) = driver::decode_expected(&decoder, &mut self.buf, allowed, state)? {
-                return Ok(f);
-            }
-            self.buf.reserve(256);
-            let n = self
-                .stream
-                .read_buf(&mut self.buf)
-                .await
-                .map_err(|e| Error::io("reading a bootstrap frame", e))?;
-            if n == 0 {
-                decoder.decode_eof(&mut self.buf)?;
-                return Err(Error::io(
-                    "reading a bootstrap frame",
-                    io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the peer closed the bootstrap connection during the handshake",
-                    ),
-                ));
-            }
-        }
-    }
+    bootstrap_io(stream).send(frame).await
 }
 
 /// Dials `addr` and authenticates as the client.
@@ -201,10 +178,7 @@ pub async fn dial(
             1,
             capabilities::RDMA,
         );
-        let mut io = BootstrapIo {
-            stream: &mut stream,
-            buf: BytesMut::new(),
-        };
+        let mut io = bootstrap_io(&mut stream);
         let est = driver::client(&mut io, hs, hello).await?;
         let buf = io.buf;
         Ok((stream, est, buf))
@@ -226,10 +200,7 @@ pub async fn accept(
     let limit = config.handshake_timeout;
     let _ = stream.set_nodelay(true);
     let r = tokio::time::timeout(limit, async {
-        let mut io = BootstrapIo {
-            stream: &mut *stream,
-            buf: BytesMut::new(),
-        };
+        let mut io = bootstrap_io(&mut *stream);
         let hello = driver::server_hello(&mut io).await?;
         let hs = ServerHandshake::new(config.psk.clone(), random_bytes(), capabilities::RDMA);
         let (ack, awaiting) = hs.on_hello(&hello, random_bytes())?;

@@ -287,7 +287,7 @@ fn mtu_from(v: u8) -> Mtu {
 
 impl Session {
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        amst_core::util::lock(&self.state)
     }
 
     /// Opens the device, builds the QP and pools, exchanges endpoints over the authenticated
@@ -443,17 +443,14 @@ impl Session {
 
     /// Spawns the driver task; it owns the verbs objects and the bootstrap stream.
     pub(crate) fn start(self: &Arc<Self>, stream: TcpStream) {
-        let verbs = self
-            .verbs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        let verbs = amst_core::util::lock(&self.verbs)
             .take()
             .expect("started once");
         let me = Arc::clone(self);
         tokio::spawn(async move {
             let r = match Driver::new(&me, verbs).run(&me, stream).await {
                 Ok(Some(stream)) => {
-                    *me.parked.lock().unwrap_or_else(|p| p.into_inner()) = Some(stream);
+                    *amst_core::util::lock(&me.parked) = Some(stream);
                     Ok(())
                 }
                 Ok(None) => Ok(()),

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use amst_core::codec::driver::{self, FrameIo};
 use amst_core::codec::{
-    ClientHandshake, CloseCode, Decoder, Established, Frame, FrameKind, ServerHandshake, SessionId,
+    ClientHandshake, CloseCode, Established, Frame, FrameKind, ServerHandshake, SessionId,
     capabilities, random_bytes,
 };
 use amst_core::{Error, ProtocolError, Result};
@@ -38,56 +38,30 @@ pub(crate) struct Authenticated {
 /// The first byte of a TLS ClientHello record (content type "handshake").
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
-async fn write_frame(stream: &mut Conn, frame: &Frame) -> Result<()> {
-    let bytes = frame.to_bytes();
-    stream
-        .write_all(&bytes)
-        .await
-        .map_err(|e| Error::io("writing a handshake frame", e))?;
-    stream
-        .flush()
-        .await
-        .map_err(|e| Error::io("writing a handshake frame", e))
-}
-
-/// A stream during the handshake, for amst-core's driver; `buf` keeps bytes read past it.
-struct HandshakeIo<'a> {
-    stream: &'a mut Conn,
-    buf: BytesMut,
-}
-
-impl FrameIo for HandshakeIo<'_> {
-    async fn send(&mut self, frame: &Frame) -> Result<()> {
-        write_frame(self.stream, frame).await
+/// The stream during the handshake, for amst-core's `driver::StreamIo`.
+impl driver::ByteStream for Conn {
+    async fn send_bytes(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.write_all(bytes).await?;
+        self.flush().await
     }
 
-    async fn recv(&mut self, allowed: &'static [FrameKind], state: &'static str) -> Result<Frame> {
-        let decoder = Decoder::default();
-        loop {
-            if let Some(f) = driver::decode_expected(&decoder, &mut self.buf, allowed, state)? {
-                return Ok(f);
-            }
-            self.buf.reserve(256);
-            // Never more than the reservation: a Hello is small, and the rest of the buffer
-            // stays for frames after the handshake.
-            let n = match (&mut *self.stream).take(256).read_buf(&mut self.buf).await {
-                // Over TLS, a peer that hangs up without close_notify (a client that found our
-                // key proof wrong does) is the same event as a plain EOF, and says so alike.
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => 0,
-                r => r.map_err(|e| Error::io("reading a handshake frame", e))?,
-            };
-            if n == 0 {
-                decoder.decode_eof(&mut self.buf)?;
-                return Err(Error::io(
-                    "reading a handshake frame",
-                    io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the peer closed the connection during the handshake",
-                    ),
-                ));
-            }
+    async fn recv_bytes(&mut self, buf: &mut BytesMut, max: usize) -> io::Result<usize> {
+        // Never more than `max`: the rest of the buffer stays for frames after the handshake.
+        match (&mut *self).take(max as u64).read_buf(buf).await {
+            // Over TLS, a peer that hangs up without close_notify (a client that found our
+            // key proof wrong does) is the same event as a plain EOF, and says so alike.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(0),
+            r => r,
         }
     }
+}
+
+fn handshake_io(stream: &mut Conn) -> driver::StreamIo<&mut Conn> {
+    driver::StreamIo::new(stream, "handshake")
+}
+
+async fn write_frame(stream: &mut Conn, frame: &Frame) -> Result<()> {
+    handshake_io(stream).send(frame).await
 }
 
 /// Dials one stream and authenticates it: a new session when `session` is `None`. `tls` is
@@ -142,10 +116,7 @@ async fn dial_inner(
         CAPABILITIES,
         config.versions,
     );
-    let mut io = HandshakeIo {
-        stream: &mut stream,
-        buf: BytesMut::with_capacity(256),
-    };
+    let mut io = handshake_io(&mut stream);
     let established = driver::client(&mut io, hs, hello).await?;
     let buf = io.buf;
     Ok(Authenticated {
@@ -267,10 +238,7 @@ async fn accept_inner(
     find: impl Fn(&SessionId) -> Option<Arc<Shared>>,
     session_cap: impl Fn() -> Option<Error>,
 ) -> Result<(Option<Arc<Shared>>, Established, BytesMut)> {
-    let mut io = HandshakeIo {
-        stream,
-        buf: BytesMut::with_capacity(256),
-    };
+    let mut io = handshake_io(stream);
     let hello = driver::server_hello(&mut io).await?;
     if binding.is_some_and(|b| hello.nonce != b) {
         // Relayed from another TLS session: someone in the middle.

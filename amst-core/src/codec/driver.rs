@@ -7,6 +7,9 @@
 //! nonce is bound to the TLS session, when a QUIC server may read the proof.
 
 use std::future::Future;
+use std::io;
+
+use bytes::BytesMut;
 
 use super::frame::{Close, CloseCode, Frame, FrameKind, Hello};
 use super::handshake::{AwaitingProof, ClientHandshake, Established};
@@ -26,6 +29,99 @@ pub trait FrameIo {
         allowed: &'static [FrameKind],
         state: &'static str,
     ) -> impl Future<Output = Result<Frame, Error>> + Send;
+}
+
+/// A byte stream during the handshake (a TCP or TLS stream, an RDMA bootstrap socket): the
+/// two operations [`StreamIo`] needs from it, so that the frame loop over a stream exists once.
+pub trait ByteStream: Send {
+    /// Writes all of `bytes` and flushes them.
+    fn send_bytes(&mut self, bytes: &[u8]) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// Appends at most `max` bytes to `buf`; `Ok(0)` when the stream ended.
+    fn recv_bytes(
+        &mut self,
+        buf: &mut BytesMut,
+        max: usize,
+    ) -> impl Future<Output = io::Result<usize>> + Send;
+}
+
+impl<S: ByteStream + ?Sized> ByteStream for &mut S {
+    fn send_bytes(&mut self, bytes: &[u8]) -> impl Future<Output = io::Result<()>> + Send {
+        (**self).send_bytes(bytes)
+    }
+
+    fn recv_bytes(
+        &mut self,
+        buf: &mut BytesMut,
+        max: usize,
+    ) -> impl Future<Output = io::Result<usize>> + Send {
+        (**self).recv_bytes(buf, max)
+    }
+}
+
+/// [`FrameIo`] over a [`ByteStream`]. `buf` keeps the bytes read past the handshake (a
+/// client may send data right behind its proof); hand them to whatever reads next.
+#[derive(Debug)]
+pub struct StreamIo<S> {
+    /// The stream.
+    pub stream: S,
+    /// Bytes read and not yet decoded.
+    pub buf: BytesMut,
+    /// What the connection is, for errors ("handshake" reads "reading a handshake frame").
+    label: &'static str,
+}
+
+/// How much one read may take: a Hello is small, and what follows the handshake stays in the
+/// stream for its own reader.
+const READ_STEP: usize = 256;
+
+impl<S: ByteStream> StreamIo<S> {
+    /// Frames over `stream`; `label` names the connection in errors.
+    pub fn new(stream: S, label: &'static str) -> Self {
+        StreamIo {
+            stream,
+            buf: BytesMut::new(),
+            label,
+        }
+    }
+}
+
+impl<S: ByteStream> FrameIo for StreamIo<S> {
+    async fn send(&mut self, frame: &Frame) -> Result<(), Error> {
+        self.stream
+            .send_bytes(&frame.to_bytes())
+            .await
+            .map_err(|e| Error::io(format!("writing a {} frame", self.label), e))
+    }
+
+    async fn recv(
+        &mut self,
+        allowed: &'static [FrameKind],
+        state: &'static str,
+    ) -> Result<Frame, Error> {
+        let decoder = Decoder::default();
+        loop {
+            if let Some(f) = decode_expected(&decoder, &mut self.buf, allowed, state)? {
+                return Ok(f);
+            }
+            self.buf.reserve(READ_STEP);
+            let n = self
+                .stream
+                .recv_bytes(&mut self.buf, READ_STEP)
+                .await
+                .map_err(|e| Error::io(format!("reading a {} frame", self.label), e))?;
+            if n == 0 {
+                decoder.decode_eof(&mut self.buf)?;
+                return Err(Error::io(
+                    format!("reading a {} frame", self.label),
+                    io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the peer closed the connection during the handshake",
+                    ),
+                ));
+            }
+        }
+    }
 }
 
 /// Decodes one frame from `buf` if it is whole, refusing from its first byte any frame whose
@@ -129,5 +225,110 @@ pub async fn server_finish(
     match io.recv(&[FrameKind::Auth, FrameKind::Close], STATE).await? {
         Frame::Auth(proof) => Ok(awaiting.on_auth(&proof)?),
         other => Err(unexpected(other, STATE)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stream that hands out scripted bytes a few at a time and records what is written.
+    struct Scripted {
+        input: Vec<u8>,
+        step: usize,
+        written: Vec<u8>,
+    }
+
+    impl ByteStream for Scripted {
+        async fn send_bytes(&mut self, bytes: &[u8]) -> io::Result<()> {
+            self.written.extend_from_slice(bytes);
+            Ok(())
+        }
+
+        async fn recv_bytes(&mut self, buf: &mut BytesMut, max: usize) -> io::Result<usize> {
+            let n = self.step.min(max).min(self.input.len());
+            buf.extend_from_slice(&self.input[..n]);
+            self.input.drain(..n);
+            Ok(n)
+        }
+    }
+
+    fn close() -> Frame {
+        Frame::Close(Close::new(CloseCode::Aborted, "bye"))
+    }
+
+    #[tokio::test]
+    async fn stream_io_reassembles_frames_and_keeps_what_follows() {
+        let mut input = close().to_bytes().to_vec();
+        input.extend_from_slice(b"data after the handshake");
+        let mut s = Scripted {
+            input,
+            step: 3,
+            written: Vec::new(),
+        };
+        let mut io = StreamIo::new(&mut s, "test");
+        let f = io.recv(&[FrameKind::Close], "testing").await.unwrap();
+        assert_eq!(f, close());
+        io.send(&close()).await.unwrap();
+        // Reads stop at the frame's end give or take one step: the rest is either still in
+        // the stream or kept in `buf`, never lost.
+        let mut rest = io.buf.to_vec();
+        rest.extend_from_slice(&s.input);
+        assert_eq!(rest, b"data after the handshake");
+        assert_eq!(s.written, close().to_bytes().to_vec());
+    }
+
+    #[tokio::test]
+    async fn stream_io_refuses_unexpected_kinds_and_names_an_early_end() {
+        let mut s = Scripted {
+            input: close().to_bytes().to_vec(),
+            step: 1,
+            written: Vec::new(),
+        };
+        let e = StreamIo::new(&mut s, "test")
+            .recv(&[FrameKind::Hello], "waiting for Hello")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Protocol(ProtocolError::UnexpectedFrame {
+                    got: FrameKind::Close,
+                    ..
+                })
+            ),
+            "{e}"
+        );
+        assert_eq!(
+            s.input.len(),
+            close().to_bytes().len() - 1,
+            "refused at the first byte"
+        );
+
+        let whole = close().to_bytes();
+        let mut s = Scripted {
+            input: whole[..whole.len() - 1].to_vec(),
+            step: 4,
+            written: Vec::new(),
+        };
+        let e = StreamIo::new(&mut s, "test")
+            .recv(&[FrameKind::Close], "testing")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, Error::Protocol(ProtocolError::Truncated { .. })),
+            "{e}"
+        );
+
+        let mut s = Scripted {
+            input: Vec::new(),
+            step: 4,
+            written: Vec::new(),
+        };
+        let e = StreamIo::new(&mut s, "test")
+            .recv(&[FrameKind::Close], "testing")
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("reading a test frame"), "{e}");
     }
 }
