@@ -28,7 +28,8 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub json: bool,
 
-    /// No progress display.
+    /// No progress display and no report: only errors are printed (`--json` still prints
+    /// its report, which is the output asked for).
     #[arg(short, long, global = true)]
     pub quiet: bool,
 }

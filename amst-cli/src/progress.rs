@@ -232,7 +232,13 @@ async fn observe(
                 bits_per_second: moved as f64 * 8.0 / (now - iv_start).max(1e-9),
                 mode: s.mode.to_string(),
                 transport: s.transport.to_string(),
-                streams: s.streams,
+                // The last sample is taken once the session has closed, when no stream is
+                // left: the interval ran on the streams seen before.
+                streams: if stopping && s.streams == 0 {
+                    obs.last.streams
+                } else {
+                    s.streams
+                },
                 retransmits: s.retransmits.saturating_sub(iv_retx),
                 rtt_us: s.rtt.map(|r| r.as_micros() as u64),
             };

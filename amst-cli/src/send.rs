@@ -157,7 +157,7 @@ pub async fn measured(
 pub fn print_report(g: &Global, report: &Report) {
     if g.json {
         println!("{}", report.json());
-    } else {
+    } else if !g.quiet {
         print!("{}", report.human());
     }
 }

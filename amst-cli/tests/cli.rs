@@ -264,7 +264,45 @@ fn json_report_parses_and_has_the_documented_fields() {
     assert!(!intervals.is_empty());
     let sum: u64 = intervals.iter().map(|i| i["bytes"].as_u64().unwrap()).sum();
     assert_eq!(sum, 8 << 20, "intervals add up to the transfer");
+    for i in intervals {
+        assert!(
+            i["streams"].as_u64().unwrap() > 0,
+            "every interval names the streams that carried it, the last one too: {i}"
+        );
+    }
     assert!(v["error"].is_null());
+}
+
+#[test]
+fn quiet_send_prints_nothing_but_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), KEY);
+    let serve = Serve::start(&["--discard", "--psk-file", key.to_str().unwrap()]);
+    let o = amst()
+        .args(["send", &serve.addr, "--size", "1M", "--quiet", "--psk-file"])
+        .arg(&key)
+        .run(120);
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    assert_eq!(stdout_of(&o), "", "no report with --quiet");
+    // Log warnings (this test's key file is world-readable) may remain; progress may not.
+    let err = stderr_of(&o);
+    assert!(
+        !err.contains("interval") && !err.contains("goodput"),
+        "no progress with --quiet:\n{err}"
+    );
+    let o = amst()
+        .args([
+            "send",
+            "127.0.0.1:1",
+            "--size",
+            "1M",
+            "--quiet",
+            "--psk-file",
+        ])
+        .arg(&key)
+        .run(120);
+    assert!(!o.status.success());
+    assert!(!stderr_of(&o).is_empty(), "errors are still printed");
 }
 
 /// This host has no RDMA device (and the default build lacks the `rdma` feature), so the

@@ -53,6 +53,7 @@ mod channel;
 mod error;
 pub mod hash;
 pub mod journal;
+mod landing;
 pub mod path;
 pub mod plan;
 pub mod protocol;

@@ -156,12 +156,22 @@ impl RelPath {
         self.sibling(root, JOURNAL_SUFFIX)
     }
 
-    fn sibling(&self, root: &Path, suffix: &str) -> PathBuf {
+    /// The partial copy's name in its directory.
+    pub fn partial_name(&self) -> Vec<u8> {
+        self.sibling_name(PARTIAL_SUFFIX)
+    }
+
+    fn sibling_name(&self, suffix: &str) -> Vec<u8> {
         let mut name = b".".to_vec();
         // Keep the hidden name within NAME_MAX whatever the original length.
         let keep = self.name().len().min(MAX_NAME_LEN - 1 - suffix.len());
         name.extend_from_slice(&self.name()[..keep]);
         name.extend_from_slice(suffix.as_bytes());
+        name
+    }
+
+    fn sibling(&self, root: &Path, suffix: &str) -> PathBuf {
+        let name = self.sibling_name(suffix);
         let dir = match self.parent() {
             Some(p) => root.join(OsStr::from_bytes(p)),
             None => root.to_path_buf(),

@@ -23,6 +23,7 @@ use crate::channel::Channel;
 use crate::error::{Error, Result};
 use crate::hash::{block_count, block_cv, block_len, file_hash, zero_block_cv};
 use crate::journal::{self, Identity};
+use crate::landing::{self, Dirs, LandError};
 use crate::path::{RelPath, Seen, TreeIndex, check_link_target};
 use crate::plan::{AtTarget, receiver_want, wants_existing_hash};
 use crate::protocol::{
@@ -84,6 +85,8 @@ struct Session {
     results: mpsc::UnboundedSender<(u32, Outcome)>,
     written: AtomicU64,
     live: Arc<Liveness>,
+    /// Parent directories kept open for landing small files.
+    dirs: Dirs,
 }
 
 /// Partial files some session in this process is receiving into, and which session. A
@@ -284,6 +287,7 @@ pub async fn receive_tree(
         results: results_tx,
         written: AtomicU64::new(0),
         live: Arc::new(Liveness::new()),
+        dirs: Dirs::default(),
     });
     session.live.heard();
     let total = hello.entries;
@@ -880,23 +884,33 @@ fn write_whole(s: &Session, f: &RecvFile, hash: &Digest, data: &[u8]) -> Outcome
     if blake3::hash(data).as_bytes() != hash {
         return failed("the data failed its BLAKE3 check; nothing was kept".into());
     }
-    let part = f.rel.partial_under(&s.root);
-    let r = (|| {
-        let mut out = File::create(&part)?;
-        out.write_all(data)?;
-        Ok::<File, std::io::Error>(out)
-    })();
-    match r {
-        Ok(out) => {
+    let landed = landing::land_small(
+        &s.dirs,
+        &s.root,
+        &f.rel,
+        data,
+        f.entry.mode,
+        mtime_of(&f.entry),
+        f.replace,
+    );
+    match landed {
+        Ok(()) => {
             s.written.fetch_add(data.len() as u64, Ordering::Relaxed);
-            land(s, f, out, *hash)
+            Outcome::Stored { hash: *hash }
         }
-        Err(e) => {
-            let _ = std::fs::remove_file(&part);
+        Err(LandError::Exists) => failed(APPEARED.into()),
+        Err(LandError::Io(doing, e))
+            if doing == "writing" || e.raw_os_error() == Some(libc::ENOSPC) =>
+        {
             failed(write_error(&e))
         }
+        Err(LandError::Io(doing, e)) => failed(format!("{doing} failed: {e}")),
     }
 }
+
+/// Why a file that arrived was not put in place.
+const APPEARED: &str =
+    "a file appeared at the destination while this one arrived; it was left alone";
 
 /// The words a user needs for a write error; a full disk says so plainly (the CLI maps it
 /// to its disk exit code).
