@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::time::MissedTickBehavior;
 use tracing::{info, warn};
 
+use crate::aggregate;
 use crate::pacing::Pacer;
 use crate::session::{ACK_DELAY, Role, Shared, hex, lock};
 use crate::sockopt;
@@ -57,11 +58,18 @@ pub(crate) async fn run(shared: Arc<Shared>) {
         .then(|| Pacer::new(shared.config.congestion, Instant::now()));
     let mut app_limited = false;
     let mut smoother = tuner::LossSmoother::default();
+    let gated = shared.config.pacing && !shared.config.aggressive;
+    let mut gate_tick = tokio::time::interval(aggregate::GATE_PERIOD);
+    gate_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shared.ack_timer.notified() => {
                 tokio::time::sleep(ACK_DELAY).await;
                 shared.delayed_ack();
+                continue;
+            }
+            _ = gate_tick.tick(), if gated => {
+                aggregate::refresh_gate(&shared);
                 continue;
             }
             _ = tick.tick() => {}
@@ -95,8 +103,32 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                 chunk: shared.chunk_size.load(Ordering::Relaxed),
                 app_limited: starved,
             };
-            if let Some(rate) = p.on_sample(now, &sample) {
+            let rtt = infos
+                .iter()
+                .map(|(_, i)| i.rtt)
+                .filter(|r| !r.is_zero())
+                .min();
+            if let Some(rate) = p.on_sample(now, &sample, aggregate::in_flight(&infos), rtt) {
                 apply_pacing(&shared, rate);
+                if gated {
+                    let a = aggregate::allocate(rate, p.inflight_cap(), infos.len(), sample.chunk);
+                    shared.inflight_cap.store(a.inflight_cap, Ordering::Relaxed);
+                }
+                tracing::debug!(
+                    target: "amst_tcp::aggregate",
+                    state = %p.state(),
+                    rate_mbit = rate as f64 * 8e-6,
+                    bw_mbit = p.bw() * 8e-6,
+                    delivered_mbit = sample.rate() * 8e-6,
+                    cwnd = p.cwnd(),
+                    cap = shared.inflight_cap.load(Ordering::Relaxed),
+                    in_flight = aggregate::in_flight(&infos),
+                    notsent = infos.iter().map(|(_, i)| i.notsent_bytes as u64).sum::<u64>(),
+                    rtt_ms = rtt.unwrap_or_default().as_secs_f64() * 1e3,
+                    min_rtt_ms = p.min_rtt().unwrap_or_default().as_secs_f64() * 1e3,
+                    loss = sample.loss(),
+                    "aggregate sample"
+                );
             }
             shared.model_cwnd.store(p.cwnd(), Ordering::Relaxed);
         }

@@ -2,6 +2,7 @@
 //! samples (summed over the streams' `TCP_INFO`), so that N streams, each paced by its own
 //! kernel, together do not overrun the bottleneck.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use amst_cc::bbr::{Bbr, BbrConfig};
@@ -22,7 +23,13 @@ pub(crate) struct Pacer {
     delivered: u64,
     last_phase: Option<Phase>,
     samples: u64,
+    /// (when, delivered so far, that period was app-limited), newest last, for rate samples
+    /// that span a round trip.
+    history: VecDeque<(Instant, u64, bool)>,
 }
+
+/// Most periods kept for rate samples (4 s at the default 100 ms period).
+const HISTORY: usize = 40;
 
 impl Pacer {
     pub(crate) fn new(_kernel: Congestion, now: Instant) -> Self {
@@ -40,12 +47,21 @@ impl Pacer {
             delivered: 0,
             last_phase: None,
             samples: 0,
+            history: VecDeque::new(),
         }
     }
 
-    /// Feeds one period's aggregate; returns the aggregate pacing rate to apply, or `None`
-    /// while the model has nothing to go on (no traffic yet).
-    pub(crate) fn on_sample(&mut self, now: Instant, a: &Aggregate) -> Option<u64> {
+    /// Feeds one period's aggregate, the bytes the kernels have in flight now and the latest
+    /// RTT (the smallest smoothed RTT of any stream: the one least inflated by its own
+    /// burst); returns the aggregate pacing rate to apply, or `None` while the model has
+    /// nothing to go on (no traffic yet).
+    pub(crate) fn on_sample(
+        &mut self,
+        now: Instant,
+        a: &Aggregate,
+        in_flight: u64,
+        rtt: Option<Duration>,
+    ) -> Option<u64> {
         if a.delivered == 0 && a.sent == 0 {
             if self.samples == 0 {
                 return None;
@@ -53,20 +69,44 @@ impl Pacer {
             self.bbr.on_app_limited(now, 0);
             return Some(self.rate(a.streams));
         }
-        if let Some(rtt) = a.srtt {
+        if let Some(rtt) = rtt.or(a.srtt) {
             self.bbr.on_rtt_sample(now, rtt, Duration::ZERO);
         }
-        let in_flight = a.sent.saturating_sub(a.delivered);
-        self.bbr.on_packet_sent(now, a.sent, a.sent.max(1));
+        self.bbr.on_packet_sent(now, a.sent, in_flight.max(1));
+        let prior = self.delivered;
+        self.delivered += a.delivered;
+        // The rate sample spans about one round trip, as a kernel's per-ack sample does
+        // (send to ack), not just the last period: 100 ms windows of a flow that shares the
+        // bottleneck swing between 0.5x and 1.5x its mean as acks bunch up, and the model's
+        // max filter would take the swings for bandwidth (it read the whole link while the
+        // session got 0.7 of it).
+        self.history.push_back((now, self.delivered, a.app_limited));
+        let window = rtt.or(a.srtt).unwrap_or_default().max(a.interval);
+        let (from, base) = self.window_start(now, window, prior, a.interval);
+        let app_limited = self
+            .history
+            .iter()
+            .rev()
+            .take_while(|(t, _, _)| *t > from)
+            .any(|(_, _, l)| *l);
+        while self.history.len() > HISTORY
+            || self
+                .history
+                .front()
+                .is_some_and(|(t, _, _)| now.saturating_duration_since(*t) > 4 * window)
+        {
+            self.history.pop_front();
+        }
         let rs = RateSample {
-            delivered: a.delivered,
-            interval: a.interval.max(Duration::from_millis(1)),
-            is_app_limited: a.app_limited,
-            prior_delivered: self.delivered,
+            delivered: self.delivered - base,
+            interval: now
+                .saturating_duration_since(from)
+                .max(Duration::from_millis(1)),
+            is_app_limited: app_limited,
+            prior_delivered: base,
             lost: a.retransmitted,
             tx_in_flight: a.sent,
         };
-        self.delivered += a.delivered;
         self.bbr.on_ack(
             now,
             &Ack {
@@ -90,9 +130,53 @@ impl Pacer {
         Some(self.rate(a.streams))
     }
 
+    /// Where the rate sample ending `now` starts: the latest recorded sample at least about
+    /// `window` old (time, delivered then), or the start of this period.
+    fn window_start(
+        &self,
+        now: Instant,
+        window: Duration,
+        prior: u64,
+        interval: Duration,
+    ) -> (Instant, u64) {
+        // A little slack so that a tick that fired early still counts as a full window.
+        let want = window.mul_f64(0.9);
+        self.history
+            .iter()
+            .rev()
+            .skip(1)
+            .find(|(t, _, _)| now.saturating_duration_since(*t) >= want)
+            .map_or((now - interval, prior), |(t, d, _)| (*t, *d))
+    }
+
     /// The model's congestion window, bytes.
     pub(crate) fn cwnd(&self) -> u64 {
         self.bbr.cwnd()
+    }
+
+    /// The in-flight cap the session's writers enforce: the model's window, but never more
+    /// than its gain times the estimated BDP. The model adds `extra_acked` on top of that for
+    /// ack aggregation, and samples taken every 100 ms look like heavy aggregation to it
+    /// (7 MB of window on a 2.4 MB path), which would leave the cap with no effect.
+    pub(crate) fn inflight_cap(&self) -> u64 {
+        self.bbr
+            .cwnd()
+            .min(self.bbr.inflight_at_gain(self.bbr.cwnd_gain()))
+    }
+
+    /// The model's state, for the log.
+    pub(crate) fn state(&self) -> amst_cc::bbr::State {
+        self.bbr.state()
+    }
+
+    /// The model's bandwidth estimate, bytes/s.
+    pub(crate) fn bw(&self) -> f64 {
+        self.bbr.bw()
+    }
+
+    /// The model's min_rtt.
+    pub(crate) fn min_rtt(&self) -> Option<Duration> {
+        self.bbr.min_rtt()
     }
 
     fn rate(&self, streams: usize) -> u64 {
@@ -125,7 +209,14 @@ mod tests {
                 chunk: 128 << 10,
                 app_limited: false,
             };
-            last = p.on_sample(t0 + period * i, &a).unwrap();
+            last = p
+                .on_sample(
+                    t0 + period * i,
+                    &a,
+                    rate / 10,
+                    Some(Duration::from_millis(101)),
+                )
+                .unwrap();
         }
         // Paced near the delivery rate: not a runaway, not a collapse.
         assert!(

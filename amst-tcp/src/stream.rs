@@ -132,6 +132,11 @@ async fn write_loop(
 /// Takes up to one chunk's worth of data (several chunks when they are small) from the send
 /// buffer, recording that it goes out on `path`.
 fn take_chunks(shared: &Shared, path: PathId, batch: &mut Vec<DataChunk>) {
+    // The session's in-flight cap (one flow toward others): the gate's driver wakes the
+    // writers when the kernels have drained below it.
+    if !shared.gate.open() {
+        return;
+    }
     let max = shared.chunk_size.load(Ordering::Relaxed);
     let now = Instant::now();
     let (more, queued) = {
@@ -149,6 +154,9 @@ fn take_chunks(shared: &Shared, path: PathId, batch: &mut Vec<DataChunk>) {
         }
         (tx.sb.has_sendable(), tx.sb.queued_bytes())
     };
+    shared
+        .gate
+        .spend(batch.iter().map(|c| c.payload.len() as u64).sum());
     for c in batch.iter_mut() {
         c.seal();
     }
