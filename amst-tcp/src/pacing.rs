@@ -356,7 +356,7 @@ mod tests {
         // maximum, but not the cap.
         let mut p = steady;
         let t = Instant::now() + Duration::from_secs(16);
-        let mut feed = |p: &mut Pacer, at: Duration, bytes: u64| {
+        let feed = |p: &mut Pacer, at: Duration, bytes: u64| {
             let a = Aggregate {
                 delivered: bytes,
                 sent: bytes,
