@@ -150,7 +150,7 @@ fn amst(
 ) -> (f64, Option<Duration>, String) {
     let server_addr = SocketAddr::new(link.right().addr().into(), 5301);
     let mut cfg = TcpConfig::internet(Psk::new(b"amst-tcp linkem share example key").unwrap());
-    cfg.pacing = !aggressive;
+    cfg.aggressive = aggressive;
     let received = Arc::new(AtomicU64::new(0));
     let counter = received.clone();
     let done = Arc::new(AtomicBool::new(false));

@@ -36,6 +36,7 @@
 //! # }
 //! ```
 
+mod aggregate;
 mod config;
 mod conn;
 mod handshake;

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::time::MissedTickBehavior;
 use tracing::{info, warn};
 
+use crate::aggregate;
 use crate::pacing::Pacer;
 use crate::session::{Role, Shared, hex, lock};
 use crate::sockopt;
@@ -57,6 +58,10 @@ pub(crate) async fn run(shared: Arc<Shared>) {
         .then(|| Pacer::new(shared.config.congestion, Instant::now()));
     let mut app_limited = false;
     let mut smoother = tuner::LossSmoother::default();
+    let gated = shared.config.pacing && !shared.config.aggressive;
+    let mut trim = aggregate::RateTrim::default();
+    let mut gate_tick = tokio::time::interval(aggregate::GATE_PERIOD);
+    gate_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         let moved = shared.timer.notified();
         tokio::pin!(moved);
@@ -79,6 +84,10 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                 if lock(&shared.proto).fatal().is_some() {
                     return;
                 }
+                continue;
+            }
+            _ = gate_tick.tick(), if gated => {
+                aggregate::refresh_gate(&shared);
                 continue;
             }
             _ = tick.tick() => {}
@@ -109,8 +118,55 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                 chunk: shared.chunk_size.load(Ordering::Relaxed),
                 app_limited: starved,
             };
-            if let Some(rate) = p.on_sample(now, &sample) {
-                apply_pacing(&shared, rate);
+            let rtt = infos
+                .iter()
+                .map(|(_, i)| i.rtt)
+                .filter(|r| !r.is_zero())
+                .min();
+            let in_flight = aggregate::in_flight(&infos);
+            let outstanding = in_flight
+                + infos
+                    .iter()
+                    .map(|(_, i)| u64::from(i.notsent_bytes))
+                    .sum::<u64>();
+            if let Some(rate) = p.on_sample(now, &sample, in_flight, rtt) {
+                let mut applied = rate;
+                if gated {
+                    let cap = shared.inflight_cap.load(Ordering::Relaxed);
+                    let paced =
+                        !starved && p.cruising() && (cap == 0 || outstanding * 10 < cap * 9);
+                    let sent_rate = sample.sent as f64 / interval.as_secs_f64().max(1e-3);
+                    let rtt_ratio = match (rtt, min_rtt) {
+                        (Some(r), Some(m)) if !m.is_zero() => r.as_secs_f64() / m.as_secs_f64(),
+                        _ => 1.0,
+                    };
+                    let a = aggregate::allocate(
+                        rate,
+                        trim.update(rate, sent_rate, paced, rtt_ratio),
+                        p.inflight_cap(),
+                        infos.len(),
+                        sample.chunk,
+                    );
+                    shared.inflight_cap.store(a.inflight_cap, Ordering::Relaxed);
+                    applied = a.per_stream_rate * infos.len().max(1) as u64;
+                }
+                apply_pacing(&shared, applied);
+                tracing::debug!(
+                    target: "amst_tcp::aggregate",
+                    state = %p.state(),
+                    rate_mbit = rate as f64 * 8e-6,
+                    bw_mbit = p.bw() * 8e-6,
+                    delivered_mbit = sample.rate() * 8e-6,
+                    cwnd = p.cwnd(),
+                    cap = shared.inflight_cap.load(Ordering::Relaxed),
+                    trim = trim.get(),
+                    in_flight = aggregate::in_flight(&infos),
+                    notsent = infos.iter().map(|(_, i)| i.notsent_bytes as u64).sum::<u64>(),
+                    rtt_ms = rtt.unwrap_or_default().as_secs_f64() * 1e3,
+                    min_rtt_ms = p.min_rtt().unwrap_or_default().as_secs_f64() * 1e3,
+                    loss = sample.loss(),
+                    "aggregate sample"
+                );
             }
             shared.model_cwnd.store(p.cwnd(), Ordering::Relaxed);
         }

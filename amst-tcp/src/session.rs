@@ -88,6 +88,10 @@ pub(crate) struct Shared {
     /// Probe trains in flight: while any is, the model's cap is lifted (the probe measures
     /// the path, not the pacing) and not re-applied.
     pub probing: AtomicU32,
+    /// The aggregate in-flight cap from the model, bytes (0 = none: the gate is lifted).
+    pub inflight_cap: AtomicU64,
+    /// The writers' share of that cap (see `aggregate`).
+    pub gate: crate::aggregate::InflightGate,
     /// Sum of the streams' kernel delivery-rate estimates at the last sample, bytes/s.
     pub delivery_rate: AtomicU64,
     pub srtt_us: AtomicU64,
@@ -167,6 +171,8 @@ impl Shared {
             kernel_bytes_retrans: AtomicU64::new(0),
             kernel_lost: AtomicU64::new(0),
             probing: AtomicU32::new(0),
+            inflight_cap: AtomicU64::new(0),
+            gate: crate::aggregate::InflightGate::default(),
             delivery_rate: AtomicU64::new(0),
             srtt_us: AtomicU64::new(0),
             min_rtt_us: AtomicU64::new(0),

@@ -238,6 +238,12 @@ pub struct TcpInfo {
     pub max_pacing_rate: u64,
     /// Bytes written but not yet sent.
     pub notsent_bytes: u32,
+    /// Segments sent and not cumulatively acknowledged (`tcpi_unacked`, `packets_out`).
+    pub unacked: u32,
+    /// Of those, segments selectively acknowledged (`tcpi_sacked`).
+    pub sacked: u32,
+    /// Retransmitted segments not yet acknowledged (`tcpi_retrans`, `retrans_out`).
+    pub retrans: u32,
 }
 
 /// Reads `TCP_INFO`.
@@ -273,6 +279,9 @@ pub(crate) fn tcp_info(fd: RawFd) -> io::Result<TcpInfo> {
         pacing_rate: raw.pacing_rate,
         max_pacing_rate: raw.max_pacing_rate,
         notsent_bytes: raw.notsent_bytes,
+        unacked: raw.unacked,
+        sacked: raw.sacked,
+        retrans: raw.retrans,
     })
 }
 

@@ -123,7 +123,13 @@ fn take(
     control: &mut BytesMut,
     batch: &mut Vec<DataChunk>,
 ) -> Transmit {
-    let max = shared.chunk_size.load(Ordering::Relaxed);
+    // The session's in-flight cap (one flow toward others): while it is shut, only control
+    // frames go out; the gate's driver wakes the writers when the kernels have drained.
+    let max = if shared.gate.open() {
+        shared.chunk_size.load(Ordering::Relaxed)
+    } else {
+        0
+    };
     let now = Instant::now();
     let (t, more, queued) = {
         let mut p = lock(&shared.proto);
@@ -131,6 +137,9 @@ fn take(
         let sb = p.send_buffer();
         (t, sb.has_sendable(), sb.queued_bytes())
     };
+    shared
+        .gate
+        .spend(batch.iter().map(|c| c.payload.len() as u64).sum());
     // Unsealed: the CRC is computed here, after the lock is released, so writers checksum
     // in parallel and never hold each other up.
     for c in batch.iter_mut() {

@@ -371,6 +371,9 @@ struct Run {
     series: Vec<(f64, f64)>,
     /// The most streams the sender had active at once.
     streams: usize,
+    /// The sender's mean smoothed RTT (its transport's metrics, every 0.5 s) from a quarter
+    /// of a fixed-time run on (past start-up), in ms.
+    mean_rtt_ms: Option<f64>,
 }
 
 /// Sends `bytes` (or for `duration`) over `client`, while a receiver counts into `received`.
@@ -394,6 +397,8 @@ async fn drive(
         let (client, most_streams) = (client.clone(), most_streams.clone());
         tokio::spawn(async move {
             let mut series = Vec::new();
+            let mut rtts = Vec::new();
+            let settled = duration.map_or(Duration::MAX, |d| d / 4);
             let mut last = 0u64;
             let mut tick = tokio::time::interval(Duration::from_millis(500));
             tick.tick().await;
@@ -403,7 +408,13 @@ async fn drive(
                     _ = tick.tick() => {}
                     () = done.notified() => break,
                 }
-                most_streams.fetch_max(client.metrics().active_streams, Ordering::Relaxed);
+                let m = client.metrics();
+                most_streams.fetch_max(m.active_streams, Ordering::Relaxed);
+                if start.elapsed() >= settled
+                    && let Some(rtt) = m.rtt
+                {
+                    rtts.push(rtt.as_secs_f64() * 1e3);
+                }
                 let now = received.load(Ordering::Relaxed);
                 series.push((
                     start.elapsed().as_secs_f64(),
@@ -411,7 +422,8 @@ async fn drive(
                 ));
                 last = now;
             }
-            series
+            let mean = (!rtts.is_empty()).then(|| rtts.iter().sum::<f64>() / rtts.len() as f64);
+            (series, mean)
         })
     };
     // A fixed-time run reads the receiver's count on its own timer: a send waiting for credit
@@ -456,7 +468,7 @@ async fn drive(
     };
     most_streams.fetch_max(client.metrics().active_streams, Ordering::Relaxed);
     sampling_done.notify_one();
-    let series = sampler.await.unwrap_or_default();
+    let (series, mean_rtt_ms) = sampler.await.unwrap_or_default();
     // After a fixed-time run the queued remainder is of no interest: do not wait long for it.
     let linger = if duration.is_some() { 2 } else { 30 };
     let _ = tokio::time::timeout(Duration::from_secs(linger), client.close()).await;
@@ -464,6 +476,7 @@ async fn drive(
         bps: goodput,
         series,
         streams: most_streams.load(Ordering::Relaxed),
+        mean_rtt_ms,
     })
 }
 
@@ -767,9 +780,13 @@ fn wan_tcp(duration: Duration, rounds: usize) -> Scenario {
     ];
     // `iperf3 -P N -C bbr`, N the streams amst used in the first round (adaptive: 4-16).
     let mut matched: Option<usize> = None;
+    let mut rtt_over_base = Vec::new();
     for round in 0..rounds {
         match amst_wan_once(&link, duration) {
             Ok(r) => {
+                if let Some(ms) = r.mean_rtt_ms {
+                    rtt_over_base.push(ms / WAN_RTT.as_secs_f64() / 1e3);
+                }
                 amst.record(r.bps / 1e6, r.series);
                 s.notes.push(format!(
                     "round {}: amst used up to {} streams",
@@ -803,6 +820,14 @@ fn wan_tcp(duration: Duration, rounds: usize) -> Scenario {
         s.failed = Some("amst never completed a run, so iperf3 -P N -C bbr had no N".into());
     }
     let link_mbps = WAN_RATE as f64 / 1e6;
+    if let Some(m) = amst_bench::stats::Summary::of(&rtt_over_base) {
+        s.metrics.insert("amst_rtt_over_base".into(), m.median);
+        s.notes.push(format!(
+            "amst_rtt_over_base: the sender's mean srtt past the first quarter of each run over the link's {} ms, median over rounds (each round: {})",
+            WAN_RTT.as_millis(),
+            rtt_over_base.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>().join(", ")
+        ));
+    }
     if let Some(a) = amst.summary() {
         s.metrics
             .insert("amst_fraction_of_link".into(), a.median / link_mbps);
@@ -956,11 +981,11 @@ enum Flow {
 
 /// Fairness on the benchmark link: two flows started together for `duration`, each pair
 /// `rounds` times. Reports each flow's goodput and the first flow's share of the total
-/// (report-only: the fairness goals belong to another issue).
+/// (issue 19's goals; bench/gates.toml enforces them in a full run only).
 fn share(duration: Duration, rounds: usize) -> Scenario {
     let id = "share";
     let desc = format!(
-        "amst-linkem 200 Mbit/s, 100 ms RTT, 1% loss, 1 BDP queue: two flows started together for {} s; share = first flow's goodput / both flows' (report-only)",
+        "amst-linkem 200 Mbit/s, 100 ms RTT, 1% loss, 1 BDP queue: two flows started together for {} s; share = first flow's goodput / both flows'",
         duration.as_secs()
     );
     if !iperf::available() {
@@ -971,7 +996,7 @@ fn share(duration: Duration, rounds: usize) -> Scenario {
         Err(e) => return Scenario::failed(id, desc, e),
     };
     let mut s = Scenario::new(id, desc);
-    let pairs: [(&str, Pair); 3] = [
+    let pairs: [(&str, Pair); 4] = [
         (
             "amst_share_vs_iperf3_bbr",
             [
@@ -996,6 +1021,19 @@ fn share(duration: Duration, rounds: usize) -> Scenario {
                 (
                     "iperf3 -C bbr (vs iperf3 -P 8 -C bbr)",
                     Flow::Iperf(&["-C", "bbr"]),
+                ),
+            ],
+        ),
+        (
+            "iperf3_P8_cubic_share_vs_iperf3_cubic",
+            [
+                (
+                    "iperf3 -P 8 -C cubic (vs iperf3 -C cubic)",
+                    Flow::Iperf(&["-P", "8", "-C", "cubic"]),
+                ),
+                (
+                    "iperf3 -C cubic (vs iperf3 -P 8 -C cubic)",
+                    Flow::Iperf(&["-C", "cubic"]),
                 ),
             ],
         ),
@@ -1029,6 +1067,17 @@ fn share(duration: Duration, rounds: usize) -> Scenario {
         if let Some(m) = amst_bench::stats::Summary::of(&shares[i]) {
             s.metrics.insert((*metric).into(), m.median);
         }
+    }
+    // Issue 19: against one CUBIC flow amst may take no more than `iperf3 -P 8` would.
+    if let (Some(a), Some(p8)) = (
+        s.metrics.get("amst_share_vs_iperf3_cubic").copied(),
+        s.metrics
+            .get("iperf3_P8_cubic_share_vs_iperf3_cubic")
+            .copied(),
+    ) && p8 > 0.0
+    {
+        s.metrics
+            .insert("amst_cubic_share_over_iperf3_P8".into(), a / p8);
     }
     s.notes.push(
         "the share metrics are medians over rounds of each round's share; the second flow of a pair gets 1 - share".into(),
