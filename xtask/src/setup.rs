@@ -198,9 +198,16 @@ fn has_libclang(dir: &Path) -> bool {
     std::fs::read_dir(dir).is_ok_and(|entries| {
         entries.flatten().any(|e| {
             let n = e.file_name().to_string_lossy().to_string();
-            n.starts_with("libclang") && n.contains(".so")
+            is_libclang(&n)
         })
     })
+}
+
+/// C's libclang as bindgen loads it (`libclang.so`, `libclang-14.so.1`, ...). LLVM's C++
+/// library `libclang-cpp.so.14` comes with other packages (llvm-14's tools) and matches
+/// bindgen's globs, but bindgen cannot use it, so it does not count.
+fn is_libclang(name: &str) -> bool {
+    name.starts_with("libclang") && !name.starts_with("libclang-cpp") && name.contains(".so")
 }
 
 /// Whether this process runs as root (effective uid 0), read from `/proc/self/status`.
@@ -310,6 +317,16 @@ mod tests {
             "{cmd}"
         );
         assert!(!plan.apt_command(true).unwrap().contains("sudo"));
+    }
+
+    #[test]
+    fn llvm_cpp_library_is_not_libclang() {
+        assert!(is_libclang("libclang.so"));
+        assert!(is_libclang("libclang-14.so.1"));
+        assert!(is_libclang("libclang.so.14"));
+        assert!(!is_libclang("libclang-cpp.so.14"));
+        assert!(!is_libclang("libclang-cpp.so"));
+        assert!(!is_libclang("libclangBasic.a"));
     }
 
     #[test]
