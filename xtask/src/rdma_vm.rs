@@ -652,10 +652,14 @@ fn write_guest_script(share: &Path, tests: &[String]) -> Result<(), String> {
         }
     }
     if let Some(vm) = tests.iter().find(|t| target_of(t) == "vm") {
-        // The bulk test again over a lossy link (netem in the guest kernel).
+        // The bulk test again over a lossy link (netem in the guest kernel). Its port (18_501
+        // shifted by 300) must differ from every earlier step's: the two guests move on
+        // independently, so this client can dial while the server still runs the hybrid
+        // test, whose RDMA bootstrap listens on 18_601 with another key (a collision there
+        // failed the handshake as "authentication failed").
         amst.push_str(&format!(
             "step \"netem loss 1%\" 30 tc qdisc add dev eth0 root netem loss 1%\n\
-             step \"vm bulk under netem loss 1%\" 300 {env} AMST_RDMA_BULK_MIB=16 AMST_RDMA_PORT_SHIFT=100 \
+             step \"vm bulk under netem loss 1%\" 300 {env} AMST_RDMA_BULK_MIB=16 AMST_RDMA_PORT_SHIFT=300 \
              /mnt/amst/{vm} --test-threads 1 --nocapture t1_bulk\n\
              tc qdisc del dev eth0 root 2>/dev/null\n"
         ));
