@@ -833,8 +833,15 @@ fn boot_pair(
             if i > 0 && lines[i - 1].contains("BW average[Gb/sec]") {
                 let _ = writeln!(out, "[{role}] ib_send_bw: {}", line.trim());
                 // "#bytes #iterations peak average msgrate"
-                if let Some(avg) = line.split_whitespace().nth(3).and_then(|v| v.parse().ok()) {
-                    ib_send_bw = Some(avg);
+                if let Some(avg) = line
+                    .split_whitespace()
+                    .nth(3)
+                    .and_then(|v| v.parse::<f64>().ok())
+                {
+                    // Both ends report the one transfer; under TCG one end's clock sometimes
+                    // yields all zeros, so the higher reading is the measurement (a zero from
+                    // both stays zero, and the ratio then reads as missing, not infinite).
+                    ib_send_bw = Some(ib_send_bw.map_or(avg, |b: f64| b.max(avg)));
                     readings.push(("ib_send_bw", role, avg));
                 }
             }
