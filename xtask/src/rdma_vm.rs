@@ -652,10 +652,13 @@ fn write_guest_script(share: &Path, tests: &[String]) -> Result<(), String> {
         }
     }
     if let Some(vm) = tests.iter().find(|t| target_of(t) == "vm") {
-        // The bulk test again over a lossy link (netem in the guest kernel).
+        // The bulk test again over a lossy link (netem in the guest kernel). Its port
+        // (18501 + 300) must not be amst-hybrid's RDMA bootstrap port (18600 + 1): a client
+        // guest that finishes rdma_vm first would otherwise reach the server guest's hybrid
+        // listener, still up, and fail its handshake (another key) with AuthFailed.
         amst.push_str(&format!(
             "step \"netem loss 1%\" 30 tc qdisc add dev eth0 root netem loss 1%\n\
-             step \"vm bulk under netem loss 1%\" 300 {env} AMST_RDMA_BULK_MIB=16 AMST_RDMA_PORT_SHIFT=100 \
+             step \"vm bulk under netem loss 1%\" 300 {env} AMST_RDMA_BULK_MIB=16 AMST_RDMA_PORT_SHIFT=300 \
              /mnt/amst/{vm} --test-threads 1 --nocapture t1_bulk\n\
              tc qdisc del dev eth0 root 2>/dev/null\n"
         ));
