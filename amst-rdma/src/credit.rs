@@ -90,7 +90,12 @@ impl Flow {
             ring_released: 0,
             ring_advertised: local_ring_slots,
             local_ring_slots,
-            update_threshold: (local_recv_depth / 4).max(1),
+            // At least 2: a standalone update consumes one receive at the peer, so with a
+            // threshold of 1 two idle sides would answer each other's updates forever. At most
+            // what a peer blocked on the reserve leaves unadvertised (depth - reserve).
+            update_threshold: (local_recv_depth / 4)
+                .max(2)
+                .min(local_recv_depth.saturating_sub(reserve).max(1)),
         }
     }
 

@@ -262,3 +262,39 @@ fn sessions_share_one_memory_budget() {
     }
     assert!(shared.iter().sum::<u64>() < limit);
 }
+
+/// Both directions saturated at once, with few receives and slots: the segments without Data
+/// bytes (acks, byte credit, receive credit) still get through on the reserve, and everything
+/// arrives.
+#[test]
+fn both_directions_at_once_never_deadlock() {
+    let budget = MemoryBudget::new(64 << 20);
+    let mut c = config(&budget);
+    c.recv_depth = 4;
+    c.ring_slots = 2;
+    let mut now = Instant::now();
+    let (mut a, mut b) = pair(&c, now);
+    for i in 0..40 {
+        a.session_mut().push(message(i, 100_000 + i), now).unwrap();
+        b.session_mut().push(message(i + 1, 3000 * i), now).unwrap();
+    }
+    let (mut got_a, mut got_b) = (0, 0);
+    for _ in 0..200 {
+        settle(&mut a, &mut b, &mut now);
+        while let Some(m) = b.session_mut().read(now) {
+            assert_eq!(m, message(got_b, 100_000 + got_b));
+            got_b += 1;
+        }
+        while let Some(m) = a.session_mut().read(now) {
+            assert_eq!(m, message(got_a + 1, 3000 * got_a));
+            got_a += 1;
+        }
+        if got_a == 40 && got_b == 40 {
+            break;
+        }
+    }
+    assert_eq!((got_a, got_b), (40, 40));
+    settle(&mut a, &mut b, &mut now);
+    assert_eq!(a.session().send_buffer().messages_acked(), 40);
+    assert_eq!(b.session().send_buffer().messages_acked(), 40);
+}
