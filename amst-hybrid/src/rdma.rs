@@ -34,6 +34,7 @@ pub fn rdma_config(config: &AmstConfig) -> RdmaConfig {
     }
     c.max_message = config.max_message + wire::DATA_HEADER_LEN as u64;
     c.send_window = c.send_window.min(config.send_window).max(1);
+    c.memory_budget = config.memory_budget.clone();
     c
 }
 

@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use amst_core::codec::Psk;
-use amst_core::{Error, Result};
+use amst_core::codec::{DATA_HEADER_LEN, Psk};
+use amst_core::{Error, MemoryBudget, Result};
 
 use crate::wire::SEGMENT_HEADER_LEN;
 
@@ -30,6 +30,16 @@ pub struct RdmaConfig {
     pub slot_size: u32,
     /// Bytes of queued, unacknowledged messages before `send` waits: the memory bound.
     pub send_window: u64,
+    /// Bytes the peer may send beyond what the application has taken (the credit window),
+    /// at most: the window is also at most this session's share of `memory_budget`.
+    pub receive_window: u64,
+    /// The byte budget every received byte is held against (the registered receive memory
+    /// included), shared with every other session given the same budget:
+    /// [`MemoryBudget::process`] unless set.
+    pub memory_budget: MemoryBudget,
+    /// With data outstanding, the peer is pinged after a third of this much silence, and the
+    /// session fails after all of it.
+    pub idle_timeout: Duration,
     /// Largest message accepted.
     pub max_message: u64,
     /// Limit for the bootstrap connection and handshake.
@@ -55,6 +65,9 @@ impl RdmaConfig {
             ring_slots: 64,
             slot_size: 256 * 1024,
             send_window: 64 << 20,
+            receive_window: 64 << 20,
+            memory_budget: MemoryBudget::process(),
+            idle_timeout: Duration::from_secs(30),
             max_message: 1 << 30,
             handshake_timeout: Duration::from_secs(10),
             // 4.096 µs × 2^17 ≈ 0.54 s per try, so about 3.8 s over 7 tries before a dead
@@ -96,6 +109,12 @@ impl RdmaConfig {
         if self.small_max == 0 {
             return bad("small_max", "is 0".into());
         }
+        if self.receive_window == 0 {
+            return bad("receive_window", "is 0".into());
+        }
+        if self.idle_timeout.is_zero() {
+            return bad("idle_timeout", "is 0".into());
+        }
         if self.ack_timeout > 31 {
             return bad(
                 "ack_timeout",
@@ -122,6 +141,17 @@ impl RdmaConfig {
     /// Payload bytes per ring slot.
     pub fn slot_payload(&self) -> usize {
         self.slot_size as usize - SEGMENT_HEADER_LEN
+    }
+
+    /// The largest Data chunk payload: a chunk with its frame header fills one ring slot.
+    pub fn chunk_payload(&self) -> usize {
+        self.slot_payload().saturating_sub(DATA_HEADER_LEN).max(1)
+    }
+
+    /// Bytes of registered receive memory (receive buffers and ring) a session pins.
+    pub fn pinned_receive_bytes(&self) -> u64 {
+        self.recv_depth as u64 * self.recv_buf_size() as u64
+            + self.ring_slots as u64 * self.slot_size as u64
     }
 }
 

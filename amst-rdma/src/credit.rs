@@ -10,6 +10,10 @@
 //! its totals in every segment header. A few receive credits are held back from data, so a
 //! side that is out of data credit can still send the control segment that returns credit
 //! to its peer; that is what keeps the two directions from deadlocking.
+//!
+//! This is the queue pair's own credit, in work requests and slots. The byte credit (how much
+//! the peer may send before the application reads, from the process memory budget) and the
+//! acknowledgements are amst-core's session protocol, carried inside the segments.
 
 use amst_core::ProtocolError;
 
@@ -23,7 +27,7 @@ pub enum Op {
         /// The slot index in the peer's ring.
         slot: u32,
     },
-    /// A control or close segment (a SEND that may use the reserved credits).
+    /// A segment carrying no Data frame bytes (a SEND that may use the reserved credits).
     Control,
 }
 
@@ -44,9 +48,6 @@ pub struct Flow {
     ring_received: u64,
     ring_released: u64,
     ring_advertised: u64,
-    delivered: u64,
-    ack_sent: u64,
-    peer_acked: u64,
     local_ring_slots: u64,
     update_threshold: u64,
 }
@@ -58,8 +59,6 @@ pub struct Advertisement {
     pub recv_advertised: u64,
     /// Cumulative ring slots we have made available.
     pub ring_advertised: u64,
-    /// Messages delivered to our application.
-    pub acked: u64,
 }
 
 impl Flow {
@@ -90,11 +89,13 @@ impl Flow {
             ring_received: 0,
             ring_released: 0,
             ring_advertised: local_ring_slots,
-            delivered: 0,
-            ack_sent: 0,
-            peer_acked: 0,
             local_ring_slots,
-            update_threshold: (local_recv_depth / 4).max(1),
+            // At least 2: a standalone update consumes one receive at the peer, so with a
+            // threshold of 1 two idle sides would answer each other's updates forever. At most
+            // what a peer blocked on the reserve leaves unadvertised (depth - reserve).
+            update_threshold: (local_recv_depth / 4)
+                .max(2)
+                .min(local_recv_depth.saturating_sub(reserve).max(1)),
         }
     }
 
@@ -115,15 +116,6 @@ impl Flow {
     /// Whether a control segment may go now: it may use the reserve.
     pub fn can_send_control(&self) -> bool {
         self.recv_credit() > 0
-    }
-
-    /// Payload bytes the peer's credit lets this side post now: data SENDs into its posted
-    /// receives (the control reserve left out) of up to `small_max` bytes each, of which as
-    /// many as it has free ring slots may be ring writes of up to `slot_payload` bytes instead.
-    pub fn credit_window_bytes(&self, small_max: u64, slot_payload: u64) -> u64 {
-        let data = self.recv_credit().saturating_sub(self.reserve);
-        let ring = data.min(self.peer_ring_advertised.saturating_sub(self.ring_written));
-        ring * slot_payload + (data - ring) * small_max
     }
 
     /// Records a SEND or a ring write posted; returns what it consumed.
@@ -153,21 +145,18 @@ impl Flow {
     pub fn advertise(&mut self) -> Advertisement {
         self.recv_advertised = self.recv_posted;
         self.ring_advertised = self.local_ring_slots + self.ring_released;
-        self.ack_sent = self.delivered;
         Advertisement {
             recv_advertised: self.recv_advertised,
             ring_advertised: self.ring_advertised,
-            acked: self.ack_sent,
         }
     }
 
-    /// Whether the reverse path owes the peer a standalone control segment: enough unadvertised
-    /// credit piled up, or deliveries not yet acknowledged.
+    /// Whether the reverse path owes the peer a standalone credit segment: enough unadvertised
+    /// credit piled up.
     pub fn needs_update(&self) -> bool {
         let ring_unadvertised = self.local_ring_slots + self.ring_released - self.ring_advertised;
         self.recv_posted - self.recv_advertised >= self.update_threshold
             || ring_unadvertised >= (self.local_ring_slots / 4).max(1)
-            || self.delivered > self.ack_sent
     }
 
     /// A receive completed (a SEND or a WRITE with immediate arrived). For a ring write,
@@ -220,26 +209,17 @@ impl Flow {
         self.ring_released += 1;
     }
 
-    /// A whole message was handed to the application.
-    pub fn on_delivered(&mut self) {
-        self.delivered += 1;
-    }
-
-    /// The peer's header arrived: takes its advertisements. `sent` is how many messages we
-    /// have queued in total, the bound on what the peer may acknowledge.
+    /// The peer's header arrived: takes its advertisements.
     pub fn on_peer_header(
         &mut self,
         recv_advertised: u64,
         ring_advertised: u64,
-        acked: u64,
-        sent: u64,
     ) -> Result<(), ProtocolError> {
         if recv_advertised < self.peer_recv_advertised
             || ring_advertised < self.peer_ring_advertised
-            || acked < self.peer_acked
         {
             return Err(ProtocolError::Inconsistent(
-                "a credit or acknowledgement counter went backwards".into(),
+                "a receive or ring credit counter went backwards".into(),
             ));
         }
         // More slots than the ring holds beyond what we wrote would let us overwrite data.
@@ -249,20 +229,9 @@ impl Flow {
                 self.ring_slots, self.ring_written
             )));
         }
-        if acked > sent {
-            return Err(ProtocolError::Inconsistent(format!(
-                "peer acknowledged {acked} messages but {sent} were sent"
-            )));
-        }
         self.peer_recv_advertised = recv_advertised;
         self.peer_ring_advertised = ring_advertised;
-        self.peer_acked = acked;
         Ok(())
-    }
-
-    /// Messages the peer has acknowledged (a prefix).
-    pub fn peer_acked(&self) -> u64 {
-        self.peer_acked
     }
 
     /// Ring slots received and not yet released (their segments are still in use).
@@ -284,7 +253,6 @@ mod tests {
     struct Pair {
         a: Flow,
         b: Flow,
-        a_sent_msgs: u64,
     }
 
     impl Pair {
@@ -292,7 +260,6 @@ mod tests {
             Pair {
                 a: Flow::new(8, 4, 8, 4, 2),
                 b: Flow::new(8, 4, 8, 4, 2),
-                a_sent_msgs: 0,
             }
         }
     }
@@ -332,7 +299,7 @@ mod tests {
         p.b.on_recv_posted(4);
         let adv = p.b.advertise();
         assert_eq!(adv.ring_advertised, 6);
-        p.a.on_peer_header(adv.recv_advertised, adv.ring_advertised, adv.acked, 0)
+        p.a.on_peer_header(adv.recv_advertised, adv.ring_advertised)
             .unwrap();
         let mut more = Vec::new();
         while p.a.can_write_ring() {
@@ -371,30 +338,15 @@ mod tests {
     #[test]
     fn peer_headers_are_validated() {
         let mut a = Flow::new(8, 4, 8, 4, 2);
-        assert!(
-            a.on_peer_header(7, 4, 0, 0).is_err(),
-            "recv credit went back"
-        );
-        assert!(
-            a.on_peer_header(8, 9, 0, 0).is_err(),
-            "ring beyond its size"
-        );
-        assert!(
-            a.on_peer_header(8, 4, 1, 0).is_err(),
-            "ack of an unsent message"
-        );
-        a.on_peer_header(9, 4, 1, 1).unwrap();
-        assert_eq!(a.peer_acked(), 1);
-        assert!(a.on_peer_header(9, 4, 0, 1).is_err(), "ack went back");
+        assert!(a.on_peer_header(7, 4).is_err(), "recv credit went back");
+        assert!(a.on_peer_header(8, 9).is_err(), "ring beyond its size");
+        a.on_peer_header(9, 4).unwrap();
+        assert!(a.on_peer_header(9, 3).is_err(), "ring credit went back");
     }
 
     #[test]
-    fn updates_are_owed_for_deliveries_and_piled_up_credit() {
+    fn updates_are_owed_for_piled_up_credit() {
         let mut b = Flow::new(8, 4, 8, 4, 2);
-        assert!(!b.needs_update());
-        b.on_delivered();
-        assert!(b.needs_update());
-        b.advertise();
         assert!(!b.needs_update());
         b.on_receive(None).unwrap();
         b.on_recv_posted(1);
@@ -406,7 +358,7 @@ mod tests {
     }
 
     /// Both sides send as much as credit allows and return credit only through headers
-    /// (piggybacked or control). Whatever the interleaving, no side ends up stuck with data
+    /// (piggybacked or standalone). Whatever the interleaving, no side ends up stuck with data
     /// to send while neither can send anything: the reserve breaks the cycle.
     #[test]
     fn bidirectional_traffic_never_deadlocks() {
@@ -419,10 +371,11 @@ mod tests {
         };
         for _round in 0..50 {
             let mut p = Pair::new();
-            // In-flight segments each way: the advertisement they carry.
+            // In-flight segments each way: the advertisement they carry, and whether data.
             let mut to_b: std::collections::VecDeque<(Advertisement, bool)> = Default::default();
             let mut to_a: std::collections::VecDeque<(Advertisement, bool)> = Default::default();
             let (mut a_left, mut b_left) = (500u64, 500u64);
+            let (mut a_got, mut b_got) = (0u64, 0u64);
             let mut steps = 0;
             while a_left + b_left > 0 || !to_a.is_empty() || !to_b.is_empty() {
                 steps += 1;
@@ -430,65 +383,52 @@ mod tests {
                     steps < 100_000,
                     "no progress: a_left {a_left} b_left {b_left}"
                 );
-                match next() % 4 {
-                    0 if a_left > 0 && p.a.can_send() => {
-                        p.a.on_post_data(false);
-                        to_b.push_back((p.a.advertise(), true));
-                        a_left -= 1;
-                        p.a_sent_msgs += 1;
-                    }
-                    1 if b_left > 0 && p.b.can_send() => {
-                        p.b.on_post_data(false);
-                        to_a.push_back((p.b.advertise(), true));
-                        b_left -= 1;
-                    }
-                    2 => {
-                        if let Some((adv, data)) = to_b.pop_front() {
-                            p.b.on_receive(None).unwrap();
-                            p.b.on_peer_header(
-                                adv.recv_advertised,
-                                adv.ring_advertised,
-                                adv.acked,
-                                500 - b_left,
-                            )
-                            .unwrap();
-                            p.b.on_recv_posted(p.b.recv_to_repost(8));
-                            if data {
-                                p.b.on_delivered();
-                            }
-                            if p.b.needs_update() && p.b.can_send_control() {
-                                p.b.on_post_control();
-                                to_a.push_back((p.b.advertise(), false));
-                            }
+                let r = next() % 4;
+                // Who acts, its data left, the segments it reads (None: it sends) and writes.
+                let (me, left, inbox, outbox, got) = match r {
+                    0 => (&mut p.a, &mut a_left, None, &mut to_b, &mut b_got),
+                    1 => (&mut p.b, &mut b_left, None, &mut to_a, &mut a_got),
+                    2 => (
+                        &mut p.b,
+                        &mut b_left,
+                        Some(&mut to_b),
+                        &mut to_a,
+                        &mut b_got,
+                    ),
+                    _ => (
+                        &mut p.a,
+                        &mut a_left,
+                        Some(&mut to_a),
+                        &mut to_b,
+                        &mut a_got,
+                    ),
+                };
+                match inbox {
+                    None => {
+                        if *left > 0 && me.can_send() {
+                            me.on_post_data(false);
+                            outbox.push_back((me.advertise(), true));
+                            *left -= 1;
                         }
                     }
-                    _ => {
-                        if let Some((adv, data)) = to_a.pop_front() {
-                            p.a.on_receive(None).unwrap();
-                            p.a.on_peer_header(
-                                adv.recv_advertised,
-                                adv.ring_advertised,
-                                adv.acked,
-                                p.a_sent_msgs,
-                            )
-                            .unwrap();
-                            p.a.on_recv_posted(p.a.recv_to_repost(8));
+                    Some(inbox) => {
+                        if let Some((adv, data)) = inbox.pop_front() {
+                            me.on_receive(None).unwrap();
+                            me.on_peer_header(adv.recv_advertised, adv.ring_advertised)
+                                .unwrap();
+                            me.on_recv_posted(me.recv_to_repost(8));
                             if data {
-                                p.a.on_delivered();
+                                *got += 1;
                             }
-                            if p.a.needs_update() && p.a.can_send_control() {
-                                p.a.on_post_control();
-                                to_b.push_back((p.a.advertise(), false));
+                            if me.needs_update() && me.can_send_control() {
+                                me.on_post_control();
+                                outbox.push_back((me.advertise(), false));
                             }
                         }
                     }
                 }
             }
-            assert_eq!(
-                p.a.peer_acked(),
-                500,
-                "every message A sent was acknowledged"
-            );
+            assert_eq!((a_got, b_got), (500, 500), "every data segment arrived");
         }
     }
 }

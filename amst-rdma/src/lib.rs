@@ -4,10 +4,13 @@
 //! - [`bootstrap`]: a TCP connection authenticated with the pre-shared key (amst-core's
 //!   handshake), then an exchange of queue pair endpoints (QP number, GID, PSN, ring address
 //!   and key).
-//! - [`wire`]: the segment header every SEND and ring slot carries; messages cut into
-//!   segments and rebuilt, each with a CRC32C.
+//! - [`conn`]: one queue pair's protocol, sans-IO: amst-core's session protocol
+//!   (`amst_core::session`: acks, byte credit from the memory budget, pings, the parting
+//!   Close, the fatal latch, reassembly) carried in segments, plus the queue pair's credit.
+//! - [`wire`]: the segment header every SEND and ring slot carries, and the cutting of the
+//!   session's frame stream into segments and back.
 //! - [`credit`]: receive credits and ring-slot accounting, sans-IO.
-//! - [`path`]: the RTT from acknowledgement timing and the credit window, for `metrics`.
+//! - [`path`]: the RTT from acknowledgement timing, for `metrics`.
 //! - `verbs` (feature `rdma`): the queue pair, registered pools, the completion channel in
 //!   tokio's `AsyncFd`.
 //!
@@ -32,6 +35,7 @@
 
 pub mod bootstrap;
 mod config;
+pub mod conn;
 pub mod credit;
 pub mod path;
 mod transport;

@@ -1,12 +1,12 @@
 //! What an RDMA session can know about its path, sans-IO: the round-trip time from
-//! acknowledgement timing, and the peer's credit in bytes. The driver feeds it (`now` is an
-//! argument) and `metrics` reads it.
+//! acknowledgement timing. The driver feeds it (`now` is an argument) and `metrics` reads it;
+//! the peer's byte credit comes from amst-core's send buffer.
 //!
 //! RC queue pairs retransmit and run congestion control inside the NIC (RoCE v2's DCQCN is
 //! rate-based and has no window), and verbs report neither per queue pair. So an RDMA
 //! session reports no congestion window, pacing rate, retransmitted bytes or lost packets;
 //! it reports what the software sees: how long acknowledgements take and how much the peer's
-//! credit lets it post.
+//! credit lets it send.
 //!
 //! ```
 //! use std::time::{Duration, Instant};
@@ -28,9 +28,7 @@ use std::time::{Duration, Instant};
 
 use amst_core::TransportMetrics;
 
-use crate::credit::Flow;
-
-/// Ack-timed RTT and the peer's credit of one session.
+/// Ack-timed RTT of one session.
 #[derive(Clone, Debug, Default)]
 pub struct PathEstimate {
     /// When each message not yet acknowledged had its last segment posted, oldest first.
@@ -40,7 +38,6 @@ pub struct PathEstimate {
     acked: u64,
     srtt: Option<Duration>,
     min_rtt: Option<Duration>,
-    credit_window: Option<u64>,
 }
 
 impl PathEstimate {
@@ -74,23 +71,16 @@ impl PathEstimate {
         self.min_rtt = Some(self.min_rtt.map_or(rtt, |m| m.min(rtt)));
     }
 
-    /// Takes the credit the ledger holds now, for segments of at most `small_max` bytes by
-    /// SEND and `slot_payload` by ring write (see [`Flow::credit_window_bytes`]).
-    pub fn on_credit(&mut self, flow: &Flow, small_max: u64, slot_payload: u64) {
-        self.credit_window = Some(flow.credit_window_bytes(small_max, slot_payload));
-    }
-
     /// Smoothed ack-timed RTT, once a message was acknowledged.
     pub fn srtt(&self) -> Option<Duration> {
         self.srtt
     }
 
-    /// Fills what the path estimate knows into `m`: RTT, minimum RTT and credit window. The
-    /// rest stays as it was (`None` in a new [`TransportMetrics`]).
+    /// Fills what the path estimate knows into `m`: RTT and minimum RTT. The rest stays as
+    /// it was (`None` in a new [`TransportMetrics`]).
     pub fn report(&self, m: &mut TransportMetrics) {
         m.rtt = self.srtt;
         m.min_rtt = self.min_rtt;
-        m.credit_window = self.credit_window;
     }
 }
 
@@ -145,36 +135,5 @@ mod tests {
         p.on_message_posted(t0 + ms(10));
         p.on_acked(6, t0 + ms(12));
         assert_eq!(report(&p).min_rtt, Some(ms(2)));
-    }
-
-    /// The metrics an RDMA session reports follow its credit ledger: the window shrinks as
-    /// segments are posted, and grows back when the peer's header returns credit.
-    #[test]
-    fn credit_window_follows_the_ledger_and_unknowns_stay_unknown() {
-        let (small_max, slot_payload) = (100u64, 1000u64);
-        // The peer posted 8 receives and has 4 ring slots; 2 receives are the control reserve.
-        let mut flow = Flow::new(8, 4, 8, 4, 2);
-        let mut p = PathEstimate::default();
-        p.on_credit(&flow, small_max, slot_payload);
-        let m = report(&p);
-        // 6 data credits: 4 may be ring writes of 1000 bytes, 2 more SENDs of 100.
-        assert_eq!(m.credit_window, Some(4 * 1000 + 2 * 100));
-
-        flow.on_post_data(true);
-        flow.on_post_data(false);
-        p.on_credit(&flow, small_max, slot_payload);
-        assert_eq!(report(&p).credit_window, Some(3 * 1000 + 100));
-
-        // The peer reposts 2 receives and releases the slot: back to the start.
-        flow.on_peer_header(10, 5, 0, 0).unwrap();
-        p.on_credit(&flow, small_max, slot_payload);
-        assert_eq!(report(&p).credit_window, Some(4 * 1000 + 2 * 100));
-
-        let m = report(&p);
-        assert_eq!(
-            (m.cwnd, m.pacing_rate, m.lost_packets, m.retransmitted_bytes),
-            (None, None, None, None),
-            "RC retransmission and congestion control run in the NIC, out of sight"
-        );
     }
 }

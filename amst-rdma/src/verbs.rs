@@ -1,15 +1,15 @@
 //! The verbs side: device and GID selection, registered pools, one RC queue pair, and a driver
 //! task that turns completion-channel events (in tokio's `AsyncFd`) into batch polls of the
-//! CQ, and [`Flow`]/[`Segmenter`]/[`Assembler`] decisions into posted work requests.
+//! CQ, and the sans-IO [`Conn`]'s decisions into posted work requests.
 
-use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use amst_core::codec::CloseCode;
+use amst_core::codec::{Close, CloseCode};
+use amst_core::session::{Event, Fatal};
 use amst_core::{
     AckCounter, AckWatch, Error, ProtocolError, Result, TransportKind, TransportMetrics,
 };
@@ -36,12 +36,11 @@ use tracing::{debug, warn};
 
 use crate::bootstrap::{self, Endpoint};
 use crate::config::RdmaConfig;
-use crate::credit::{Flow, Op};
-use crate::path::PathEstimate;
-use crate::wire::{Assembler, SEGMENT_HEADER_LEN, SegmentHeader, SegmentKind, Segmenter};
+use crate::conn::{Conn, Post};
+use crate::credit::Op;
 
-/// Receive credits held back for control segments.
-const CONTROL_RESERVE: u64 = 2;
+/// Longest wait, after this side failed the session, for the peer to take our Close.
+const FAIL_LINGER: Duration = Duration::from_secs(2);
 /// Completions taken per poll.
 const POLL_BATCH: u32 = 64;
 /// Staging buffers for outgoing segments (each `slot_size` bytes, registered once).
@@ -212,52 +211,35 @@ struct Verbs {
     peer: Endpoint,
 }
 
-/// Why the session ended badly; kept so every later call reports the same thing.
-#[derive(Clone, Debug)]
-enum Fatal {
-    Io(String),
-    Protocol(ProtocolError),
-    PeerClosed(String),
+/// State shared between the application's calls and the driver task: the session protocol
+/// and what only the verbs side knows.
+struct State {
+    conn: Conn,
+    /// The queue pair or the driver failed (a work completion, a post): not a protocol
+    /// matter, so it is not in the session's latch, but every later call reports it too.
+    link_error: Option<String>,
+    /// The driver task ended.
+    closed: bool,
+    /// The segment ending our parting Close completed: the peer's queue pair acknowledged it
+    /// (RC), so tearing ours down can no longer lose it.
+    close_delivered: bool,
 }
 
-impl Fatal {
-    fn to_error(&self) -> Error {
-        match self {
-            Fatal::Io(s) => Error::io(
+impl State {
+    /// The error every call reports once the session failed: the protocol's latch first (it
+    /// came first: a queue pair torn down after a Close fails the peer's next post), else the
+    /// queue pair's.
+    fn failure(&self) -> Option<Error> {
+        if let Some(f) = self.conn.session().fatal() {
+            return Some(f.to_error());
+        }
+        self.link_error.as_ref().map(|s| {
+            Error::io(
                 "RDMA transport",
                 io::Error::new(io::ErrorKind::ConnectionAborted, s.clone()),
-            ),
-            Fatal::Protocol(p) => Error::Protocol(p.clone()),
-            Fatal::PeerClosed(r) => Error::PeerClosed {
-                code: CloseCode::Aborted,
-                reason: r.clone(),
-            },
-        }
+            )
+        })
     }
-}
-
-/// State shared between the application's calls and the driver task.
-#[derive(Debug, Default)]
-struct State {
-    queue: VecDeque<Bytes>,
-    unacked_sizes: VecDeque<u64>,
-    window_used: u64,
-    messages_sent: u64,
-    acked: u64,
-    delivered: VecDeque<Bytes>,
-    messages_received: u64,
-    bytes_sent: u64,
-    bytes_received: u64,
-    closing: bool,
-    close_sent: bool,
-    /// Our Close segment's send completed: the peer's queue pair acknowledged it (RC), so it
-    /// is received, and tearing our queue pair down can no longer lose it.
-    close_delivered: bool,
-    peer_closed: bool,
-    closed: bool,
-    fatal: Option<Fatal>,
-    /// Ack-timed RTT and the peer's credit, which the driver updates and `metrics` reads.
-    path: PathEstimate,
 }
 
 /// One RDMA session: shared state plus the verbs objects, which the driver task owns once it
@@ -417,6 +399,7 @@ impl Session {
             AsyncFd::register_with_interest(ChannelFd(channel), tokio::io::Interest::READABLE)
         }
         .map_err(|e| rdma_err("registering the completion channel with tokio", e))?;
+        let conn = Conn::new(&config, peer.recv_depth, peer.ring_slots, Instant::now());
         let verbs = Verbs {
             qp,
             cq,
@@ -430,7 +413,12 @@ impl Session {
         };
         Ok(Arc::new(Session {
             config,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                conn,
+                link_error: None,
+                closed: false,
+                close_delivered: false,
+            }),
             verbs: Mutex::new(Some(verbs)),
             wake_driver: Notify::new(),
             changed: Notify::new(),
@@ -448,20 +436,23 @@ impl Session {
             .expect("started once");
         let me = Arc::clone(self);
         tokio::spawn(async move {
-            let r = match Driver::new(&me, verbs).run(&me, stream).await {
+            let r = match Driver::new(&me.config, verbs).run(&me, stream).await {
                 Ok(Some(stream)) => {
                     *amst_core::util::lock(&me.parked) = Some(stream);
                     Ok(())
                 }
                 Ok(None) => Ok(()),
-                Err(f) => Err(f),
+                Err(e) => Err(e),
             };
             let mut st = me.lock();
-            if let Err(f) = r {
-                warn!(error = ?f, "RDMA session failed");
-                st.fatal.get_or_insert(f);
+            if let Err(e) = r {
+                if st.conn.session().fatal().is_none() {
+                    warn!(error = %e, "RDMA session failed");
+                }
+                st.link_error.get_or_insert(e);
             }
             st.closed = true;
+            st.conn.session_mut().set_closed();
             drop(st);
             me.changed.notify_waiters();
         });
@@ -479,17 +470,29 @@ impl Session {
         self.wake_driver.notify_one();
     }
 
+    /// Runs `f` on the state and wakes the driver when the protocol has something to send
+    /// or a new deadline.
+    fn update<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        let (r, wake) = {
+            let mut st = self.lock();
+            let r = f(&mut st);
+            let p = st.conn.session_mut();
+            (r, p.wants_transmit() | p.take_timeout_moved())
+        };
+        if wake {
+            self.wake_driver.notify_one();
+        }
+        r
+    }
+
     /// Waits until `ready` says done (Some), re-checking after every state change.
     async fn wait<T>(&self, mut ready: impl FnMut(&mut State) -> Option<Result<T>>) -> Result<T> {
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            {
-                let mut st = self.lock();
-                if let Some(r) = ready(&mut st) {
-                    return r;
-                }
+            if let Some(r) = self.update(&mut ready) {
+                return r;
             }
             notified.await;
         }
@@ -506,66 +509,45 @@ impl Session {
         let window = self.config.send_window;
         let mut message = Some(message);
         self.wait(|st| {
-            if let Some(f) = &st.fatal {
-                return Some(Err(f.to_error()));
-            }
-            if st.closing || st.closed {
-                return Some(Err(Error::Closed));
-            }
-            // One message larger than the window may go alone.
-            if st.window_used > 0 && st.window_used + len > window {
-                return None;
-            }
-            st.window_used += len;
-            st.unacked_sizes.push_back(len);
-            st.messages_sent += 1;
-            st.queue.push_back(message.take().expect("queued once"));
-            Some(Ok(()))
-        })
-        .await?;
-        self.wake_driver.notify_one();
-        Ok(())
-    }
-
-    pub(crate) async fn flush(&self) -> Result<()> {
-        let target = self.lock().messages_sent;
-        self.wait(|st| {
-            if st.acked >= target {
-                return Some(Ok(()));
-            }
-            if let Some(f) = &st.fatal {
-                return Some(Err(f.to_error()));
-            }
-            st.closed.then(|| {
-                Err(Error::PeerClosed {
-                    code: CloseCode::Aborted,
-                    reason: format!(
-                        "the session ended with {} of {target} messages acknowledged",
-                        st.acked
-                    ),
-                })
-            })
-        })
-        .await
-    }
-
-    pub(crate) async fn recv(&self) -> Result<Option<Bytes>> {
-        self.wait(|st| {
-            if let Some(m) = st.delivered.pop_front() {
-                return Some(Ok(Some(m)));
-            }
-            // A graceful close that arrived wins over a QP error after it (the peer tears its
-            // QP down right behind its Close).
-            if st.peer_closed {
-                return Some(Ok(None));
-            }
-            if let Some(f) = &st.fatal {
-                return Some(Err(f.to_error()));
+            if let Some(e) = st.failure() {
+                return Some(Err(e));
             }
             if st.closed {
                 return Some(Err(Error::Closed));
             }
-            None
+            if let Err(e) = st.conn.session().check_can_send() {
+                return Some(Err(e));
+            }
+            // One message larger than the window may go alone.
+            let held = st.conn.send_held();
+            if held > 0 && held + len > window {
+                return None;
+            }
+            let m = message.take().expect("queued once");
+            Some(st.conn.session_mut().push(m, Instant::now()).map(|_| ()))
+        })
+        .await
+    }
+
+    pub(crate) async fn flush(&self) -> Result<()> {
+        let target = self.lock().conn.session().send_buffer().messages_sent();
+        self.wait(|st| flushed(st, target)).await
+    }
+
+    pub(crate) async fn recv(&self) -> Result<Option<Bytes>> {
+        self.wait(|st| {
+            if let Some(m) = st.conn.session_mut().read(Instant::now()) {
+                return Some(Ok(Some(m)));
+            }
+            // A graceful close that arrived wins over a QP error after it (the peer tears its
+            // QP down right behind its Close).
+            if st.conn.session().is_peer_closed() {
+                return Some(Ok(None));
+            }
+            if let Some(e) = st.failure() {
+                return Some(Err(e));
+            }
+            st.closed.then_some(Err(Error::Closed))
         })
         .await
     }
@@ -576,74 +558,69 @@ impl Session {
 
     pub(crate) fn metrics(&self) -> TransportMetrics {
         let st = self.lock();
-        let mut m = TransportMetrics::new(TransportKind::Rdma);
-        m.bytes_sent = st.bytes_sent;
-        m.bytes_received = st.bytes_received;
-        m.messages_sent = st.messages_sent;
-        m.messages_received = st.messages_received;
-        m.messages_acked = st.acked;
+        let mut m = st.conn.metrics();
         m.active_streams = usize::from(!st.closed);
-        st.path.report(&mut m);
-        m.chunk_size = Some(self.config.slot_payload() as u64);
         m
     }
 
+    /// Flushes, then sends the parting Close and waits until the peer's queue pair has it
+    /// (or the peer ended the session itself), then tears the queue pair down.
+    ///
+    /// The Close must be *delivered* (its send completion, the peer's RC acknowledgement), not
+    /// just posted: destroying the queue pair with the Close still queued loses it, and the
+    /// peer then sees its own in-flight segments fail against our dying queue pair (rxe
+    /// answers them with RemoteInvalidRequest) instead of a graceful end.
     pub(crate) async fn close(&self) -> Result<()> {
-        {
-            let mut st = self.lock();
-            if let Some(f) = &st.fatal
-                && !close_done(&st)
-            {
-                return Err(f.to_error());
-            }
-            st.closing = true;
-        }
-        self.wake_driver.notify_one();
         let limit = self.config.handshake_timeout.max(Duration::from_secs(30));
-        tokio::time::timeout(
-            limit,
+        let target = self.update(|st| {
+            let p = st.conn.session_mut();
+            let target = p.send_buffer().messages_sent();
+            // No new sends from here on.
+            p.close(None);
+            target
+        });
+        let drained = tokio::time::timeout(limit, async {
+            self.wait(|st| flushed(st, target)).await?;
             self.wait(|st| {
-                if close_done(st) {
+                let p = st.conn.session_mut();
+                if st.close_delivered || p.is_peer_closed() || st.closed {
                     return Some(Ok(()));
                 }
-                if let Some(f) = &st.fatal {
-                    return Some(Err(f.to_error()));
+                if !p.parting() {
+                    p.close(Some(Close::new(CloseCode::Normal, "done")));
                 }
-                st.closed.then(|| {
-                    Err(Error::PeerClosed {
-                        code: CloseCode::Aborted,
-                        reason: format!(
-                            "the peer closed first; {} of {} messages acknowledged",
-                            st.acked, st.messages_sent
-                        ),
-                    })
-                })
-            }),
-        )
+                None
+            })
+            .await
+        })
         .await
         .map_err(|_| Error::Timeout {
             what: "draining the RDMA send queue on close",
             after: limit,
-        })??;
+        })
+        .and_then(|r| r);
         self.abort();
-        Ok(())
+        drained
     }
 }
 
-/// Whether a graceful close is complete: everything we sent is acknowledged, and either the
-/// peer has our Close, or the peer has ended the session itself.
-///
-/// The Close must be *delivered* (its send completion, the peer's RC acknowledgement), not
-/// just posted: destroying the queue pair with the Close still queued loses it, and the peer
-/// then sees its own in-flight segments fail against our dying queue pair (rxe answers them
-/// with RemoteInvalidRequest) instead of a graceful end.
-fn close_done(st: &State) -> bool {
-    st.acked >= st.messages_sent
-        && (st.close_delivered
-            // The peer closed first: our Close has no reader left.
-            || st.peer_closed
-            // The peer went away after our Close was posted, with everything acknowledged.
-            || (st.close_sent && st.closed))
+/// Whether every message up to `target` is acknowledged; an error if it never will be.
+fn flushed(st: &State, target: u64) -> Option<Result<()>> {
+    let p = st.conn.session();
+    let acked = p.send_buffer().messages_acked();
+    if acked >= target {
+        return Some(Ok(()));
+    }
+    if let Some(e) = st.failure() {
+        return Some(Err(e));
+    }
+    if p.is_peer_closed() || st.closed {
+        return Some(Err(Error::PeerClosed {
+            code: CloseCode::Aborted,
+            reason: format!("the session ended with {acked} of {target} messages acknowledged"),
+        }));
+    }
+    None
 }
 
 fn post_recv(qp: &mut BasicQueuePair, pool: &Pool, index: usize, size: usize) -> Result<()> {
@@ -654,45 +631,28 @@ fn post_recv(qp: &mut BasicQueuePair, pool: &Pool, index: usize, size: usize) ->
     guard.post().map_err(|e| rdma_err("posting a receive", e))
 }
 
-/// The driver: owns the verbs objects and the sans-IO state machines.
+/// The driver: owns the verbs objects and executes what the sans-IO [`Conn`] decides.
 struct Driver {
     v: Verbs,
-    flow: Flow,
-    segmenter: Segmenter,
-    assembler: Assembler,
     free_send: Vec<u32>,
-    send_len: Vec<u64>,
-    small_max: usize,
-    slot_payload: u64,
     recv_buf: usize,
     slot: usize,
-    close_posted: bool,
-    /// The send slot carrying our Close, until its completion.
+    ring_slots: usize,
+    /// The send slot carrying the end of our parting Close, until its completion.
     close_slot: Option<usize>,
+    /// After a failure: the latest moment to leave, Close delivered or not.
+    linger_until: Option<Instant>,
 }
 
 impl Driver {
-    fn new(s: &Session, v: Verbs) -> Self {
-        let c = &s.config;
-        let flow = Flow::new(
-            v.peer.recv_depth as u64,
-            v.peer.ring_slots as u64,
-            c.recv_depth as u64,
-            c.ring_slots as u64,
-            CONTROL_RESERVE,
-        );
+    fn new(c: &RdmaConfig, v: Verbs) -> Self {
         Driver {
-            flow,
-            segmenter: Segmenter::new(c.slot_payload()),
-            assembler: Assembler::new(c.max_message),
             free_send: (0..SEND_SLOTS).rev().collect(),
-            send_len: vec![0; SEND_SLOTS as usize],
-            small_max: c.small_max as usize,
-            slot_payload: c.slot_payload() as u64,
             recv_buf: c.recv_buf_size(),
             slot: c.slot_size as usize,
-            close_posted: false,
+            ring_slots: c.ring_slots as usize,
             close_slot: None,
+            linger_until: None,
             v,
         }
     }
@@ -702,7 +662,7 @@ impl Driver {
         mut self,
         s: &Session,
         mut stream: TcpStream,
-    ) -> std::result::Result<Option<TcpStream>, Fatal> {
+    ) -> std::result::Result<Option<TcpStream>, String> {
         self.arm()?;
         let mut byte = [0u8; 1];
         loop {
@@ -710,44 +670,121 @@ impl Driver {
                 return Ok(s.keep_bootstrap.load(Ordering::SeqCst).then_some(stream));
             }
             self.poll(s)?;
-            self.pump(s)?;
+            let deadline = self.step(s)?;
+            if self.linger_until.is_some_and(|t| Instant::now() >= t) {
+                // Failed, and the parting Close is delivered or its time is up.
+                return Ok(None);
+            }
             // Re-arm, then poll once more: a completion that raced the arming is not lost.
             self.arm()?;
             if self.poll(s)? {
                 continue;
             }
+            let sleep = async {
+                match deadline {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 r = self.v.channel.readable() => {
-                    let mut guard = r.map_err(|e| Fatal::Io(format!("waiting on the completion channel: {e}")))?;
+                    let mut guard = r.map_err(|e| format!("waiting on the completion channel: {e}"))?;
                     self.drain_events();
                     guard.clear_ready();
                 }
                 _ = s.wake_driver.notified() => {}
+                _ = sleep => {}
                 r = stream.read(&mut byte) => {
                     // Completions that raced the EOF (our Close's, the peer's last segments)
                     // count first.
                     let _ = self.poll(s);
-                    let peer_closed = s.lock().peer_closed;
-                    match r {
-                        // The peer closed gracefully and then tore its QP down: done.
-                        Ok(0) | Err(_) if peer_closed => return Ok(None),
-                        Ok(0) => return Err(Fatal::PeerClosed("the peer's bootstrap connection closed: the peer is gone".into())),
-                        Ok(_) => return Err(Fatal::Protocol(ProtocolError::Inconsistent("unexpected bytes on the RDMA bootstrap connection".into()))),
-                        Err(e) => return Err(Fatal::Io(format!("bootstrap connection failed: {e}"))),
+                    let mut st = s.lock();
+                    let p = st.conn.session_mut();
+                    if p.is_peer_closed() || p.fatal().is_some() {
+                        // The peer closed (gracefully, or after a failure) and then tore its
+                        // QP down: done.
+                        return Ok(None);
                     }
+                    let fatal = match r {
+                        Ok(0) => Fatal::PeerClosed {
+                            code: CloseCode::Aborted,
+                            reason: "the peer's bootstrap connection closed: the peer is gone".into(),
+                        },
+                        Ok(_) => Fatal::Protocol(ProtocolError::Inconsistent(
+                            "unexpected bytes on the RDMA bootstrap connection".into(),
+                        )),
+                        Err(e) => return Err(format!("bootstrap connection failed: {e}")),
+                    };
+                    warn!(error = %fatal.to_error(), "RDMA session failed");
+                    p.fail(fatal);
+                    return Ok(None);
                 }
             }
         }
     }
 
-    fn arm(&self) -> std::result::Result<(), Fatal> {
+    /// Runs the protocol's timers, posts what it wants sent and hands its events on; returns
+    /// the next deadline.
+    fn step(&mut self, s: &Session) -> std::result::Result<Option<Instant>, String> {
+        let now = Instant::now();
+        let mut st = s.lock();
+        let p = st.conn.session_mut();
+        if p.poll_timeout().is_some_and(|t| t <= now) {
+            p.on_timeout(now);
+        }
+        let mut posted = false;
+        while let Some(&idx) = self.free_send.last() {
+            let idx = idx as usize;
+            let buf = self.v.send_pool.slice_mut(idx * self.slot, self.slot);
+            let Some(post) = st.conn.poll_segment(now, buf) else {
+                break;
+            };
+            self.free_send.pop();
+            if post.parting {
+                self.close_slot = Some(idx);
+            }
+            self.post(idx, post)?;
+            posted = true;
+        }
+        let mut changed = posted;
+        while let Some(e) = st.conn.poll_event(now) {
+            changed = true;
+            match e {
+                Event::Acked { messages } => s.acked_messages.advance_to(messages),
+                Event::Failed(f) => {
+                    warn!(error = %f.to_error(), "RDMA session failed; telling the peer");
+                    self.linger_until = Some(now + FAIL_LINGER);
+                }
+                Event::Closed => debug!("the peer closed the RDMA session"),
+                Event::Readable | Event::Pong { .. } | Event::PathStopped { .. } => {}
+            }
+        }
+        if st.conn.session().fatal().is_some() && self.linger_until.is_none() {
+            self.linger_until = Some(now + FAIL_LINGER);
+        }
+        if self.linger_until.is_some() && st.close_delivered {
+            // The peer has our reason: nothing to wait for.
+            self.linger_until = Some(now);
+        }
+        let deadline = [st.conn.session().poll_timeout(), self.linger_until]
+            .into_iter()
+            .flatten()
+            .min();
+        drop(st);
+        if changed {
+            s.changed.notify_waiters();
+        }
+        Ok(deadline)
+    }
+
+    fn arm(&self) -> std::result::Result<(), String> {
         // SAFETY: the CQ is alive for the call.
         let rc = unsafe { rdma_mummy_sys::ibv_req_notify_cq(self.v.cq.cq().as_ptr(), 0) };
         if rc != 0 {
-            return Err(Fatal::Io(format!(
+            return Err(format!(
                 "ibv_req_notify_cq failed: {}",
                 io::Error::from_raw_os_error(rc)
-            )));
+            ));
         }
         Ok(())
     }
@@ -778,7 +815,7 @@ impl Driver {
     }
 
     /// Polls the CQ in batches; returns whether anything completed.
-    fn poll(&mut self, s: &Session) -> std::result::Result<bool, Fatal> {
+    fn poll(&mut self, s: &Session) -> std::result::Result<bool, String> {
         let mut any = false;
         loop {
             let mut batch = Vec::with_capacity(POLL_BATCH as usize);
@@ -804,8 +841,10 @@ impl Driver {
                 break;
             }
             any = true;
+            let now = Instant::now();
+            let mut st = s.lock();
             for (wr_id, status, opcode, len, imm, vendor) in batch {
-                self.complete(s, wr_id, status, opcode, len, imm, vendor)?;
+                self.complete(&mut st, now, wr_id, status, opcode, len, imm, vendor)?;
             }
         }
         if any {
@@ -817,17 +856,18 @@ impl Driver {
     #[allow(clippy::too_many_arguments)]
     fn complete(
         &mut self,
-        s: &Session,
+        st: &mut State,
+        now: Instant,
         wr_id: u64,
         status: u32,
         opcode: u32,
         len: u32,
         imm: u32,
         vendor: u32,
-    ) -> std::result::Result<(), Fatal> {
+    ) -> std::result::Result<(), String> {
         if status != WorkCompletionStatus::Success as u32 {
-            let st: WorkCompletionStatus = status.into();
-            let hint = match st {
+            let wcs: WorkCompletionStatus = status.into();
+            let hint = match wcs {
                 WorkCompletionStatus::RetryCounterExceededError => {
                     " (retry exceeded: the peer is unreachable or its queue pair is gone)"
                 }
@@ -839,185 +879,50 @@ impl Driver {
                 }
                 _ => "",
             };
-            return Err(Fatal::Io(format!(
-                "RDMA work completion failed: {st:?}{hint}, vendor error {vendor:#x}, wr {wr_id:#x}"
-            )));
+            return Err(format!(
+                "RDMA work completion failed: {wcs:?}{hint}, vendor error {vendor:#x}, wr {wr_id:#x}"
+            ));
         }
         let index = (wr_id & WR_INDEX) as usize;
         if wr_id & WR_SEND == WR_SEND {
-            let mut st = s.lock();
-            st.bytes_sent += self.send_len[index];
             if self.close_slot == Some(index) {
                 self.close_slot = None;
                 st.close_delivered = true;
             }
-            drop(st);
             self.free_send.push(index as u32);
             return Ok(());
         }
         // A receive: a SEND into our buffer, or a WRITE with immediate into our ring.
         let with_imm = opcode == WorkCompletionOperationType::ReceiveWithImmediate as u32;
         let slot = with_imm.then(|| u32::from_be(imm));
-        self.flow.on_receive(slot).map_err(Fatal::Protocol)?;
-        let (header, payload) = if let Some(slot) = slot {
-            let buf = self.v.ring.slice(slot as usize * self.slot, self.slot);
-            let h = SegmentHeader::decode(buf).map_err(Fatal::Protocol)?;
-            (
-                h,
-                buf[SEGMENT_HEADER_LEN..SEGMENT_HEADER_LEN + h.payload_len as usize].to_vec(),
-            )
-        } else {
-            let buf = self
+        let bytes = match slot {
+            Some(slot) => {
+                // A slot out of range is refused by the ledger before the bytes are read.
+                if (slot as usize) < self.ring_slots {
+                    self.v.ring.slice(slot as usize * self.slot, self.slot)
+                } else {
+                    &[]
+                }
+            }
+            None => self
                 .v
                 .recv_pool
-                .slice(index * self.recv_buf, (len as usize).min(self.recv_buf));
-            let h = SegmentHeader::decode(buf).map_err(Fatal::Protocol)?;
-            (
-                h,
-                buf[SEGMENT_HEADER_LEN..SEGMENT_HEADER_LEN + h.payload_len as usize].to_vec(),
-            )
+                .slice(index * self.recv_buf, (len as usize).min(self.recv_buf)),
         };
-        // The bytes are copied out: the slot and the buffer go back at once.
-        if slot.is_some() {
-            self.flow.on_ring_released();
-        }
+        // The bytes are copied out, so the buffer and the slot go back at once. A protocol
+        // error is latched in the session, whose parting Close goes out next.
+        let _ = st.conn.on_segment(slot, bytes, now);
         post_recv(&mut self.v.qp, &self.v.recv_pool, index, self.recv_buf)
-            .map_err(|e| Fatal::Io(e.to_string()))?;
-        self.flow.on_recv_posted(1);
-
-        let mut st = s.lock();
-        self.flow
-            .on_peer_header(
-                header.recv_advertised,
-                header.ring_advertised,
-                header.acked,
-                st.messages_sent,
-            )
-            .map_err(Fatal::Protocol)?;
-        let newly = self.flow.peer_acked() - st.acked;
-        for _ in 0..newly {
-            let n = st.unacked_sizes.pop_front().unwrap_or(0);
-            st.window_used -= n;
-        }
-        st.acked = self.flow.peer_acked();
-        let acked = st.acked;
-        st.path.on_acked(acked, Instant::now());
-        s.acked_messages.advance_to(st.acked);
-        match header.kind {
-            SegmentKind::Data => {
-                st.bytes_received += payload.len() as u64;
-                if let Some(msg) = self
-                    .assembler
-                    .push(&header, &payload)
-                    .map_err(Fatal::Protocol)?
-                {
-                    st.messages_received += 1;
-                    st.delivered.push_back(msg);
-                    self.flow.on_delivered();
-                }
-            }
-            SegmentKind::Control => {}
-            SegmentKind::Close => st.peer_closed = true,
-        }
-        Ok(())
+            .map_err(|e| e.to_string())
     }
 
-    /// Posts as many segments as credit and staging buffers allow, then any owed control.
-    fn pump(&mut self, s: &Session) -> std::result::Result<(), Fatal> {
-        let mut posted = false;
-        loop {
-            if !self.segmenter.in_progress() {
-                let next = s.lock().queue.pop_front();
-                match next {
-                    Some(m) => self.segmenter.start(m),
-                    None => break,
-                }
-            }
-            let len = self.segmenter.peek_len().expect("in progress");
-            let ring = len > self.small_max;
-            let ok = if ring {
-                self.flow.can_write_ring()
-            } else {
-                self.flow.can_send()
-            };
-            if !ok || self.free_send.is_empty() {
-                break;
-            }
-            let seg = self.segmenter.next_segment().expect("in progress");
-            let op = self.flow.on_post_data(ring);
-            self.post(SegmentKind::Data, seg.flags, seg.msg_len, &seg.payload, op)?;
-            if !self.segmenter.in_progress() {
-                s.lock().path.on_message_posted(Instant::now());
-            }
-            posted = true;
-        }
-        let (closing, drained) = {
-            let st = s.lock();
-            (
-                st.closing,
-                st.queue.is_empty() && !self.segmenter.in_progress(),
-            )
-        };
-        if closing
-            && drained
-            && !self.close_posted
-            && self.flow.can_send_control()
-            && !self.free_send.is_empty()
-        {
-            let op = self.flow.on_post_control();
-            self.close_slot = self.free_send.last().map(|i| *i as usize);
-            self.post(SegmentKind::Close, 0, 0, &[], op)?;
-            self.close_posted = true;
-            s.lock().close_sent = true;
-            posted = true;
-        } else if self.flow.needs_update()
-            && self.flow.can_send_control()
-            && !self.free_send.is_empty()
-        {
-            let op = self.flow.on_post_control();
-            self.post(SegmentKind::Control, 0, 0, &[], op)?;
-            posted = true;
-        }
-        s.lock()
-            .path
-            .on_credit(&self.flow, self.small_max as u64, self.slot_payload);
-        if posted {
-            s.changed.notify_waiters();
-        }
-        Ok(())
-    }
-
-    fn post(
-        &mut self,
-        kind: SegmentKind,
-        flags: u8,
-        msg_len: u64,
-        payload: &[u8],
-        op: Op,
-    ) -> std::result::Result<(), Fatal> {
-        let adv = self.flow.advertise();
-        let header = SegmentHeader {
-            kind,
-            flags,
-            payload_len: payload.len() as u32,
-            msg_len,
-            recv_advertised: adv.recv_advertised,
-            ring_advertised: adv.ring_advertised,
-            acked: adv.acked,
-            crc: amst_core::crc32c(payload),
-        };
-        let idx = self.free_send.pop().expect("checked by the caller") as usize;
-        let total = SEGMENT_HEADER_LEN + payload.len();
-        let buf = self.v.send_pool.slice_mut(idx * self.slot, total);
-        header.encode(buf);
-        buf[SEGMENT_HEADER_LEN..].copy_from_slice(payload);
-        self.send_len[idx] = payload.len() as u64;
+    fn post(&mut self, idx: usize, post: Post) -> std::result::Result<(), String> {
         let lkey = self.v.send_pool.mr.lkey();
         let addr = self.v.send_pool.addr(idx * self.slot);
         let peer = self.v.peer;
         let mut guard = self.v.qp.start_post_send();
         let wr = guard.construct_wr(WR_SEND | idx as u64, WorkRequestFlags::Signaled);
-        let handle = match op {
+        let handle = match post.op {
             Op::RingWrite { slot } => wr.setup_write_imm(
                 peer.ring_rkey,
                 peer.ring_addr + slot as u64 * peer.slot_size as u64,
@@ -1027,9 +932,9 @@ impl Driver {
         };
         // SAFETY: the staging buffer is in the registered send pool and stays untouched until
         // this work request completes (its index is off the free list until then).
-        unsafe { handle.setup_sge(lkey, addr, total as u32) };
+        unsafe { handle.setup_sge(lkey, addr, post.len as u32) };
         guard
             .post()
-            .map_err(|e| Fatal::Io(format!("posting a work request: {e}")))
+            .map_err(|e| format!("posting a work request: {e}"))
     }
 }

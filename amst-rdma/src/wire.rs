@@ -1,87 +1,55 @@
-//! The segment format that every SEND and every ring slot carries, and the splitting of
-//! messages into segments and back. Sans-IO: bytes in, bytes out.
+//! The segment every SEND and every ring slot carries, and the frame stream the segments
+//! carry. Sans-IO: bytes in, bytes out.
+//!
+//! The session protocol is amst-core's (`amst_core::session`): its frames (Data chunks with
+//! their CRC32C, Ack, Credit, Ping, Pong, Close) form one ordered byte stream per direction,
+//! exactly as on a TCP stream. An RC queue pair delivers segments reliably and in order, so
+//! the stream is cut into segments anywhere, frame boundaries or not: [`Outbox`] cuts it,
+//! [`Inbox`] joins it and decodes frames. The segment header itself carries only what is
+//! RDMA's own: the receive and ring-slot credit of the queue pair (see [`crate::credit`]).
 //!
 //! ```text
-//! 0      1      2        4            8            16               24              32         40       44       48
-//! | kind | flags| 0 (u16)| payload_len| msg_len    | recv_advertised | ring_advertised | acked    | crc32c | 0      | payload ...
+//! 0      1      4            8                 16                24
+//! | kind | 0    | payload_len| recv_advertised | ring_advertised | payload ...
 //! ```
 //!
-//! All integers are big-endian. Every header carries the sender's cumulative credit
-//! advertisements and its acknowledgement, so data flowing one way returns credit the other
-//! way for free; a standalone control segment is needed only on an idle reverse path.
+//! All integers are big-endian.
 
-use amst_core::ProtocolError;
-use amst_core::codec::FrameKind;
-use bytes::{Bytes, BytesMut};
+use amst_core::codec::{DATA_HEADER_LEN, DataChunk, Decoder, Frame, FrameKind, Limits};
+use amst_core::{Charge, MemoryBudget, ProtocolError, charged};
+use bytes::{Buf, Bytes, BytesMut};
+use std::collections::VecDeque;
 
 /// Bytes of header in front of every segment's payload.
-pub const SEGMENT_HEADER_LEN: usize = 48;
+pub const SEGMENT_HEADER_LEN: usize = 24;
 
-/// What a segment carries.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum SegmentKind {
-    /// A piece of a message.
-    Data = 1,
-    /// Credit and acknowledgement only; no payload.
-    Control = 2,
-    /// The sender closes gracefully after everything it sent before.
-    Close = 3,
-}
-
-/// The segment is the first of its message.
-pub const FLAG_FIRST: u8 = 1;
-/// The segment is the last of its message.
-pub const FLAG_LAST: u8 = 2;
+/// The only segment kind: a piece of the peer's frame stream (possibly empty: credit only).
+pub const KIND_STREAM: u8 = 1;
 
 /// A decoded segment header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SegmentHeader {
-    /// What the segment carries.
-    pub kind: SegmentKind,
-    /// [`FLAG_FIRST`] and [`FLAG_LAST`].
-    pub flags: u8,
-    /// Bytes of payload after the header.
+    /// Bytes of the frame stream after the header (0: a credit update only).
     pub payload_len: u32,
-    /// Length of the whole message this segment belongs to.
-    pub msg_len: u64,
     /// Cumulative receive work requests the sender has posted for us.
     pub recv_advertised: u64,
     /// Cumulative ring slots the sender has made available to us (initial size included).
     pub ring_advertised: u64,
-    /// Messages the sender has received whole from us (a prefix).
-    pub acked: u64,
-    /// CRC32C of the payload.
-    pub crc: u32,
-}
-
-fn malformed(field: &'static str, reason: String) -> ProtocolError {
-    // The RDMA segment format has no frame kind of its own; Data is the closest.
-    ProtocolError::Malformed {
-        kind: FrameKind::Data,
-        field,
-        reason,
-    }
 }
 
 impl SegmentHeader {
     /// Writes the header into the first [`SEGMENT_HEADER_LEN`] bytes of `dst`.
     pub fn encode(&self, dst: &mut [u8]) {
         let d = &mut dst[..SEGMENT_HEADER_LEN];
-        d[0] = self.kind as u8;
-        d[1] = self.flags;
-        d[2..4].fill(0);
+        d[0] = KIND_STREAM;
+        d[1..4].fill(0);
         d[4..8].copy_from_slice(&self.payload_len.to_be_bytes());
-        d[8..16].copy_from_slice(&self.msg_len.to_be_bytes());
-        d[16..24].copy_from_slice(&self.recv_advertised.to_be_bytes());
-        d[24..32].copy_from_slice(&self.ring_advertised.to_be_bytes());
-        d[32..40].copy_from_slice(&self.acked.to_be_bytes());
-        d[40..44].copy_from_slice(&self.crc.to_be_bytes());
-        d[44..48].fill(0);
+        d[8..16].copy_from_slice(&self.recv_advertised.to_be_bytes());
+        d[16..24].copy_from_slice(&self.ring_advertised.to_be_bytes());
     }
 
-    /// Parses a header from a buffer of `available` valid bytes (the completion's byte
-    /// length, or the slot size), checking that the payload fits.
+    /// Parses a header from the valid bytes of a receive buffer or ring slot, checking that
+    /// the payload fits in them.
     pub fn decode(src: &[u8]) -> Result<Self, ProtocolError> {
         if src.len() < SEGMENT_HEADER_LEN {
             return Err(ProtocolError::Truncated {
@@ -90,351 +58,268 @@ impl SegmentHeader {
                 have: src.len(),
             });
         }
-        let u32_at = |i: usize| u32::from_be_bytes(src[i..i + 4].try_into().expect("4 bytes"));
-        let u64_at = |i: usize| u64::from_be_bytes(src[i..i + 8].try_into().expect("8 bytes"));
-        let kind = match src[0] {
-            1 => SegmentKind::Data,
-            2 => SegmentKind::Control,
-            3 => SegmentKind::Close,
-            other => return Err(ProtocolError::UnknownFrameType(other)),
-        };
-        let flags = src[1];
-        if flags & !(FLAG_FIRST | FLAG_LAST) != 0 {
-            return Err(malformed("flags", format!("has unknown bits {flags:#04x}")));
+        if src[0] != KIND_STREAM {
+            return Err(ProtocolError::UnknownFrameType(src[0]));
         }
+        let u64_at = |i: usize| u64::from_be_bytes(src[i..i + 8].try_into().expect("8 bytes"));
         let h = SegmentHeader {
-            kind,
-            flags,
-            payload_len: u32_at(4),
-            msg_len: u64_at(8),
-            recv_advertised: u64_at(16),
-            ring_advertised: u64_at(24),
-            acked: u64_at(32),
-            crc: u32_at(40),
+            payload_len: u32::from_be_bytes(src[4..8].try_into().expect("4 bytes")),
+            recv_advertised: u64_at(8),
+            ring_advertised: u64_at(16),
         };
-        let have = src.len() - SEGMENT_HEADER_LEN;
-        if h.payload_len as usize > have {
+        if h.payload_len as usize > src.len() - SEGMENT_HEADER_LEN {
             return Err(ProtocolError::Truncated {
                 kind: FrameKind::Data,
                 needed: SEGMENT_HEADER_LEN + h.payload_len as usize,
                 have: src.len(),
             });
         }
-        if kind != SegmentKind::Data && (h.payload_len != 0 || h.flags != 0) {
-            return Err(malformed(
-                "payload_len",
-                format!(
-                    "is {} on a {kind:?} segment, which carries none",
-                    h.payload_len
-                ),
-            ));
-        }
         Ok(h)
     }
 }
 
-/// Cuts messages into segments of at most `max_payload` bytes each.
+/// The frame stream waiting to be cut into segments: control bytes and Data frames (header
+/// and payload, not copied) in order.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    /// Pieces, each marked whether it belongs to a Data frame.
+    pieces: VecDeque<(Bytes, bool)>,
+    len: usize,
+}
+
+impl Outbox {
+    /// Appends encoded control frames.
+    pub fn push_control(&mut self, bytes: Bytes) {
+        if !bytes.is_empty() {
+            self.len += bytes.len();
+            self.pieces.push_back((bytes, false));
+        }
+    }
+
+    /// Appends a sealed Data chunk as a frame.
+    pub fn push_chunk(&mut self, chunk: &DataChunk) {
+        let header = Bytes::copy_from_slice(&chunk.encode_header());
+        self.len += DATA_HEADER_LEN + chunk.payload.len();
+        self.pieces.push_back((header, true));
+        if !chunk.payload.is_empty() {
+            self.pieces.push_back((chunk.payload.clone(), true));
+        }
+    }
+
+    /// Bytes waiting.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Nothing waiting.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes before the first Data frame: what may go out when only control credit is left.
+    pub fn control_prefix(&self) -> usize {
+        self.pieces
+            .iter()
+            .take_while(|(_, data)| !data)
+            .map(|(b, _)| b.len())
+            .sum()
+    }
+
+    /// Moves up to `dst.len()` bytes from the front into `dst`; returns how many.
+    pub fn take_into(&mut self, dst: &mut [u8]) -> usize {
+        let mut n = 0;
+        while n < dst.len() {
+            let Some((front, _)) = self.pieces.front_mut() else {
+                break;
+            };
+            let k = front.len().min(dst.len() - n);
+            dst[n..n + k].copy_from_slice(&front[..k]);
+            front.advance(k);
+            n += k;
+            if front.is_empty() {
+                self.pieces.pop_front();
+            }
+        }
+        self.len -= n;
+        n
+    }
+}
+
+/// Rebuilds the peer's frame stream from segment payloads and decodes it. The bytes are
+/// copied out of the registered buffer or slot at once (so it goes back to the peer), into a
+/// slab charged to the memory budget; Data payloads are split off the slab without another
+/// copy.
 #[derive(Debug)]
-pub struct Segmenter {
-    max_payload: usize,
-    current: Option<(Bytes, usize)>,
+pub struct Inbox {
+    decoder: Decoder,
+    buf: BytesMut,
+    slab_min: usize,
+    slab_len: usize,
+    budget: MemoryBudget,
+    _slab_charge: Charge,
 }
 
-/// One segment to put on the wire: the header fields that belong to the message, and the
-/// payload (a slice of the message, no copy).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct OutSegment {
-    /// [`FLAG_FIRST`] / [`FLAG_LAST`].
-    pub flags: u8,
-    /// The whole message's length.
-    pub msg_len: u64,
-    /// This segment's bytes.
-    pub payload: Bytes,
-}
-
-impl Segmenter {
-    /// A segmenter for slots that hold `max_payload` bytes after the header.
-    pub fn new(max_payload: usize) -> Self {
-        assert!(max_payload > 0, "a segment must carry at least one byte");
-        Segmenter {
-            max_payload,
-            current: None,
+impl Inbox {
+    /// An inbox whose slabs hold at least `slab_min` bytes, charged to `budget`.
+    pub fn new(limits: Limits, slab_min: usize, budget: MemoryBudget) -> Self {
+        Inbox {
+            decoder: Decoder::new(limits),
+            buf: BytesMut::new(),
+            slab_min,
+            slab_len: 0,
+            _slab_charge: budget.empty_charge(),
+            budget,
         }
     }
 
-    /// True while a message is partly sent: the next segment continues it.
-    pub fn in_progress(&self) -> bool {
-        self.current.is_some()
+    /// Bytes of a frame begun and not yet complete.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
     }
 
-    /// Starts cutting `message`; only when the previous one is finished.
-    pub fn start(&mut self, message: Bytes) {
-        assert!(!self.in_progress(), "the previous message is not finished");
-        self.current = Some((message, 0));
-    }
-
-    /// Length of the next segment's payload, if a message is in progress (so the caller can
-    /// choose SEND or a ring write before taking it).
-    pub fn peek_len(&self) -> Option<usize> {
-        self.current
-            .as_ref()
-            .map(|(m, off)| (m.len() - off).min(self.max_payload))
-    }
-
-    /// The next segment of the message in progress.
-    pub fn next_segment(&mut self) -> Option<OutSegment> {
-        let (msg, off) = self.current.as_mut()?;
-        let start = *off;
-        let n = (msg.len() - start).min(self.max_payload);
-        let mut flags = 0;
-        if start == 0 {
-            flags |= FLAG_FIRST;
-        }
-        *off += n;
-        let msg_len = msg.len() as u64;
-        let payload = msg.slice(start..start + n);
-        if *off == msg.len() {
-            flags |= FLAG_LAST;
-            self.current = None;
-        }
-        Some(OutSegment {
-            flags,
-            msg_len,
-            payload,
-        })
-    }
-}
-
-/// Rebuilds messages from segments that arrive in order (an RC queue pair keeps order).
-#[derive(Debug)]
-pub struct Assembler {
-    max_message: u64,
-    current: Option<(BytesMut, u64)>,
-}
-
-/// Memory reserved up front for a message; the rest grows as bytes arrive, so a peer cannot
-/// make us allocate by announcing a large length.
-const INITIAL_RESERVE: u64 = 1 << 20;
-
-impl Assembler {
-    /// An assembler that refuses messages longer than `max_message`.
-    pub fn new(max_message: u64) -> Self {
-        Assembler {
-            max_message,
-            current: None,
-        }
-    }
-
-    /// Adds one data segment; returns the message it completes, if any.
-    pub fn push(
-        &mut self,
-        header: &SegmentHeader,
-        payload: &[u8],
-    ) -> Result<Option<Bytes>, ProtocolError> {
-        debug_assert_eq!(header.kind, SegmentKind::Data);
-        if payload.len() != header.payload_len as usize {
-            return Err(malformed(
-                "payload_len",
-                format!(
-                    "says {} but {} bytes arrived",
-                    header.payload_len,
-                    payload.len()
-                ),
-            ));
-        }
-        let actual = amst_core::crc32c(payload);
-        if actual != header.crc {
-            let done = self.current.as_ref().map_or(0, |(b, _)| b.len() as u64);
-            return Err(ProtocolError::ChunkCorrupt {
-                msg_id: 0,
-                msg_offset: done,
-                expected: header.crc,
-                actual,
-            });
-        }
-        let first = header.flags & FLAG_FIRST != 0;
-        match (&self.current, first) {
-            (None, false) => {
-                return Err(ProtocolError::Inconsistent(
-                    "a continuation segment arrived with no message in progress".into(),
-                ));
+    /// Appends one segment's payload and decodes every whole frame into `frames`.
+    pub fn push(&mut self, bytes: &[u8], frames: &mut Vec<Frame>) -> Result<(), ProtocolError> {
+        if self.buf.capacity() - self.buf.len() < bytes.len() {
+            // A frame that is known to be large gets a slab of its size: it is never copied
+            // again. The old slab, if still alive, is paid for by the chunks that pin it.
+            let known = self.decoder.frame_len(&self.buf)?.unwrap_or(0);
+            let want = self.slab_min.max(known).max(self.buf.len() + bytes.len());
+            if !self.buf.try_reclaim(want.saturating_sub(self.buf.len())) {
+                let mut fresh = BytesMut::with_capacity(want);
+                fresh.extend_from_slice(&self.buf);
+                self.buf = fresh;
             }
-            (Some(_), true) => {
-                return Err(ProtocolError::Inconsistent(
-                    "a new message started before the previous one ended".into(),
-                ));
+            self.slab_len = self.buf.capacity();
+            self._slab_charge = self.budget.charge(self.slab_len as u64);
+        }
+        self.buf.extend_from_slice(bytes);
+        while let Some(mut f) = self.decoder.decode(&mut self.buf)? {
+            if let Frame::Data(chunk) = &mut f {
+                self.unpin(chunk);
             }
-            _ => {}
+            frames.push(f);
         }
-        if first {
-            if header.msg_len > self.max_message {
-                return Err(ProtocolError::MessageTooLarge {
-                    msg_id: 0,
-                    len: header.msg_len,
-                    limit: self.max_message,
-                });
-            }
-            let reserve = header.msg_len.min(INITIAL_RESERVE) as usize;
-            self.current = Some((BytesMut::with_capacity(reserve), header.msg_len));
-        }
-        let (buf, len) = self.current.as_mut().expect("set above");
-        if header.msg_len != *len {
-            return Err(ProtocolError::Inconsistent(format!(
-                "segment says the message is {} bytes, its first segment said {len}",
-                header.msg_len
-            )));
-        }
-        if buf.len() as u64 + payload.len() as u64 > *len {
-            return Err(ProtocolError::Inconsistent(format!(
-                "segments overrun the announced message length of {len} bytes"
-            )));
-        }
-        buf.extend_from_slice(payload);
-        let last = header.flags & FLAG_LAST != 0;
-        let complete = buf.len() as u64 == *len;
-        if last != complete {
-            return Err(ProtocolError::Inconsistent(format!(
-                "LAST flag {last} but {} of {len} bytes received",
-                buf.len()
-            )));
-        }
-        if complete {
-            let (buf, _) = self.current.take().expect("set above");
-            return Ok(Some(buf.freeze()));
-        }
-        Ok(None)
+        Ok(())
     }
 
-    /// True while a message is partly received.
-    pub fn in_progress(&self) -> bool {
-        self.current.is_some()
+    /// A chunk that is a whole message keeps its slab alive as long as the application holds
+    /// it: a small one is copied out instead, a large one pays for the rest of the slab, so
+    /// that what the peer makes us pin is always counted (as amst-tcp's readers do).
+    fn unpin(&self, chunk: &mut DataChunk) {
+        let len = chunk.payload.len();
+        if chunk.msg_offset != 0 || len as u64 != chunk.msg_len || len == 0 {
+            return;
+        }
+        if len.saturating_mul(2) < self.slab_len {
+            chunk.payload = Bytes::copy_from_slice(&chunk.payload);
+        } else {
+            let rest = self.slab_len.saturating_sub(len) as u64;
+            let surcharge = self.budget.charge(rest);
+            chunk.payload = charged(std::mem::take(&mut chunk.payload), surcharge);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use amst_core::codec::{Ping, Pong};
 
-    fn header(kind: SegmentKind, flags: u8, payload: &[u8], msg_len: u64) -> SegmentHeader {
-        SegmentHeader {
-            kind,
-            flags,
-            payload_len: payload.len() as u32,
-            msg_len,
-            recv_advertised: 7,
-            ring_advertised: 9,
-            acked: 3,
-            crc: amst_core::crc32c(payload),
-        }
-    }
+    use super::*;
 
     #[test]
     fn header_round_trips_and_checks_lengths() {
-        let h = header(SegmentKind::Data, FLAG_FIRST, b"abc", 10);
+        let h = SegmentHeader {
+            payload_len: 3,
+            recv_advertised: 300,
+            ring_advertised: 70,
+        };
         let mut buf = vec![0u8; SEGMENT_HEADER_LEN + 3];
         h.encode(&mut buf);
         assert_eq!(SegmentHeader::decode(&buf).unwrap(), h);
-        // One byte short of the announced payload.
         assert!(matches!(
             SegmentHeader::decode(&buf[..SEGMENT_HEADER_LEN + 2]),
             Err(ProtocolError::Truncated { .. })
         ));
+        assert!(matches!(
+            SegmentHeader::decode(&buf[..10]),
+            Err(ProtocolError::Truncated { .. })
+        ));
         buf[0] = 9;
-        assert_eq!(
-            SegmentHeader::decode(&buf),
-            Err(ProtocolError::UnknownFrameType(9))
-        );
-        buf[0] = 1;
-        buf[1] = 0x80;
         assert!(matches!(
             SegmentHeader::decode(&buf),
-            Err(ProtocolError::Malformed { field: "flags", .. })
+            Err(ProtocolError::UnknownFrameType(9))
         ));
     }
 
-    #[test]
-    fn control_segments_carry_no_payload() {
-        let mut h = header(SegmentKind::Control, 0, b"", 0);
-        let mut buf = vec![0u8; SEGMENT_HEADER_LEN + 4];
-        h.encode(&mut buf);
-        assert_eq!(SegmentHeader::decode(&buf).unwrap().acked, 3);
-        h.payload_len = 4;
-        h.encode(&mut buf);
-        assert!(SegmentHeader::decode(&buf).is_err());
+    fn chunk(id: u64, len: usize) -> DataChunk {
+        let payload: Vec<u8> = (0..len).map(|i| (i as u8) ^ (id as u8)).collect();
+        DataChunk::new(0, id, 0, len as u64, Bytes::from(payload))
     }
 
+    /// Frames cut into segments of every size from 1 byte up come out whole and equal, and
+    /// the control prefix ends where the first Data frame begins.
     #[test]
-    fn segmenter_and_assembler_round_trip_many_sizes() {
-        for max_payload in [1usize, 7, 64] {
-            let mut seg = Segmenter::new(max_payload);
-            let mut asm = Assembler::new(1 << 20);
-            for len in [0usize, 1, 6, 7, 8, 63, 64, 65, 200] {
-                let msg: Bytes = (0..len).map(|i| (i * 31 + len) as u8).collect();
-                seg.start(msg.clone());
-                let mut out = None;
-                let mut n = 0;
-                while let Some(s) = seg.next_segment() {
-                    n += 1;
-                    assert!(s.payload.len() <= max_payload);
-                    let h = header(SegmentKind::Data, s.flags, &s.payload, s.msg_len);
-                    let got = asm.push(&h, &s.payload).unwrap();
-                    assert!(out.is_none(), "a message completed before its last segment");
-                    out = got;
-                }
-                assert_eq!(n, len.div_ceil(max_payload).max(1));
-                assert_eq!(
-                    out.as_deref(),
-                    Some(&msg[..]),
-                    "len {len} max {max_payload}"
-                );
-                assert!(!asm.in_progress());
+    fn a_frame_stream_survives_any_segmentation() {
+        for seg in [1usize, 7, 60, 100, 4096, 1 << 20] {
+            let mut out = Outbox::default();
+            let mut control = BytesMut::new();
+            Frame::Ping(Ping {
+                id: 5,
+                timestamp_ns: 9,
+                padding: 0,
+            })
+            .encode(&mut control);
+            let control_len = control.len();
+            out.push_control(control.freeze());
+            let chunks = [chunk(0, 0), chunk(1, 3000), chunk(2, 70_000)];
+            for c in &chunks {
+                out.push_chunk(c);
             }
+            let mut control = BytesMut::new();
+            Frame::Pong(Pong {
+                id: 5,
+                timestamp_ns: 9,
+            })
+            .encode(&mut control);
+            out.push_control(control.freeze());
+            assert_eq!(out.control_prefix(), control_len);
+
+            let budget = MemoryBudget::new(64 << 20);
+            let mut inbox = Inbox::new(Limits::default(), 8192, budget.clone());
+            let mut frames = Vec::new();
+            let mut buf = vec![0u8; seg];
+            while !out.is_empty() {
+                let n = out.take_into(&mut buf);
+                inbox.push(&buf[..n], &mut frames).unwrap();
+            }
+            assert_eq!(inbox.pending(), 0);
+            assert_eq!(frames.len(), 5, "segments of {seg}");
+            assert!(matches!(frames[0], Frame::Ping(Ping { id: 5, .. })));
+            for (f, c) in frames[1..4].iter().zip(&chunks) {
+                match f {
+                    Frame::Data(d) => assert_eq!(d, c, "segments of {seg}"),
+                    other => panic!("{other:?}"),
+                }
+            }
+            assert!(matches!(frames[4], Frame::Pong(Pong { id: 5, .. })));
+            assert!(budget.held() > 0, "the slab is charged");
+            drop((frames, inbox));
+            assert_eq!(budget.held(), 0, "every charge is given back");
         }
     }
 
     #[test]
-    fn assembler_rejects_corruption_and_inconsistency() {
-        let mut asm = Assembler::new(100);
-        let mut h = header(SegmentKind::Data, FLAG_FIRST, b"abcd", 8);
-        h.crc ^= 1;
+    fn a_corrupt_chunk_is_refused() {
+        let mut out = Outbox::default();
+        let mut c = chunk(0, 100);
+        c.crc ^= 1;
+        out.push_chunk(&c);
+        let mut buf = vec![0u8; out.len()];
+        out.take_into(&mut buf);
+        let mut inbox = Inbox::new(Limits::default(), 4096, MemoryBudget::new(1 << 20));
         assert!(matches!(
-            asm.push(&h, b"abcd"),
+            inbox.push(&buf, &mut Vec::new()),
             Err(ProtocolError::ChunkCorrupt { .. })
         ));
-
-        let mut asm = Assembler::new(100);
-        let h = header(SegmentKind::Data, 0, b"abcd", 8);
-        assert!(matches!(
-            asm.push(&h, b"abcd"),
-            Err(ProtocolError::Inconsistent(_))
-        ));
-
-        let mut asm = Assembler::new(100);
-        let h = header(SegmentKind::Data, FLAG_FIRST, b"abcd", 101);
-        assert!(matches!(
-            asm.push(&h, b"abcd"),
-            Err(ProtocolError::MessageTooLarge { len: 101, .. })
-        ));
-
-        // LAST before the announced length is reached.
-        let mut asm = Assembler::new(100);
-        let h = header(SegmentKind::Data, FLAG_FIRST | FLAG_LAST, b"abcd", 8);
-        assert!(asm.push(&h, b"abcd").is_err());
-
-        // Overrun of the announced length.
-        let mut asm = Assembler::new(100);
-        let h = header(SegmentKind::Data, FLAG_FIRST, b"abcd", 6);
-        asm.push(&h, b"abcd").unwrap();
-        let h = header(SegmentKind::Data, FLAG_LAST, b"abcd", 6);
-        assert!(asm.push(&h, b"abcd").is_err());
-    }
-
-    #[test]
-    fn a_huge_announced_length_does_not_allocate_it() {
-        let mut asm = Assembler::new(1 << 40);
-        let h = header(SegmentKind::Data, FLAG_FIRST, b"x", 1 << 39);
-        asm.push(&h, b"x").unwrap();
-        let cap = asm.current.as_ref().unwrap().0.capacity() as u64;
-        assert!(cap <= INITIAL_RESERVE, "reserved {cap} bytes");
     }
 }

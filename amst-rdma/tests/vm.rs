@@ -128,7 +128,7 @@ async fn t1_bulk_sha256_equal() {
             let rtt = m.rtt.expect("an ack-timed RTT after acknowledged messages");
             assert!(m.min_rtt.is_some_and(|min| min <= rtt), "{m:?}");
             assert!(m.credit_window.is_some_and(|w| w > 0), "{m:?}");
-            assert_eq!(m.chunk_size, Some(config().slot_payload() as u64));
+            assert_eq!(m.chunk_size, Some(config().chunk_payload() as u64));
             assert_eq!(m.cwnd, None);
             println!("AMST-INFO amst rdma srtt {rtt:?} after the bulk transfer");
             t.close().await.unwrap();
