@@ -45,6 +45,7 @@ mod connector;
 mod handshake;
 mod session;
 mod socket;
+mod streams;
 mod tls;
 mod transport;
 
