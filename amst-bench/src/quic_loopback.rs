@@ -379,6 +379,9 @@ async fn amst_pair(
                 () = receive => {}
                 () = stop.notified() => {}
             }
+            if std::env::var_os("AMST_QUIC_LOOPBACK_STATS").is_some() {
+                receiver_stats(&format!("{cc}"), &server.quic_stats());
+            }
             drop(listener);
         });
     }
@@ -406,6 +409,21 @@ async fn amst_pair(
         client.close().await.map_err(|e| e.to_string())
     });
     Ok((sender, stop))
+}
+
+/// What the receiver sent back: QUIC's ACKs, and for amst-quic also amst-core's Ack and
+/// Credit frames on the control stream (the receiver sends no other stream data).
+fn receiver_stats(who: &str, st: &quinn::ConnectionStats) {
+    eprintln!(
+        "{who} receiver: udp tx {} datagrams {} bytes {} ios; frames tx: {} QUIC ACK, {} STREAM, {} MAX_DATA, {} MAX_STREAM_DATA",
+        st.udp_tx.datagrams,
+        st.udp_tx.bytes,
+        st.udp_tx.ios,
+        st.frame_tx.acks,
+        st.frame_tx.stream,
+        st.frame_tx.max_data,
+        st.frame_tx.max_stream_data
+    );
 }
 
 /// A UDP socket on loopback with the baseline's socket buffers.
@@ -511,6 +529,12 @@ async fn quinn_pair(
             tokio::select! {
                 () = accept_all => {}
                 () = stop.notified() => {}
+            }
+            if std::env::var_os("AMST_QUIC_LOOPBACK_STATS").is_some() {
+                receiver_stats(
+                    &format!("quinn bbr={bbr} streams={streams}"),
+                    &server_conn.stats(),
+                );
             }
             server_conn.close(VarInt::from_u32(0), b"done");
             server.wait_idle().await;

@@ -5,9 +5,10 @@
 //! - **Authentication:** TLS 1.3 with the server pinned by certificate fingerprint, checked
 //!   against trust anchors, or (the default) bound to the AMST PSK handshake that runs on
 //!   the control stream before any data is accepted, with the same key policy as TCP.
-//! - **Messages:** chunks (amst-core Data frames with CRC32C) striped over a few
-//!   unidirectional streams; amst-core's reassembler restores order, and application-level
-//!   acks make `messages_acked` mean "received whole". Credit and QUIC's windows come from
+//! - **Messages:** a driver of amst-core's sans-IO [`Session`](amst_core::session::Session)
+//!   (send buffer, reassembly, acks, credit, pings): chunks (amst-core Data frames with
+//!   CRC32C) striped over a few unidirectional streams, control frames on the control stream;
+//!   application-level acks make `messages_acked` mean "received whole". Credit and QUIC's windows come from
 //!   [`QuicConfig::window`], sized from the path's BDP by [`QuicConfig::for_path`].
 //! - **Probes:** Ping/Pong in QUIC DATAGRAM frames, not stuck behind bulk data.
 //! - **Reconnects:** a [`QuicConnector`] keeps session tickets, so a reconnect resumes and
@@ -45,6 +46,7 @@ mod connector;
 mod handshake;
 mod session;
 mod socket;
+mod streams;
 mod tls;
 mod transport;
 

@@ -1,70 +1,86 @@
-//! One authenticated QUIC connection carrying AMST messages both ways: the shared state and
-//! the tasks that move chunks, acks and probes.
+//! One authenticated QUIC connection carrying AMST messages both ways: the driver of
+//! amst-core's sans-IO [`Session`], which holds the protocol itself (send buffer,
+//! reassembly, when acks and credit go out, pings, the fatal latch). This file turns the
+//! session's events into wake-ups and quinn calls; `streams.rs` holds the tasks doing IO.
 //!
-//! Data goes on unidirectional streams as amst-core Data frames; the control stream (the
-//! bidirectional one the PSK handshake used) carries Ack and Credit frames; Ping and Pong go
-//! in QUIC DATAGRAM frames. QUIC already retransmits, so amst-core's `SendBuffer` is used for
-//! chunking, credit and the application-level acknowledgement that makes `messages_acked`
-//! truthful, and its chunks are never requeued within one connection.
+//! The session's paths here: path [`CONTROL_PATH`] is the control stream (the bidirectional
+//! one the PSK handshake used, at a higher quinn priority than data), where every control
+//! frame goes; paths `1..=lanes` are the sending lanes, each writing Data frames on its own
+//! unidirectional stream (or a fresh one per message); every stream the peer opens is read
+//! as a path of its own, from [`INCOMING_PATHS`] up. Probe Pings and their Pongs go in QUIC
+//! DATAGRAM frames, which quinn sends ahead of stream data.
+//!
+//! QUIC retransmits lost packets itself, so the session's stall resend is only a backstop
+//! (at the idle timeout), and the session's parting Close travels as QUIC's
+//! CONNECTION_CLOSE, with the same code and reason.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use amst_core::codec::{CloseCode, Decoder, Frame, Limits, Ping, Pong};
-use amst_core::{
-    AckCounter, Error, PathSample, ProtocolError, Reassembler, ReassemblyConfig, Result,
-    SendBuffer, TransportKind, TransportMetrics,
-};
+use amst_core::codec::{Close, CloseCode, Decoder, Frame, Limits};
+use amst_core::session::{Event, Fatal, Session, SessionConfig, peer_closed};
+use amst_core::util::lock;
+use amst_core::{AckCounter, Error, PathId, ProtocolError, Result, TransportKind};
+use amst_core::{PathSample, TransportMetrics};
 use bytes::{Bytes, BytesMut};
 use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream, VarInt};
 use tokio::sync::{Notify, oneshot};
+use tokio::task::AbortHandle;
 
-use crate::config::{SharedConfig, StreamMapping};
+use crate::config::SharedConfig;
 
-/// Why the session can no longer carry data; the first one recorded wins.
+/// The control stream's path.
+pub(crate) const CONTROL_PATH: PathId = 0;
+/// Streams the peer opens are paths from here up (our lanes are `1..=256`).
+pub(crate) const INCOMING_PATHS: PathId = 1 << 16;
+/// Pongs that arrive in datagrams.
+pub(crate) const DATAGRAM_PATH: PathId = PathId::MAX;
+
+/// Delay before an ack that no threshold forced goes out, as over TCP.
+const ACK_DELAY: Duration = Duration::from_millis(1);
+
+/// Why the connection ended outside the session protocol (which reports its own failures,
+/// and the peer's close, first).
 #[derive(Clone, Debug)]
-pub(crate) enum Failure {
-    Protocol(ProtocolError),
-    PeerClosed(CloseCode, String),
+pub(crate) enum Ended {
+    /// The connection died (idle timeout, reset, a transport error).
     Lost(String),
+    /// This side closed or aborted it.
     Closed,
 }
 
-impl Failure {
-    pub(crate) fn to_error(&self) -> Error {
+impl Ended {
+    fn to_error(&self) -> Error {
         match self {
-            Failure::Protocol(p) => Error::Protocol(p.clone()),
-            Failure::PeerClosed(code, reason) => Error::PeerClosed {
-                code: *code,
-                reason: reason.clone(),
-            },
-            Failure::Lost(why) => Error::io(
+            Ended::Lost(why) => Error::io(
                 "QUIC connection lost",
                 io::Error::new(io::ErrorKind::ConnectionAborted, why.clone()),
             ),
-            Failure::Closed => Error::Closed,
-        }
-    }
-
-    fn from_connection(e: &ConnectionError) -> Self {
-        match e {
-            ConnectionError::ApplicationClosed(ac) => Failure::PeerClosed(
-                CloseCode::from_u16(u16::try_from(ac.error_code.into_inner()).unwrap_or(u16::MAX)),
-                String::from_utf8_lossy(&ac.reason).into_owned(),
-            ),
-            ConnectionError::LocallyClosed => Failure::Closed,
-            other => Failure::Lost(other.to_string()),
+            Ended::Closed => Error::Closed,
         }
     }
 }
 
-/// Maps a QUIC error met while reading to AMST's error.
+/// Maps a QUIC error met in the handshake to AMST's error.
 pub(crate) fn connection_error(e: &ConnectionError) -> Error {
-    Failure::from_connection(e).to_error()
+    match e {
+        ConnectionError::ApplicationClosed(ac) => {
+            let (code, reason) = application_close(ac);
+            Error::PeerClosed { code, reason }
+        }
+        ConnectionError::LocallyClosed => Error::Closed,
+        other => Ended::Lost(other.to_string()).to_error(),
+    }
+}
+
+fn application_close(ac: &quinn::ApplicationClose) -> (CloseCode, String) {
+    (
+        CloseCode::from_u16(u16::try_from(ac.error_code.into_inner()).unwrap_or(u16::MAX)),
+        String::from_utf8_lossy(&ac.reason).into_owned(),
+    )
 }
 
 pub(crate) fn close_code(code: CloseCode) -> VarInt {
@@ -110,13 +126,34 @@ impl FrameReader {
 
     /// The next frame, or `None` when the stream ended cleanly between frames.
     pub(crate) async fn next(&mut self) -> std::result::Result<Option<Frame>, ReadFail> {
+        let mut one = Vec::with_capacity(1);
+        if !self.next_batch(&mut one, 1).await? {
+            return Ok(None);
+        }
+        Ok(one.pop())
+    }
+
+    /// Appends at least one and at most `max` frames (all that are already buffered, up to
+    /// `max`) to `out`; false when the stream ended cleanly between frames.
+    pub(crate) async fn next_batch(
+        &mut self,
+        out: &mut Vec<Frame>,
+        max: usize,
+    ) -> std::result::Result<bool, ReadFail> {
         loop {
-            if let Some(f) = self
-                .decoder
-                .decode(&mut self.buf)
-                .map_err(ReadFail::Protocol)?
-            {
-                return Ok(Some(f));
+            let before = out.len();
+            while out.len() - before < max.max(1) {
+                match self
+                    .decoder
+                    .decode(&mut self.buf)
+                    .map_err(ReadFail::Protocol)?
+                {
+                    Some(f) => out.push(f),
+                    None => break,
+                }
+            }
+            if out.len() > before {
+                return Ok(true);
             }
             if let Some(need) = self
                 .decoder
@@ -129,10 +166,17 @@ impl FrameReader {
             match self.stream.read_chunk(usize::MAX, true).await {
                 Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk.bytes),
                 Ok(None) => {
-                    return self
+                    return match self
                         .decoder
                         .decode_eof(&mut self.buf)
-                        .map_err(ReadFail::Protocol);
+                        .map_err(ReadFail::Protocol)?
+                    {
+                        Some(f) => {
+                            out.push(f);
+                            Ok(true)
+                        }
+                        None => Ok(false),
+                    };
                 }
                 Err(e) => return Err(ReadFail::Stream(e)),
             }
@@ -140,11 +184,9 @@ impl FrameReader {
     }
 }
 
-use amst_core::util::lock;
-
 /// Waits until `check` returns `Some`, re-checking after every notification. The waiter is
 /// registered before the check, so a change between the check and the wait is not missed.
-async fn wait_until<T>(notify: &Notify, mut check: impl FnMut() -> Option<T>) -> T {
+pub(crate) async fn wait_until<T>(notify: &Notify, mut check: impl FnMut() -> Option<T>) -> T {
     loop {
         let notified = notify.notified();
         tokio::pin!(notified);
@@ -168,28 +210,34 @@ pub(crate) struct Shared {
     pub(crate) conn: Connection,
     /// The endpoint, when this side created it for one connection (the client).
     pub(crate) endpoint: Option<Endpoint>,
-    config: SharedConfig,
-    epoch: Instant,
-    tx: Mutex<SendBuffer>,
+    pub(crate) config: SharedConfig,
+    pub(crate) limits: Limits,
+    /// The session protocol itself.
+    pub(crate) proto: Mutex<Session>,
+    /// Why the connection ended, if the session does not say.
+    ended: Mutex<Option<Ended>>,
     /// Messages the peer acknowledged, for `Transport::acked` subscribers.
     pub(crate) acked_messages: AckCounter,
-    /// Data queued, credit or acks arrived, or the session failed.
-    tx_changed: Notify,
-    rx: Mutex<Reassembler>,
-    /// A message completed, or the session failed.
-    rx_changed: Notify,
-    /// The acker should send the current Ack and Credit.
-    ack_wanted: Notify,
-    failure: Mutex<Option<Failure>>,
-    closing: AtomicBool,
-    control_tx: tokio::sync::Mutex<SendStream>,
-    probes: Mutex<HashMap<u64, oneshot::Sender<Instant>>>,
-    next_probe: AtomicU64,
-    bytes_sent: AtomicU64,
-    bytes_received: AtomicU64,
-    active_streams: AtomicUsize,
+    /// Lanes wait here for data to send.
+    pub(crate) tx_wake: Notify,
+    /// The control writer waits here for control frames.
+    pub(crate) control_wake: Notify,
+    /// `send` and `flush` wait here for acks.
+    acked: Notify,
+    /// `recv` waits here for messages.
+    rx_wake: Notify,
+    /// Tells the timer task that the session's next timeout moved earlier.
+    pub(crate) timer: Notify,
+    /// The control stream's sending half, shared by every writer that has control bytes.
+    pub(crate) control_tx: tokio::sync::Mutex<SendStream>,
+    pings: Mutex<HashMap<u64, oneshot::Sender<Instant>>>,
+    tasks: Mutex<Vec<AbortHandle>>,
+    pub(crate) next_incoming: AtomicU32,
+    epoch: Instant,
+    pub(crate) bytes_sent: AtomicU64,
+    pub(crate) bytes_received: AtomicU64,
+    pub(crate) active_streams: AtomicUsize,
     rate: Mutex<RateEstimate>,
-    limits: Limits,
     /// quinn's path statistics (cwnd, lost packets, lost bytes) and the controller's pacing
     /// rate (bytes/s, 0 when it sets none), sampled at most every `PATH_STATS_PERIOD` because
     /// `metrics` runs every millisecond in amst-hybrid's ack pump.
@@ -212,86 +260,222 @@ impl Shared {
             max_message: config.max_message,
             ..Limits::default()
         };
-        let reassembly = ReassemblyConfig {
-            window: config.window,
-            max_message: config.max_message,
-            ..ReassemblyConfig::default()
-        };
+        let now = Instant::now();
+        let proto = Session::new(
+            SessionConfig {
+                max_message: config.max_message,
+                receive_window: config.window,
+                ack_delay: ACK_DELAY,
+                idle_timeout: config.idle_timeout,
+                // QUIC retransmits: a chunk unacknowledged this long is resent only as a
+                // backstop (the receiver drops the duplicate).
+                stall_timeout: config.idle_timeout,
+            },
+            config.memory_budget.clone(),
+            now,
+        );
+        // Control data should not queue behind bulk data in quinn's scheduler.
+        let _ = control_tx.set_priority(16);
         let shared = Arc::new(Shared {
             conn,
             endpoint,
-            epoch: Instant::now(),
-            tx: Mutex::new(SendBuffer::new(config.max_message)),
+            limits,
+            proto: Mutex::new(proto),
+            ended: Mutex::new(None),
             acked_messages: AckCounter::new(),
-            tx_changed: Notify::new(),
-            rx: Mutex::new(Reassembler::with_budget(
-                reassembly,
-                config.memory_budget.clone(),
-            )),
-            rx_changed: Notify::new(),
-            ack_wanted: Notify::new(),
-            failure: Mutex::new(None),
-            closing: AtomicBool::new(false),
+            tx_wake: Notify::new(),
+            control_wake: Notify::new(),
+            acked: Notify::new(),
+            rx_wake: Notify::new(),
+            timer: Notify::new(),
             control_tx: tokio::sync::Mutex::new(control_tx),
-            probes: Mutex::new(HashMap::new()),
-            next_probe: AtomicU64::new(0),
+            pings: Mutex::new(HashMap::new()),
+            tasks: Mutex::new(Vec::new()),
+            next_incoming: AtomicU32::new(INCOMING_PATHS),
+            epoch: now,
             bytes_sent: AtomicU64::new(0),
             bytes_received: AtomicU64::new(0),
             active_streams: AtomicUsize::new(0),
             rate: Mutex::new(RateEstimate::default()),
-            limits,
             path_stats: Default::default(),
             path_sampled_ns: AtomicU64::new(0),
             config,
         });
-        // Control data should not queue behind bulk data in quinn's scheduler.
-        if let Ok(g) = shared.control_tx.try_lock() {
-            let _ = g.set_priority(16);
-        }
-        for lane in 0..shared.config.mapping.lanes() {
-            spawn(writer(shared.clone(), lane));
-        }
-        spawn(accept_data(shared.clone()));
-        spawn(control_reader(shared.clone(), control_rx));
-        spawn(acker(shared.clone()));
-        spawn(datagrams(shared.clone()));
-        spawn(monitor(shared.clone()));
+        let lanes = shared.config.mapping.lanes();
+        crate::streams::start(&shared, control_rx, lanes);
         // The first Credit lets the peer start sending.
-        shared.ack_wanted.notify_one();
+        shared.update(|p| {
+            p.add_path(CONTROL_PATH);
+            for lane in 1..=lanes as PathId {
+                p.add_path(lane);
+            }
+        });
         shared
     }
 
-    fn failure(&self) -> Option<Failure> {
-        lock(&self.failure).clone()
+    /// Spawns a task that dies with the session.
+    pub(crate) fn spawn_task<F>(&self, fut: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let mut tasks = lock(&self.tasks);
+        if lock(&self.ended).is_some() {
+            return;
+        }
+        let h = tokio::spawn(fut);
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(h.abort_handle());
     }
 
-    /// Records why the session ended (the first reason wins), closes the connection for a
-    /// protocol error, and wakes every waiter.
-    pub(crate) fn fail(&self, f: Failure) {
-        {
-            let mut g = lock(&self.failure);
-            if g.is_none() {
-                if let Failure::Protocol(p) = &f {
-                    tracing::warn!(error = %p, "closing the QUIC session: the peer broke the protocol");
-                    self.conn.close(
-                        close_code(CloseCode::ProtocolError),
-                        p.to_string().as_bytes(),
-                    );
-                }
-                *g = Some(f);
+    // ----- driving the protocol -----
+
+    /// Runs `f` on the protocol, then acts on what it asks: wakes the control writer or a
+    /// lane if something can be sent, the timer if its deadline moved, and handles events.
+    pub(crate) fn update<R>(&self, f: impl FnOnce(&mut Session) -> R) -> R {
+        let mut events = Vec::new();
+        let (r, control, data, timer, acked_bytes) = {
+            let mut p = lock(&self.proto);
+            let r = f(&mut p);
+            while let Some(e) = p.poll_event() {
+                events.push(e);
             }
+            (
+                r,
+                p.wants_control(),
+                p.send_buffer().has_sendable(),
+                p.take_timeout_moved(),
+                p.send_buffer().cumulative_acked(),
+            )
+        };
+        if control {
+            self.control_wake.notify_one();
         }
-        self.tx_changed.notify_waiters();
-        self.rx_changed.notify_waiters();
-        self.ack_wanted.notify_one();
-        lock(&self.probes).clear();
+        if data {
+            self.tx_wake.notify_one();
+        }
+        if timer {
+            self.timer.notify_one();
+        }
+        for e in events {
+            self.on_event(e, acked_bytes);
+        }
+        r
     }
 
-    /// Queues one message, `header` then `payload`, without joining them.
-    pub(crate) async fn send(&self, header: Bytes, payload: Bytes) -> Result<()> {
-        if self.closing.load(Ordering::Acquire) {
-            return Err(Error::Closed);
+    fn on_event(&self, event: Event, acked_bytes: u64) {
+        match event {
+            Event::Readable => self.rx_wake.notify_waiters(),
+            Event::Acked { messages } => {
+                self.acked_messages.advance_to(messages);
+                self.on_ack_progress(acked_bytes);
+                self.acked.notify_waiters();
+            }
+            Event::Pong { id } => {
+                if let Some(tx) = lock(&self.pings).remove(&id) {
+                    let _ = tx.send(Instant::now());
+                }
+            }
+            // The peer never removes a QUIC stream this way; its Close on a stream of its own
+            // needs no answer (we do not write on the peer's streams).
+            Event::PathStopped { path } => {
+                tracing::debug!(path, "the peer sent Close(StreamClosed); ignored over QUIC");
+            }
+            Event::Closed => self.wake_all(),
+            Event::Failed(fatal) => self.on_failed(fatal),
         }
+    }
+
+    /// Fails the session (the first failure latches; see `on_failed`).
+    pub(crate) fn fail(&self, fatal: Fatal) {
+        self.update(|p| p.fail(fatal));
+    }
+
+    /// The session failed: tell the peer why in QUIC's CONNECTION_CLOSE (the session's
+    /// parting Close, as a frame every path would otherwise carry), stop every task and
+    /// wake every waiter, who will report it.
+    fn on_failed(&self, fatal: Fatal) {
+        if !matches!(fatal, Fatal::PeerClosed { .. }) {
+            let reason = lock(&self.proto)
+                .parting_close()
+                .map(|c| c.reason)
+                .unwrap_or_default();
+            tracing::warn!(error = %fatal.to_error(), "closing the QUIC session");
+            self.conn
+                .close(close_code(fatal.close_code()), reason.as_bytes());
+        }
+        self.teardown();
+    }
+
+    /// The connection ended (`closed()` resolved): the peer's close becomes the session's
+    /// Close, anything else is recorded as why.
+    pub(crate) fn connection_ended(&self, e: &ConnectionError) {
+        match e {
+            ConnectionError::ApplicationClosed(ac) => {
+                let (code, reason) = application_close(ac);
+                let now = Instant::now();
+                self.update(|p| match code {
+                    // A graceful close: what arrived stays readable, then `recv` ends.
+                    CloseCode::Normal => {
+                        let _ =
+                            p.on_frame(CONTROL_PATH, Frame::Close(Close::new(code, reason)), now);
+                    }
+                    _ => {
+                        p.fail(Fatal::PeerClosed { code, reason });
+                    }
+                });
+                self.set_ended(Ended::Lost("the peer closed the connection".into()));
+            }
+            ConnectionError::LocallyClosed => self.set_ended(Ended::Closed),
+            other => self.set_ended(Ended::Lost(other.to_string())),
+        }
+        self.teardown();
+    }
+
+    fn set_ended(&self, e: Ended) {
+        let mut g = lock(&self.ended);
+        if g.is_none() {
+            *g = Some(e);
+        }
+    }
+
+    /// Stops every task and wakes every waiter. Idempotent.
+    pub(crate) fn teardown(&self) {
+        self.set_ended(Ended::Closed);
+        for t in lock(&self.tasks).drain(..) {
+            t.abort();
+        }
+        lock(&self.pings).clear();
+        self.wake_all();
+    }
+
+    fn wake_all(&self) {
+        self.rx_wake.notify_waiters();
+        self.acked.notify_waiters();
+        self.tx_wake.notify_waiters();
+        self.control_wake.notify_waiters();
+    }
+
+    /// Why nothing more can be sent or awaited, if so: the session's failure first, then the
+    /// peer's graceful close, then the connection's end.
+    fn stopped(&self, p: &Session) -> Option<Error> {
+        if let Some(f) = p.fatal() {
+            return Some(f.to_error());
+        }
+        if p.is_peer_closed() {
+            return Some(peer_closed());
+        }
+        lock(&self.ended).as_ref().map(Ended::to_error)
+    }
+
+    pub(crate) fn is_ended(&self) -> bool {
+        lock(&self.ended).is_some()
+    }
+
+    // ----- the Transport operations -----
+
+    /// Queues one message, `header` then `payload`, without joining them; waits while the
+    /// window's worth of bytes is queued or unacknowledged.
+    pub(crate) async fn send(&self, header: Bytes, payload: Bytes) -> Result<()> {
         let len = (header.len() + payload.len()) as u64;
         if len > self.config.max_message {
             return Err(Error::MessageTooLarge {
@@ -301,58 +485,68 @@ impl Shared {
         }
         let limit = self.config.window.max(u64::from(self.config.max_chunk));
         let mut message = Some((header, payload));
-        let r = wait_until(&self.tx_changed, || {
-            if let Some(f) = self.failure() {
-                return Some(Err(f.to_error()));
-            }
-            let mut tx = lock(&self.tx);
-            let held = tx.queued_bytes() + tx.unacked_bytes();
-            // A message larger than the limit still goes when nothing else is held.
-            if held == 0 || held + len <= limit {
-                let (h, p) = message.take().unwrap_or_default();
-                Some(tx.push_parts(h, p).map(drop))
-            } else {
-                None
+        wait_until(&self.acked, || {
+            let pushed = self.update(|p| {
+                p.check_can_send()?;
+                if let Some(e) = self.stopped(p) {
+                    return Err(e);
+                }
+                let sb = p.send_buffer();
+                let held = sb.queued_bytes() + sb.unacked_bytes();
+                // A message larger than the limit still goes when nothing else is held.
+                if held == 0 || held + len <= limit {
+                    let (h, m) = message.take().unwrap_or_default();
+                    p.push_parts(h, m, Instant::now()).map(|_| true)
+                } else {
+                    Ok(false)
+                }
+            });
+            match pushed {
+                Ok(false) => None,
+                Ok(true) => Some(Ok(())),
+                Err(e) => Some(Err(e)),
             }
         })
-        .await;
-        self.tx_changed.notify_waiters();
-        r
+        .await
     }
 
     pub(crate) async fn flush(&self) -> Result<()> {
-        let target = lock(&self.tx).messages_sent();
-        wait_until(&self.tx_changed, || {
-            if lock(&self.tx).messages_acked() >= target {
+        let target = lock(&self.proto).send_buffer().messages_sent();
+        wait_until(&self.acked, || {
+            let p = lock(&self.proto);
+            if p.send_buffer().messages_acked() >= target {
                 return Some(Ok(()));
             }
-            self.failure().map(|f| Err(f.to_error()))
+            self.stopped(&p).map(Err)
         })
         .await
     }
 
     pub(crate) async fn recv(&self) -> Result<Option<Bytes>> {
-        let r = wait_until(&self.rx_changed, || {
-            if let Some(m) = lock(&self.rx).pop() {
-                return Some(Ok(Some(m)));
-            }
-            match self.failure()? {
-                Failure::PeerClosed(CloseCode::Normal, _) => Some(Ok(None)),
-                f => Some(Err(f.to_error())),
-            }
+        wait_until(&self.rx_wake, || {
+            // Reading frees window: the session sends credit when enough has been freed.
+            self.update(|p| {
+                if let Some(m) = p.read(Instant::now()) {
+                    return Some(Ok(Some(m)));
+                }
+                if let Some(f) = p.fatal() {
+                    return Some(Err(f.to_error()));
+                }
+                if p.is_peer_closed() {
+                    return Some(Ok(None));
+                }
+                lock(&self.ended).as_ref().map(|e| Err(e.to_error()))
+            })
         })
-        .await;
-        // Popping freed window: the peer may have been waiting for this credit.
-        self.ack_wanted.notify_one();
-        r
+        .await
     }
 
     pub(crate) async fn close(&self) -> Result<()> {
-        self.closing.store(true, Ordering::Release);
+        lock(&self.proto).close(None);
         let drained = self.flush().await;
         self.conn
             .close(close_code(CloseCode::Normal), b"closed by the application");
-        self.fail(Failure::Closed);
+        self.end_here();
         if let Some(ep) = &self.endpoint {
             // Lets the CONNECTION_CLOSE reach the peer before the socket goes away.
             let _ = tokio::time::timeout(Duration::from_secs(2), ep.wait_idle()).await;
@@ -365,26 +559,39 @@ impl Shared {
 
     /// Closes without draining (`abort`, or the handle was dropped).
     pub(crate) fn abort(&self) {
-        if self.failure().is_none() {
+        let quiet = {
+            let p = lock(&self.proto);
+            p.fatal().is_some() || p.is_peer_closed()
+        };
+        if !quiet && !self.is_ended() {
             self.conn.close(
                 close_code(CloseCode::Aborted),
                 b"aborted by the application",
             );
         }
-        self.fail(Failure::Closed);
+        self.end_here();
+    }
+
+    /// This side ended the session: later calls report [`Error::Closed`].
+    fn end_here(&self) {
+        {
+            let mut p = lock(&self.proto);
+            p.close(None);
+            p.set_closed();
+        }
+        self.teardown();
     }
 
     pub(crate) fn metrics(&self) -> TransportMetrics {
         let mut m = TransportMetrics::new(TransportKind::Quic);
         {
-            let tx = lock(&self.tx);
+            let p = lock(&self.proto);
+            let tx = p.send_buffer();
             m.messages_sent = tx.messages_sent();
             m.messages_acked = tx.messages_acked();
             m.chunks_retransmitted = tx.retransmissions();
             m.credit_window = Some(tx.credit_limit().saturating_sub(tx.cumulative_acked()));
-        }
-        {
-            let rx = lock(&self.rx);
+            let rx = p.reassembler();
             m.messages_received = rx.delivered_messages();
             m.receive_held_bytes = Some(rx.buffered_bytes());
         }
@@ -422,11 +629,17 @@ impl Shared {
         m
     }
 
+    /// One Ping/Pong round trip in QUIC DATAGRAM frames, then with `burst_bytes > 0` a train
+    /// of full-size padded Pings whose Pongs' spacing gives the rate. The Pings are the
+    /// session's (its ids, its Pong events); only their carriage is QUIC's.
     pub(crate) async fn probe(&self, burst_bytes: u64) -> Result<PathSample> {
         let unavailable = |reason: &str| Error::Unavailable {
             transport: TransportKind::Quic,
             reason: reason.into(),
         };
+        if let Some(e) = self.stopped(&lock(&self.proto)) {
+            return Err(e);
+        }
         let max = self
             .conn
             .max_datagram_size()
@@ -443,17 +656,15 @@ impl Shared {
             ids: Vec::new(),
         };
         let (rtt, mut used) = {
-            let (id, rx) = self.register_probe();
-            guard.ids.push(id);
             let sent = Instant::now();
-            self.send_ping(id, 0).await?;
+            let rx = self.send_ping(0, &mut guard.ids).await?;
             let pong = tokio::time::timeout(timeout, rx)
                 .await
                 .map_err(|_| Error::Timeout {
                     what: "waiting for a Pong datagram",
                     after: timeout,
                 })?
-                .map_err(|_| self.failure().map_or(Error::Closed, |f| f.to_error()))?;
+                .map_err(|_| self.stopped(&lock(&self.proto)).unwrap_or(Error::Closed))?;
             (pong.saturating_duration_since(sent), (2 * overhead) as u64)
         };
         let mut delivery_rate = None;
@@ -462,21 +673,16 @@ impl Shared {
             let count = burst_bytes.div_ceil(size as u64).clamp(2, 4096) as usize;
             let mut waits = Vec::with_capacity(count);
             for _ in 0..count {
-                let (id, rx) = self.register_probe();
-                guard.ids.push(id);
-                self.send_ping(id, (size - overhead) as u32).await?;
-                waits.push(rx);
+                let padding = (size - overhead) as u32;
+                waits.push(self.send_ping(padding, &mut guard.ids).await?);
                 used += size as u64;
             }
             let deadline = tokio::time::Instant::now() + timeout;
             let mut arrivals = Vec::with_capacity(count);
             for rx in waits {
-                match tokio::time::timeout_at(deadline, rx).await {
-                    Ok(Ok(t)) => {
-                        arrivals.push(t);
-                        used += overhead as u64;
-                    }
-                    _ => continue,
+                if let Ok(Ok(t)) = tokio::time::timeout_at(deadline, rx).await {
+                    arrivals.push(t);
+                    used += overhead as u64;
                 }
             }
             arrivals.sort();
@@ -495,21 +701,23 @@ impl Shared {
         })
     }
 
-    fn register_probe(&self) -> (u64, oneshot::Receiver<Instant>) {
-        let id = self.next_probe.fetch_add(1, Ordering::Relaxed);
+    /// Sends one of the session's Pings in a datagram; the receiver gets its Pong's time.
+    async fn send_ping(
+        &self,
+        padding: u32,
+        ids: &mut Vec<u64>,
+    ) -> Result<oneshot::Receiver<Instant>> {
         let (tx, rx) = oneshot::channel();
-        lock(&self.probes).insert(id, tx);
-        (id, rx)
-    }
-
-    async fn send_ping(&self, id: u64, padding: u32) -> Result<()> {
-        let ping = Frame::Ping(Ping {
-            id,
-            timestamp_ns: self.epoch.elapsed().as_nanos() as u64,
-            padding,
-        });
+        let ping = {
+            // The waiter is registered before the Ping can go out.
+            let mut pings = lock(&self.pings);
+            let ping = lock(&self.proto).ping_detached(padding, Instant::now());
+            pings.insert(ping.id, tx);
+            ping
+        };
+        ids.push(ping.id);
         self.conn
-            .send_datagram_wait(ping.to_bytes())
+            .send_datagram_wait(Frame::Ping(ping).to_bytes())
             .await
             .map_err(|e| match e {
                 quinn::SendDatagramError::ConnectionLost(c) => connection_error(&c),
@@ -517,7 +725,8 @@ impl Shared {
                     transport: TransportKind::Quic,
                     reason: format!("sending a Ping datagram: {other}"),
                 },
-            })
+            })?;
+        Ok(rx)
     }
 
     fn on_ack_progress(&self, acked_bytes: u64) {
@@ -527,28 +736,12 @@ impl Shared {
         match r.since {
             Some((t0, b0)) if now.saturating_duration_since(t0) >= window => {
                 let dt = now.saturating_duration_since(t0).as_secs_f64();
-                r.rate = Some(((acked_bytes - b0) as f64 / dt) as u64);
+                r.rate = Some((acked_bytes.saturating_sub(b0) as f64 / dt) as u64);
                 r.since = Some((now, acked_bytes));
             }
             Some(_) => {}
             None => r.since = Some((now, acked_bytes)),
         }
-    }
-
-    fn deliver(&self, chunk: amst_core::codec::DataChunk) {
-        self.bytes_received
-            .fetch_add(chunk.payload.len() as u64, Ordering::Relaxed);
-        let r = lock(&self.rx).insert(chunk);
-        if let Err(p) = r {
-            self.fail(Failure::Protocol(p));
-            return;
-        }
-        self.rx_changed.notify_waiters();
-        self.ack_wanted.notify_one();
-    }
-
-    pub(crate) fn is_closed(&self) -> bool {
-        self.failure().is_some()
     }
 }
 
@@ -560,233 +753,9 @@ struct ProbeGuard<'a> {
 
 impl Drop for ProbeGuard<'_> {
     fn drop(&mut self) {
-        let mut probes = lock(&self.shared.probes);
+        let mut probes = lock(&self.shared.pings);
         for id in &self.ids {
             probes.remove(id);
         }
     }
-}
-
-fn spawn(fut: impl Future<Output = ()> + Send + 'static) {
-    tokio::spawn(fut);
-}
-
-/// One sending lane: takes chunks from the send buffer and writes them, as Data frames, on
-/// its own unidirectional stream.
-async fn writer(shared: Arc<Shared>, lane: usize) {
-    let per_message = matches!(shared.config.mapping, StreamMapping::PerMessage { .. });
-    let max_chunk = shared.config.max_chunk as usize;
-    let mut stream: Option<SendStream> = None;
-    let mut parts: Vec<Bytes> = Vec::new();
-    loop {
-        let batch = wait_until(&shared.tx_changed, || {
-            if shared.is_closed() {
-                return Some(None);
-            }
-            let mut tx = lock(&shared.tx);
-            let now = Instant::now();
-            let mut chunks = Vec::new();
-            let mut bytes = 0;
-            let mut ends_message = false;
-            // A batch of small chunks makes one write; one large chunk is a batch by itself.
-            while bytes < max_chunk && chunks.len() < 64 {
-                let Some(out) = tx.next_chunk(max_chunk) else {
-                    break;
-                };
-                tx.on_sent(&out.chunk, lane as u32, now);
-                let c = out.chunk;
-                bytes += c.payload.len();
-                ends_message = c.msg_offset + c.payload.len() as u64 == c.msg_len;
-                chunks.push(c);
-                if per_message && ends_message {
-                    break;
-                }
-            }
-            (!chunks.is_empty()).then_some(Some((chunks, ends_message)))
-        })
-        .await;
-        let Some((chunks, ends_message)) = batch else {
-            break;
-        };
-        // Chunks were taken from the buffer: other lanes may now find the credit exhausted
-        // or more data behind these.
-        shared.tx_changed.notify_waiters();
-        let s = match &mut stream {
-            Some(s) => s,
-            None => match shared.conn.open_uni().await {
-                Ok(s) => {
-                    shared.active_streams.fetch_add(1, Ordering::Relaxed);
-                    stream.insert(s)
-                }
-                Err(e) => {
-                    shared.fail(Failure::from_connection(&e));
-                    break;
-                }
-            },
-        };
-        let mut payload = 0u64;
-        parts.clear();
-        for c in &chunks {
-            parts.push(Bytes::copy_from_slice(&c.encode_header()));
-            parts.push(c.payload.clone());
-            payload += c.payload.len() as u64;
-        }
-        if let Err(e) = s.write_all_chunks(&mut parts).await {
-            match e {
-                quinn::WriteError::ConnectionLost(c) => shared.fail(Failure::from_connection(&c)),
-                other => shared.fail(Failure::Lost(format!("writing a data stream: {other}"))),
-            }
-            break;
-        }
-        shared.bytes_sent.fetch_add(payload, Ordering::Relaxed);
-        if per_message && ends_message {
-            let _ = s.finish();
-            stream = None;
-            shared.active_streams.fetch_sub(1, Ordering::Relaxed);
-        }
-    }
-    if stream.is_some() {
-        shared.active_streams.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Accepts the peer's data streams and reads each on its own task.
-async fn accept_data(shared: Arc<Shared>) {
-    while let Ok(stream) = shared.conn.accept_uni().await {
-        let s = shared.clone();
-        spawn(async move {
-            s.active_streams.fetch_add(1, Ordering::Relaxed);
-            let mut r = FrameReader::new(stream, s.limits);
-            loop {
-                match r.next().await {
-                    Ok(Some(Frame::Data(chunk))) => s.deliver(chunk),
-                    Ok(Some(other)) => {
-                        s.fail(Failure::Protocol(ProtocolError::UnexpectedFrame {
-                            got: other.kind(),
-                            state: "reading a QUIC data stream",
-                        }));
-                        break;
-                    }
-                    Ok(None) => break,
-                    Err(ReadFail::Protocol(p)) => {
-                        s.fail(Failure::Protocol(p));
-                        break;
-                    }
-                    // The connection is ending; `monitor` records why.
-                    Err(ReadFail::Stream(_)) => break,
-                }
-            }
-            s.active_streams.fetch_sub(1, Ordering::Relaxed);
-        });
-    }
-}
-
-/// Applies the peer's Ack and Credit frames.
-async fn control_reader(shared: Arc<Shared>, mut reader: FrameReader) {
-    loop {
-        let frame = match reader.next().await {
-            Ok(Some(f)) => f,
-            Ok(None) | Err(ReadFail::Stream(_)) => break,
-            Err(ReadFail::Protocol(p)) => {
-                shared.fail(Failure::Protocol(p));
-                break;
-            }
-        };
-        match frame {
-            Frame::Ack(ack) => {
-                let r = {
-                    let mut tx = lock(&shared.tx);
-                    let r = tx.on_ack(&ack);
-                    r.map(|_| (tx.cumulative_acked(), tx.messages_acked()))
-                };
-                match r {
-                    Ok((acked, messages)) => {
-                        shared.acked_messages.advance_to(messages);
-                        shared.on_ack_progress(acked);
-                    }
-                    Err(p) => {
-                        shared.fail(Failure::Protocol(p));
-                        break;
-                    }
-                }
-            }
-            Frame::Credit(c) => lock(&shared.tx).on_credit(c),
-            Frame::Close(c) => {
-                shared.fail(Failure::PeerClosed(c.code, c.reason));
-                break;
-            }
-            other => {
-                shared.fail(Failure::Protocol(ProtocolError::UnexpectedFrame {
-                    got: other.kind(),
-                    state: "reading the QUIC control stream",
-                }));
-                break;
-            }
-        }
-        shared.tx_changed.notify_waiters();
-    }
-}
-
-/// Sends our Ack and Credit whenever they change; bursts of changes coalesce into one write.
-async fn acker(shared: Arc<Shared>) {
-    let mut last = None;
-    let mut buf = BytesMut::new();
-    loop {
-        shared.ack_wanted.notified().await;
-        if shared.is_closed() {
-            break;
-        }
-        let now = {
-            let rx = lock(&shared.rx);
-            (rx.ack(), rx.credit())
-        };
-        if last.as_ref() == Some(&now) {
-            continue;
-        }
-        buf.clear();
-        Frame::Ack(now.0.clone()).encode(&mut buf);
-        Frame::Credit(now.1).encode(&mut buf);
-        if shared
-            .control_tx
-            .lock()
-            .await
-            .write_all(&buf)
-            .await
-            .is_err()
-        {
-            break;
-        }
-        last = Some(now);
-    }
-}
-
-/// Answers Pings and hands Pongs to the probes waiting for them.
-async fn datagrams(shared: Arc<Shared>) {
-    let decoder = Decoder::new(shared.limits);
-    while let Ok(d) = shared.conn.read_datagram().await {
-        let mut b = BytesMut::from(&d[..]);
-        match decoder.decode(&mut b) {
-            Ok(Some(Frame::Ping(p))) => {
-                let pong = Frame::Pong(Pong {
-                    id: p.id,
-                    timestamp_ns: p.timestamp_ns,
-                });
-                // A probe tolerates a lost Pong; never block the reader on it.
-                let _ = shared.conn.send_datagram(pong.to_bytes());
-            }
-            Ok(Some(Frame::Pong(p))) => {
-                if let Some(tx) = lock(&shared.probes).remove(&p.id) {
-                    let _ = tx.send(Instant::now());
-                }
-            }
-            // Datagrams are only for probes; anything else is ignored, not fatal.
-            other => tracing::debug!(?other, "ignoring an unexpected datagram"),
-        }
-    }
-}
-
-/// Records why the connection ended.
-async fn monitor(shared: Arc<Shared>) {
-    let e = shared.conn.closed().await;
-    shared.fail(Failure::from_connection(&e));
 }

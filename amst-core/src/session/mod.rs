@@ -338,19 +338,28 @@ impl Session {
     /// Queues a Ping and returns its id; `probe` Pings (a train measuring the path) are
     /// spread over the paths a slice at a time, after the other control frames.
     pub fn ping(&mut self, padding: u32, probe: bool, now: Instant) -> u64 {
-        let id = self.next_ping;
-        self.next_ping += 1;
-        let f = Frame::Ping(Ping {
-            id,
-            timestamp_ns: self.nanos(now),
-            padding,
-        });
+        let ping = self.ping_detached(padding, now);
+        let id = ping.id;
+        let f = Frame::Ping(ping);
         if probe {
             self.probes.push_back(f);
         } else {
             self.control.push_back(f);
         }
         id
+    }
+
+    /// A Ping for the driver to send itself, outside [`poll_transmit`](Self::poll_transmit)
+    /// (amst-quic sends probe Pings as QUIC datagrams, ahead of stream data). Its Pong, fed
+    /// to [`on_frame`](Self::on_frame), raises [`Event::Pong`] like any other.
+    pub fn ping_detached(&mut self, padding: u32, now: Instant) -> Ping {
+        let id = self.next_ping;
+        self.next_ping += 1;
+        Ping {
+            id,
+            timestamp_ns: self.nanos(now),
+            padding,
+        }
     }
 
     /// Drops the probe Pings not yet sent (a cancelled probe's train goes no further).
@@ -365,6 +374,12 @@ impl Session {
             || !self.control.is_empty()
             || !self.probes.is_empty()
             || self.sb.has_sendable()
+    }
+
+    /// Whether `poll_transmit` has control frames (not data) for some path now: a driver
+    /// with a path of its own for control frames wakes that path's writer on this.
+    pub fn wants_control(&self) -> bool {
+        self.parting() || self.ack_now || !self.control.is_empty() || !self.probes.is_empty()
     }
 
     /// What `path` should write next: control bytes appended to `control` and up to

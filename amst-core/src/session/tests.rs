@@ -478,6 +478,47 @@ fn pings_are_answered_and_pongs_reported() {
 }
 
 #[test]
+fn a_detached_ping_is_not_queued_and_its_pong_is_reported() {
+    let t0 = Instant::now();
+    let (mut a, mut b) = pair(t0);
+    open(&mut a, &mut b, t0);
+    let queued = a.ping(0, false, t0);
+    let ping = a.ping_detached(1200, t0 + MS);
+    assert_eq!(ping.id, queued + 1, "one id space with queued Pings");
+    assert_eq!((ping.padding, ping.timestamp_ns), (1200, 1_000_000));
+    // Only the queued Ping goes out with a transmit; the driver sends the detached one.
+    let (frames, _) = transmit(&mut a, 0, t0 + MS, 1 << 16);
+    assert!(matches!(&frames[..], [Frame::Ping(p)] if p.id == queued));
+    assert!(!a.wants_control());
+    deliver(&mut b, 0, vec![Frame::Ping(ping)], t0 + MS);
+    assert!(b.wants_control(), "the Pong is a control frame");
+    assert!(!b.send_buffer().has_sendable());
+    let (frames, _) = transmit(&mut b, 0, t0 + MS, 0);
+    assert!(matches!(&frames[..], [Frame::Pong(p)] if p.id == ping.id));
+    deliver(&mut a, 7, frames, t0 + 2 * MS);
+    assert_eq!(events(&mut a), vec![Event::Pong { id: ping.id }]);
+}
+
+#[test]
+fn wants_control_is_control_frames_not_data() {
+    let t0 = Instant::now();
+    let (mut a, mut b) = pair(t0);
+    open(&mut a, &mut b, t0);
+    a.push(Bytes::from_static(b"data"), t0).unwrap();
+    assert!(a.wants_transmit());
+    assert!(!a.wants_control(), "data alone is not a control frame");
+    a.request_ack();
+    assert!(a.wants_control());
+    // A control-only transmit (no room for data) takes the ack and leaves the data.
+    let (frames, t) = transmit(&mut a, 0, t0, 0);
+    assert_eq!(t, Transmit::Send);
+    assert_eq!(acks(&frames), 1);
+    assert!(!frames.iter().any(|f| matches!(f, Frame::Data(_))));
+    assert!(!a.wants_control());
+    assert!(a.send_buffer().has_sendable());
+}
+
+#[test]
 fn a_ping_flood_queues_a_bounded_number_of_pongs() {
     let t0 = Instant::now();
     let (_, mut b) = pair(t0);
