@@ -115,6 +115,7 @@ pub fn config(s: &Settings) -> CliResult<AmstConfig> {
     if let Some(chunk) = a.chunk {
         c.chunk_size = usize::try_from(chunk.0).unwrap_or(usize::MAX);
     }
+    c.aggressive = a.aggressive;
     c.validate()
         .map_err(|e| hybrid_failure("checking the options", &e))?;
     Ok(c)
@@ -350,6 +351,24 @@ mod tests {
         );
         let c = config(&settings(&[])).unwrap();
         assert_eq!(c.datacenter_transport, DatacenterTransport::Tcp);
+    }
+
+    #[test]
+    fn aggressive_reaches_the_internet_tcp_lane_only() {
+        use amst_hybrid::tcp_config;
+        let psk = Psk::new(b"0123456789abcdef").unwrap();
+        let lane = |c: &AmstConfig, m: Mode| {
+            let p = c.profile(m).expect("lane enabled");
+            tcp_config(&psk, &p, 1 << 20).aggressive
+        };
+        // Default: the internet lane's streams act as one flow.
+        let c = config(&settings(&[])).unwrap();
+        assert!(!c.aggressive && !lane(&c, Mode::Internet));
+        // --aggressive turns the aggregate cap off on the internet lane, never on datacenter.
+        let c = config(&settings(&["--aggressive"])).unwrap();
+        assert!(c.aggressive);
+        assert!(lane(&c, Mode::Internet));
+        assert!(!lane(&c, Mode::Datacenter));
     }
 
     #[test]

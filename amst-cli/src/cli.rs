@@ -146,6 +146,13 @@ pub struct TransportArgs {
     #[arg(long, value_name = "SIZE")]
     pub chunk: Option<ByteSize>,
 
+    /// Internet profile (TCP): let the streams compete as separate flows instead of one. By
+    /// default one BBR model caps the streams' pacing and bytes in flight together, so that
+    /// beside other traffic the transfer takes about one flow's share; this turns that cap
+    /// off and takes more of a shared path. Said so in the report.
+    #[arg(long)]
+    pub aggressive: bool,
+
     /// RDMA device for --transport rdma, e.g. mlx5_0 or rxe0 (default: the first with an
     /// active port).
     #[arg(long, value_name = "NAME")]

@@ -28,6 +28,7 @@ pub async fn run(args: DemoArgs, g: &Global) -> CliResult<()> {
         streams: None,
         cc: None,
         chunk: None,
+        aggressive: false,
         rdma_device: None,
         rdma_gid_index: None,
     };

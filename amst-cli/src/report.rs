@@ -113,6 +113,9 @@ pub struct ConfigReport {
     pub chunk: Option<u64>,
     /// The application rate limit, bytes/s, if set.
     pub rate: Option<u64>,
+    /// `--aggressive`: the internet profile's TCP streams compete as separate flows (no
+    /// shared in-flight cap), taking more than one flow's share of a shared path.
+    pub aggressive: bool,
     /// Which library carried the session: `amst-hybrid` or `amst-tcp`.
     pub engine: String,
 }
@@ -210,6 +213,10 @@ impl End {
     }
 }
 
+/// The report's `fairness` row with `--aggressive` (without it the session is one flow
+/// toward others, the default, and no row is printed).
+const AGGRESSIVE: &str = "aggressive (--aggressive): the internet profile's TCP streams compete as separate flows, with no shared in-flight cap, and take more than one flow's share of a shared path";
+
 fn ms(us: Option<u64>) -> String {
     us.map_or("not measured".into(), |us| {
         format!("{:.3} ms", us as f64 / 1e3)
@@ -289,6 +296,9 @@ impl Report {
                     continue;
                 }
                 out.push_str(&format!("  {k:<14} {v}\n"));
+                if k == "transport" && s.config.aggressive {
+                    out.push_str(&format!("  {:<14} {AGGRESSIVE}\n", "fairness"));
+                }
             }
             if let Some(t) = &self.tree {
                 out.push_str(&format!(

@@ -88,6 +88,7 @@ pub fn config_report(t: &TransportArgs, rate: Option<u64>) -> ConfigReport {
         cc: t.cc.map(|c| c.as_str().into()),
         chunk: t.chunk.map(|c| c.0),
         rate,
+        aggressive: t.aggressive,
         engine: backend::ENGINE.into(),
     }
 }

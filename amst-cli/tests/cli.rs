@@ -273,6 +273,41 @@ fn json_report_parses_and_has_the_documented_fields() {
     assert!(v["error"].is_null());
 }
 
+/// `--aggressive` (the internet profile's streams compete as separate flows) is accepted and
+/// said in both reports; without it, neither report claims it.
+#[test]
+fn aggressive_is_accepted_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), KEY);
+    let serve = Serve::start(&["--discard", "--psk-file", key.to_str().unwrap()]);
+    let send = |extra: &[&str]| {
+        let o = amst()
+            .args(["send", &serve.addr, "--size", "4M", "--mode", "internet"])
+            .args(extra)
+            .arg("--psk-file")
+            .arg(&key)
+            .run(120);
+        assert!(o.status.success(), "{}", stderr_of(&o));
+        stdout_of(&o)
+    };
+    let human = send(&["--aggressive"]);
+    assert!(
+        human.contains("fairness       aggressive (--aggressive)"),
+        "{human}"
+    );
+    assert!(human.contains("verified by the receiver"), "{human}");
+    let json = send(&["--aggressive", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&json).expect("stdout is one JSON object");
+    assert_eq!(v["start"]["config"]["aggressive"], true, "{v}");
+    assert_eq!(v["end"]["verified"], true);
+    // The default is one flow: no fairness row, and false in the JSON.
+    let human = send(&[]);
+    assert!(!human.contains("fairness"), "{human}");
+    let v: serde_json::Value =
+        serde_json::from_str(&send(&["--json"])).expect("stdout is one JSON object");
+    assert_eq!(v["start"]["config"]["aggressive"], false, "{v}");
+}
+
 #[test]
 fn quiet_send_prints_nothing_but_errors() {
     let dir = tempfile::tempdir().unwrap();

@@ -69,6 +69,10 @@ pub struct LaneProfile {
     pub congestion: Congestion,
     /// Pacing on or off.
     pub pacing: bool,
+    /// The internet TCP profile's streams compete as separate flows: no shared in-flight cap
+    /// from the aggregate model (amst-tcp's `TcpConfig::aggressive`). Always off for
+    /// datacenter lanes.
+    pub aggressive: bool,
     /// Initial chunk size in bytes.
     pub chunk_size: usize,
 }
@@ -100,6 +104,10 @@ pub struct AmstConfig {
     pub congestion: Congestion,
     /// Pacing on internet paths (seed: on).
     pub pacing: bool,
+    /// Let the internet TCP profile's streams compete as separate flows (off): no shared
+    /// in-flight cap from the aggregate BBR model, so beside other flows the session takes
+    /// more than one flow's share. Opt-in only (`amst send --aggressive`).
+    pub aggressive: bool,
     /// Initial chunk size (seed: 256 KiB).
     pub chunk_size: usize,
     /// The detector's period (seed: 5 s).
@@ -155,6 +163,7 @@ impl AmstConfig {
             max_streams: 512,
             congestion: Congestion::Bbr,
             pacing: true,
+            aggressive: false,
             chunk_size: 256 << 10,
             check_period: Duration::from_secs(5),
             switch_threshold: 0.7,
@@ -255,6 +264,7 @@ impl AmstConfig {
                 max_streams: self.max_streams,
                 congestion: Congestion::Cubic,
                 pacing: false,
+                aggressive: false,
                 chunk_size: self.chunk_size,
             }),
             Mode::Internet if self.enable_internet => Some(LaneProfile {
@@ -265,6 +275,7 @@ impl AmstConfig {
                 max_streams: self.max_streams.min(16).max(self.min_streams),
                 congestion: self.congestion,
                 pacing: self.pacing,
+                aggressive: self.aggressive,
                 chunk_size: self.chunk_size,
             }),
             _ => None,
@@ -350,6 +361,8 @@ setters! {
     congestion: Congestion,
     /// See [`AmstConfig::pacing`].
     pacing: bool,
+    /// See [`AmstConfig::aggressive`].
+    aggressive: bool,
     /// See [`AmstConfig::chunk_size`].
     chunk_size: usize,
     /// See [`AmstConfig::check_period`].

@@ -88,6 +88,7 @@ pub fn tcp_config(psk: &Psk, profile: &LaneProfile, max_message: u64) -> TcpConf
     c.max_streams = profile.max_streams.max(profile.streams);
     c.congestion = profile.congestion;
     c.pacing = profile.pacing;
+    c.aggressive = profile.aggressive;
     c.chunk_size = profile.chunk_size.clamp(MIN_CHUNK, MAX_CHUNK);
     c.max_message = max_message + wire::DATA_HEADER_LEN as u64;
     // TLS as in amst-tcp's presets: on for internet lanes, off for datacenter ones. One

@@ -17,9 +17,13 @@
 //! [`TcpConfig::aggressive`]: crate::TcpConfig::aggressive
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use amst_core::Congestion;
+
+use crate::pacing::Pacer;
 use crate::sockopt::TcpInfo;
+use crate::tuner::Aggregate;
 
 /// How often the writers' gate is refreshed from the kernels' counters while it binds: much
 /// shorter than the paths it matters on (tens of ms and up), so that the kernels do not run
@@ -101,6 +105,113 @@ impl RateTrim {
             self.trim = (self.trim * (1.0 + 0.25 * (want - 1.0))).clamp(1.0, MAX_TRIM);
         }
         self.trim
+    }
+}
+
+/// The aggregate model as the monitor drives it, sans-IO: amst-cc's BBR ([`Pacer`]) plus the
+/// [`RateTrim`] and the in-flight cap. One [`Model::on_sample`] per `TCP_INFO` period; the
+/// monitor applies what it returns to the sockets and the writers' gate. The simulator test
+/// in `pacing.rs` drives the same code over amst-cc's simulated bottleneck.
+#[derive(Clone, Debug)]
+pub(crate) struct Model {
+    pacer: Pacer,
+    trim: RateTrim,
+    /// Whether the in-flight cap is enforced (not [`TcpConfig::aggressive`]).
+    ///
+    /// [`TcpConfig::aggressive`]: crate::TcpConfig::aggressive
+    gated: bool,
+    /// The cap last returned, bytes; 0 before the first.
+    cap: u64,
+    /// Whether the cap keeps the pacer's in-flight floor above the unsent bytes (always,
+    /// outside the simulator test that shows what happens without it).
+    floor: bool,
+}
+
+/// What one period's sample asks of the driver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Applied {
+    /// The model's own pacing rate, bytes/s.
+    pub model_rate: u64,
+    /// The aggregate pacing rate to split over the streams (the trimmed slices added up).
+    pub rate: u64,
+    /// The in-flight cap the writers' gate enforces, if gated.
+    pub cap: Option<u64>,
+}
+
+/// One period's measurements, as the monitor reads them from `TCP_INFO`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Period {
+    /// The kernels' counters summed over the period.
+    pub sample: Aggregate,
+    /// Bytes in flight now (sent, not delivered or lost), all streams.
+    pub in_flight: u64,
+    /// Bytes not yet sent, in the kernels' send queues, all streams.
+    pub notsent: u64,
+    /// The latest RTT: the smallest smoothed RTT of any stream.
+    pub rtt: Option<Duration>,
+}
+
+impl Model {
+    pub(crate) fn new(kernel: Congestion, gated: bool, now: Instant) -> Self {
+        Model {
+            pacer: Pacer::new(kernel, now),
+            trim: RateTrim::default(),
+            gated,
+            cap: 0,
+            floor: true,
+        }
+    }
+
+    /// The same model without the in-flight floor, to show what it prevents.
+    #[cfg(test)]
+    pub(crate) fn without_floor(mut self) -> Self {
+        self.floor = false;
+        self
+    }
+
+    /// Feeds one period; `None` while the model has nothing to go on (no traffic yet).
+    pub(crate) fn on_sample(&mut self, now: Instant, p: &Period) -> Option<Applied> {
+        let s = &p.sample;
+        let model_rate = self.pacer.on_sample(now, s, p.in_flight, p.rtt)?;
+        if !self.gated {
+            return Some(Applied {
+                model_rate,
+                rate: model_rate,
+                cap: None,
+            });
+        }
+        let outstanding = p.in_flight + p.notsent;
+        let paced = !s.app_limited
+            && self.pacer.cruising()
+            && (self.cap == 0 || outstanding * 10 < self.cap * 9);
+        let sent_rate = s.sent as f64 / s.interval.as_secs_f64().max(1e-3);
+        let rtt_ratio = match (p.rtt, s.min_rtt) {
+            (Some(r), Some(m)) if !m.is_zero() => r.as_secs_f64() / m.as_secs_f64(),
+            _ => 1.0,
+        };
+        let trim = self.trim.update(model_rate, sent_rate, paced, rtt_ratio);
+        let cap = self.pacer.inflight_cap().max(if self.floor {
+            p.notsent + self.pacer.inflight_floor()
+        } else {
+            0
+        });
+        let a = allocate(model_rate, trim, cap, s.streams, s.chunk);
+        self.cap = a.inflight_cap;
+        Some(Applied {
+            model_rate,
+            rate: a.per_stream_rate * s.streams.max(1) as u64,
+            cap: Some(a.inflight_cap),
+        })
+    }
+
+    /// The model itself, for the log and metrics.
+    pub(crate) fn pacer(&self) -> &Pacer {
+        &self.pacer
+    }
+
+    /// The trim now.
+    pub(crate) fn trim(&self) -> f64 {
+        self.trim.get()
     }
 }
 

@@ -44,6 +44,8 @@ mod listener;
 mod monitor;
 mod pacing;
 mod session;
+#[cfg(test)]
+mod sim_tests;
 mod sockopt;
 mod stats;
 mod stream;

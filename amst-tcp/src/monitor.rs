@@ -10,7 +10,6 @@ use tokio::time::MissedTickBehavior;
 use tracing::{info, warn};
 
 use crate::aggregate;
-use crate::pacing::Pacer;
 use crate::session::{Role, Shared, hex, lock};
 use crate::sockopt;
 use crate::tuner::{self, Aggregate, TunerBounds};
@@ -52,14 +51,13 @@ pub(crate) async fn run(shared: Arc<Shared>) {
     let mut period = Aggregate::default();
     let mut last_sample = Instant::now();
     let mut last_adapt = Instant::now();
-    let mut pacer = shared
+    let gated = shared.config.pacing && !shared.config.aggressive;
+    let mut model = shared
         .config
         .pacing
-        .then(|| Pacer::new(shared.config.congestion, Instant::now()));
+        .then(|| aggregate::Model::new(shared.config.congestion, gated, Instant::now()));
     let mut app_limited = false;
     let mut smoother = tuner::LossSmoother::default();
-    let gated = shared.config.pacing && !shared.config.aggressive;
-    let mut trim = aggregate::RateTrim::default();
     let mut gate_tick = tokio::time::interval(aggregate::GATE_PERIOD);
     gate_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
@@ -106,7 +104,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
         };
         app_limited |= starved;
 
-        if let Some(p) = pacer.as_mut() {
+        if let Some(m) = model.as_mut() {
             let sample = Aggregate {
                 delivered: acked,
                 retransmitted: retrans,
@@ -124,51 +122,41 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                 .filter(|r| !r.is_zero())
                 .min();
             let in_flight = aggregate::in_flight(&infos);
-            let outstanding = in_flight
-                + infos
-                    .iter()
-                    .map(|(_, i)| u64::from(i.notsent_bytes))
-                    .sum::<u64>();
-            if let Some(rate) = p.on_sample(now, &sample, in_flight, rtt) {
-                let mut applied = rate;
-                if gated {
-                    let cap = shared.inflight_cap.load(Ordering::Relaxed);
-                    let paced =
-                        !starved && p.cruising() && (cap == 0 || outstanding * 10 < cap * 9);
-                    let sent_rate = sample.sent as f64 / interval.as_secs_f64().max(1e-3);
-                    let rtt_ratio = match (rtt, min_rtt) {
-                        (Some(r), Some(m)) if !m.is_zero() => r.as_secs_f64() / m.as_secs_f64(),
-                        _ => 1.0,
-                    };
-                    let a = aggregate::allocate(
-                        rate,
-                        trim.update(rate, sent_rate, paced, rtt_ratio),
-                        p.inflight_cap(),
-                        infos.len(),
-                        sample.chunk,
-                    );
-                    shared.inflight_cap.store(a.inflight_cap, Ordering::Relaxed);
-                    applied = a.per_stream_rate * infos.len().max(1) as u64;
+            let notsent = infos
+                .iter()
+                .map(|(_, i)| u64::from(i.notsent_bytes))
+                .sum::<u64>();
+            let period = aggregate::Period {
+                sample,
+                in_flight,
+                notsent,
+                rtt,
+            };
+            if let Some(a) = m.on_sample(now, &period) {
+                if let Some(cap) = a.cap {
+                    shared.inflight_cap.store(cap, Ordering::Relaxed);
                 }
-                apply_pacing(&shared, applied);
+                apply_pacing(&shared, a.rate);
+                let p = m.pacer();
                 tracing::debug!(
                     target: "amst_tcp::aggregate",
+                    client = matches!(shared.role, Role::Client { .. }),
                     state = %p.state(),
-                    rate_mbit = rate as f64 * 8e-6,
+                    rate_mbit = a.model_rate as f64 * 8e-6,
                     bw_mbit = p.bw() * 8e-6,
                     delivered_mbit = sample.rate() * 8e-6,
                     cwnd = p.cwnd(),
                     cap = shared.inflight_cap.load(Ordering::Relaxed),
-                    trim = trim.get(),
-                    in_flight = aggregate::in_flight(&infos),
-                    notsent = infos.iter().map(|(_, i)| i.notsent_bytes as u64).sum::<u64>(),
+                    trim = m.trim(),
+                    in_flight,
+                    notsent,
                     rtt_ms = rtt.unwrap_or_default().as_secs_f64() * 1e3,
                     min_rtt_ms = p.min_rtt().unwrap_or_default().as_secs_f64() * 1e3,
                     loss = sample.loss(),
                     "aggregate sample"
                 );
             }
-            shared.model_cwnd.store(p.cwnd(), Ordering::Relaxed);
+            shared.model_cwnd.store(m.pacer().cwnd(), Ordering::Relaxed);
         }
 
         period.delivered += acked;
