@@ -223,8 +223,25 @@ pub async fn connect(peer: SocketAddr, s: &Settings) -> CliResult<Arc<dyn Link>>
     Ok(Arc::new(HybridLink(amst)))
 }
 
+/// Like [`connect`], but in auto mode a peer at a loopback address starts in the datacenter
+/// profile instead of the paced internet one: such a path never leaves this host, and the
+/// detector (still on, still free to switch) would otherwise take its first second to find
+/// that out, pacing the start of the transfer meanwhile.
+pub async fn connect_local_aware(peer: SocketAddr, s: &Settings) -> CliResult<Arc<dyn Link>> {
+    let mut config = config(s)?;
+    if s.args.mode == ModeArg::Auto && peer.ip().is_loopback() {
+        config.initial_mode = Mode::Datacenter;
+    }
+    let amst = Arc::new(connect_amst_with(peer, config).await?);
+    crate::telemetry::track(&amst);
+    Ok(Arc::new(HybridLink(amst)))
+}
+
 async fn connect_amst(peer: SocketAddr, s: &Settings) -> CliResult<Amst> {
-    let config = config(s)?;
+    connect_amst_with(peer, config(s)?).await
+}
+
+async fn connect_amst_with(peer: SocketAddr, config: AmstConfig) -> CliResult<Amst> {
     let doing = format!("connecting to {peer}");
     // The transports retry internally; a dead address must still fail in bounded time.
     match tokio::time::timeout(Duration::from_secs(30), Amst::connect(peer, config)).await {

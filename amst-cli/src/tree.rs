@@ -169,7 +169,7 @@ pub async fn send(args: &SendArgs, paths: &[PathBuf], g: &Global) -> CliResult<(
             eprintln!("amst: {w}");
         }
     }
-    let link = match backend::connect(peer, &settings).await {
+    let link = match backend::connect_local_aware(peer, &settings).await {
         Ok(l) => l,
         Err(f) => return Err(fail(g, report, f)),
     };

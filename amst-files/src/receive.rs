@@ -5,7 +5,7 @@
 //! Memory is bounded in bytes: a message is taken off the channel only when the budget has
 //! room for it, so a slow disk slows the sender down instead of filling RAM.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -87,6 +87,10 @@ struct Session {
     live: Arc<Liveness>,
     /// Parent directories kept open for landing small files.
     dirs: Dirs,
+    /// Directories this session created (below the root): empty when made, so a file planned
+    /// into one has nothing at its destination and no journal to look for. Anything that
+    /// appears there meanwhile is still caught when the file lands (no-replace rename).
+    fresh: Mutex<HashSet<Vec<u8>>>,
 }
 
 /// Partial files some session in this process is receiving into, and which session. A
@@ -288,6 +292,7 @@ pub async fn receive_tree(
         written: AtomicU64::new(0),
         live: Arc::new(Liveness::new()),
         dirs: Dirs::default(),
+        fresh: Mutex::default(),
     });
     session.live.heard();
     let total = hello.entries;
@@ -618,7 +623,13 @@ fn admit_batch(s: &Session, index: &mut TreeIndex, first_id: u32, batch: Vec<Ent
         let target = rel.under(&s.root);
         match &entry.kind {
             EntryKind::Dir => match make_dir(&target) {
-                Ok(()) => {
+                Ok(created) => {
+                    if created {
+                        s.fresh
+                            .lock()
+                            .expect("not poisoned")
+                            .insert(rel.as_bytes().to_vec());
+                    }
                     let _ = s.results.send((id, Outcome::Stored { hash: [0; 32] }));
                 }
                 Err(why) => {
@@ -650,11 +661,20 @@ fn admit_batch(s: &Session, index: &mut TreeIndex, first_id: u32, batch: Vec<Ent
         .iter()
         .map(|(_, rel, _, _)| Hold::take(rel.partial_under(&s.root), &s.live))
         .collect();
-    let at_targets = look_at_targets(s, &to_plan);
-    for (((id, rel, entry, size), at_target), hold) in
-        to_plan.into_iter().zip(at_targets).zip(holds)
+    // A file whose directory this session made has nothing to look at: two system calls
+    // (a stat and a journal open, each walking the whole path) saved per file.
+    let fresh: Vec<bool> = {
+        let made = s.fresh.lock().expect("not poisoned");
+        to_plan
+            .iter()
+            .map(|(_, rel, _, _)| rel.parent().is_some_and(|p| made.contains(p)))
+            .collect()
+    };
+    let at_targets = look_at_targets(s, &to_plan, &fresh);
+    for ((((id, rel, entry, size), at_target), hold), fresh) in
+        to_plan.into_iter().zip(at_targets).zip(holds).zip(fresh)
     {
-        let (want, file) = plan_file(s, id, &rel, &entry, size, at_target, hold);
+        let (want, file) = plan_file(s, id, &rel, &entry, size, at_target, hold, fresh);
         if let Want::Refuse { reason } = &want {
             s.fail(id, reason.clone());
         }
@@ -683,9 +703,10 @@ fn refuse(s: &Session, items: &mut Vec<(u32, Want)>, id: u32, entry: &Entry, rea
     s.fail(id, reason);
 }
 
-fn make_dir(target: &Path) -> std::result::Result<(), String> {
+/// Makes the directory `target` unless one is there; `Ok(true)` when this call created it.
+fn make_dir(target: &Path) -> std::result::Result<bool, String> {
     match std::fs::symlink_metadata(target) {
-        Ok(m) if m.is_dir() => Ok(()),
+        Ok(m) if m.is_dir() => Ok(false),
         Ok(m) if m.file_type().is_symlink() => Err(format!(
             "{} is a symbolic link here; not following it to make a directory",
             target.display()
@@ -695,6 +716,7 @@ fn make_dir(target: &Path) -> std::result::Result<(), String> {
             target.display()
         )),
         Err(_) => std::fs::create_dir(target)
+            .map(|()| true)
             .map_err(|e| format!("cannot create the directory {}: {e}", target.display())),
     }
 }
@@ -755,17 +777,32 @@ fn look_at_target(s: &Session, rel: &RelPath, size: u64) -> AtTarget {
 /// Threads that look at (and hash) existing destination files at once.
 const LOOKERS: usize = 4;
 
-/// [`look_at_target`] for many files, several at once, in order.
-fn look_at_targets(s: &Session, files: &[(u32, RelPath, Entry, u64)]) -> Vec<AtTarget> {
-    let look = |f: &(u32, RelPath, Entry, u64)| look_at_target(s, &f.1, f.3);
-    if files.len() < 64 {
-        return files.iter().map(look).collect();
+/// [`look_at_target`] for many files, several at once, in order; a file in a `fresh`
+/// directory (one this session made) is missing without looking.
+fn look_at_targets(
+    s: &Session,
+    files: &[(u32, RelPath, Entry, u64)],
+    fresh: &[bool],
+) -> Vec<AtTarget> {
+    let look = |(f, fresh): (&(u32, RelPath, Entry, u64), &bool)| {
+        if *fresh {
+            AtTarget::Missing
+        } else {
+            look_at_target(s, &f.1, f.3)
+        }
+    };
+    let to_look = fresh.iter().filter(|f| !**f).count();
+    if to_look < 64 {
+        return files.iter().zip(fresh).map(look).collect();
     }
     let per = files.len().div_ceil(LOOKERS);
     std::thread::scope(|scope| {
         let parts: Vec<_> = files
             .chunks(per)
-            .map(|part| scope.spawn(|| part.iter().map(look).collect::<Vec<_>>()))
+            .zip(fresh.chunks(per))
+            .map(|(part, fresh)| {
+                scope.spawn(move || part.iter().zip(fresh).map(look).collect::<Vec<_>>())
+            })
             .collect();
         parts
             .into_iter()
@@ -774,6 +811,7 @@ fn look_at_targets(s: &Session, files: &[(u32, RelPath, Entry, u64)]) -> Vec<AtT
     })
 }
 
+#[allow(clippy::too_many_arguments)] // each is one fact about the file, from a different step
 fn plan_file(
     s: &Session,
     id: u32,
@@ -782,6 +820,7 @@ fn plan_file(
     size: u64,
     at_target: AtTarget,
     hold: Option<Hold>,
+    fresh: bool,
 ) -> (Want, Option<Arc<RecvFile>>) {
     let policy = s.hello.policy;
     let Some(hold) = hold else {
@@ -794,7 +833,12 @@ fn plan_file(
         );
     };
     let jpath = rel.journal_under(&s.root);
-    let journal = std::fs::read(&jpath).ok().and_then(|b| journal::parse(&b));
+    // A directory this session made holds no journal.
+    let journal = if fresh {
+        None
+    } else {
+        std::fs::read(&jpath).ok().and_then(|b| journal::parse(&b))
+    };
     let offered = identity(s, entry, size);
     let want = receiver_want(
         policy,
