@@ -324,9 +324,28 @@ impl Detector {
             source: SampleSource::Passive,
         };
         let before = moved(&transport.metrics());
-        let Some(ping) = self.probe(transport, 0).await else {
+        let Some(mut ping) = self.probe(transport, 0).await else {
             return fallback;
         };
+        let c = &self.config.classifier;
+        let firmly_long = c.thresholds.internet_min_rtt.mul_f64(c.step_margin);
+        let rose = self.classifier.estimate().0.is_some_and(|e| ping.rtt > e);
+        if rose && ping.rtt <= firmly_long && self.rtt_moved(ping.rtt) {
+            // One ping is one scheduling of both ends and, on an emulated link, of the
+            // emulator: on a loaded 2-core machine a 0.1 ms link's pings read 0.3-4 ms, and
+            // a single slow one both pulled the window's median RTT past 2 ms and read as a
+            // path change, which dropped the measured rate and re-ran the rate measurement
+            // in a 200 ms start-up period (where it often ends as a lower bound). A real
+            // change shows in a second ping too; noise rarely does twice. The smaller of
+            // the two is the sample, as a round trip can be delayed, never hurried. Only a
+            // rise can be noise, and one past the firm internet RTT (75 ms) is not the few
+            // milliseconds a busy CPU adds: those are taken at once, so that a link that
+            // flipped to internet is not followed a round trip later.
+            if let Some(again) = self.probe(transport, 0).await {
+                ping.bytes_used += again.bytes_used;
+                ping.rtt = ping.rtt.min(again.rtt);
+            }
+        }
         // A ping answered while the application was moving data waited behind it: on a
         // session's first period (no byte count yet to tell busy from idle) a 0.1 ms link
         // read 56–107 ms this way under a starting bulk transfer, and two such pings
@@ -358,7 +377,15 @@ impl Detector {
             && !rtt_decides
         {
             self.rate_measured_on = Some(id);
+            let done = self.stats.rate_measurements;
             obs.bandwidth = self.measure_path_rate(transport, rc).await;
+            // The measurement pings before every train; its smallest round trip is as
+            // much the path's as the period's ping, and less likely held up by a busy CPU.
+            if self.stats.rate_measurements > done
+                && let Some(r) = self.stats.last_rate.and_then(|e| e.rtt)
+            {
+                obs.rtt = obs.rtt.map(|p| p.min(r));
+            }
             return obs;
         }
         let budget = self.probe_budget();
