@@ -206,6 +206,33 @@ impl Detector {
         }
     }
 
+    /// Whether the transport's own counters show, between periods, what a step would take
+    /// as a firm sample of internet: data moved since the last step (at least `busy_bytes`)
+    /// and its smoothed RTT is past the change-point margin (75 ms by default), which a
+    /// step takes as the path's RTT. Reads only the transport's metrics: no probe, no
+    /// bytes on the wire. [`spawn`](Self::spawn)'s loop peeks every start-up period and
+    /// steps at once when this is true, so that a link that flips under a transfer is
+    /// noticed within a start-up period (200 ms) rather than at the next tick (up to a
+    /// whole period, 5 s by default). A steady link never peeks true (a firm sample of
+    /// another mode is what a change point is made of), so the no-flap rules still decide:
+    /// the change point needs `step_samples` firm samples in a row.
+    pub fn peek(&self) -> bool {
+        if self.classifier.forced().is_some() || self.classifier.mode() == Mode::Internet {
+            return false;
+        }
+        let (Some(transport), Some(b)) = (self.source.current(), self.baseline) else {
+            return false;
+        };
+        if b.transport != transport_id(&transport) {
+            return false;
+        }
+        let m = transport.metrics();
+        let c = &self.config.classifier;
+        let firmly_long = c.thresholds.internet_min_rtt.mul_f64(c.step_margin);
+        moved(&m).saturating_sub(b.bytes) >= self.config.busy_bytes
+            && m.rtt.is_some_and(|r| r > firmly_long)
+    }
+
     /// Takes one sample of the current transport and decides. Call once per period.
     pub async fn step(&mut self) -> Decision {
         self.stats.last_period_bytes = 0;

@@ -377,6 +377,44 @@ async fn the_loop_follows_a_step_within_two_periods_and_publishes_it() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_busy_link_that_flips_is_followed_between_periods() {
+    // The seed's 5 s period, a transfer running: the loop's peeks at the transport's own
+    // counters (every 200 ms, no probe) see the RTT past 75 ms and step at once, then
+    // confirm a start-up period later, instead of waiting for the next 5 s tick.
+    let period = Duration::from_secs(5);
+    let link = ScriptedLink::new(Duration::from_micros(100), 10 * GBIT_PER_SEC);
+    link.set(|s| s.app_rate = 10 * GBIT_PER_SEC);
+    let handle = Detector::new(config(period), link.clone()).unwrap().spawn();
+    let mut modes = handle.subscribe();
+    modes.wait_for(|m| *m == Mode::Datacenter).await.unwrap();
+    // A steady busy link: no step between the ticks (the peeks stay quiet).
+    let steps =
+        |h: &amst_detect::DetectorHandle| h.reports().borrow().as_ref().unwrap().decision.at;
+    let last = steps(&handle);
+    tokio::time::sleep(Duration::from_millis(4_100)).await;
+    assert_eq!(
+        steps(&handle),
+        last,
+        "stepped between ticks on a steady link"
+    );
+    let flipped = Instant::now();
+    link.set(|s| {
+        s.rtt = Duration::from_millis(80);
+        s.rate = GBIT_PER_SEC / 5;
+        s.app_rate = GBIT_PER_SEC / 5;
+    });
+    modes.wait_for(|m| *m == Mode::Internet).await.unwrap();
+    let took = flipped.elapsed();
+    println!("internet {took:?} after the flip");
+    // A peek (≤ 200 ms), then the confirmation a start-up period (200 ms) later.
+    assert!(took <= Duration::from_millis(450), "took {took:?}");
+    let d = handle.last_decision().unwrap();
+    assert_eq!(d.reason, Reason::ChangePoint, "{d}");
+    assert_eq!(d.source, Some(SampleSource::Passive), "{d}");
+    handle.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn force_mode_through_the_handle_and_back() {
     let link = ScriptedLink::new(Duration::from_micros(100), 10 * GBIT_PER_SEC);
     let handle = Detector::new(config(Duration::from_secs(1)), link.clone())
