@@ -206,6 +206,33 @@ impl Detector {
         }
     }
 
+    /// Whether the transport's own counters show, between periods, what a step would take
+    /// as a firm sample of internet: data moved since the last step (at least `busy_bytes`)
+    /// and its smoothed RTT is past the change-point margin (75 ms by default), which a
+    /// step takes as the path's RTT. Reads only the transport's metrics: no probe, no
+    /// bytes on the wire. [`spawn`](Self::spawn)'s loop peeks every start-up period and
+    /// steps at once when this is true, so that a link that flips under a transfer is
+    /// noticed within a start-up period (200 ms) rather than at the next tick (up to a
+    /// whole period, 5 s by default). A steady link never peeks true (a firm sample of
+    /// another mode is what a change point is made of), so the no-flap rules still decide:
+    /// the change point needs `step_samples` firm samples in a row.
+    pub fn peek(&self) -> bool {
+        if self.classifier.forced().is_some() || self.classifier.mode() == Mode::Internet {
+            return false;
+        }
+        let (Some(transport), Some(b)) = (self.source.current(), self.baseline) else {
+            return false;
+        };
+        if b.transport != transport_id(&transport) {
+            return false;
+        }
+        let m = transport.metrics();
+        let c = &self.config.classifier;
+        let firmly_long = c.thresholds.internet_min_rtt.mul_f64(c.step_margin);
+        moved(&m).saturating_sub(b.bytes) >= self.config.busy_bytes
+            && m.rtt.is_some_and(|r| r > firmly_long)
+    }
+
     /// Takes one sample of the current transport and decides. Call once per period.
     pub async fn step(&mut self) -> Decision {
         self.stats.last_period_bytes = 0;
@@ -324,9 +351,28 @@ impl Detector {
             source: SampleSource::Passive,
         };
         let before = moved(&transport.metrics());
-        let Some(ping) = self.probe(transport, 0).await else {
+        let Some(mut ping) = self.probe(transport, 0).await else {
             return fallback;
         };
+        let c = &self.config.classifier;
+        let firmly_long = c.thresholds.internet_min_rtt.mul_f64(c.step_margin);
+        let rose = self.classifier.estimate().0.is_some_and(|e| ping.rtt > e);
+        if rose && ping.rtt <= firmly_long && self.rtt_moved(ping.rtt) {
+            // One ping is one scheduling of both ends and, on an emulated link, of the
+            // emulator: on a loaded 2-core machine a 0.1 ms link's pings read 0.3-4 ms, and
+            // a single slow one both pulled the window's median RTT past 2 ms and read as a
+            // path change, which dropped the measured rate and re-ran the rate measurement
+            // in a 200 ms start-up period (where it often ends as a lower bound). A real
+            // change shows in a second ping too; noise rarely does twice. The smaller of
+            // the two is the sample, as a round trip can be delayed, never hurried. Only a
+            // rise can be noise, and one past the firm internet RTT (75 ms) is not the few
+            // milliseconds a busy CPU adds: those are taken at once, so that a link that
+            // flipped to internet is not followed a round trip later.
+            if let Some(again) = self.probe(transport, 0).await {
+                ping.bytes_used += again.bytes_used;
+                ping.rtt = ping.rtt.min(again.rtt);
+            }
+        }
         // A ping answered while the application was moving data waited behind it: on a
         // session's first period (no byte count yet to tell busy from idle) a 0.1 ms link
         // read 56–107 ms this way under a starting bulk transfer, and two such pings
@@ -358,7 +404,15 @@ impl Detector {
             && !rtt_decides
         {
             self.rate_measured_on = Some(id);
+            let done = self.stats.rate_measurements;
             obs.bandwidth = self.measure_path_rate(transport, rc).await;
+            // The measurement pings before every train; its smallest round trip is as
+            // much the path's as the period's ping, and less likely held up by a busy CPU.
+            if self.stats.rate_measurements > done
+                && let Some(r) = self.stats.last_rate.and_then(|e| e.rtt)
+            {
+                obs.rtt = obs.rtt.map(|p| p.min(r));
+            }
             return obs;
         }
         let budget = self.probe_budget();

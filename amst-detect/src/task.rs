@@ -79,6 +79,13 @@ async fn run(
     let mut tick = tokio::time::interval(period);
     // After a slow probe, keep the period between samples rather than catching up.
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // Between periods, a look at the transport's counters (see `Detector::peek`).
+    let every = detector
+        .config()
+        .startup_period
+        .min(detector.config().period);
+    let mut peek = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    peek.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let publish = |d: &Decision, stats: ProbeStats| {
         modes.send_if_modified(|m| {
             let changed = *m != d.mode;
@@ -109,6 +116,17 @@ async fn run(
                 publish(&d, detector.stats());
                 if detector.current_period() != period {
                     // The start-up periods are over.
+                    period = detector.current_period();
+                    tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+                    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+                }
+            }
+            _ = peek.tick() => {
+                if detector.peek() {
+                    // A firm sample is waiting: take it now, and the next period (its
+                    // confirmation, a start-up period) from here.
+                    let d = detector.step().await;
+                    publish(&d, detector.stats());
                     period = detector.current_period();
                     tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
                     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);

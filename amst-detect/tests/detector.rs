@@ -31,6 +31,10 @@ struct LinkState {
     /// Trains shorter than the bandwidth-delay product measure only `burst / rtt`, as a
     /// real TCP train does when its window, not the bottleneck, limits it.
     trains_window_limited: bool,
+    /// The next this many pings (probes without a burst) answer `spike` late, as pings do
+    /// when a loaded CPU schedules either end or the emulator late.
+    slow_pings: u32,
+    spike: Duration,
 }
 
 #[derive(Debug)]
@@ -53,6 +57,8 @@ impl ScriptedLink {
                 app_rate: 0,
                 reports_delivery_rate: true,
                 trains_window_limited: false,
+                slow_pings: 0,
+                spike: Duration::ZERO,
             }),
             app_bytes: Mutex::new((0.0, Instant::now())),
             probes: Mutex::new(Vec::new()),
@@ -119,7 +125,11 @@ impl Transport for ScriptedLink {
 
     fn probe(&self, burst_bytes: u64) -> BoxFuture<'_, Result<PathSample>> {
         Box::pin(async move {
-            let s = *self.state.lock().unwrap();
+            let mut s = *self.state.lock().unwrap();
+            if burst_bytes == 0 && s.slow_pings > 0 {
+                self.state.lock().unwrap().slow_pings -= 1;
+                s.rtt += s.spike;
+            }
             let busy_for = Duration::from_secs_f64(burst_bytes as f64 / s.rate as f64);
             tokio::time::sleep(s.rtt + busy_for).await;
             let used = burst_bytes + PROBE_OVERHEAD;
@@ -367,6 +377,44 @@ async fn the_loop_follows_a_step_within_two_periods_and_publishes_it() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_busy_link_that_flips_is_followed_between_periods() {
+    // The seed's 5 s period, a transfer running: the loop's peeks at the transport's own
+    // counters (every 200 ms, no probe) see the RTT past 75 ms and step at once, then
+    // confirm a start-up period later, instead of waiting for the next 5 s tick.
+    let period = Duration::from_secs(5);
+    let link = ScriptedLink::new(Duration::from_micros(100), 10 * GBIT_PER_SEC);
+    link.set(|s| s.app_rate = 10 * GBIT_PER_SEC);
+    let handle = Detector::new(config(period), link.clone()).unwrap().spawn();
+    let mut modes = handle.subscribe();
+    modes.wait_for(|m| *m == Mode::Datacenter).await.unwrap();
+    // A steady busy link: no step between the ticks (the peeks stay quiet).
+    let steps =
+        |h: &amst_detect::DetectorHandle| h.reports().borrow().as_ref().unwrap().decision.at;
+    let last = steps(&handle);
+    tokio::time::sleep(Duration::from_millis(4_100)).await;
+    assert_eq!(
+        steps(&handle),
+        last,
+        "stepped between ticks on a steady link"
+    );
+    let flipped = Instant::now();
+    link.set(|s| {
+        s.rtt = Duration::from_millis(80);
+        s.rate = GBIT_PER_SEC / 5;
+        s.app_rate = GBIT_PER_SEC / 5;
+    });
+    modes.wait_for(|m| *m == Mode::Internet).await.unwrap();
+    let took = flipped.elapsed();
+    println!("internet {took:?} after the flip");
+    // A peek (≤ 200 ms), then the confirmation a start-up period (200 ms) later.
+    assert!(took <= Duration::from_millis(450), "took {took:?}");
+    let d = handle.last_decision().unwrap();
+    assert_eq!(d.reason, Reason::ChangePoint, "{d}");
+    assert_eq!(d.source, Some(SampleSource::Passive), "{d}");
+    handle.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn force_mode_through_the_handle_and_back() {
     let link = ScriptedLink::new(Duration::from_micros(100), 10 * GBIT_PER_SEC);
     let handle = Detector::new(config(Duration::from_secs(1)), link.clone())
@@ -453,8 +501,9 @@ async fn a_swapped_transport_is_followed() {
         det.step().await;
     }
     assert_eq!(det.mode(), Mode::Internet);
-    // The RTT moved ×800: the stale 10 Gbit/s must not size a train on the new path.
-    assert_eq!(wan.probes().len(), 2);
+    // The RTT moved ×800: the stale 10 Gbit/s must not size a train on the new path. (80 ms
+    // is firmly internet, so the pings are not confirmed by a second: one per period.)
+    assert_eq!(wan.probes().len(), 2, "{:?}", wan.probes());
     assert!(wan.trains().is_empty(), "{:?}", wan.probes());
 }
 
@@ -521,6 +570,51 @@ async fn the_first_idle_period_measures_the_rate_once_per_path() {
         );
     }
     assert_eq!(det.stats().rate_measurements, 1, "once per path");
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_late_ping_is_not_a_path_change() {
+    // 0.1 ms at 10 Gbit/s; one ping answers 4 ms late (what a loaded CPU did to pings on
+    // amst-linkem's 0.1 ms link). It must neither count as a 4 ms RTT nor drop the measured
+    // rate and re-run the measurement; a rise that a second ping confirms still does.
+    let link = ScriptedLink::new(Duration::from_micros(100), 10 * GBIT_PER_SEC);
+    let period = Duration::from_millis(200);
+    let mut det = Detector::new(with_rate_measurement(period), link.clone()).unwrap();
+    for _ in 0..3 {
+        det.step().await;
+        tokio::time::sleep(period).await;
+    }
+    assert_eq!(det.mode(), Mode::Datacenter);
+    assert_eq!(det.stats().rate_measurements, 1);
+    link.set(|s| {
+        s.slow_pings = 1;
+        s.spike = Duration::from_millis(4);
+    });
+    let d = det.step().await;
+    assert_eq!(det.stats().rate_measurements, 1, "no re-measurement: {d}");
+    assert_eq!(d.bandwidth, Some(10 * GBIT_PER_SEC), "rate kept: {d}");
+    assert!(d.rtt.unwrap() < Duration::from_millis(1), "{d}");
+    // (Taken as a path change, it would have dropped the rate, and the next idle period
+    // would measure it again.)
+    tokio::time::sleep(period).await;
+    det.step().await;
+    assert_eq!(det.stats().rate_measurements, 1, "{:?}", det.stats());
+    // A real rise (both pings late) is a path change: no train sized by the old rate, and
+    // the path's RTT moves the estimate.
+    link.set(|s| s.rtt = Duration::from_millis(4));
+    let before = link.probes().len();
+    for _ in 0..8 {
+        tokio::time::sleep(period).await;
+        det.step().await;
+    }
+    let after = &link.probes()[before..];
+    assert_eq!(
+        &after[..2],
+        &[(0, 96), (0, 96)],
+        "two pings, no train: {after:?}"
+    );
+    let (rtt, _) = det.classifier().estimate();
+    assert!(rtt.unwrap() >= Duration::from_millis(2), "{rtt:?}");
 }
 
 #[tokio::test(start_paused = true)]

@@ -17,12 +17,23 @@ use common::*;
 
 const PORT: u16 = 7460;
 
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "amst_hybrid=info,amst_detect=info".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
 #[test]
 fn auto_mode_follows_a_link_flip_without_loss() {
     if let Err(why) = check_privileges() {
         eprintln!("skipping auto_mode_follows_a_link_flip_without_loss: {why}");
         return;
     }
+    init_tracing();
     let period = Duration::from_millis(500);
     let config = builder()
         .auto_mode(true)
@@ -95,21 +106,31 @@ fn auto_mode_follows_a_link_flip_without_loss() {
             .unwrap();
         let deadline = flipped + period * 12;
         while client.mode() != Mode::Internet && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let took = flipped.elapsed();
-        // Keep sending a little on the new profile.
-        tokio::time::sleep(period * 2).await;
+        // Keep sending on the new profile until a message sent after the swap is
+        // acknowledged on the new transport (the switch's resends go first), at most 8 s.
+        let carrying = Instant::now() + Duration::from_secs(8);
+        while client.metrics().last_switch_duration.is_none() && Instant::now() < carrying {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(period).await;
         stop.store(true, Ordering::Relaxed);
         let sent = sender.await.unwrap();
         let after = client.metrics();
         println!(
-            "after the flip ({took:?}): mode {} streams {} switches {} resent {} last switch {:?}",
+            "after the flip: mode {} streams {} switches {} resent {} ({:.1} MB)",
             after.mode,
             after.streams,
             after.switches,
             after.last_switch_resent,
-            after.last_switch_duration
+            after.bytes_resent as f64 / 1e6,
+        );
+        println!(
+            "flip to swap: {took:?}; swap to the first message sent after it acknowledged on the new transport: {:?}; flip to that: {:?}",
+            after.last_switch_duration,
+            after.last_switch_duration.map(|d| took + d),
         );
         client.close().await.unwrap();
         (sent, before, after, took)
@@ -139,4 +160,11 @@ fn auto_mode_follows_a_link_flip_without_loss() {
         before.streams
     );
     assert!(after.switches >= 1);
+    // Measured 2.5-2.9 s from the flip to the swap (2026-12-05): the detector's two firm
+    // samples (0.4-0.8 s), then dialing the 8-stream TLS internet lane through the
+    // bottleneck that the old lane's 64 streams keep queued (1.5-1.9 s), then one Attach
+    // round trip. The design's "well under 2 s" needs that dial out of the way (a lane
+    // opened ahead of the flip); the bound here is what this path gives, with margin for a
+    // loaded machine.
+    assert!(took < Duration::from_secs(5), "flip to swap took {took:?}");
 }

@@ -148,6 +148,7 @@ impl HybridSession {
         let failed = |reason: String| Error::SwitchFailed { mode, reason };
         let mut lanes: Vec<Arc<Lane>> = Vec::new();
         let mut dialed: Vec<Arc<Lane>> = Vec::new();
+        let dial_started = Instant::now();
         for p in &profiles {
             let existing = lock(&self.roster).find_open(|l| l.profile.as_ref() == Some(p));
             let lane = match existing {
@@ -171,6 +172,8 @@ impl HybridSession {
             };
             lanes.push(lane);
         }
+        let dial_took = dial_started.elapsed();
+        let attach_started = Instant::now();
         let generation = lock(&self.roster).begin_attach(current.generation);
         let count = lanes.len() as u8;
         let result: Result<()> = async {
@@ -209,6 +212,7 @@ impl HybridSession {
             warn!("switch to {mode} failed, staying in {}: {e}", current.mode);
             return Err(e);
         }
+        let attach_took = attach_started.elapsed();
         let route = Route::new(
             generation,
             mode,
@@ -224,9 +228,10 @@ impl HybridSession {
             self.leave_lane(l);
         }
         info!(
-            "switched {} -> {mode} (generation {generation}) in {:?}",
+            "switched {} -> {mode} (generation {generation}) in {:?}: {} lane(s) dialed in {dial_took:?}, attached in {attach_took:?}",
             current.mode,
-            started.elapsed()
+            started.elapsed(),
+            dialed.len(),
         );
         Ok(started.elapsed())
     }
