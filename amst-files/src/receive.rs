@@ -460,6 +460,10 @@ pub async fn receive_tree(
         .await;
         return Err(e);
     }
+    // Every file is written and renamed into place: let go of the partial names now. The
+    // totals below go to a sender that may already be dead, and a new session resuming
+    // the same tree must not wait for that to time out.
+    drop(files);
     // Directories last, deepest first, so that writing into them does not move their mtime.
     let s = session.clone();
     let dirs: Vec<(RelPath, Entry)> = entries

@@ -383,9 +383,11 @@ fn runtime_change_shows_new_rtt_within_one_rtt() {
     };
     let (probes, sent) = probe_rtts(&link, t0, Duration::from_millis(1200));
     let changed = changer.join().unwrap();
-    let is_new = |(s, r): &(Duration, Duration)| {
-        (*r - *s).as_secs_f64() <= new_rtt.as_secs_f64() * 1.1 + 0.001
-    };
+    // 5 ms of slack: this 2-core VM's timers and the echo thread's wake-ups add a few ms to
+    // a good share of probes (1 ms of slack failed 14% of them), and 15 ms is still far from
+    // the old 80 ms.
+    let is_new =
+        |(s, r): &(Duration, Duration)| (*r - *s).as_secs_f64() <= new_rtt.as_secs_f64() + 0.005;
     let first_new = probes
         .iter()
         .find(|p| p.1 > changed && is_new(p))
@@ -412,7 +414,16 @@ fn runtime_change_shows_new_rtt_within_one_rtt() {
     };
     let before = share(&|p| p.1 < changed, &old_ok);
     let after = share(&|p| p.1 >= first_new.1, &is_new);
-    eprintln!("share with old RTT before: {before:.3}, with new RTT after: {after:.3}");
+    let mut late: Vec<f64> = probes
+        .iter()
+        .filter(|p| p.1 >= first_new.1 && !is_new(p))
+        .map(|(s, r)| (*r - *s).as_secs_f64() * 1e3)
+        .collect();
+    late.sort_by(f64::total_cmp);
+    eprintln!(
+        "share with old RTT before: {before:.3}, with new RTT after: {after:.3}; RTTs (ms) of \
+         the late ones after: {late:.1?}"
+    );
     assert!(
         before >= 0.95 && after >= 0.95,
         "before {before}, after {after}"

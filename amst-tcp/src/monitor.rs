@@ -58,6 +58,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
         .then(|| aggregate::Model::new(shared.config.congestion, gated, Instant::now()));
     let mut app_limited = false;
     let mut smoother = tuner::LossSmoother::default();
+    let mut trend = tuner::RateTrend::default();
     let mut gate_tick = tokio::time::interval(aggregate::GATE_PERIOD);
     gate_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
@@ -173,7 +174,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             period.chunk = shared.chunk_size.load(Ordering::Relaxed);
             period.app_limited = app_limited;
             smoother.smooth(&mut period);
-            adapt(&shared, &period);
+            adapt(&shared, &period, &mut trend);
             period = Aggregate::default();
             app_limited = false;
             last_adapt = now;
@@ -259,13 +260,13 @@ fn apply_pacing(shared: &Shared, aggregate: u64) {
     }
 }
 
-fn adapt(shared: &Arc<Shared>, period: &Aggregate) {
+fn adapt(shared: &Arc<Shared>, period: &Aggregate, trend: &mut tuner::RateTrend) {
     let bounds = TunerBounds {
         min_streams: shared.config.min_streams,
         max_streams: shared.config.max_streams,
         congestion: shared.config.congestion,
     };
-    let d = tuner::decide(period, &bounds);
+    let d = tuner::decide_with_trend(period, &bounds, trend);
     if let Some(chunk) = d.chunk {
         let old = shared.chunk_size.swap(chunk, Ordering::Relaxed);
         info!(session = %hex(&shared.session_id), old, new = chunk, reason = %d.reason, "chunk size adapted");

@@ -137,6 +137,42 @@ impl LossSmoother {
     }
 }
 
+/// Remembers the last period's delivery rate, so that a path still ramping up (a period at
+/// least a quarter faster than the one before) is not judged by its start-up rate: a BDP
+/// taken from half the final rate would shed streams the path needs a second later.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RateTrend {
+    last: Option<f64>,
+}
+
+impl RateTrend {
+    /// Notes this period's rate; true while the rate is still climbing (or on the first
+    /// period, which is start-up by definition).
+    pub fn climbing(&mut self, a: &Aggregate) -> bool {
+        let rate = a.rate();
+        let climbing = self.last.is_none_or(|last| rate > last * 1.25);
+        self.last = Some(rate);
+        climbing
+    }
+}
+
+/// [`decide`], except that a rate still climbing never sheds streams (it may add them, and
+/// change the chunk).
+pub fn decide_with_trend(a: &Aggregate, b: &TunerBounds, trend: &mut RateTrend) -> Decision {
+    let climbing = trend.climbing(a);
+    let mut d = decide(a, b);
+    if climbing && d.streams.is_some_and(|want| want < a.streams) {
+        d.streams = None;
+        if d.chunk.is_none() {
+            d.reason.clear();
+        } else {
+            d.reason
+                .push_str(" (streams kept: the rate is still climbing)");
+        }
+    }
+    d
+}
+
 /// One adaptation step: move the stream count one step toward the target (a quarter of the
 /// way, at least one stream) and the chunk size straight to its target, but only when they
 /// differ enough to matter (hysteresis). App-limited or empty periods change nothing.
@@ -194,6 +230,30 @@ mod tests {
             chunk,
             app_limited: false,
         }
+    }
+
+    #[test]
+    fn a_climbing_rate_keeps_its_streams_and_a_steady_one_sheds_them() {
+        let mut trend = RateTrend::default();
+        // Start-up: 53 Mbit/s on a 200 Mbit/s, 100 ms path reads as a small BDP.
+        let early = agg(53.0, 100, 0.004, 8, 128 << 10);
+        let d = decide_with_trend(&early, &INTERNET, &mut trend);
+        assert_eq!(d.streams, None, "{d:?}");
+        assert_eq!(decide(&early, &INTERNET).streams, Some(6));
+        // Still climbing: 160 Mbit/s.
+        let d = decide_with_trend(&agg(160.0, 100, 0.004, 8, 128 << 10), &INTERNET, &mut trend);
+        assert_eq!(d.streams, None, "{d:?}");
+        // Steady at 180 Mbit/s: now the surplus streams go.
+        let d = decide_with_trend(&agg(180.0, 100, 0.004, 8, 128 << 10), &INTERNET, &mut trend);
+        assert_eq!(d.streams, Some(6), "{d:?}");
+    }
+
+    #[test]
+    fn a_climbing_rate_may_still_add_streams() {
+        let mut trend = RateTrend::default();
+        // 2 Gbit/s at 100 ms: a 25 MB BDP wants more than 4 streams of 4 MiB.
+        let d = decide_with_trend(&agg(2000.0, 100, 0.0, 4, 128 << 10), &INTERNET, &mut trend);
+        assert_eq!(d.streams, Some(5), "{d:?}");
     }
 
     const INTERNET: TunerBounds = TunerBounds {
