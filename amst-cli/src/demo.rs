@@ -108,12 +108,18 @@ pub async fn run(args: DemoArgs, g: &Global) -> CliResult<()> {
 }
 
 /// Waits until `at` bytes have gone, then forces the other mode, so that the demo shows one
-/// switch under traffic whatever the detector decides about loopback.
+/// switch under traffic whatever the detector decides about loopback. If the detector has
+/// switched by then, that is the switch to show: forcing another would undo a right decision
+/// and finish a loopback demo in internet mode.
 async fn force_switch_at(link: &dyn crate::link::Link, bytes: &AtomicU64, at: u64, quiet: bool) {
     while bytes.load(Ordering::Relaxed) < at {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let to = match link.stats().mode {
+    let stats = link.stats();
+    if stats.mode_switches > 0 {
+        return;
+    }
+    let to = match stats.mode {
         Mode::Datacenter => Mode::Internet,
         _ => Mode::Datacenter,
     };
