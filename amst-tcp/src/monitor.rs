@@ -266,7 +266,7 @@ fn adapt(shared: &Arc<Shared>, period: &Aggregate, trend: &mut tuner::RateTrend)
         max_streams: shared.config.max_streams,
         congestion: shared.config.congestion,
     };
-    let d = tuner::decide_with_trend(period, &bounds, trend);
+    let d = tuner::decide(period, &bounds, trend.climbing(period));
     if let Some(chunk) = d.chunk {
         let old = shared.chunk_size.swap(chunk, Ordering::Relaxed);
         info!(session = %hex(&shared.session_id), old, new = chunk, reason = %d.reason, "chunk size adapted");

@@ -156,27 +156,11 @@ impl RateTrend {
     }
 }
 
-/// [`decide`], except that a rate still climbing never sheds streams (it may add them, and
-/// change the chunk).
-pub fn decide_with_trend(a: &Aggregate, b: &TunerBounds, trend: &mut RateTrend) -> Decision {
-    let climbing = trend.climbing(a);
-    let mut d = decide(a, b);
-    if climbing && d.streams.is_some_and(|want| want < a.streams) {
-        d.streams = None;
-        if d.chunk.is_none() {
-            d.reason.clear();
-        } else {
-            d.reason
-                .push_str(" (streams kept: the rate is still climbing)");
-        }
-    }
-    d
-}
-
 /// One adaptation step: move the stream count one step toward the target (a quarter of the
 /// way, at least one stream) and the chunk size straight to its target, but only when they
-/// differ enough to matter (hysteresis). App-limited or empty periods change nothing.
-pub fn decide(a: &Aggregate, b: &TunerBounds) -> Decision {
+/// differ enough to matter (hysteresis). App-limited or empty periods change nothing, and a
+/// rate still `climbing` ([`RateTrend`]) sheds no streams.
+pub fn decide(a: &Aggregate, b: &TunerBounds, climbing: bool) -> Decision {
     let mut d = Decision::default();
     if a.app_limited || a.delivered < (256 << 10) || a.min_rtt.is_none() {
         return d;
@@ -186,7 +170,7 @@ pub fn decide(a: &Aggregate, b: &TunerBounds) -> Decision {
     if target > now {
         let step = (now / 4).max(1);
         d.streams = Some((now + step).min(target));
-    } else if target < now && (now - target) * 4 >= now.max(4) {
+    } else if !climbing && target < now && (now - target) * 4 >= now.max(4) {
         // Shrink only when clearly over (25 % or more), one step at a time.
         let step = (now / 4).max(1);
         d.streams = Some((now - step).max(target));
@@ -237,22 +221,23 @@ mod tests {
         let mut trend = RateTrend::default();
         // Start-up: 53 Mbit/s on a 200 Mbit/s, 100 ms path reads as a small BDP.
         let early = agg(53.0, 100, 0.004, 8, 128 << 10);
-        let d = decide_with_trend(&early, &INTERNET, &mut trend);
+        assert!(trend.climbing(&early));
+        let d = decide(&early, &INTERNET, true);
         assert_eq!(d.streams, None, "{d:?}");
-        assert_eq!(decide(&early, &INTERNET).streams, Some(6));
+        assert_eq!(decide(&early, &INTERNET, false).streams, Some(6));
         // Still climbing: 160 Mbit/s.
-        let d = decide_with_trend(&agg(160.0, 100, 0.004, 8, 128 << 10), &INTERNET, &mut trend);
-        assert_eq!(d.streams, None, "{d:?}");
+        assert!(trend.climbing(&agg(160.0, 100, 0.004, 8, 128 << 10)));
         // Steady at 180 Mbit/s: now the surplus streams go.
-        let d = decide_with_trend(&agg(180.0, 100, 0.004, 8, 128 << 10), &INTERNET, &mut trend);
+        let steady = agg(180.0, 100, 0.004, 8, 128 << 10);
+        assert!(!trend.climbing(&steady));
+        let d = decide(&steady, &INTERNET, false);
         assert_eq!(d.streams, Some(6), "{d:?}");
     }
 
     #[test]
     fn a_climbing_rate_may_still_add_streams() {
-        let mut trend = RateTrend::default();
         // 2 Gbit/s at 100 ms: a 25 MB BDP wants more than 4 streams of 4 MiB.
-        let d = decide_with_trend(&agg(2000.0, 100, 0.0, 4, 128 << 10), &INTERNET, &mut trend);
+        let d = decide(&agg(2000.0, 100, 0.0, 4, 128 << 10), &INTERNET, true);
         assert_eq!(d.streams, Some(5), "{d:?}");
     }
 
@@ -316,15 +301,15 @@ mod tests {
     #[test]
     fn decisions_step_with_hysteresis_and_ignore_idle_periods() {
         let a = agg(10_000.0, 100, 0.0, 8, 1 << 17);
-        let d = decide(&a, &INTERNET);
+        let d = decide(&a, &INTERNET, false);
         assert_eq!(d.streams, Some(10));
         assert_eq!(d.chunk, Some(MAX_CHUNK));
         assert!(d.reason.contains("bdp"), "{}", d.reason);
         // Within 25 % of the target: no change.
         let a = agg(200.0, 100, 0.0, 5, 1 << 19);
-        assert_eq!(decide(&a, &INTERNET).streams, None);
+        assert_eq!(decide(&a, &INTERNET, false).streams, None);
         let mut idle = agg(10_000.0, 100, 0.0, 8, 1 << 17);
         idle.app_limited = true;
-        assert_eq!(decide(&idle, &INTERNET), Decision::default());
+        assert_eq!(decide(&idle, &INTERNET, false), Decision::default());
     }
 }
