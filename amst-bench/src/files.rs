@@ -12,6 +12,7 @@
 
 mod contenders;
 mod procs;
+mod serve_memory;
 mod tree;
 
 use std::path::{Path, PathBuf};
@@ -22,6 +23,7 @@ use amst_linkem::LinkEm;
 
 use crate::report::{Contender, Scenario};
 use contenders::{Place, RsyncDaemon, amst_once, blast_once, tar_nc_once};
+pub use serve_memory::{serve_output_peak_mib, vm_hwm_kib};
 
 /// Sizes and rounds of one `files` run.
 #[derive(Clone, Debug, PartialEq)]

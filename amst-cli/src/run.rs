@@ -24,6 +24,8 @@ pub struct Global {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     crate::telemetry::init_tracing();
+    // Before any session allocates: a receiver's peak memory then follows its budget.
+    amst_core::limit_allocator_retention();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("amst")

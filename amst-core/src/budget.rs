@@ -15,6 +15,33 @@ use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 
+/// Allocations from this size up get their own mapping under
+/// [`limit_allocator_retention`].
+pub const DIRECT_MAPPING_THRESHOLD: usize = 1 << 20;
+
+/// Makes glibc's malloc give every allocation of [`DIRECT_MAPPING_THRESHOLD`] or more its
+/// own mapping, returned to the system when freed. Call it once, early, in a process that
+/// receives; it returns whether it applied (glibc on Linux only).
+///
+/// The budget bounds the bytes held, but not what the allocator keeps after they are freed.
+/// glibc raises its mapping threshold each time it frees a large mapped block (up to
+/// 32 MiB), after which read slabs and messages come from its heaps and their free space is
+/// kept. `amst serve --output` receiving 10 GiB peaked at 177-189 MiB against 146-170 MiB
+/// for 1 GiB by default, and at 148-150 against 137-141 MiB with the threshold fixed, with
+/// no change in goodput beyond the run-to-run noise.
+pub fn limit_allocator_retention() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt only sets a parameter of the allocator; any value is accepted or
+        // refused with 0, and allocations made before keep working.
+        unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, DIRECT_MAPPING_THRESHOLD as i32) == 1 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}
+
 /// The default process-wide budget: 128 MiB.
 pub const DEFAULT_MEMORY_BUDGET: u64 = 128 << 20;
 
@@ -29,6 +56,10 @@ struct Inner {
     limit: u64,
     held: AtomicU64,
     receivers: AtomicU64,
+    /// The member allowed past the limit to complete its head message (0: none).
+    overdraft: AtomicU64,
+    /// Ids for members; 0 is never given out.
+    next_member: AtomicU64,
 }
 
 impl MemoryBudget {
@@ -39,6 +70,8 @@ impl MemoryBudget {
                 limit,
                 held: AtomicU64::new(0),
                 receivers: AtomicU64::new(0),
+                overdraft: AtomicU64::new(0),
+                next_member: AtomicU64::new(1),
             }),
         }
     }
@@ -58,7 +91,8 @@ impl MemoryBudget {
     }
 
     /// Bytes held against the budget now; may exceed [`limit`](Self::limit) by the small
-    /// guaranteed minimum each session keeps so that it always makes progress.
+    /// guaranteed minimum each session keeps, and by the rest of one message that the
+    /// holder of the overdraft is completing (see [`BudgetMember::take_overdraft`]).
     pub fn held(&self) -> u64 {
         self.inner.held.load(Ordering::Relaxed)
     }
@@ -78,6 +112,7 @@ impl MemoryBudget {
         self.inner.receivers.fetch_add(1, Ordering::Relaxed);
         BudgetMember {
             budget: self.clone(),
+            id: self.inner.next_member.fetch_add(1, Ordering::Relaxed),
         }
     }
 
@@ -211,6 +246,7 @@ impl Drop for Charge {
 #[derive(Debug)]
 pub struct BudgetMember {
     budget: MemoryBudget,
+    id: u64,
 }
 
 impl BudgetMember {
@@ -218,10 +254,42 @@ impl BudgetMember {
     pub fn budget(&self) -> &MemoryBudget {
         &self.budget
     }
+
+    /// Takes the budget's one overdraft, or keeps it; returns whether this member holds it.
+    ///
+    /// A message is delivered whole, so a receiver whose head message is larger than what
+    /// the budget has left can only finish it by going past the limit. If every receiver
+    /// could, each would hold a message beyond the budget (64 sessions of 4 MiB messages:
+    /// 256 MiB over a 128 MiB budget); if none could, receivers holding parts of their head
+    /// messages could fill the budget and wait on each other forever. One at a time may:
+    /// peak memory is then the budget plus one message being completed.
+    pub fn take_overdraft(&self) -> bool {
+        let slot = &self.budget.inner.overdraft;
+        match slot.compare_exchange(0, self.id, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => true,
+            Err(holder) => holder == self.id,
+        }
+    }
+
+    /// Whether this member holds the overdraft.
+    pub fn holds_overdraft(&self) -> bool {
+        self.budget.inner.overdraft.load(Ordering::Acquire) == self.id
+    }
+
+    /// Gives the overdraft back, if this member holds it.
+    pub fn release_overdraft(&self) {
+        let _ = self.budget.inner.overdraft.compare_exchange(
+            self.id,
+            0,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
 }
 
 impl Drop for BudgetMember {
     fn drop(&mut self) {
+        self.release_overdraft();
         self.budget.inner.receivers.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -43,7 +43,10 @@ pub mod session;
 mod transport;
 pub mod util;
 
-pub use budget::{BudgetMember, Charge, DEFAULT_MEMORY_BUDGET, MemoryBudget, charged};
+pub use budget::{
+    BudgetMember, Charge, DEFAULT_MEMORY_BUDGET, DIRECT_MAPPING_THRESHOLD, MemoryBudget, charged,
+    limit_allocator_retention,
+};
 pub use crc::{crc32c, crc32c_append};
 pub use error::{Error, ProtocolError, Result};
 #[cfg(feature = "in-memory")]

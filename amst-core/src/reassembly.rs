@@ -292,33 +292,30 @@ impl Reassembler {
         self.next_pop += 1;
         // The message's bytes stay charged until the application drops it.
         let charge = self.reserved.split(len);
+        // The message the overdraft was for is complete: another receiver may need it.
+        self.member.release_overdraft();
         self.update_grant();
         Some(charged(msg, charge))
     }
 
     fn update_grant(&mut self) {
         // The head message is held whole, so its received prefix does not use the window.
-        let head_end = self
-            .extents
-            .get(&self.next_pop)
-            .map(|&(base, len)| base + len)
-            .unwrap_or(self.popped_end);
+        let head_end = self.head_end();
         let consumed = self.cumulative.min(head_end).max(self.popped_end);
-        let floor = self.config.window.min(MIN_WINDOW);
+        let floor = self.floor();
         let budget = self.member.budget().share();
         let window = self.config.window.min(budget).max(floor);
         let target = consumed.saturating_add(window);
+        // The minimum beyond what the application took is granted whatever the budget holds;
+        // the rest only from room in the budget. A receiver that still cannot complete its
+        // head message takes the overdraft when it is free, and then the minimum is granted
+        // beyond what arrived of the head message too.
+        self.grant_at_least(self.popped_end.saturating_add(floor));
         if target > self.granted {
-            // The minimum is granted whatever the budget holds; the rest only if it has room.
-            let guaranteed = consumed.saturating_add(floor);
-            if guaranteed > self.granted {
-                self.reserved.grow(guaranteed - self.granted);
-                self.granted = guaranteed;
-            }
-            let want = target.saturating_sub(self.granted);
-            if want > 0 {
-                self.granted += self.reserved.grow_up_to(want);
-            }
+            self.granted += self.reserved.grow_up_to(target - self.granted);
+        }
+        if (self.starved() || self.member.holds_overdraft()) && self.member.take_overdraft() {
+            self.grant_at_least(consumed.saturating_add(floor));
         }
         let messages = (window / BYTES_PER_MESSAGE_CREDIT)
             .max(MIN_MESSAGE_CREDIT)
@@ -326,6 +323,14 @@ impl Reassembler {
         self.granted_messages = self
             .granted_messages
             .max(self.next_pop.saturating_add(messages));
+    }
+
+    /// Grants credit up to `limit` whatever the budget holds.
+    fn grant_at_least(&mut self, limit: u64) {
+        if limit > self.granted {
+            self.reserved.grow(limit - self.granted);
+            self.granted = limit;
+        }
     }
 
     /// The acknowledgement to send now: everything received so far.
@@ -386,6 +391,34 @@ impl Reassembler {
         self.complete
             .front()
             .is_some_and(|(id, _)| *id == self.next_pop)
+    }
+
+    /// Whether the head message cannot be completed: part of it is not granted, less than
+    /// the minimum window is left beyond what arrived, and the budget has no room (or the
+    /// overdraft is another receiver's). [`refresh_grant`](Self::refresh_grant) later.
+    pub fn starved(&self) -> bool {
+        let head_end = self.head_end();
+        head_end > self.granted
+            && self.granted.saturating_sub(self.cumulative) < self.floor()
+            && !self.member.holds_overdraft()
+    }
+
+    /// Grants what the budget has room for now, or the overdraft if it has come free.
+    pub fn refresh_grant(&mut self) {
+        self.update_grant();
+    }
+
+    /// Where the head message ends, once a chunk of it has told its length.
+    fn head_end(&self) -> u64 {
+        self.extents
+            .get(&self.next_pop)
+            .map(|&(base, len)| base + len)
+            .unwrap_or(self.popped_end)
+    }
+
+    /// Credit granted whatever the budget holds.
+    fn floor(&self) -> u64 {
+        self.config.window.min(MIN_WINDOW)
     }
 
     /// Whether nothing is buffered or half-received.

@@ -93,6 +93,9 @@ struct Opts {
     /// Internal: the receiver process of the `rss` scenario.
     #[arg(long, hide = true)]
     role_receiver: bool,
+    /// Internal: how many sessions that receiver takes at once.
+    #[arg(long, hide = true, default_value_t = 1)]
+    role_sessions: usize,
 }
 
 fn parse_gate(s: &str) -> Result<Enforce, String> {
@@ -129,10 +132,10 @@ fn main() -> ExitCode {
         .try_init();
     let opts = Opts::parse();
     if opts.role_receiver {
-        return receiver_role();
+        return receiver_role(opts.role_sessions);
     }
     let rounds = 3;
-    // Full sizes are the issue's (4 GiB loopback, 1 vs 4 GiB RSS); they take about 10 minutes on
+    // Full sizes are the issue's (4 GiB loopback, 1 vs 10 GiB RSS); they take about 10 minutes on
     // a 2-core VM. --scale shrinks them to check the full-run path quickly.
     let scaled = |full: u64| ((full as f64 * opts.scale) as u64).max(16 << 20);
     let secs = |full: f64| Duration::from_secs_f64((full * opts.scale).max(3.0));
@@ -166,10 +169,20 @@ fn main() -> ExitCode {
         secs(30.0)
     };
     let switches = if opts.quick { 20 } else { 100 };
-    let (rss_small, rss_large) = if opts.quick {
-        (256 << 20, 1 << 30)
+    let rss_plan = if opts.quick {
+        RssPlan {
+            small: 256 << 20,
+            large: 1 << 30,
+            sessions: 64,
+            per_session: 4 << 20,
+        }
     } else {
-        (scaled(1 << 30), scaled(4 << 30))
+        RssPlan {
+            small: scaled(1 << 30),
+            large: scaled(10 << 30),
+            sessions: 64,
+            per_session: scaled(64 << 20),
+        }
     };
     let files_plan = if opts.quick {
         amst_bench::files::FilesPlan::quick()
@@ -198,7 +211,7 @@ fn main() -> ExitCode {
             "cc-sim" => timed(|| cc_sim(sim_time)),
             "switch" => timed(|| switch(id, switches, amst_core::TransportKind::Tcp)),
             "switch-quic" => timed(|| switch(id, switches, amst_core::TransportKind::Quic)),
-            "rss" => timed(|| rss(rss_small, rss_large)),
+            "rss" => timed(|| rss(rss_plan, &amst_bin, &opts.out.join("rss-work"))),
             "files" => timed(|| amst_bench::files::scenario(&files_plan, &amst_bin)),
             "rdma" => rdma(opts.rdma_result.as_deref()),
             other => Scenario::failed(other, "", "the harness lists it but cannot run it"),
@@ -1286,36 +1299,80 @@ async fn switch_run(
     Ok((from_decision, from_swap, bad + missing))
 }
 
-/// Peak RSS of a receiver process: the receive window bounds memory, so 4× the data must not
-/// take 4× the memory.
-fn rss(small: u64, large: u64) -> Scenario {
+/// Sizes of the `rss` scenario.
+#[derive(Clone, Copy, Debug)]
+struct RssPlan {
+    small: u64,
+    large: u64,
+    sessions: usize,
+    per_session: u64,
+}
+
+/// Peak RSS (`VmHWM`) of receivers, against the budget they hold received data in (128 MiB
+/// by default): a transport receiver taking `small` and then `large` bytes (ten times more
+/// must not take more memory), `amst serve --output` storing a file of each size, and one
+/// receiver taking `sessions` sessions at once.
+fn rss(plan: RssPlan, amst: &std::path::Path, work: &std::path::Path) -> Scenario {
+    let budget_mib = (amst_core::DEFAULT_MEMORY_BUDGET >> 20) as f64;
     let mut s = Scenario::new(
         "rss",
         format!(
-            "receiver peak RSS (VmHWM) for {} MiB vs {} MiB over loopback, 8 streams",
-            small >> 20,
-            large >> 20
+            "receiver peak RSS (VmHWM) with the default {budget_mib} MiB budget: amst-tcp \
+             (8 streams) and `amst serve --output` (auto mode, to disk) for {} MiB vs {} MiB \
+             over loopback; {} sessions of {} MiB at once (2 streams each)",
+            plan.small >> 20,
+            plan.large >> 20,
+            plan.sessions,
+            plan.per_session >> 20
         ),
     );
-    let mut c = Contender::new("receiver VmHWM", "MiB").expecting(2);
-    for bytes in [small, large] {
-        match rss_once(bytes) {
-            Ok(mib) => c.samples.push(mib),
-            Err(e) => return Scenario::failed("rss", s.description, e),
+    let mut transport = Contender::new("amst-tcp receiver VmHWM", "MiB").expecting(2);
+    let mut serve = Contender::new("amst serve --output VmHWM", "MiB").expecting(2);
+    let mut many = Contender::new("receiver VmHWM, sessions at once", "MiB").expecting(1);
+    for bytes in [plan.small, plan.large] {
+        match rss_once(1, bytes) {
+            Ok(mib) => transport.samples.push(mib),
+            Err(e) => transport.fail("rss", e),
+        }
+        match amst_bench::files::serve_output_peak_mib(amst, bytes, work) {
+            Ok(mib) => serve.samples.push(mib),
+            Err(e) => serve.fail("rss", e),
         }
     }
-    s.metrics
-        .insert("rss_growth_4g_over_1g".into(), c.samples[1] / c.samples[0]);
-    s.metrics.insert("rss_small_mib".into(), c.samples[0]);
-    s.metrics.insert("rss_large_mib".into(), c.samples[1]);
-    s.contenders = vec![c];
+    match rss_once(plan.sessions, plan.per_session) {
+        Ok(mib) => many.samples.push(mib),
+        Err(e) => many.fail("rss", e),
+    }
+    let mut metric = |name: &str, v: Option<f64>| {
+        if let Some(v) = v {
+            s.metrics.insert(name.into(), v);
+        }
+    };
+    let pair = |c: &Contender| (c.samples.len() == 2).then(|| (c.samples[0], c.samples[1]));
+    if let Some((small, large)) = pair(&transport) {
+        metric("rss_small_mib", Some(small));
+        metric("rss_large_mib", Some(large));
+        metric("rss_growth", Some(large / small));
+    }
+    if let Some((small, large)) = pair(&serve) {
+        metric("serve_output_small_mib", Some(small));
+        metric("serve_output_large_mib", Some(large));
+        metric("serve_output_growth", Some(large / small));
+    }
+    metric(
+        "sessions_over_budget_mib",
+        many.samples.first().map(|m| m - budget_mib),
+    );
+    s.contenders = vec![transport, serve, many];
     s
 }
 
-fn rss_once(bytes: u64) -> Result<f64, String> {
+/// Starts a receiver process, sends it `sessions` sessions of `bytes` each at once, and
+/// returns its peak RSS in MiB.
+fn rss_once(sessions: usize, bytes: u64) -> Result<f64, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut child = Command::new(exe)
-        .arg("--role-receiver")
+        .args(["--role-receiver", "--role-sessions", &sessions.to_string()])
         .stdout(Stdio::piped())
         .stdin(Stdio::null())
         .spawn()
@@ -1326,18 +1383,40 @@ fn rss_once(bytes: u64) -> Result<f64, String> {
         .and_then(Result::ok)
         .and_then(|l| l.trim().parse().ok())
         .ok_or("the receiver did not print its address")?;
+    // One session carries everything on 8 streams; many share the budget on 2 each.
     let config = TcpConfig {
         adaptive: false,
-        ..TcpConfig::datacenter(psk()).with_streams(8)
+        ..TcpConfig::datacenter(psk()).with_streams(if sessions == 1 { 8 } else { 2 })
     };
-    runtime().block_on(async {
-        let client: Arc<dyn Transport> = Arc::new(
-            TcpTransport::connect(addr, config)
-                .await
-                .map_err(|e| e.to_string())?,
-        );
-        drive(client, Arc::new(AtomicU64::new(0)), Some(bytes), None).await
-    })?;
+    let sent = runtime().block_on(async {
+        let mut clients = Vec::new();
+        for _ in 0..sessions {
+            let client: Arc<dyn Transport> = Arc::new(
+                TcpTransport::connect(addr, config.clone())
+                    .await
+                    .map_err(|e| e.to_string())?,
+            );
+            clients.push(client);
+        }
+        let mut runs = tokio::task::JoinSet::new();
+        for client in clients {
+            runs.spawn(drive(
+                client,
+                Arc::new(AtomicU64::new(0)),
+                Some(bytes),
+                None,
+            ));
+        }
+        while let Some(run) = runs.join_next().await {
+            run.map_err(|e| e.to_string())??;
+        }
+        Ok::<_, String>(())
+    });
+    if let Err(e) = sent {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(e);
+    }
     let hwm_kib: f64 = lines
         .next()
         .and_then(Result::ok)
@@ -1347,8 +1426,10 @@ fn rss_once(bytes: u64) -> Result<f64, String> {
     Ok(hwm_kib / 1024.0)
 }
 
-/// The child side of the RSS scenario: receive one session, discard it, print VmHWM in KiB.
-fn receiver_role() -> ExitCode {
+/// The child side of the RSS scenario: receive `sessions` sessions at once, discard what
+/// they carry, print VmHWM in KiB. It sets the allocator up as `amst serve` does.
+fn receiver_role(sessions: usize) -> ExitCode {
+    amst_core::limit_allocator_retention();
     let rt = runtime();
     let result: Result<(), String> = rt.block_on(async {
         let config = TcpConfig::datacenter(psk());
@@ -1357,20 +1438,19 @@ fn receiver_role() -> ExitCode {
             .map_err(|e| e.to_string())?;
         println!("{}", listener.local_addr());
         std::io::stdout().flush().map_err(|e| e.to_string())?;
-        let session = listener.accept().await.map_err(|e| e.to_string())?;
-        while let Ok(Some(_)) = session.recv().await {}
+        let mut drains = tokio::task::JoinSet::new();
+        for _ in 0..sessions {
+            let session = listener.accept().await.map_err(|e| e.to_string())?;
+            drains.spawn(async move { while let Ok(Some(_)) = session.recv().await {} });
+        }
+        while drains.join_next().await.is_some() {}
         Ok(())
     });
     if let Err(e) = result {
         eprintln!("receiver: {e}");
         return ExitCode::FAILURE;
     }
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let hwm = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap_or(0);
+    let hwm = amst_bench::files::vm_hwm_kib(std::process::id()).unwrap_or(0);
     println!("{hwm}");
     ExitCode::SUCCESS
 }

@@ -19,7 +19,7 @@ use bytes::Bytes;
 use super::procs::{Proc, free_port, wait_all, wait_listening};
 
 /// The key `amst send` and `amst serve` share, through `AMST_PSK` as a user would set it.
-const PSK: &str = "amst files benchmark key, loopback and test namespaces only";
+pub(super) const PSK: &str = "amst files benchmark key, loopback and test namespaces only";
 /// How long a server may take to start listening.
 const LISTEN_WITHIN: Duration = Duration::from_secs(10);
 

@@ -35,6 +35,8 @@ mod tests;
 pub const MAX_QUEUED_CONTROL: usize = 1024;
 /// Pong events waiting for the driver, at most.
 const MAX_PONG_EVENTS: usize = 1024;
+/// How soon a receiver whose head message waits for room in the budget asks it again.
+const BUDGET_RETRY: Duration = Duration::from_millis(2);
 /// Bytes of a probe train one `poll_transmit` takes at a time: one full Ping, so that the
 /// train spreads over the paths as data does. A larger slice commits more of the train to
 /// one stream ahead of time, and the train's end then waits for the slowest stream's share
@@ -197,6 +199,8 @@ pub struct Session {
     ack_now: bool,
     /// An ack is owed; it goes out at this instant unless a threshold sends it sooner.
     ack_at: Option<Instant>,
+    /// The budget had no room to complete the head message: ask it again at this instant.
+    budget_retry_at: Option<Instant>,
     /// The earliest deadline moved earlier since the driver last asked.
     timer_moved: bool,
     control: VecDeque<Frame>,
@@ -251,6 +255,7 @@ impl Session {
             // The peer's send buffer starts with no credit: our first write grants it.
             ack_now: true,
             ack_at: None,
+            budget_retry_at: None,
             timer_moved: false,
             control: VecDeque::new(),
             probes: VecDeque::new(),
@@ -565,6 +570,14 @@ impl Session {
             self.ack_at = Some(now + self.config.ack_delay);
             self.timer_moved = true;
         }
+        // Room comes back when other receivers' applications drop messages, which nothing
+        // here hears of: look again shortly.
+        if !self.reasm.starved() {
+            self.budget_retry_at = None;
+        } else if self.budget_retry_at.is_none() {
+            self.budget_retry_at = Some(now + BUDGET_RETRY);
+            self.timer_moved = true;
+        }
     }
 
     // ----- time -----
@@ -592,6 +605,9 @@ impl Session {
         }
         let mut next = self.ack_at;
         let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
+        if let Some(t) = self.budget_retry_at {
+            consider(t);
+        }
         if let Some(t) = self.stall_base.filter(|_| !self.sb.is_empty()) {
             consider(t + self.stall_timeout());
         }
@@ -618,6 +634,11 @@ impl Session {
         let mut requeued = 0;
         if self.fatal.is_some() || self.closed {
             return requeued;
+        }
+        if self.budget_retry_at.is_some_and(|t| now >= t) {
+            self.budget_retry_at = None;
+            self.reasm.refresh_grant();
+            self.after_rx_change(now);
         }
         if self.ack_at.is_some_and(|t| now >= t) {
             self.ack_at = None;

@@ -1,0 +1,100 @@
+//! The peak memory of `amst serve --output` while it stores one large file: the whole job's
+//! receiver, as a user runs it, with its default memory budget. The source and the copy are
+//! on disk (beside the bench's report), not tmpfs, so that a 10 GiB file costs no RAM and a
+//! disk slower than the network makes the server hold as much as its budget lets it.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::contenders::PSK;
+use super::procs::{Proc, free_port, wait_all, wait_listening};
+use super::tree::write_file;
+
+/// How long one `amst send` may take, per GiB (a slow disk writes 100 MB/s).
+const PER_GIB: Duration = Duration::from_secs(20);
+
+/// Sends one generated file of `bytes` to `amst serve --output` over loopback and returns
+/// the server's `VmHWM` in MiB, read from /proc while it still runs, after the send has
+/// exited successfully. `work` holds the file and its copy (2 × `bytes`), removed after.
+pub fn serve_output_peak_mib(amst: &Path, bytes: u64, work: &Path) -> Result<f64, String> {
+    let (src, dst) = (work.join("src"), work.join("dst"));
+    for d in [&src, &dst] {
+        let _ = std::fs::remove_dir_all(d);
+        std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+    }
+    let free = free_bytes(work)?;
+    if free < bytes * 2 + (1 << 30) {
+        return Err(format!(
+            "{} has {} MiB free; a file of {} MiB and its copy need {} MiB (and 1 GiB spare)",
+            work.display(),
+            free >> 20,
+            bytes >> 20,
+            (bytes * 2) >> 20
+        ));
+    }
+    let file = src.join("image");
+    write_file(&file, bytes, 0x5e57e).map_err(|e| format!("writing {}: {e}", file.display()))?;
+    let result = peak_while_storing(amst, &file, &dst, bytes, work);
+    let _ = std::fs::remove_dir_all(&src);
+    let _ = std::fs::remove_dir_all(&dst);
+    result
+}
+
+fn peak_while_storing(
+    amst: &Path,
+    file: &Path,
+    dst: &Path,
+    bytes: u64,
+    work: &Path,
+) -> Result<f64, String> {
+    let port = free_port()?;
+    let peer = format!("127.0.0.1:{port}");
+    let mut serve = Command::new(amst);
+    serve
+        .args(["serve", "--listen", &peer, "-q", "--output"])
+        .arg(dst)
+        .env("AMST_PSK", PSK);
+    let mut server = Proc::start("amst serve", serve, work, None, None)?;
+    wait_listening(&mut server, port, Duration::from_secs(10))?;
+    let mut send = Command::new(amst);
+    send.args(["send", "-q", &peer])
+        .arg(file)
+        .env("AMST_PSK", PSK);
+    let sender = Proc::start("amst send", send, work, Some(Stdio::null()), None)?;
+    let within = PER_GIB * ((bytes >> 30) as u32 + 1);
+    wait_all(&mut [sender], Instant::now() + within)?;
+    let peak = vm_hwm_kib(server.child.id())
+        .ok_or_else(|| format!("amst serve is gone: {}", server.log_tail()))?;
+    server.kill();
+    let landed = std::fs::metadata(dst.join("image")).map_or(0, |m| m.len());
+    if landed != bytes {
+        return Err(format!(
+            "the copy holds {landed} bytes of {bytes}: {}",
+            server.log_tail()
+        ));
+    }
+    Ok(peak as f64 / 1024.0)
+}
+
+/// `VmHWM` of a live process, in KiB.
+pub fn vm_hwm_kib(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+fn free_bytes(dir: &Path) -> Result<u64, String> {
+    let out = Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(dir)
+        .output()
+        .map_err(|e| format!("df: {e}"))?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .ok_or_else(|| format!("df could not tell the free space of {}", dir.display()))
+}
