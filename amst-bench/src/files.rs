@@ -11,7 +11,7 @@
 //! receiver's `du` shows over the data the image holds.
 
 mod contenders;
-mod procs;
+pub(crate) mod procs;
 mod serve_memory;
 mod tree;
 

@@ -10,6 +10,7 @@
 //! assert_eq!(s.median, 2.0);
 //! ```
 
+pub mod detect;
 pub mod files;
 pub mod gates;
 pub mod iperf;

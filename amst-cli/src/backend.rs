@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use amst_core::codec::Psk;
-use amst_core::{BoxFuture, Mode, Transport, TransportKind};
+use amst_core::{BoxFuture, Mode, TransportKind};
 use amst_hybrid::{Amst, AmstConfig, AmstListener, Congestion, DatacenterTransport};
 use bytes::Bytes;
 
@@ -255,16 +255,12 @@ async fn connect_amst_with(peer: SocketAddr, config: AmstConfig) -> CliResult<Am
 
 /// Connects for probing: a session whose active transport can measure the path. The mode is
 /// pinned, so the detector inside the session does not switch while `explain` measures.
-pub async fn connect_probe(
-    peer: SocketAddr,
-    s: &Settings,
-) -> CliResult<(Arc<dyn Transport>, Arc<dyn Link>)> {
+pub async fn connect_probe(peer: SocketAddr, s: &Settings) -> CliResult<Arc<Amst>> {
     let mut s = s.clone();
     if s.args.mode == ModeArg::Auto {
         s.args.mode = ModeArg::Internet;
     }
-    let amst = Arc::new(connect_amst(peer, &s).await?);
-    Ok((amst.active_transport(), Arc::new(HybridLink(amst))))
+    Ok(Arc::new(connect_amst(peer, &s).await?))
 }
 
 /// A bound server.

@@ -35,7 +35,8 @@ pub struct RateProbeConfig {
     /// ...and at least this long (default 20 ms), so that timer granularity and a
     /// scheduling delay are small parts of it. At 4 ms, on a sub-millisecond emulated link
     /// that carries 1.4-3.4 Gbit/s, a 1 MiB and a 2 MiB train held back alike by a loaded
-    /// CPU agreed at 370 Mbit/s, and the path was called slow.
+    /// CPU agreed at 370 Mbit/s, and the path was called slow. A train of `max_train`
+    /// needs only a fifth of it: on a faster path none could last the whole.
     pub min_train_time: Duration,
     /// A counted train whose rate is within this fraction of the best counted train before
     /// it (default 0.05) ends the measurement: the rate no longer grows with the train, so
@@ -199,13 +200,20 @@ impl RateProbe {
     }
 
     /// A train is long enough when it lasted `min_train_rtts` round trips and
-    /// `min_train_time`.
+    /// `min_train_time`; one of the largest size, a fifth of `min_train_time` will do.
+    ///
+    /// On a path faster than `max_train / min_train_time` (13 Gbit/s at the defaults) no
+    /// train can last `min_train_time`, and none counted: over loopback at 20-35 Gbit/s the
+    /// probe always ended with a lower bound. The largest trains are the ones least held back
+    /// by start-up and stalls, and 4 ms is still thousands of timer ticks.
     fn long_enough(&self, t: &Train) -> bool {
-        let need = self
-            .config
-            .min_train_time
-            .max(t.rtt * self.config.min_train_rtts);
-        t.rate.is_some() && t.took >= need
+        let rtts = t.rtt * self.config.min_train_rtts;
+        let need = if t.bytes >= self.config.max_train {
+            self.config.min_train_time / 5
+        } else {
+            self.config.min_train_time
+        };
+        t.rate.is_some() && t.took >= need.max(rtts)
     }
 
     fn min_rtt(&self) -> Option<Duration> {
@@ -397,8 +405,15 @@ mod tests {
     use super::*;
 
     fn run(config: RateProbeConfig, rate_of: impl Fn(usize, u64) -> u64) -> RateEstimate {
+        run_on(config, Duration::from_millis(10), rate_of)
+    }
+
+    fn run_on(
+        config: RateProbeConfig,
+        rtt: Duration,
+        rate_of: impl Fn(usize, u64) -> u64,
+    ) -> RateEstimate {
         let t0 = Instant::now();
-        let rtt = Duration::from_millis(10);
         let mut p = RateProbe::new(config, t0);
         let mut now = t0;
         for i in 0.. {
@@ -426,6 +441,19 @@ mod tests {
         let e = run(RateProbeConfig::default(), |_, _| 125_000_000);
         assert_eq!(e.bandwidth, Some(Bandwidth::measured(125_000_000)));
         assert!(e.trains >= 3, "{e:?}");
+    }
+
+    #[test]
+    fn a_path_too_fast_for_a_long_train_is_measured_by_the_largest_ones() {
+        // Loopback: 30 Gbit/s and 50 µs. A 32 MiB train lasts 9 ms, under min_train_time.
+        let rate = 3_750_000_000;
+        let e = run_on(
+            RateProbeConfig::default(),
+            Duration::from_micros(50),
+            |_, _| rate,
+        );
+        assert_eq!(e.bandwidth, Some(Bandwidth::measured(rate)), "{e:?}");
+        assert!(e.bytes <= RateProbeConfig::default().max_bytes, "{e:?}");
     }
 
     #[test]

@@ -62,7 +62,8 @@ async fn a_loopback_transfer_in_auto_mode_reaches_datacenter_quickly() {
         let sent = sender.await.unwrap();
         println!("auto mode on loopback: datacenter after {took:?} ({sent} messages sent)");
         let took = took.expect("datacenter mode within 10 s");
-        // The goal is 1 s; the bound is generous so that a loaded machine does not fail it.
+        // The goal, 1 s, is measured by `cargo xtask bench --scenario detect` (gate D3); this
+        // bound only catches a detector that no longer switches, on however loaded a machine.
         assert!(took <= Duration::from_secs(3), "took {took:?}");
         client.close().await.unwrap();
         assert_eq!(reader.await.unwrap(), sent, "every message arrived once");

@@ -50,6 +50,7 @@ const SCENARIOS: &[&str] = &[
     "switch",
     "switch-quic",
     "rss",
+    "detect",
     "files",
     "rdma",
 ];
@@ -212,6 +213,15 @@ fn main() -> ExitCode {
             "switch" => timed(|| switch(id, switches, amst_core::TransportKind::Tcp)),
             "switch-quic" => timed(|| switch(id, switches, amst_core::TransportKind::Quic)),
             "rss" => timed(|| rss(rss_plan, &amst_bin, &opts.out.join("rss-work"))),
+            "detect" => timed(|| {
+                let iperf_bytes = if opts.quick { 1 << 30 } else { scaled(4 << 30) };
+                amst_bench::detect::scenario(
+                    &amst_bin,
+                    rounds,
+                    iperf_bytes,
+                    &opts.out.join("detect-work"),
+                )
+            }),
             "files" => timed(|| amst_bench::files::scenario(&files_plan, &amst_bin)),
             "rdma" => rdma(opts.rdma_result.as_deref()),
             other => Scenario::failed(other, "", "the harness lists it but cannot run it"),

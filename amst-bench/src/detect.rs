@@ -1,0 +1,200 @@
+//! The `detect` scenario: the path detector over loopback, interleaved per round.
+//! - `amst explain`'s delivery-rate probe (the release binary against `amst serve --discard`)
+//!   against `iperf3 -P 8 -l 1M -Z`, the best iperf3 configuration on loopback in every full
+//!   run so far. Goal (issue 19): within 2×, and converged, never "at least".
+//! - How long an amst-hybrid transfer started in auto mode, in internet mode as the seed
+//!   starts, takes from connecting to datacenter mode. Goal: within 1 s.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use amst_core::Mode;
+use amst_core::codec::Psk;
+use amst_hybrid::{Amst, AmstConfig};
+use bytes::Bytes;
+
+use crate::files::procs::{Proc, free_port, wait_all, wait_listening};
+use crate::iperf;
+use crate::report::{Contender, Scenario};
+
+/// The key `amst explain` and `amst serve` share, through `AMST_PSK` as a user would set it.
+const PSK: &str = "amst detect benchmark key, loopback only";
+/// The iperf3 the probe is held against: its best loopback configuration.
+const IPERF_BEST: &[&str] = &["-P", "8", "-l", "1M", "-Z"];
+/// An auto-mode transfer that has not reached datacenter mode by then has failed.
+const AUTO_WITHIN: Duration = Duration::from_secs(10);
+
+/// Runs the scenario: `rounds` of each contender, iperf3 moving `iperf_bytes` a round.
+pub fn scenario(amst: &Path, rounds: usize, iperf_bytes: u64, work: &Path) -> Scenario {
+    let id = "detect";
+    let mut s = Scenario::new(
+        id,
+        format!(
+            "the detector over loopback: `amst explain`'s probe (default --probe-bytes) vs \
+             `iperf3 {}` moving {} MiB, and an amst-hybrid transfer from connect to datacenter \
+             mode in auto mode (starting in internet mode), {rounds} interleaved rounds",
+            IPERF_BEST.join(" "),
+            iperf_bytes >> 20
+        ),
+    );
+    if !iperf::available() {
+        return Scenario::failed(id, s.description, "iperf3 is not installed");
+    }
+    if let Err(e) = std::fs::create_dir_all(work) {
+        return Scenario::failed(id, s.description, format!("{}: {e}", work.display()));
+    }
+    let mut probe = Contender::new("amst explain probe", "Gbit/s").expecting(rounds);
+    let mut reference =
+        Contender::new(format!("iperf3 {}", IPERF_BEST.join(" ")), "Gbit/s").expecting(rounds);
+    let mut auto = Contender::new("auto mode to datacenter", "s").expecting(rounds);
+    let mut lower_bounds = 0u32;
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return Scenario::failed(id, s.description, format!("tokio runtime: {e}")),
+    };
+    for _ in 0..rounds {
+        match explain_once(amst, work) {
+            Ok((bps, measured)) => {
+                probe.record(bps / 1e9, Vec::new());
+                lower_bounds += u32::from(!measured);
+            }
+            Err(e) => probe.fail(id, e),
+        }
+        match iperf_once(iperf_bytes) {
+            Ok(bps) => reference.record(bps / 1e9, Vec::new()),
+            Err(e) => reference.fail(id, e),
+        }
+        match rt.block_on(auto_once()) {
+            Ok(took) => auto.record(took.as_secs_f64(), Vec::new()),
+            Err(e) => auto.fail(id, e),
+        }
+    }
+    if let (Some(p), Some(r)) = (probe.summary(), reference.summary()) {
+        s.metrics
+            .insert("probe_over_iperf3".into(), p.median / r.median);
+    }
+    if probe.shortfall().is_none() {
+        s.metrics
+            .insert("probe_lower_bounds".into(), f64::from(lower_bounds));
+    }
+    if let Some(a) = auto.summary() {
+        s.metrics.insert("auto_to_datacenter_s".into(), a.median);
+        s.metrics.insert(
+            "auto_to_datacenter_max_s".into(),
+            auto.samples.iter().copied().fold(0.0, f64::max),
+        );
+    }
+    s.notes.push(
+        "probe_lower_bounds counts the rounds whose probe ran out of budget before two trains \
+         agreed (`amst explain` then says \"at least\")"
+            .into(),
+    );
+    s.contenders = vec![probe, reference, auto];
+    s
+}
+
+/// `amst explain --json` against `amst serve --discard`: the probe's rate in bit/s and
+/// whether it converged.
+fn explain_once(amst: &Path, work: &Path) -> Result<(f64, bool), String> {
+    let port = free_port()?;
+    let peer = format!("127.0.0.1:{port}");
+    let mut serve = Command::new(amst);
+    serve
+        .args(["serve", "--listen", &peer, "--discard", "-q"])
+        .env("AMST_PSK", PSK);
+    let mut server = Proc::start("amst serve", serve, work, None, None)?;
+    wait_listening(&mut server, port, Duration::from_secs(10))?;
+    let report = work.join("explain.json");
+    let out = std::fs::File::create(&report).map_err(|e| format!("{}: {e}", report.display()))?;
+    let mut explain = Command::new(amst);
+    explain
+        .args(["explain", "--json", "--peer", &peer])
+        .env("AMST_PSK", PSK);
+    let explainer = Proc::start(
+        "amst explain",
+        explain,
+        work,
+        Some(Stdio::null()),
+        Some(Stdio::from(out)),
+    )?;
+    wait_all(&mut [explainer], Instant::now() + Duration::from_secs(60))?;
+    server.kill();
+    let json: serde_json::Value = std::fs::read_to_string(&report)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .ok_or_else(|| format!("{} is not JSON", report.display()))?;
+    let rate = json["bandwidth_bytes_per_sec"]
+        .as_u64()
+        .ok_or("amst explain measured no bandwidth")?;
+    Ok((rate as f64 * 8.0, json["bandwidth_measured"] == true))
+}
+
+fn iperf_once(bytes: u64) -> Result<f64, String> {
+    let port = free_port()?;
+    let mut server = iperf::server(Command::new("iperf3"), "127.0.0.1", port)
+        .map_err(|e| format!("iperf3 -s: {e}"))?;
+    std::thread::sleep(Duration::from_millis(300));
+    let r = iperf::client(
+        Command::new("iperf3"),
+        "127.0.0.1",
+        port,
+        Duration::ZERO,
+        Some(bytes),
+        IPERF_BEST,
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+    r.map(|r| r.received_bps).map_err(|e| e.to_string())
+}
+
+/// Connects in auto mode, sends 1 MiB messages, and returns the time from connecting until
+/// the client's mode reads datacenter.
+async fn auto_once() -> Result<Duration, String> {
+    let psk = Psk::new(PSK.as_bytes()).map_err(|e| e.to_string())?;
+    let config = AmstConfig::builder(psk)
+        .auto_mode(true)
+        .initial_mode(Mode::Internet)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let listener = Amst::listen("127.0.0.1:0".parse().expect("an address"), config.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().ok_or("the listener has no address")?;
+    let start = Instant::now();
+    let client = Amst::connect(addr, config)
+        .await
+        .map_err(|e| e.to_string())?;
+    let server = listener.accept().await.map_err(|e| e.to_string())?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tx, stopped) = (client.clone(), stop.clone());
+    let sender = tokio::spawn(async move {
+        let message = Bytes::from(vec![0x5a; 1 << 20]);
+        // Bounded: 10 GiB at most, and stopped once the mode is known.
+        for _ in 0..10_240 {
+            if stopped.load(Ordering::Relaxed) || tx.send(message.clone()).await.is_err() {
+                break;
+            }
+        }
+    });
+    let reader = tokio::spawn(async move { while let Ok(Some(_)) = server.recv().await {} });
+    let mut took = None;
+    while start.elapsed() < AUTO_WITHIN {
+        if client.metrics().mode == Mode::Datacenter {
+            took = Some(start.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = sender.await;
+    let _ = client.close().await;
+    let _ = reader.await;
+    took.ok_or_else(|| format!("still in internet mode after {} s", AUTO_WITHIN.as_secs()))
+}
