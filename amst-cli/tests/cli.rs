@@ -941,8 +941,12 @@ fn a_receiver_killed_mid_tree_resumes_after_a_restart() {
     let key = key_file(dir.path(), KEY);
     let src = dir.path().join("dataset");
     std::fs::create_dir_all(src.join("small")).unwrap();
+    // 128 MiB files: the receiver journals every 64 MiB (or 500 ms), so what the test can see
+    // arrive grows in steps of 64 MiB, and half the tree is seen well before the end. With
+    // 64 MiB files nothing showed until whole files landed, and a fast first send finished
+    // before the test saw half (2 runs in 6 on an idle machine).
     for i in 0..3 {
-        write_random_file(&src.join(format!("big{i}.bin")), 64 << 20);
+        write_random_file(&src.join(format!("big{i}.bin")), 128 << 20);
     }
     for i in 0..50 {
         std::fs::write(
@@ -951,7 +955,7 @@ fn a_receiver_killed_mid_tree_resumes_after_a_restart() {
         )
         .unwrap();
     }
-    let total: u64 = 3 * (64 << 20);
+    let total: u64 = 3 * (128 << 20);
     let out_dir = dir.path().join("received");
     let out = out_dir.to_str().unwrap();
     let send = |addr: &str| {
