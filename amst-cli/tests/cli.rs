@@ -698,6 +698,8 @@ fn explain_measures_the_path_and_names_a_mode_and_settings() {
     let used = v["probe_bytes_used"].as_u64().unwrap();
     assert!(used > 0 && used <= 4 << 20, "probe bytes used: {used}");
     assert!(v["bandwidth_trains"].as_u64().unwrap() >= 1, "{v}");
+    // A short path's rate is measured over the transport datacenter mode would use.
+    assert_eq!(v["bandwidth_probed_in"], "datacenter", "{v}");
     let mode = v["mode"].as_str().unwrap();
     assert!(
         ["datacenter", "internet", "hybrid"].contains(&mode),
