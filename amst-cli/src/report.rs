@@ -302,8 +302,12 @@ impl Report {
             }
             if let Some(t) = &self.tree {
                 out.push_str(&format!(
-                    "  {:<14} {} entries: {} stored, {} identical (skipped), {} failed\n",
-                    "tree", t.entries, t.stored, t.identical, t.failed
+                    "  {:<14} {}: {} stored, {} identical (skipped), {} failed\n",
+                    "tree",
+                    entries(t.entries),
+                    t.stored,
+                    t.identical,
+                    t.failed
                 ));
                 out.push_str(&format!(
                     "  {:<14} {} of {} on the wire ({} blocks resumed)\n",
@@ -343,5 +347,14 @@ impl Report {
     /// The report as pretty JSON.
     pub fn json(&self) -> String {
         serde_json::to_string_pretty(self).expect("the report always serialises")
+    }
+}
+
+/// "1 entry", "204 entries".
+pub fn entries(n: u64) -> String {
+    if n == 1 {
+        "1 entry".into()
+    } else {
+        format!("{n} entries")
     }
 }

@@ -39,6 +39,7 @@ struct TransferLine {
     bytes: u64,
     seconds: f64,
     bits_per_second: f64,
+    hash: &'static str,
     sha256: String,
     ok: bool,
     stored_as: Option<PathBuf>,
@@ -337,6 +338,7 @@ fn transfer_line(t: &Received) -> TransferLine {
         bytes: t.bytes,
         seconds: secs,
         bits_per_second: t.bytes as f64 * 8.0 / secs,
+        hash: t.hash,
         sha256: t.sha256.clone(),
         ok: t.result.is_ok(),
         stored_as: t.stored_as.clone(),
@@ -352,13 +354,17 @@ fn describe(t: &Received) -> String {
                 .stored_as
                 .as_ref()
                 .map_or("discarded".to_string(), |p| format!("→ {}", p.display()));
+            let check = if t.sha256.is_empty() {
+                format!("{} per block and file", t.hash)
+            } else {
+                format!("{} {}…", t.hash, &t.sha256[..t.sha256.len().min(16)])
+            };
             format!(
-                "{:?} {} in {:.2} s ({}), sha256 {}… ok, {dest}",
+                "{:?} {} in {:.2} s ({}), {check} ok, {dest}",
                 t.name,
                 human_bytes(t.bytes),
                 secs,
                 human_bits_per_sec(t.bytes as f64 / secs),
-                &t.sha256[..t.sha256.len().min(16)]
             )
         }
         Err(f) => format!(

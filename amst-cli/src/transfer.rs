@@ -293,7 +293,9 @@ pub struct Received {
     pub stored_as: Option<PathBuf>,
     /// Data bytes received.
     pub bytes: u64,
-    /// SHA-256 of what was received, hex.
+    /// The hash that checked what was received: `sha256` for a stream, `blake3` for a tree.
+    pub hash: &'static str,
+    /// SHA-256 of a stream, hex; empty for a tree, whose BLAKE3 is per block and per file.
     pub sha256: String,
     /// From Header to Trailer.
     pub elapsed: Duration,
@@ -541,6 +543,7 @@ fn received(
         kind: a.header.kind,
         stored_as,
         bytes: a.bytes,
+        hash: "sha256",
         sha256,
         elapsed: a.started.elapsed(),
         result,

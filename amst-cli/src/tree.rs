@@ -331,8 +331,8 @@ pub async fn receive(
             SessionReport {
                 transfers: vec![Received {
                     name: format!(
-                        "tree: {} entries, {} stored, {} identical, {} failed",
-                        r.entries.len(),
+                        "tree: {}, {} stored, {} identical, {} failed",
+                        crate::report::entries(r.entries.len() as u64),
                         r.finished.stored,
                         r.finished.identical,
                         r.finished.failed
@@ -340,7 +340,8 @@ pub async fn receive(
                     kind: Kind::File,
                     stored_as: Some(output.to_path_buf()),
                     bytes,
-                    sha256: "blake3 per block and file".into(),
+                    hash: "blake3",
+                    sha256: String::new(),
                     elapsed: started.elapsed(),
                     result,
                 }],
