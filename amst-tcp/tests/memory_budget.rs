@@ -10,7 +10,10 @@
 //!   one past it, which must end the session with an error naming the credit;
 //! - a flood of empty messages, out of order, up to the message credit and one past it;
 //! - Pings with the largest padding, far more than the budget, while never reading the Pongs;
-//! - 64 sessions at once, each sending out-of-order data until refused.
+//! - 64 sessions at once, each sending out-of-order data until refused;
+//! - twelve sessions each sending one large message in order, as far as their credit goes:
+//!   a head message is held whole, but only one receiver at a time may go past the budget
+//!   for it, so the bound there is the budget and one message.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -325,4 +328,74 @@ async fn sixty_four_hostile_sessions_share_one_budget() {
     // Each session may hold its guaranteed minimum (256 KiB) and a read buffer beyond the
     // budget; the issue's goal is the budget plus 64 MiB.
     rx.check_peak(baseline, "64 sessions of out-of-order messages");
+}
+
+/// Twelve sessions each send one 16 MiB message in order, as far as their credit goes, and
+/// stop short of its last chunk. A message is delivered whole, so a receiver must hold its
+/// head message; but only one receiver at a time may go past the budget to do so (the
+/// overdraft). Together they hold the budget and one message, not twelve messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_messages_held_in_order_take_the_budget_and_one_message_at_most() {
+    const SESSIONS: usize = 12;
+    const MESSAGE: u64 = 16 << 20;
+    const CHUNK: u64 = 64 << 10;
+    let rx = Receiver::start();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let baseline = rx.status("VmHWM:");
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..SESSIONS {
+        let s = authenticated(rx.addr).await;
+        tasks.spawn(async move {
+            let (mut r, mut w) = s.into_split();
+            let payload = Bytes::from(vec![0x5a; CHUNK as usize]);
+            let (mut buf, mut limit, mut sent) = (BytesMut::new(), 0u64, 0u64);
+            loop {
+                while sent + CHUNK <= limit && sent + CHUNK < MESSAGE {
+                    let chunk = DataChunk::new(sent, 0, sent, MESSAGE, payload.clone());
+                    if w.write_all(&Frame::Data(chunk).to_bytes()).await.is_err() {
+                        return (sent, r, w);
+                    }
+                    sent += CHUNK;
+                }
+                // No more credit within a second: the receiver holds this session there.
+                match tokio::time::timeout(Duration::from_secs(1), r.read_buf(&mut buf)).await {
+                    Ok(Ok(n)) if n > 0 => {}
+                    _ => return (sent, r, w),
+                }
+                while let Ok(Some(f)) = Decoder::default().decode(&mut buf) {
+                    if let Frame::Credit(c) = f {
+                        limit = limit.max(c.limit);
+                    }
+                }
+            }
+        });
+    }
+    // Every session stays open until all have stopped, so that what they hold adds up.
+    let mut held = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        held.push(r.unwrap());
+    }
+    let sent: Vec<u64> = held.iter().map(|(s, _, _)| s >> 10).collect();
+    println!("KiB of its message each session could send: {sent:?}");
+    assert!(
+        sent.iter().any(|&s| s + (CHUNK >> 10) == MESSAGE >> 10),
+        "one session must get its head message all but whole (the overdraft): {sent:?}"
+    );
+    let grown = rx.status("VmHWM:").saturating_sub(baseline);
+    println!(
+        "head messages: receiver VmHWM grew {} MiB (budget {} MiB, message {} MiB)",
+        grown >> 20,
+        BUDGET >> 20,
+        MESSAGE >> 20
+    );
+    assert!(
+        grown <= BUDGET + MESSAGE + PROCESS_ALLOWANCE,
+        "the receiver's peak grew by {} MiB, over its budget of {} MiB, one message of {} MiB \
+         and {} MiB",
+        grown >> 20,
+        BUDGET >> 20,
+        MESSAGE >> 20,
+        PROCESS_ALLOWANCE >> 20
+    );
+    drop(held);
 }
