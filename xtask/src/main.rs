@@ -153,8 +153,8 @@ fn ci() -> Result<(), String> {
 /// the failure and the scenario fails with it. Without `--rdma` that scenario is listed as
 /// not run. Every other argument goes to `amst-e2e`.
 ///
-/// Unless `--scenario` leaves out `files`, it first builds the `amst` binary in release, which
-/// that scenario drives.
+/// Unless `--scenario` leaves out `files`, `rss` and `detect`, it first builds the `amst`
+/// binary in release, which those scenarios drive.
 fn bench(args: &[String]) -> Result<(), String> {
     setup::ensure(setup::Need::CiAndBench, false)?;
     let micro = args.iter().any(|a| a == "--micro");
@@ -212,9 +212,9 @@ fn bench(args: &[String]) -> Result<(), String> {
         .filter(|w| w[0] == "--scenario")
         .map(|w| w[1].as_str())
         .collect();
-    if only.is_empty() || only.contains(&"files") {
-        // The files scenario drives the `amst` binary as a user would; amst-e2e finds it
-        // beside itself in target/release.
+    if only.is_empty() || only.iter().any(|s| ["files", "rss", "detect"].contains(s)) {
+        // The files, rss and detect scenarios drive the `amst` binary as a user would;
+        // amst-e2e finds it beside itself in target/release.
         run(
             "cargo",
             &["build", "--release", "-p", "amst-cli", "--bin", "amst"],
