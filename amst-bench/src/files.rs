@@ -23,7 +23,7 @@ use amst_linkem::LinkEm;
 
 use crate::report::{Contender, Scenario};
 use contenders::{Place, RsyncDaemon, amst_once, blast_once, tar_nc_once};
-pub use serve_memory::{serve_output_peak_mib, vm_hwm_kib};
+pub use serve_memory::{ServePeak, serve_output_peak, vm_hwm_kib};
 
 /// Sizes and rounds of one `files` run.
 #[derive(Clone, Debug, PartialEq)]

@@ -1339,13 +1339,17 @@ fn rss(plan: RssPlan, amst: &std::path::Path, work: &std::path::Path) -> Scenari
     let mut transport = Contender::new("amst-tcp receiver VmHWM", "MiB").expecting(2);
     let mut serve = Contender::new("amst serve --output VmHWM", "MiB").expecting(2);
     let mut many = Contender::new("receiver VmHWM, sessions at once", "MiB").expecting(1);
+    let mut transfers = Vec::new();
     for bytes in [plan.small, plan.large] {
         match rss_once(1, bytes) {
             Ok(mib) => transport.samples.push(mib),
             Err(e) => transport.fail("rss", e),
         }
-        match amst_bench::files::serve_output_peak_mib(amst, bytes, work) {
-            Ok(mib) => serve.samples.push(mib),
+        match amst_bench::files::serve_output_peak(amst, bytes, work) {
+            Ok(p) => {
+                serve.samples.push(p.mib);
+                transfers.push(format!("{} (VmHWM {:.0} MiB)", p.transfer, p.mib));
+            }
             Err(e) => serve.fail("rss", e),
         }
     }
@@ -1373,6 +1377,10 @@ fn rss(plan: RssPlan, amst: &std::path::Path, work: &std::path::Path) -> Scenari
         "sessions_over_budget_mib",
         many.samples.first().map(|m| m - budget_mib),
     );
+    s.notes.push(format!(
+        "`amst serve --output` transfers: {}",
+        transfers.join("; ")
+    ));
     s.contenders = vec![transport, serve, many];
     s
 }

@@ -14,10 +14,19 @@ use super::tree::write_file;
 /// How long one `amst send` may take, per GiB (a slow disk writes 100 MB/s).
 const PER_GIB: Duration = Duration::from_secs(20);
 
+/// What one `amst serve --output` run peaked at, and how the transfer went.
+#[derive(Clone, Debug)]
+pub struct ServePeak {
+    /// The server's `VmHWM`, MiB.
+    pub mib: f64,
+    /// The sender's report in a line: modes, switches, streams, goodput.
+    pub transfer: String,
+}
+
 /// Sends one generated file of `bytes` to `amst serve --output` over loopback and returns
-/// the server's `VmHWM` in MiB, read from /proc while it still runs, after the send has
-/// exited successfully. `work` holds the file and its copy (2 × `bytes`), removed after.
-pub fn serve_output_peak_mib(amst: &Path, bytes: u64, work: &Path) -> Result<f64, String> {
+/// the server's `VmHWM`, read from /proc while it still runs, after the send has exited
+/// successfully. `work` holds the file and its copy (2 × `bytes`), removed after.
+pub fn serve_output_peak(amst: &Path, bytes: u64, work: &Path) -> Result<ServePeak, String> {
     let (src, dst) = (work.join("src"), work.join("dst"));
     for d in [&src, &dst] {
         let _ = std::fs::remove_dir_all(d);
@@ -47,7 +56,7 @@ fn peak_while_storing(
     dst: &Path,
     bytes: u64,
     work: &Path,
-) -> Result<f64, String> {
+) -> Result<ServePeak, String> {
     let port = free_port()?;
     let peer = format!("127.0.0.1:{port}");
     let mut serve = Command::new(amst);
@@ -57,11 +66,19 @@ fn peak_while_storing(
         .env("AMST_PSK", PSK);
     let mut server = Proc::start("amst serve", serve, work, None, None)?;
     wait_listening(&mut server, port, Duration::from_secs(10))?;
+    let report = work.join("amst-send.json");
+    let out = std::fs::File::create(&report).map_err(|e| format!("{}: {e}", report.display()))?;
     let mut send = Command::new(amst);
-    send.args(["send", "-q", &peer])
+    send.args(["send", "--json", &peer])
         .arg(file)
         .env("AMST_PSK", PSK);
-    let sender = Proc::start("amst send", send, work, Some(Stdio::null()), None)?;
+    let sender = Proc::start(
+        "amst send",
+        send,
+        work,
+        Some(Stdio::null()),
+        Some(Stdio::from(out)),
+    )?;
     let within = PER_GIB * ((bytes >> 30) as u32 + 1);
     wait_all(&mut [sender], Instant::now() + within)?;
     let peak = vm_hwm_kib(server.child.id())
@@ -74,7 +91,29 @@ fn peak_while_storing(
             server.log_tail()
         ));
     }
-    Ok(peak as f64 / 1024.0)
+    Ok(ServePeak {
+        mib: peak as f64 / 1024.0,
+        transfer: transfer_line(&report, bytes),
+    })
+}
+
+/// "10240 MiB: datacenter → datacenter, 0 switches, 64 streams, 4.8 Gbit/s", from the
+/// sender's `--json` report.
+fn transfer_line(report: &Path, bytes: u64) -> String {
+    let json: serde_json::Value = std::fs::read_to_string(report)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    let end = &json["end"];
+    format!(
+        "{} MiB: {} → {}, {} switches, {} streams, {:.1} Gbit/s",
+        bytes >> 20,
+        end["mode_start"].as_str().unwrap_or("?"),
+        end["mode"].as_str().unwrap_or("?"),
+        end["mode_switches"].as_u64().unwrap_or(0),
+        end["streams"].as_u64().unwrap_or(0),
+        end["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9
+    )
 }
 
 /// `VmHWM` of a live process, in KiB.
