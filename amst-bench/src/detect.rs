@@ -6,7 +6,7 @@
 //!   starts, takes from connecting to datacenter mode. Goal: within 1 s.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -16,7 +16,7 @@ use amst_core::codec::Psk;
 use amst_hybrid::{Amst, AmstConfig};
 use bytes::Bytes;
 
-use crate::files::procs::{Proc, free_port, wait_all, wait_listening};
+use crate::files::procs::{amst_serve, run_json};
 use crate::iperf;
 use crate::report::{Contender, Scenario};
 
@@ -67,8 +67,8 @@ pub fn scenario(amst: &Path, rounds: usize, iperf_bytes: u64, work: &Path) -> Sc
             }
             Err(e) => probe.fail(id, e),
         }
-        match iperf_once(iperf_bytes) {
-            Ok(bps) => reference.record(bps / 1e9, Vec::new()),
+        match iperf::once("127.0.0.1", Some(iperf_bytes), IPERF_BEST) {
+            Ok(r) => reference.record(r.received_bps / 1e9, Vec::new()),
             Err(e) => reference.fail(id, e),
         }
         match rt.block_on(auto_once()) {
@@ -103,55 +103,25 @@ pub fn scenario(amst: &Path, rounds: usize, iperf_bytes: u64, work: &Path) -> Sc
 /// `amst explain --json` against `amst serve --discard`: the probe's rate in bit/s and
 /// whether it converged.
 fn explain_once(amst: &Path, work: &Path) -> Result<(f64, bool), String> {
-    let port = free_port()?;
-    let peer = format!("127.0.0.1:{port}");
-    let mut serve = Command::new(amst);
-    serve
-        .args(["serve", "--listen", &peer, "--discard", "-q"])
-        .env("AMST_PSK", PSK);
-    let mut server = Proc::start("amst serve", serve, work, None, None)?;
-    wait_listening(&mut server, port, Duration::from_secs(10))?;
-    let report = work.join("explain.json");
-    let out = std::fs::File::create(&report).map_err(|e| format!("{}: {e}", report.display()))?;
+    let (mut server, peer) = amst_serve(amst, &["--discard".as_ref(), "-q".as_ref()], PSK, work)?;
     let mut explain = Command::new(amst);
     explain
         .args(["explain", "--json", "--peer", &peer])
         .env("AMST_PSK", PSK);
-    let explainer = Proc::start(
+    let report = work.join("explain.json");
+    let json = run_json(
         "amst explain",
         explain,
         work,
-        Some(Stdio::null()),
-        Some(Stdio::from(out)),
-    )?;
-    wait_all(&mut [explainer], Instant::now() + Duration::from_secs(60))?;
+        &report,
+        Duration::from_secs(60),
+    );
     server.kill();
-    let json: serde_json::Value = std::fs::read_to_string(&report)
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .ok_or_else(|| format!("{} is not JSON", report.display()))?;
+    let json = json?;
     let rate = json["bandwidth_bytes_per_sec"]
         .as_u64()
         .ok_or("amst explain measured no bandwidth")?;
     Ok((rate as f64 * 8.0, json["bandwidth_measured"] == true))
-}
-
-fn iperf_once(bytes: u64) -> Result<f64, String> {
-    let port = free_port()?;
-    let mut server = iperf::server(Command::new("iperf3"), "127.0.0.1", port)
-        .map_err(|e| format!("iperf3 -s: {e}"))?;
-    std::thread::sleep(Duration::from_millis(300));
-    let r = iperf::client(
-        Command::new("iperf3"),
-        "127.0.0.1",
-        port,
-        Duration::ZERO,
-        Some(bytes),
-        IPERF_BEST,
-    );
-    let _ = server.kill();
-    let _ = server.wait();
-    r.map(|r| r.received_bps).map_err(|e| e.to_string())
 }
 
 /// Connects in auto mode, sends 1 MiB messages, and returns the time from connecting until

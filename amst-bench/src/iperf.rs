@@ -2,7 +2,7 @@
 
 use std::io;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -95,6 +95,42 @@ pub fn parse(json: &str) -> Result<IperfResult, String> {
         retransmits,
         intervals,
     })
+}
+
+/// One iperf3 test on this host: a one-shot server on a free port and a client moving
+/// `bytes` (or running its default time), with `extra` arguments.
+pub fn once(host: &str, bytes: Option<u64>, extra: &[&str]) -> Result<IperfResult, String> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("no free port: {e}"))?;
+    let server =
+        server(Command::new("iperf3"), host, port).map_err(|e| format!("iperf3 -s: {e}"))?;
+    std::thread::sleep(Duration::from_millis(300));
+    let r = client(
+        Command::new("iperf3"),
+        host,
+        port,
+        Duration::ZERO,
+        bytes,
+        extra,
+    );
+    reap(server);
+    r.map_err(|e| e.to_string())
+}
+
+/// Waits up to 5 s for a one-shot iperf3 server to exit after its test, then kills it: a
+/// client that never connected must not leave the harness waiting.
+pub fn reap(mut server: Child) {
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until {
+        if let Ok(Some(_)) = server.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = server.kill();
+    let _ = server.wait();
 }
 
 #[cfg(test)]

@@ -592,7 +592,7 @@ fn loopback(id: &str, streams: usize, bytes: u64, rounds: usize) -> Scenario {
         for (reference, extra) in references.iter_mut() {
             let mut args = vec!["-P", p.as_str()];
             args.extend_from_slice(extra);
-            match iperf_once("127.0.0.1", Some(bytes), &args) {
+            match iperf::once("127.0.0.1", Some(bytes), &args) {
                 Ok(r) => reference.record(
                     r.received_bps / 1e9,
                     r.intervals.iter().map(|&(t, b)| (t, b / 1e9)).collect(),
@@ -625,38 +625,6 @@ fn loopback(id: &str, streams: usize, bytes: u64, rounds: usize) -> Scenario {
         .chain(references.into_iter().map(|(c, _)| c))
         .collect();
     s
-}
-
-/// One iperf3 test on this host: a one-shot server and a client moving `bytes`.
-fn iperf_once(host: &str, bytes: Option<u64>, args: &[&str]) -> Result<iperf::IperfResult, String> {
-    let port = free_port();
-    let server =
-        iperf::server(Command::new("iperf3"), host, port).map_err(|e| format!("iperf3 -s: {e}"))?;
-    std::thread::sleep(Duration::from_millis(300));
-    let r = iperf::client(
-        Command::new("iperf3"),
-        host,
-        port,
-        Duration::ZERO,
-        bytes,
-        args,
-    );
-    reap(server);
-    r.map_err(|e| e.to_string())
-}
-
-/// Waits up to 5 s for a one-shot iperf3 server to exit after its test, then kills it: a
-/// client that never connected must not leave the harness waiting.
-fn reap(mut server: std::process::Child) {
-    let until = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < until {
-        if let Ok(Some(_)) = server.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = server.kill();
-    let _ = server.wait();
 }
 
 async fn amst_tcp_once(
@@ -770,7 +738,7 @@ fn iperf_wan_once(
         None,
         args,
     );
-    reap(server);
+    iperf::reap(server);
     r.map_err(|e| e.to_string())
 }
 

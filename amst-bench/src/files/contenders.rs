@@ -16,7 +16,7 @@ use amst_linkem::LinkEm;
 use amst_tcp::{TcpConfig, TcpListener, TcpTransport};
 use bytes::Bytes;
 
-use super::procs::{Proc, free_port, wait_all, wait_listening};
+use super::procs::{Proc, free_port, read_json, wait_all, wait_listening};
 
 /// The key `amst send` and `amst serve` share, through `AMST_PSK` as a user would set it.
 pub(super) const PSK: &str = "amst files benchmark key, loopback and test namespaces only";
@@ -115,10 +115,7 @@ pub fn amst_once(
     let mut procs = [sender, server];
     wait_all(&mut procs, start + within)?;
     let elapsed = start.elapsed();
-    let json: serde_json::Value = std::fs::read_to_string(&report)
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or_default();
+    let json = read_json(&report).unwrap_or_default();
     let streams = json["intervals"].as_array().and_then(|iv| {
         iv.iter()
             .filter_map(|i| i["streams"].as_u64())

@@ -166,6 +166,46 @@ pub fn wait_listening(p: &mut Proc, port: u16, within: Duration) -> Result<(), S
     }
 }
 
+/// `amst serve ARGS` on a free loopback port with `psk` in `AMST_PSK`, once it listens; with
+/// the address to give `amst send`.
+pub fn amst_serve(
+    amst: &Path,
+    args: &[&std::ffi::OsStr],
+    psk: &str,
+    work: &Path,
+) -> Result<(Proc, String), String> {
+    let port = free_port()?;
+    let peer = format!("127.0.0.1:{port}");
+    let mut serve = Command::new(amst);
+    serve
+        .args(["serve", "--listen", &peer])
+        .args(args)
+        .env("AMST_PSK", psk);
+    let mut server = Proc::start("amst serve", serve, work, None, None)?;
+    wait_listening(&mut server, port, Duration::from_secs(10))?;
+    Ok((server, peer))
+}
+
+/// Runs `cmd` (a `--json` command) to completion within `within`, its stdout to `report`,
+/// and returns what it printed as JSON.
+pub fn run_json(
+    name: &str,
+    cmd: Command,
+    work: &Path,
+    report: &Path,
+    within: Duration,
+) -> Result<serde_json::Value, String> {
+    let out = File::create(report).map_err(|e| format!("{}: {e}", report.display()))?;
+    let p = Proc::start(name, cmd, work, Some(Stdio::null()), Some(Stdio::from(out)))?;
+    wait_all(&mut [p], Instant::now() + within)?;
+    read_json(report).ok_or_else(|| format!("{name}: {} is not JSON", report.display()))
+}
+
+/// A JSON file's contents, if it holds JSON.
+pub fn read_json(path: &Path) -> Option<serde_json::Value> {
+    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+}
+
 /// A port no socket on this host uses right now.
 pub fn free_port() -> Result<u16, String> {
     std::net::TcpListener::bind("127.0.0.1:0")

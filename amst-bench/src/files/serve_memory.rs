@@ -4,11 +4,11 @@
 //! disk slower than the network makes the server hold as much as its budget lets it.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use super::contenders::PSK;
-use super::procs::{Proc, free_port, wait_all, wait_listening};
+use super::procs::{amst_serve, run_json};
 use super::tree::write_file;
 
 /// How long one `amst send` may take, per GiB (a slow disk writes 100 MB/s).
@@ -57,30 +57,19 @@ fn peak_while_storing(
     bytes: u64,
     work: &Path,
 ) -> Result<ServePeak, String> {
-    let port = free_port()?;
-    let peer = format!("127.0.0.1:{port}");
-    let mut serve = Command::new(amst);
-    serve
-        .args(["serve", "--listen", &peer, "-q", "--output"])
-        .arg(dst)
-        .env("AMST_PSK", PSK);
-    let mut server = Proc::start("amst serve", serve, work, None, None)?;
-    wait_listening(&mut server, port, Duration::from_secs(10))?;
-    let report = work.join("amst-send.json");
-    let out = std::fs::File::create(&report).map_err(|e| format!("{}: {e}", report.display()))?;
+    let (mut server, peer) = amst_serve(
+        amst,
+        &["-q".as_ref(), "--output".as_ref(), dst.as_os_str()],
+        PSK,
+        work,
+    )?;
     let mut send = Command::new(amst);
     send.args(["send", "--json", &peer])
         .arg(file)
         .env("AMST_PSK", PSK);
-    let sender = Proc::start(
-        "amst send",
-        send,
-        work,
-        Some(Stdio::null()),
-        Some(Stdio::from(out)),
-    )?;
+    let report = work.join("amst-send.json");
     let within = PER_GIB * ((bytes >> 30) as u32 + 1);
-    wait_all(&mut [sender], Instant::now() + within)?;
+    let json = run_json("amst send", send, work, &report, within)?;
     let peak = vm_hwm_kib(server.child.id())
         .ok_or_else(|| format!("amst serve is gone: {}", server.log_tail()))?;
     server.kill();
@@ -93,17 +82,13 @@ fn peak_while_storing(
     }
     Ok(ServePeak {
         mib: peak as f64 / 1024.0,
-        transfer: transfer_line(&report, bytes),
+        transfer: transfer_line(&json, bytes),
     })
 }
 
 /// "10240 MiB: datacenter → datacenter, 0 switches, 64 streams, 4.8 Gbit/s", from the
 /// sender's `--json` report.
-fn transfer_line(report: &Path, bytes: u64) -> String {
-    let json: serde_json::Value = std::fs::read_to_string(report)
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or_default();
+fn transfer_line(json: &serde_json::Value, bytes: u64) -> String {
     let end = &json["end"];
     format!(
         "{} MiB: {} → {}, {} switches, {} streams, {:.1} Gbit/s",
