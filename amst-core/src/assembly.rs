@@ -15,14 +15,18 @@ pub(crate) struct Assembly {
     buf: Vec<u8>,
     total: usize,
     written: RangeSet,
+    /// Set while `buf` is a reused buffer, whose pages are resident before they are written.
+    lent: Option<crate::recycle::Lent>,
 }
 
 impl Assembly {
     pub(crate) fn new(total: usize) -> Self {
+        let (buf, lent) = crate::recycle::take(total);
         Assembly {
-            buf: crate::recycle::take(total),
+            buf,
             total,
             written: RangeSet::new(),
+            lent,
         }
     }
 
@@ -40,7 +44,10 @@ impl Assembly {
         unsafe {
             std::ptr::copy_nonoverlapping(data.as_ptr(), dst.as_mut_ptr().cast::<u8>(), end - at);
         }
-        self.written.insert(at as u64, end as u64);
+        let new = self.written.insert(at as u64, end as u64);
+        if let Some(lent) = &mut self.lent {
+            lent.written(new as usize);
+        }
     }
 
     /// Whether every byte has been written.
@@ -56,7 +63,7 @@ impl Assembly {
         // SAFETY: `written` covers `[0, total)`, and only `write` adds to it, after copying
         // exactly those bytes into the capacity, which is at least `total`.
         unsafe { self.buf.set_len(self.total) };
-        Ok(crate::recycle::into_bytes(self.buf))
+        Ok(crate::recycle::into_bytes(self.buf, self.lent))
     }
 }
 
@@ -64,6 +71,30 @@ impl Assembly {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_reused_buffer_counts_its_unwritten_part_until_filled() {
+        // A size no other test in this binary uses, so that parallel tests cannot take it.
+        let len = (5 << 20) + 333;
+        let mut first = Assembly::new(len);
+        first.write(0, &vec![1; len]);
+        drop(first.finish().expect("complete"));
+        let mut again = Assembly::new(len);
+        let unwritten = |a: &Assembly| a.lent.as_ref().map(|l| l.unwritten());
+        assert!(unwritten(&again).is_some_and(|n| n >= len), "not reused");
+        again.write(1000, &vec![2; 4096]);
+        again.write(1000, &vec![2; 4096]);
+        let cap = unwritten(&again).unwrap() + 4096;
+        again.write(0, &vec![3; 1000]);
+        again.write(5096, &vec![4; len - 5096]);
+        assert_eq!(
+            unwritten(&again),
+            Some(cap - len),
+            "a byte written twice counts once"
+        );
+        let m = again.finish().expect("complete");
+        assert_eq!(m.len(), len);
+    }
 
     #[test]
     fn an_incomplete_assembly_is_not_readable() {
