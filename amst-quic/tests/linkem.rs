@@ -67,14 +67,15 @@ fn goodput(link: &LinkEm, cc: CongestionControl, port: u16) -> f64 {
         let start = Instant::now();
         let deadline = tokio::time::Instant::now() + RUN;
         // `send` blocks on credit, so this keeps exactly a window queued until the deadline.
+        // A controller that stalls past the idle timeout loses its connection (quinn's CUBIC
+        // did once on this link): what it had delivered by then is its goodput.
         let _ = tokio::time::timeout_at(deadline, async {
-            loop {
-                t.send(payload.clone()).await.unwrap();
-            }
+            while let Ok(()) = t.send(payload.clone()).await {}
+            eprintln!("{cc}: the connection failed after {:?}", t0.elapsed());
         })
         .await;
         let acked = t.metrics().messages_acked;
-        let out = (acked, start.elapsed(), t.quic_stats());
+        let out = (acked, start.elapsed().max(RUN), t.quic_stats());
         // What was not delivered in time is not counted; let the CONNECTION_CLOSE go out
         // so that the server's loop ends now rather than at the idle timeout.
         t.abort();
@@ -128,7 +129,7 @@ fn amst_bbr_carries_most_of_a_lossy_long_path_and_twice_quinn_cubic() {
         goodput(&link, CongestionControl::QuinnBbr, 4436);
     }
     eprintln!("amst-cc BBR / quinn CUBIC = {:.1}x", bbr / cubic);
-    assert!(bbr > 0.0 && cubic > 0.0);
+    assert!(bbr > 0.0, "amst-cc BBR delivered nothing");
     assert!(
         bbr >= MIN_FRACTION_OF_LINK * RATE_BPS as f64,
         "amst-cc BBR carried {:.1} Mbit/s, {:.2} of the {} Mbit/s link; it must carry at \
