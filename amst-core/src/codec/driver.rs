@@ -222,7 +222,23 @@ pub async fn server_finish(
     awaiting: AwaitingProof,
 ) -> Result<Established, Error> {
     const STATE: &str = "waiting for the client's Auth proof";
-    match io.recv(&[FrameKind::Auth, FrameKind::Close], STATE).await? {
+    let frame = io
+        .recv(&[FrameKind::Auth, FrameKind::Close], STATE)
+        .await
+        .map_err(|e| match e {
+            // The client checks our HelloAck's MAC first and hangs up when it fails: from
+            // here, a client with another key looks exactly like this.
+            Error::Io { source, .. } if source.kind() == io::ErrorKind::UnexpectedEof => Error::io(
+                "waiting for the client's key proof",
+                io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the client hung up after our HelloAck; a client whose pre-shared key \
+                         differs from ours does this",
+                ),
+            ),
+            other => other,
+        })?;
+    match frame {
         Frame::Auth(proof) => Ok(awaiting.on_auth(&proof)?),
         other => Err(unexpected(other, STATE)),
     }
@@ -255,6 +271,31 @@ mod tests {
 
     fn close() -> Frame {
         Frame::Close(Close::new(CloseCode::Aborted, "bye"))
+    }
+
+    #[tokio::test]
+    async fn a_client_that_hangs_up_after_our_hello_ack_is_named_as_a_likely_key_mismatch() {
+        use crate::codec::{ClientHandshake, Psk, ServerHandshake};
+        let (_, hello) = ClientHandshake::new(
+            Psk::new(b"the client's key").unwrap(),
+            [1; 32],
+            [0; 16],
+            0,
+            1,
+            0,
+        );
+        let server = ServerHandshake::new(Psk::new(b"the server's key").unwrap(), [2; 32], 0);
+        let (_, awaiting) = server.on_hello(&hello, [3; 16]).unwrap();
+        let mut s = Scripted {
+            input: Vec::new(),
+            step: 4,
+            written: Vec::new(),
+        };
+        let e = server_finish(&mut StreamIo::new(&mut s, "handshake"), awaiting)
+            .await
+            .unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("pre-shared key differs"), "{text}");
     }
 
     #[tokio::test]
