@@ -46,6 +46,30 @@ pub fn zero_block_cv(len: u32, block_size: u32, index: u64) -> Digest {
     h.finalize_non_root()
 }
 
+/// The chaining values of the zero blocks `indices` of a file of `size`, on as many threads
+/// as the machine has cores (up to 16). Every BLAKE3 chunk's position enters its hash, so a
+/// hole costs as much to hash as data: 7.5 GiB of holes took 1.9 s on one core, after the
+/// last byte had arrived.
+pub fn zero_block_cvs(size: u64, block_size: u32, indices: &[u64]) -> Vec<Digest> {
+    let one = |&i: &u64| zero_block_cv(block_len(size, block_size, i), block_size, i);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(16));
+    // At least 64 blocks to a thread: starting one costs more than hashing a few blocks.
+    let per = indices.len().div_ceil(threads).max(64);
+    if indices.len() <= per {
+        return indices.iter().map(one).collect();
+    }
+    std::thread::scope(|scope| {
+        let parts: Vec<_> = indices
+            .chunks(per)
+            .map(|part| scope.spawn(move || part.iter().map(one).collect::<Vec<_>>()))
+            .collect();
+        parts
+            .into_iter()
+            .flat_map(|p| p.join().expect("hashing zeroes does not panic"))
+            .collect()
+    })
+}
+
 /// The BLAKE3 of a file of more than one block, from its blocks' chaining values in order.
 /// `None` when `cvs` does not have one value per block.
 pub fn file_hash(size: u64, block_size: u32, cvs: &[Digest]) -> Option<Digest> {
@@ -119,6 +143,19 @@ mod tests {
         assert_eq!(block_count(0, B), 0);
         assert_eq!(block_count(B as u64 + 1, B), 2);
         assert_eq!(block_len(B as u64 + 1, B, 1), 1);
+    }
+
+    #[test]
+    fn zero_blocks_hashed_on_many_threads_match_one_by_one() {
+        let size = 300 * B as u64 + 5;
+        let indices: Vec<u64> = (0..=300).filter(|i| i % 7 != 3).collect();
+        let many = zero_block_cvs(size, B, &indices);
+        let one: Vec<Digest> = indices
+            .iter()
+            .map(|&i| zero_block_cv(block_len(size, B, i), B, i))
+            .collect();
+        assert_eq!(many, one);
+        assert!(zero_block_cvs(size, B, &[]).is_empty());
     }
 
     proptest! {

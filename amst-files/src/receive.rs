@@ -21,7 +21,7 @@ use tokio::sync::{Semaphore, mpsc};
 
 use crate::channel::Channel;
 use crate::error::{Error, Result};
-use crate::hash::{block_count, block_cv, block_len, file_hash, zero_block_cv};
+use crate::hash::{block_count, block_cv, block_len, file_hash, zero_block_cvs};
 use crate::journal::{self, Identity};
 use crate::landing::{self, Dirs, LandError};
 use crate::path::{RelPath, Seen, TreeIndex, check_link_target};
@@ -1103,10 +1103,11 @@ fn finalize(s: &Session, f: &RecvFile) {
     };
     let bs = s.hello.block_size;
     let mut cvs = cvs;
+    let mut zeroes = Vec::new();
     for (first, count) in holes {
         for i in first..first.saturating_add(count) {
-            match cvs.get_mut(i as usize) {
-                Some(slot @ None) => *slot = Some(zero_block_cv(block_len(f.size, bs, i), bs, i)),
+            match cvs.get(i as usize) {
+                Some(None) => zeroes.push(i),
                 Some(Some(_)) => {}
                 None => {
                     s.fail(f.id, format!("hole block {i} is past the end of the file"));
@@ -1114,6 +1115,9 @@ fn finalize(s: &Session, f: &RecvFile) {
                 }
             }
         }
+    }
+    for (i, cv) in zeroes.iter().zip(zero_block_cvs(f.size, bs, &zeroes)) {
+        cvs[*i as usize] = Some(cv);
     }
     if let Some(missing) = cvs.iter().position(Option::is_none) {
         s.fail(
