@@ -1253,10 +1253,11 @@ async fn switch_run(
         } else {
             Mode::Datacenter
         };
-        client.force_mode(mode).await.map_err(|e| e.to_string())?;
         // The next decision waits for this switch's first acknowledgement (bounded), so that
-        // every switch is timed and none is cut short by the next.
+        // every switch is timed and none is cut short by the next. Counted before the switch:
+        // its first ack can come back before `force_mode` returns.
         let timed = client.switch_durations().len();
+        client.force_mode(mode).await.map_err(|e| e.to_string())?;
         let until = Instant::now() + Duration::from_secs(5);
         while client.switch_durations().len() == timed && Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(2)).await;

@@ -41,6 +41,11 @@ impl HybridSession {
         for l in &order {
             let decided = decided.unwrap_or(t0);
             *lock(&l.switch_mark) = Some((t0, decided, l.sent.load(Ordering::Relaxed)));
+            // The lane's pump may be parked on an idle lane: wake it now, so that it follows
+            // acks (times the switch, releases the ledger) while the resend below is still
+            // going out. Woken only after it, a 45 MiB resend onto a paced lane read as a
+            // 110 ms switch whose first ack had come back in a few.
+            l.kick.notify_one();
         }
         // After the swap, so that a peer reacting to it (a client retiring the old lane on
         // AttachAck) finds this side already on the new route.
