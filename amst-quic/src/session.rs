@@ -111,16 +111,58 @@ impl ReadFail {
 #[derive(Debug)]
 pub(crate) struct FrameReader {
     stream: RecvStream,
+    pending: Pending,
+}
+
+/// The bytes read and not yet decoded, and the decoder, without the stream.
+#[derive(Debug)]
+struct Pending {
     buf: BytesMut,
     decoder: Decoder,
+    /// A bad frame found behind sound ones: reported on the next call, once the sound ones
+    /// are handled (the decoder has consumed it, so it cannot be found again).
+    bad: Option<ProtocolError>,
+}
+
+impl Pending {
+    /// Appends up to `max` (at least 1) whole frames to `out` and returns how many. A bad
+    /// frame is an error only once the frames before it have been returned.
+    fn decode(
+        &mut self,
+        out: &mut Vec<Frame>,
+        max: usize,
+    ) -> std::result::Result<usize, ProtocolError> {
+        if let Some(e) = self.bad.take() {
+            return Err(e);
+        }
+        let mut n = 0;
+        while n < max.max(1) {
+            match self.decoder.decode(&mut self.buf) {
+                Ok(Some(f)) => {
+                    out.push(f);
+                    n += 1;
+                }
+                Ok(None) => break,
+                Err(e) if n > 0 => {
+                    self.bad = Some(e);
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(n)
+    }
 }
 
 impl FrameReader {
     pub(crate) fn new(stream: RecvStream, limits: Limits) -> Self {
         FrameReader {
             stream,
-            buf: BytesMut::new(),
-            decoder: Decoder::new(limits),
+            pending: Pending {
+                buf: BytesMut::new(),
+                decoder: Decoder::new(limits),
+                bad: None,
+            },
         }
     }
 
@@ -140,35 +182,21 @@ impl FrameReader {
         out: &mut Vec<Frame>,
         max: usize,
     ) -> std::result::Result<bool, ReadFail> {
+        let p = &mut self.pending;
         loop {
-            let before = out.len();
-            while out.len() - before < max.max(1) {
-                match self
-                    .decoder
-                    .decode(&mut self.buf)
-                    .map_err(ReadFail::Protocol)?
-                {
-                    Some(f) => out.push(f),
-                    None => break,
-                }
-            }
-            if out.len() > before {
+            if p.decode(out, max).map_err(ReadFail::Protocol)? > 0 {
                 return Ok(true);
             }
-            if let Some(need) = self
-                .decoder
-                .frame_len(&self.buf)
-                .map_err(ReadFail::Protocol)?
-            {
+            if let Some(need) = p.decoder.frame_len(&p.buf).map_err(ReadFail::Protocol)? {
                 // Validated against the limits, so this reserve is bounded.
-                self.buf.reserve(need.saturating_sub(self.buf.len()));
+                p.buf.reserve(need.saturating_sub(p.buf.len()));
             }
             match self.stream.read_chunk(usize::MAX, true).await {
-                Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk.bytes),
+                Ok(Some(chunk)) => p.buf.extend_from_slice(&chunk.bytes),
                 Ok(None) => {
-                    return match self
+                    return match p
                         .decoder
-                        .decode_eof(&mut self.buf)
+                        .decode_eof(&mut p.buf)
                         .map_err(ReadFail::Protocol)?
                     {
                         Some(f) => {
@@ -757,5 +785,32 @@ impl Drop for ProbeGuard<'_> {
         for id in &self.ids {
             probes.remove(id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use amst_core::codec::DataChunk;
+    use bytes::Bytes;
+
+    use super::*;
+
+    #[test]
+    fn frames_ahead_of_a_bad_one_are_returned_before_its_error() {
+        let mut p = Pending {
+            buf: BytesMut::new(),
+            decoder: Decoder::new(Limits::default()),
+            bad: None,
+        };
+        let whole = Frame::Data(DataChunk::new(0, 0, 0, 5, Bytes::from_static(b"whole")));
+        p.buf.extend_from_slice(&whole.to_bytes());
+        p.buf.extend_from_slice(&[0xee, 0, 0, 0, 0]);
+        let mut out = Vec::new();
+        assert_eq!(p.decode(&mut out, 8), Ok(1));
+        assert_eq!(out, vec![whole]);
+        assert_eq!(
+            p.decode(&mut out, 8),
+            Err(ProtocolError::UnknownFrameType(0xee))
+        );
     }
 }

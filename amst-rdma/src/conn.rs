@@ -219,16 +219,15 @@ impl Conn {
         bytes: &[u8],
         now: Instant,
     ) -> Result<(), Fatal> {
-        if let Err(e) = self.take_segment(slot, bytes) {
-            return Err(self.session.fail(Fatal::Protocol(e)));
-        }
+        // The frames decoded before a bad one are sound: what they complete stays readable.
+        let taken = self.take_segment(slot, bytes);
         for f in self.frames.drain(..) {
             if let Frame::Data(c) = &f {
                 self.bytes_received += c.payload.len() as u64;
             }
             self.session.on_frame(PATH, f, now)?;
         }
-        Ok(())
+        taken.map_err(|e| self.session.fail(Fatal::Protocol(e)))
     }
 
     /// Updates the ledger from a segment and decodes its frames into `self.frames`.

@@ -221,23 +221,26 @@ async fn read_loop(
     let mut slab_len = buf.capacity();
     let mut _slab_charge: Charge = budget.charge(slab_len as u64);
     loop {
-        // Decode what we have; stop at the first incomplete frame.
-        loop {
+        // Decode what we have; stop at the first incomplete frame, or at a bad one.
+        let bad = loop {
             match decoder.decode(&mut buf) {
                 Ok(Some(f)) => frames.push(f),
-                Ok(None) => break,
-                Err(e) => {
-                    shared.fail(Fatal::Protocol(e));
-                    return drain(stream, buf).await;
-                }
+                Ok(None) => break None,
+                Err(e) => break Some(e),
             }
-        }
+        };
         for f in frames.iter_mut() {
             if let Frame::Data(chunk) = f {
                 unpin_from_slab(shared, chunk, slab_len);
             }
         }
+        // The frames before a bad one are sound: what they complete stays readable, as it
+        // would had the bad frame come in the next read.
         if !frames.is_empty() && !handle_frames(shared, path, ctl, &mut frames) {
+            return drain(stream, buf).await;
+        }
+        if let Some(e) = bad {
+            shared.fail(Fatal::Protocol(e));
             return drain(stream, buf).await;
         }
         if shared.failed.load(Ordering::Relaxed) {

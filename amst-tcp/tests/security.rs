@@ -630,7 +630,18 @@ async fn an_authenticated_stream_that_sends_garbage_ends_only_its_own_session() 
     let (mut s, est, _) = raw_handshake(addr, psk(), [0; 16], 0, 1).await.unwrap();
     assert_ne!(est.session_id, good.session_id());
     let bad_srv = accept.await.unwrap();
-    s.write_all(&[0xee, 0, 0, 0, 0]).await.unwrap();
+    // A whole message, then garbage, in one write: the message still arrives, whether the
+    // server reads the two apart or together (together, it used to be dropped with the
+    // read's other frames).
+    let mut bytes = Frame::Data(DataChunk::new(0, 0, 0, 5, Bytes::from_static(b"whole")))
+        .to_bytes()
+        .to_vec();
+    bytes.extend_from_slice(&[0xee, 0, 0, 0, 0]);
+    s.write_all(&bytes).await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), bad_srv.recv())
+        .await
+        .unwrap();
+    assert_eq!(first.unwrap().as_deref(), Some(&b"whole"[..]));
     let err = tokio::time::timeout(Duration::from_secs(5), bad_srv.recv())
         .await
         .unwrap()

@@ -175,6 +175,30 @@ fn corruption_fails_the_session_and_the_peer_hears_why() {
     assert!(a.session().check_can_send().is_err());
 }
 
+/// A segment carrying a whole message and then a bad frame: the message stays readable, and
+/// the session fails on the bad frame.
+#[test]
+fn a_message_ahead_of_a_bad_frame_in_one_segment_is_delivered() {
+    let budget = MemoryBudget::new(64 << 20);
+    let c = config(&budget);
+    let now = Instant::now();
+    let (mut a, mut b) = pair(&c, now);
+    a.session_mut().push(message(2, 100), now).unwrap();
+    let mut buf = vec![0u8; 64 << 10];
+    carry(&mut b, &mut a, now, &mut buf);
+    let p = a.poll_segment(now, &mut buf).unwrap();
+    let mut h = SegmentHeader::decode(&buf[..p.len]).unwrap();
+    buf[p.len..p.len + 5].copy_from_slice(&[0xee, 0, 0, 0, 0]);
+    h.payload_len += 5;
+    h.encode(&mut buf);
+    let e = b.on_segment(None, &buf[..p.len + 5], now).unwrap_err();
+    assert!(
+        matches!(e, Fatal::Protocol(ProtocolError::UnknownFrameType(0xee))),
+        "{e:?}"
+    );
+    assert_eq!(b.session_mut().read(now), Some(message(2, 100)));
+}
+
 /// How much one receiver holds when its application reads nothing: `senders` pairs share
 /// `budget`, each sender pushes 8 MiB.
 fn held_unread(budget: &MemoryBudget, pairs: usize) -> Vec<u64> {
