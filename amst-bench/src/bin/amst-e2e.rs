@@ -1070,6 +1070,18 @@ fn share(duration: Duration, rounds: usize) -> Scenario {
         s.metrics
             .insert("amst_cubic_share_over_iperf3_P8".into(), a / p8);
     }
+    // The same question from the CUBIC flow's side (harm, not share): what it kept against
+    // amst over what it kept against `iperf3 -P 8 -C cubic`. At 1 % loss a CUBIC flow is
+    // loss-limited near 1.5 Mbit/s, so the share gate above also counts capacity it could
+    // not have used. Reported only; no gate reads it.
+    if let (Some(vs_amst), Some(vs_p8)) = (contenders[1][1].summary(), contenders[3][1].summary())
+        && vs_p8.median > 0.0
+    {
+        s.metrics.insert(
+            "cubic_kept_vs_amst_over_vs_iperf3_P8".into(),
+            vs_amst.median / vs_p8.median,
+        );
+    }
     s.notes.push(
         "the share metrics are medians over rounds of each round's share; the second flow of a pair gets 1 - share".into(),
     );
