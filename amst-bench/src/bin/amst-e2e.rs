@@ -1074,8 +1074,14 @@ fn share(duration: Duration, rounds: usize) -> Scenario {
     // amst over what it kept against `iperf3 -P 8 -C cubic`. At 1 % loss a CUBIC flow is
     // loss-limited near 1.5 Mbit/s, so the share gate above also counts capacity it could
     // not have used. Reported only; no gate reads it.
-    if let (Some(vs_amst), Some(vs_p8)) = (contenders[1][1].summary(), contenders[3][1].summary())
-        && vs_p8.median > 0.0
+    let other_flow = |metric: &str| {
+        let i = pairs.iter().position(|(m, _)| *m == metric)?;
+        contenders[i][1].summary()
+    };
+    if let (Some(vs_amst), Some(vs_p8)) = (
+        other_flow("amst_share_vs_iperf3_cubic"),
+        other_flow("iperf3_P8_cubic_share_vs_iperf3_cubic"),
+    ) && vs_p8.median > 0.0
     {
         s.metrics.insert(
             "cubic_kept_vs_amst_over_vs_iperf3_P8".into(),
