@@ -231,6 +231,9 @@ async fn read_stream(shared: Arc<Shared>, path: PathId, mut reader: FrameReader)
                 _ => 0,
             })
             .sum();
+        // Counted before the session sees them: once it has, the application may read the
+        // last message and the metrics before this task runs again.
+        shared.bytes_received.fetch_add(bytes, Ordering::Relaxed);
         let now = Instant::now();
         let ok = shared.update(|p| {
             frames
@@ -238,7 +241,6 @@ async fn read_stream(shared: Arc<Shared>, path: PathId, mut reader: FrameReader)
                 .try_for_each(|f| p.on_frame(path, f, now))
                 .is_ok()
         });
-        shared.bytes_received.fetch_add(bytes, Ordering::Relaxed);
         if !ok {
             break;
         }

@@ -352,6 +352,16 @@ fn handle_frames(
             data_chunks += 1;
         }
     }
+    // Counted before the session sees them: once it has, the application may read the last
+    // message and the metrics before this task runs again.
+    if data_chunks > 0 {
+        ctl.bytes_received.fetch_add(data_bytes, Ordering::Relaxed);
+        ctl.chunks_received
+            .fetch_add(data_chunks, Ordering::Relaxed);
+        shared
+            .bytes_received
+            .fetch_add(data_bytes, Ordering::Relaxed);
+    }
     let now = Instant::now();
     // All of a read's frames under one lock.
     let ok = shared.update(|p| {
@@ -361,13 +371,5 @@ fn handle_frames(
             .is_ok()
     });
     frames.clear();
-    if data_chunks > 0 {
-        ctl.bytes_received.fetch_add(data_bytes, Ordering::Relaxed);
-        ctl.chunks_received
-            .fetch_add(data_chunks, Ordering::Relaxed);
-        shared
-            .bytes_received
-            .fetch_add(data_bytes, Ordering::Relaxed);
-    }
     ok
 }
