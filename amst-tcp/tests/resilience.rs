@@ -398,7 +398,9 @@ async fn dropping_every_stream_at_once_reconnects_and_completes() {
 /// A one-connection proxy that passes the handshake through untouched, then decodes the
 /// client's frames and flips one payload byte of Data frame number `corrupt` while keeping
 /// its CRC, as a faulty NIC or middlebox would.
-async fn corrupting_proxy(upstream: SocketAddr, corrupt: usize) -> SocketAddr {
+/// A proxy that flips one bit in the Data chunk of message `msg_id` at `msg_offset` (the
+/// first chunk to start there), and forwards everything else as it came.
+async fn corrupting_proxy(upstream: SocketAddr, msg_id: u64, msg_offset: u64) -> SocketAddr {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
@@ -412,13 +414,13 @@ async fn corrupting_proxy(upstream: SocketAddr, corrupt: usize) -> SocketAddr {
         });
         let decoder = Decoder::default();
         let mut buf = BytesMut::with_capacity(1 << 20);
-        let mut data_frames = 0usize;
+        let mut corrupted = false;
         loop {
             while let Ok(Some(f)) = decoder.decode(&mut buf) {
                 let f = match f {
                     Frame::Data(c) => {
-                        data_frames += 1;
-                        if data_frames == corrupt {
+                        if !corrupted && c.msg_id == msg_id && c.msg_offset == msg_offset {
+                            corrupted = true;
                             let mut p = c.payload.to_vec();
                             let at = p.len() / 2;
                             p[at] ^= 0x01;
@@ -455,11 +457,11 @@ async fn a_corrupted_chunk_is_detected_and_never_delivered() {
     let listener = TcpListener::bind("127.0.0.1:0".parse().unwrap(), config(1))
         .await
         .unwrap();
-    // Messages of 4 chunks each; the 11th Data frame is the 3rd chunk of message 2.
-    let proxy = corrupting_proxy(listener.local_addr(), 11).await;
+    // Messages of 4 chunks each; the 3rd chunk of message 2 is corrupted.
+    let len = 4 * config(1).chunk_size;
+    let proxy = corrupting_proxy(listener.local_addr(), 2, 2 * (len as u64 / 4)).await;
     let client = TcpTransport::connect(proxy, config(1)).await.unwrap();
     let server = listener.accept().await.unwrap();
-    let len = 4 * config(1).chunk_size;
     let tx = tokio::spawn(async move {
         for i in 0..8 {
             if let Err(e) = client.send(message(i, len)).await {

@@ -44,6 +44,12 @@ const BUDGET_RETRY: Duration = Duration::from_millis(2);
 const PROBE_SLICE: usize = 64 << 10;
 /// Most chunks one `poll_transmit` hands out (small messages).
 pub const MAX_BATCH: usize = 64;
+/// Largest chunk while the peer has granted no more than its first, minimal window
+/// ([`MIN_WINDOW`](crate::MIN_WINDOW)). A receiver opens its window when the first whole
+/// chunk arrives, and a fresh TCP stream (10 segments of initial window) delivers a 128 KiB
+/// chunk only after four round trips of slow start: on a 100 ms path the session sent 256 KiB
+/// in its first half second. A chunk this small arrives within the first round trip.
+pub const STARTUP_CHUNK: usize = 8 << 10;
 
 /// The session's timing and size parameters.
 #[derive(Clone, Debug)]
@@ -442,6 +448,11 @@ impl Session {
             Frame::Close(Close::new(CloseCode::StreamClosed, "stream removed")).encode(control);
             return Transmit::Finish;
         }
+        let max_bytes = if self.sb.credit_limit() <= crate::MIN_WINDOW {
+            max_bytes.min(STARTUP_CHUNK)
+        } else {
+            max_bytes
+        };
         let mut bytes = 0usize;
         while chunks.len() < MAX_BATCH && bytes < max_bytes {
             let Some(out) = self.sb.next_chunk_unsealed(max_bytes) else {

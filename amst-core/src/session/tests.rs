@@ -108,6 +108,38 @@ fn first_transmit_grants_credit_and_then_goes_idle() {
     assert_eq!(a.poll_timeout(), None, "an idle session has nothing timed");
 }
 
+fn data_lens(frames: &[Frame]) -> Vec<usize> {
+    frames
+        .iter()
+        .filter_map(|f| match f {
+            Frame::Data(c) => Some(c.payload.len()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn chunks_stay_small_until_the_peer_opens_its_window() {
+    let t0 = Instant::now();
+    let (mut a, mut b) = pair(t0);
+    a.add_path(0);
+    b.add_path(0);
+    // The receiver's opening credit is its minimal window.
+    let (frames, _) = transmit(&mut b, 0, t0, 1 << 16);
+    deliver(&mut a, 0, frames, t0);
+    assert_eq!(a.send_buffer().credit_limit(), crate::MIN_WINDOW);
+    a.push(Bytes::from(vec![7u8; 512 << 10]), t0).unwrap();
+    let (frames, _) = transmit(&mut a, 0, t0, 128 << 10);
+    assert_eq!(data_lens(&frames), vec![STARTUP_CHUNK]);
+    // That first chunk, once whole at the receiver, opens its window.
+    deliver(&mut b, 0, frames, t0);
+    let (frames, _) = transmit(&mut b, 0, t0, 1 << 16);
+    deliver(&mut a, 0, frames, t0);
+    assert!(a.send_buffer().credit_limit() > crate::MIN_WINDOW);
+    let (frames, _) = transmit(&mut a, 0, t0, 128 << 10);
+    assert_eq!(data_lens(&frames), vec![128 << 10]);
+}
+
 #[test]
 fn small_data_is_acked_after_the_ack_delay_not_before() {
     let t0 = Instant::now();
