@@ -96,6 +96,25 @@ impl Contender {
     pub fn summary(&self) -> Option<Summary> {
         Summary::of(&self.samples)
     }
+
+    /// The median over runs of each run's mean series value over the intervals that end
+    /// after `from_s` seconds (before [`keep_median_series`](Self::keep_median_series)
+    /// drops the runs): the rate past start-up, where a whole-run sample includes it.
+    pub fn series_mean_after(&self, from_s: f64) -> Option<f64> {
+        let per_run: Vec<f64> = self
+            .runs
+            .iter()
+            .filter_map(|run| {
+                let after: Vec<f64> = run
+                    .iter()
+                    .filter(|(t, _)| *t > from_s)
+                    .map(|(_, v)| *v)
+                    .collect();
+                (!after.is_empty()).then(|| after.iter().sum::<f64>() / after.len() as f64)
+            })
+            .collect();
+        Summary::of(&per_run).map(|s| s.median)
+    }
 }
 
 /// One scenario's outcome.
@@ -468,6 +487,20 @@ fn read_one(new: &Path, since: std::time::SystemTime) -> Option<Micro> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_rate_past_startup_is_the_median_run_mean_after_the_cut() {
+        let mut c = Contender::new("x", "Mbit/s");
+        assert_eq!(c.series_mean_after(1.0), None);
+        c.record(
+            1.0,
+            vec![(0.5, 0.0), (1.0, 10.0), (1.5, 100.0), (2.0, 200.0)],
+        );
+        c.record(1.0, vec![(0.5, 0.0), (1.5, 50.0)]);
+        c.record(1.0, vec![(1.5, 80.0), (2.0, 120.0)]);
+        // Run means past 1 s: 150, 50, 100; their median.
+        assert_eq!(c.series_mean_after(1.0), Some(100.0));
+    }
 
     #[test]
     fn reads_fresh_criterion_estimates_and_flags_identical_samples() {
