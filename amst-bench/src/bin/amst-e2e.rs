@@ -835,7 +835,7 @@ fn wan_tcp(duration: Duration, rounds: usize) -> Scenario {
         );
     }
     s.notes.push(format!(
-        "*_past_startup: the mean goodput of the intervals after the first {settled:.0} s, median over rounds (report-only; gates read the whole run)"
+        "*_past_startup: the mean goodput of the intervals after the first {settled:.0} s, median over rounds (report-only; gates read the whole run); iperf3's intervals are its sender's, amst's its receiver's"
     ));
     if let Some(a) = amst.summary() {
         s.metrics
