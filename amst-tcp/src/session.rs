@@ -391,8 +391,19 @@ impl Shared {
         if let Some(rate) = rate {
             let _ = sockopt::set_max_pacing_rate(std::os::fd::AsRawFd::as_raw_fd(&*sock), rate);
         }
+        // The handshake's RTT until the monitor's first sample: it decides whether the
+        // session's first chunk is small (a long path's slow start).
+        let rtt = sockopt::tcp_info(std::os::fd::AsRawFd::as_raw_fd(&*sock))
+            .ok()
+            .map(|i| i.rtt)
+            .filter(|r| !r.is_zero());
         // A new stream may be the only one; the peer hears our state on it.
-        self.update(|p| p.add_path(path));
+        self.update(|p| {
+            p.add_path(path);
+            if p.srtt().is_none() {
+                p.set_srtt(rtt);
+            }
+        });
         self.streams_changed.notify_waiters();
         debug!(session = %hex(&self.session_id), path, slot, streams = n, tls, congestion = %applied.congestion, "stream attached");
         Ok(path)

@@ -240,6 +240,7 @@ async fn a_dropped_listener_serves_its_sessions_and_refuses_new_ones() {
         .unwrap();
     let server = server.await.unwrap();
     // Joins through the dropped listener: the eight initial streams and one added later.
+    all_streams(&client, 8).await;
     client.add_stream().await.unwrap();
     assert_eq!(client.stream_stats().len(), 9);
     let rx = tokio::spawn(async move { (recv_all(&server).await, server) });

@@ -557,6 +557,13 @@ async fn a_stream_cannot_join_a_live_session_without_the_key() {
     };
     let client = TcpTransport::connect(addr, config(2)).await.unwrap();
     let server = accept.await.unwrap();
+    // `connect` may return before a slow second stream is up; the test counts both.
+    for _ in 0..1000 {
+        if server.stream_stats().len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let id = client.session_id();
     assert_ne!(id, [0; 16]);
     // The attacker saw the session id on the wire but has the wrong key. It gets the

@@ -35,9 +35,13 @@ async fn connect_pair(
 ) -> amst_core::Result<(TcpTransport, TcpTransport)> {
     let l = listener.clone();
     let accept = tokio::spawn(async move { l.accept().await });
+    let n = client.streams;
     let c = TcpTransport::connect(listener.local_addr(), client).await;
     match c {
-        Ok(c) => Ok((c, accept.await.unwrap()?)),
+        Ok(c) => {
+            all_streams(&c, n).await;
+            Ok((c, accept.await.unwrap()?))
+        }
         Err(e) => {
             accept.abort();
             Err(e)

@@ -119,25 +119,41 @@ fn data_lens(frames: &[Frame]) -> Vec<usize> {
 }
 
 #[test]
-fn chunks_stay_small_until_the_peer_opens_its_window() {
+fn the_first_chunk_is_small_while_the_peer_grants_its_minimum() {
     let t0 = Instant::now();
     let (mut a, mut b) = pair(t0);
     a.add_path(0);
     b.add_path(0);
+    a.set_srtt(Some(100 * MS));
     // The receiver's opening credit is its minimal window.
     let (frames, _) = transmit(&mut b, 0, t0, 1 << 16);
     deliver(&mut a, 0, frames, t0);
     assert_eq!(a.send_buffer().credit_limit(), crate::MIN_WINDOW);
     a.push(Bytes::from(vec![7u8; 512 << 10]), t0).unwrap();
-    let (frames, _) = transmit(&mut a, 0, t0, 128 << 10);
-    assert_eq!(data_lens(&frames), vec![STARTUP_CHUNK]);
-    // That first chunk, once whole at the receiver, opens its window.
-    deliver(&mut b, 0, frames, t0);
+    let (first, _) = transmit(&mut a, 0, t0, 128 << 10);
+    assert_eq!(data_lens(&first), vec![STARTUP_CHUNK]);
+    // Only the first: the rest of the minimal window goes in full chunks.
+    let (second, _) = transmit(&mut a, 0, t0, 128 << 10);
+    assert_eq!(data_lens(&second), vec![128 << 10]);
+    // The first chunk, once whole at the receiver, opens its window.
+    deliver(&mut b, 0, first, t0);
     let (frames, _) = transmit(&mut b, 0, t0, 1 << 16);
     deliver(&mut a, 0, frames, t0);
     assert!(a.send_buffer().credit_limit() > crate::MIN_WINDOW);
-    let (frames, _) = transmit(&mut a, 0, t0, 128 << 10);
-    assert_eq!(data_lens(&frames), vec![128 << 10]);
+    deliver(&mut b, 0, second, t0);
+    let (third, _) = transmit(&mut a, 0, t0, 128 << 10);
+    assert_eq!(data_lens(&third), vec![128 << 10]);
+
+    // On a short path four round trips of slow start cost nothing: full chunks from the start.
+    let (mut a, mut b) = pair(t0);
+    a.add_path(0);
+    b.add_path(0);
+    a.set_srtt(Some(MS / 10));
+    let (frames, _) = transmit(&mut b, 0, t0, 1 << 16);
+    deliver(&mut a, 0, frames, t0);
+    a.push(Bytes::from(vec![7u8; 512 << 10]), t0).unwrap();
+    let (first, _) = transmit(&mut a, 0, t0, 128 << 10);
+    assert_eq!(data_lens(&first), vec![128 << 10]);
 }
 
 #[test]

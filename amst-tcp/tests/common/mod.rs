@@ -41,8 +41,24 @@ pub async fn pair(client: TcpConfig, server: TcpConfig) -> (TcpTransport, TcpTra
     // Dropped after the accept: it goes on attaching this session's other and re-dialled
     // streams for as long as the session lives.
     let accept = tokio::spawn(async move { listener.accept().await.unwrap() });
+    let n = client.streams;
     let c = TcpTransport::connect(addr, client).await.unwrap();
-    (c, accept.await.unwrap())
+    let s = accept.await.unwrap();
+    all_streams(&c, n).await;
+    all_streams(&s, n).await;
+    (c, s)
+}
+
+/// Waits (up to 10 s) until `t` has `n` streams: `connect` may return before a slow stream
+/// is up, and tests that count streams count them all.
+pub async fn all_streams(t: &TcpTransport, n: usize) {
+    for _ in 0..1000 {
+        if t.stream_stats().len() >= n {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("{} of {n} streams after 10 s", t.stream_stats().len());
 }
 
 /// 64 MiB of deterministic pseudo-random bytes (xorshift64*), made once per test binary.
