@@ -220,3 +220,57 @@ async fn a_stream_cannot_join_an_unknown_session() {
         other => panic!("expected Close, got {other:?}"),
     }
 }
+
+/// A stream whose connection is slow to come up (here: a proxy holds the third connection
+/// for 1.5 s, as a lost SYN holds one for the kernel's one-second timer) does not hold up
+/// `connect`: the session starts on the others, carries data, and the late stream attaches
+/// when it arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_stream_does_not_hold_up_connect_and_attaches_later() {
+    init_tracing();
+    let listener = TcpListener::bind("127.0.0.1:0".parse().unwrap(), fixed(4))
+        .await
+        .unwrap();
+    let upstream = listener.local_addr();
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_addr = proxy.local_addr().unwrap();
+    tokio::spawn(async move {
+        for n in 0..8u32 {
+            let Ok((mut client, _)) = proxy.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                if n == 2 {
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                }
+                let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            });
+        }
+    });
+    let accept = tokio::spawn(async move { listener.accept().await.unwrap() });
+    let began = std::time::Instant::now();
+    let client = TcpTransport::connect(proxy_addr, fixed(4)).await.unwrap();
+    let took = began.elapsed();
+    assert!(
+        took < Duration::from_millis(1200),
+        "connect waited {took:?} for the slow stream"
+    );
+    assert_eq!(
+        client.stream_stats().len(),
+        3,
+        "the slow stream is not up yet"
+    );
+    let server = accept.await.unwrap();
+    client.send(Bytes::from_static(b"before")).await.unwrap();
+    assert_eq!(
+        server.recv().await.unwrap().as_deref(),
+        Some(&b"before"[..])
+    );
+    all_streams(&client, 4).await;
+    client.send(Bytes::from_static(b"after")).await.unwrap();
+    assert_eq!(server.recv().await.unwrap().as_deref(), Some(&b"after"[..]));
+    client.close().await.unwrap();
+}
