@@ -86,7 +86,19 @@ pub fn rdma_vm(args: &[String]) -> Result<(), String> {
     };
     write_guest_script(&share, &amst_tests)?;
 
-    let result = boot_pair(&kernel, &rootfs, &initrd, &run, &share, opts.timeout);
+    let mut result = boot_pair(&kernel, &rootfs, &initrd, &run, &share, opts.timeout);
+    if let Err(e) = &result
+        && reference_failed(e)
+    {
+        // Once (2026-12-06) the guests never reached each other ("No route to host", no
+        // packet in the rxe counters), and ib_send_bw, which is not ours, failed with amst's
+        // tests; a second boot passed. When the reference fails too, the pair boots once more
+        // and that run's result stands.
+        eprintln!(
+            "rdma-vm: ib_send_bw failed too, so the VMs' network is suspect; booting the pair once more. The first try:\n{e}"
+        );
+        result = boot_pair(&kernel, &rootfs, &initrd, &run, &share, opts.timeout);
+    }
     if !opts.keep && result.is_ok() {
         let _ = fs::remove_dir_all(&share);
     }
@@ -735,6 +747,13 @@ impl Drop for Vms {
     }
 }
 
+/// Whether a failed run's report shows the reference tool, ib_send_bw, failing too.
+fn reference_failed(report: &str) -> bool {
+    report
+        .lines()
+        .any(|l| l.contains(": step fail") && l.trim_end().ends_with(" ib_send_bw"))
+}
+
 fn free_port() -> Result<u16, String> {
     let l = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     l.local_addr().map(|a| a.port()).map_err(|e| e.to_string())
@@ -920,4 +939,18 @@ fn indent(lines: &[&str]) -> String {
         .map(|l| format!("      | {}", l.trim_end()))
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reference_failed;
+
+    #[test]
+    fn only_a_failed_ib_send_bw_step_marks_the_network_suspect() {
+        let both = "rdma-vm failed:\n  server: step fail(timed out after 180s) ib_send_bw\n      guest output (tail):\n  client: step fail(timed out after 400s) vm (vm-4f46)";
+        assert!(reference_failed(both));
+        let ours = "rdma-vm failed:\n  client: step fail(exit 101) vm (vm-4f46)\n  server: step ok ib_send_bw";
+        assert!(!reference_failed(ours));
+        assert!(!reference_failed("VMs still running after 600s; killed"));
+    }
 }
