@@ -393,14 +393,17 @@ impl Shared {
         }
         // The handshake's RTT until the monitor's first sample: it decides whether the
         // session's first chunk is small (a long path's slow start).
-        let rtt = sockopt::tcp_info(std::os::fd::AsRawFd::as_raw_fd(&*sock))
-            .ok()
+        let rtt = lock(&self.proto)
+            .srtt()
+            .is_none()
+            .then(|| sockopt::tcp_info(std::os::fd::AsRawFd::as_raw_fd(&*sock)).ok())
+            .flatten()
             .map(|i| i.rtt)
             .filter(|r| !r.is_zero());
         // A new stream may be the only one; the peer hears our state on it.
         self.update(|p| {
             p.add_path(path);
-            if p.srtt().is_none() {
+            if p.srtt().is_none() && rtt.is_some() {
                 p.set_srtt(rtt);
             }
         });

@@ -319,16 +319,6 @@ async fn a_frozen_receiving_process_gives_the_sender_an_error_in_time() {
 
 // ----- all streams at once -----
 
-async fn wait_streams(t: &TcpTransport, n: usize) {
-    for _ in 0..500 {
-        if t.stream_stats().len() == n {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("stream count stayed at {}", t.stream_stats().len());
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_every_stream_at_once_reconnects_and_completes() {
     init_tracing();
@@ -377,15 +367,15 @@ async fn dropping_every_stream_at_once_reconnects_and_completes() {
     };
     fault(count / 4).await;
     assert_eq!(client.fault_shutdown_streams(usize::MAX), streams);
-    wait_streams(&client, streams).await;
+    common::all_streams(&client, streams).await;
     fault(count / 2).await;
-    wait_streams(&server, streams).await;
+    common::all_streams(&server, streams).await;
     assert_eq!(server.fault_shutdown_streams(usize::MAX), streams);
     let sent = tokio::time::timeout(Duration::from_secs(60), tx)
         .await
         .expect("the transfer did not complete after the faults")
         .unwrap();
-    wait_streams(&client, streams).await;
+    common::all_streams(&client, streams).await;
     Arc::into_inner(client).unwrap().close().await.unwrap();
     let (n, got) = rx.await.unwrap();
     assert_eq!(n, count, "messages lost or duplicated");
