@@ -359,6 +359,83 @@ pub fn block_header(id: u32, index: u64, len: u32, cv: &Digest) -> [u8; BLOCK_HE
     h
 }
 
+/// A Data message of whole small files, built in a caller's (reused) buffer: each file is
+/// read straight into its place in the message, so a batch of thousands of files costs no
+/// allocation per file and no copy from a file buffer into the message.
+#[derive(Debug)]
+pub struct WholeBatch {
+    buf: Vec<u8>,
+    len: usize,
+    records: u32,
+}
+
+/// Bytes of a Whole record before its data: tag, id, hash, length.
+const WHOLE_HEADER_LEN: usize = 1 + 4 + 32 + 4;
+
+impl WholeBatch {
+    /// An empty batch in `buf` (its contents are overwritten; its length is kept for reuse).
+    pub fn new(mut buf: Vec<u8>) -> Self {
+        if buf.len() < 5 {
+            buf.resize(5, 0);
+        }
+        buf[0] = TAG_DATA;
+        WholeBatch {
+            buf,
+            len: 5,
+            records: 0,
+        }
+    }
+
+    /// Records in the batch.
+    pub fn records(&self) -> u32 {
+        self.records
+    }
+
+    /// The `room` bytes where the next file's data goes. Nothing is added until
+    /// [`commit_whole`](Self::commit_whole); reading something else next simply reuses them.
+    pub fn data_slot(&mut self, room: usize) -> &mut [u8] {
+        let at = self.len + WHOLE_HEADER_LEN;
+        let end = at + room;
+        if self.buf.len() < end {
+            self.buf.resize(end.max(self.buf.len() * 2), 0);
+        }
+        &mut self.buf[at..end]
+    }
+
+    /// Adds file `id` whose first `len` bytes were put in [`data_slot`](Self::data_slot),
+    /// with its BLAKE3.
+    pub fn commit_whole(&mut self, id: u32, len: usize) {
+        let at = self.len + WHOLE_HEADER_LEN;
+        let hash = blake3::hash(&self.buf[at..at + len]);
+        let h = &mut self.buf[self.len..at];
+        h[0] = REC_WHOLE;
+        h[1..5].copy_from_slice(&id.to_be_bytes());
+        h[5..37].copy_from_slice(hash.as_bytes());
+        h[37..41].copy_from_slice(&(len as u32).to_be_bytes());
+        self.len = at + len;
+        self.records += 1;
+    }
+
+    /// Adds any other record (a file that could not be read is a Fail).
+    pub fn push(&mut self, r: &Record) {
+        let mut b = BytesMut::with_capacity(record_len(r));
+        put_record(&mut b, r);
+        let end = self.len + b.len();
+        if self.buf.len() < end {
+            self.buf.resize(end, 0);
+        }
+        self.buf[self.len..end].copy_from_slice(&b);
+        self.len = end;
+        self.records += 1;
+    }
+
+    /// The buffer and the length of the encoded message in it.
+    pub fn finish(mut self) -> (Vec<u8>, usize) {
+        self.buf[1..5].copy_from_slice(&self.records.to_be_bytes());
+        (self.buf, self.len)
+    }
+}
+
 /// Writes the chaining value into a buffer from [`block_message`].
 pub fn seal_block(buf: &mut BytesMut, cv: &Digest) {
     buf[BLOCK_HEADER_LEN - 36..BLOCK_HEADER_LEN - 4].copy_from_slice(cv);
@@ -997,6 +1074,40 @@ mod tests {
         let mut own = block_header(7, 42, 5, &[9; 32]).to_vec();
         own.extend_from_slice(b"abcde");
         assert_eq!(own, b.to_vec(), "block_header lays out the same bytes");
+    }
+
+    #[test]
+    fn a_whole_batch_built_in_place_encodes_like_its_records() {
+        // A small starting buffer with stale bytes: it grows, and nothing stale leaks.
+        let mut batch = WholeBatch::new(vec![0xee; 8]);
+        let slot = batch.data_slot(6);
+        slot[..5].copy_from_slice(b"hello");
+        batch.commit_whole(3, 5);
+        // A file that could not be read: its slot is reused by the next record.
+        batch.data_slot(100)[..4].copy_from_slice(b"junk");
+        let fail = Record::Fail {
+            id: 4,
+            reason: "gone".into(),
+        };
+        batch.push(&fail);
+        batch.data_slot(0);
+        batch.commit_whole(5, 0);
+        assert_eq!(batch.records(), 3);
+        let (buf, len) = batch.finish();
+        let want = Message::Data(vec![
+            Record::Whole {
+                id: 3,
+                hash: *blake3::hash(b"hello").as_bytes(),
+                data: Bytes::from_static(b"hello"),
+            },
+            fail,
+            Record::Whole {
+                id: 5,
+                hash: *blake3::hash(b"").as_bytes(),
+                data: Bytes::new(),
+            },
+        ]);
+        assert_eq!(&buf[..len], &want.encode()[..]);
     }
 
     #[test]

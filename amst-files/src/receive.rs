@@ -82,7 +82,9 @@ pub struct ReceiveProgress {
 struct Session {
     root: PathBuf,
     hello: Hello,
-    results: mpsc::UnboundedSender<(u32, Outcome)>,
+    /// Outcomes on their way to the sender; a batch of records reports in one send, so the
+    /// sender hears of 10,000 small files in a few messages, not 10,000.
+    results: mpsc::UnboundedSender<Vec<(u32, Outcome)>>,
     written: AtomicU64,
     live: Arc<Liveness>,
     /// Parent directories kept open for landing small files.
@@ -364,6 +366,7 @@ pub async fn receive_tree(
                     .bytes
                     .fetch_add(data_len(&records), Ordering::Relaxed);
                 let mut work = Vec::new();
+                let mut skipped = Vec::new();
                 for r in records {
                     match r {
                         Record::Whole { id, .. } | Record::Block { id, .. } => {
@@ -393,7 +396,7 @@ pub async fn receive_tree(
                         Record::Skip { id } => {
                             if let Some(f) = files.remove(&id) {
                                 f.state.lock().expect("not poisoned").done = true;
-                                let _ = session.results.send((id, Outcome::Identical));
+                                skipped.push((id, Outcome::Identical));
                             }
                         }
                         Record::Fail { id, reason } => {
@@ -412,6 +415,9 @@ pub async fn receive_tree(
                         }
                     }
                 }
+                if !skipped.is_empty() {
+                    let _ = session.results.send(skipped);
+                }
                 if work.is_empty() {
                     continue;
                 }
@@ -424,10 +430,14 @@ pub async fn receive_tree(
                 writes.spawn(async move {
                     let _w = writers.acquire_owned().await;
                     tokio::task::spawn_blocking(move || {
+                        let mut done = Vec::new();
                         for (f, r) in work {
-                            write_record(&s, &f, r);
+                            write_record(&s, &f, r, &mut done);
                         }
                         drop(mem);
+                        if !done.is_empty() {
+                            let _ = s.results.send(done);
+                        }
                     })
                     .await
                     .expect("writing does not panic");
@@ -547,7 +557,11 @@ fn data_len(records: &[Record]) -> u64 {
 
 impl Session {
     fn fail(&self, id: u32, reason: String) {
-        let _ = self.results.send((id, Outcome::Failed { reason }));
+        self.report(id, Outcome::Failed { reason });
+    }
+
+    fn report(&self, id: u32, outcome: Outcome) {
+        let _ = self.results.send(vec![(id, outcome)]);
     }
 }
 
@@ -555,17 +569,17 @@ impl Session {
 /// one and the session is done with them.
 async fn report_results(
     ch: Arc<dyn Channel>,
-    mut rx: mpsc::UnboundedReceiver<(u32, Outcome)>,
+    mut rx: mpsc::UnboundedReceiver<Vec<(u32, Outcome)>>,
 ) -> Result<Vec<Option<Outcome>>> {
     // Grown by id: ids come from entries that actually arrived, never from a count the peer
     // announced.
     let mut outcomes: Vec<Option<Outcome>> = Vec::new();
     let mut batch = Vec::new();
     while let Some(first) = rx.recv().await {
-        batch.push(first);
+        batch.extend(first);
         while batch.len() < 4096 {
             match rx.try_recv() {
-                Ok(item) => batch.push(item),
+                Ok(items) => batch.extend(items),
                 Err(_) => break,
             }
         }
@@ -634,7 +648,7 @@ fn admit_batch(s: &Session, index: &mut TreeIndex, first_id: u32, batch: Vec<Ent
                             .expect("not poisoned")
                             .insert(rel.as_bytes().to_vec());
                     }
-                    let _ = s.results.send((id, Outcome::Stored { hash: [0; 32] }));
+                    s.report(id, Outcome::Stored { hash: [0; 32] });
                 }
                 Err(why) => {
                     index.refuse(&rel);
@@ -645,13 +659,13 @@ fn admit_batch(s: &Session, index: &mut TreeIndex, first_id: u32, batch: Vec<Ent
                 let r = check_link_target(&rel, to)
                     .map_err(|e| e.to_string())
                     .and_then(|()| make_link(&target, to, s.hello.policy));
-                let _ = s.results.send((
+                s.report(
                     id,
                     match r {
                         Ok(o) => o,
                         Err(reason) => Outcome::Failed { reason },
                     },
-                ));
+                );
             }
             EntryKind::File { size } => to_plan.push((id, rel.clone(), entry.clone(), *size)),
         }
@@ -891,12 +905,13 @@ fn hash_existing(path: &Path, bs: u32) -> Option<Digest> {
     Some(*h.finalize().as_bytes())
 }
 
-fn write_record(s: &Session, f: &RecvFile, r: Record) {
+/// Writes one record; a whole file's outcome goes to `done`, for the batch to report.
+fn write_record(s: &Session, f: &RecvFile, r: Record, done: &mut Vec<(u32, Outcome)>) {
     match r {
         Record::Whole { hash, data, .. } => {
             let o = write_whole(s, f, &hash, &data);
             f.state.lock().expect("not poisoned").done = true;
-            let _ = s.results.send((f.id, o));
+            done.push((f.id, o));
         }
         Record::Block {
             index, cv, data, ..
@@ -1150,7 +1165,7 @@ fn finalize(s: &Session, f: &RecvFile) {
     if let Outcome::Stored { .. } = outcome {
         let _ = std::fs::remove_file(f.rel.journal_under(&s.root));
     }
-    let _ = s.results.send((f.id, outcome));
+    s.report(f.id, outcome);
 }
 
 /// Gives a complete partial file its mode and mtime and renames it into place: without

@@ -90,7 +90,9 @@ impl Tree {
             children.sort_by_key(|c| c.file_name());
             for c in children {
                 let cpath = c.path();
-                let cmeta = std::fs::symlink_metadata(&cpath).map_err(|e| input(&cpath, e))?;
+                // Relative to the open directory (fstatat), without following links: not a
+                // walk of the whole path from the root for every entry.
+                let cmeta = c.metadata().map_err(|e| input(&cpath, e))?;
                 let mut crel = rel.clone();
                 crel.push(b'/');
                 crel.extend_from_slice(OsStr::as_bytes(&c.file_name()));

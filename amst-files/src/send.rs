@@ -7,9 +7,13 @@
 //! SEEK_DATA/SEEK_HOLE) are hashed as zeroes but never read or sent.
 
 use std::collections::{HashMap, HashSet};
+use std::ffi::CString;
 use std::fs::File;
 use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,7 +27,7 @@ use crate::hash::{block_count, block_cv, block_len, file_hash, zero_block_cv};
 use crate::plan::{BlockPlan, HaveAnswer, answer_have};
 use crate::protocol::{
     BLOCK_HEADER_LEN, DEFAULT_BLOCK_SIZE, Digest, Entry, EntryKind, ExistingPolicy, Finished,
-    Hello, Message, Outcome, Record, TREE_PROTOCOL_VERSION, Want, block_header,
+    Hello, Message, Outcome, Record, TREE_PROTOCOL_VERSION, Want, WholeBatch, block_header,
 };
 use crate::scan::Tree;
 
@@ -121,6 +125,8 @@ struct Shared {
     sent: AtomicU64,
     resumed: AtomicU64,
     buffers: Arc<BufferPool>,
+    /// Message buffers of small-file batches, likewise.
+    batch_buffers: Arc<BufferPool>,
 }
 
 /// Block buffers the transport has finished with, kept for the next blocks: a fresh buffer
@@ -197,6 +203,7 @@ pub async fn send_tree(
         sent: AtomicU64::new(0),
         resumed: AtomicU64::new(0),
         buffers: Arc::default(),
+        batch_buffers: Arc::default(),
     });
     let (plan_tx, plan_rx) = mpsc::unbounded_channel();
     let router = tokio::spawn(route(ch.clone(), plan_tx, shared.progress.clone(), n));
@@ -488,10 +495,12 @@ async fn run_job(s: &Arc<Shared>, job: Job) -> Result<()> {
     match job {
         Job::Small(ids) => {
             let s2 = s.clone();
-            let (records, bytes) = tokio::task::spawn_blocking(move || read_small(&s2, &ids))
+            let (msg, bytes) = tokio::task::spawn_blocking(move || read_small(&s2, &ids))
                 .await
                 .expect("reading does not panic");
-            send_records(s, records).await?;
+            s.ch.send(msg)
+                .await
+                .map_err(|e| Error::channel("sending data", e))?;
             s.sent.fetch_add(bytes, Ordering::Relaxed);
             s.progress.bytes.fetch_add(bytes, Ordering::Relaxed);
             Ok(())
@@ -636,36 +645,50 @@ fn own_hash(s: &Shared, id: u32) -> std::result::Result<Digest, String> {
     file_hash(size, bs, &cvs).ok_or_else(|| "internal error: hashing".into())
 }
 
-fn read_small(s: &Shared, ids: &[u32]) -> (Vec<Record>, u64) {
-    let mut records = Vec::with_capacity(ids.len());
+/// Reads a batch of small files straight into one pooled message buffer.
+fn read_small(s: &Shared, ids: &[u32]) -> (Bytes, u64) {
+    let buf = s.batch_buffers.free.lock().expect("not poisoned").pop();
+    let mut batch = WholeBatch::new(buf.unwrap_or_default());
+    let mut dir = ParentDir::default();
     let mut bytes = 0;
     for &id in ids {
-        records.push(match read_small_file(s, id) {
-            Ok(data) => {
-                bytes += data.len() as u64;
-                Record::Whole {
-                    id,
-                    hash: *blake3::hash(&data).as_bytes(),
-                    data: Bytes::from(data),
-                }
-            }
-            Err(reason) => Record::Fail { id, reason },
-        });
+        match read_small_file(s, id, &mut dir, &mut batch) {
+            Ok(n) => bytes += n as u64,
+            Err(reason) => batch.push(&Record::Fail { id, reason }),
+        }
     }
-    (records, bytes)
+    let (buf, len) = batch.finish();
+    let msg = PooledMessage {
+        buf,
+        len,
+        pool: s.batch_buffers.clone(),
+    };
+    (Bytes::from_owner(msg), bytes)
 }
 
-/// One small file in four system calls (open, read, fstat, close): thousands of them are
-/// read per second, so each call counts. The one `fstat`, taken after the read, checks the
-/// same things as [`open_checked`] before and [`unchanged`] after: a regular file that still
-/// has the size and mtime of the manifest, so what was read is what the manifest announced.
-fn read_small_file(s: &Shared, id: u32) -> std::result::Result<Vec<u8>, String> {
+/// One small file in four system calls (open, read, fstat, close) into its place in `batch`:
+/// thousands of them are read per second, so each call counts. The one `fstat`, taken after
+/// the read, checks the same things as [`open_checked`] before and [`unchanged`] after: a
+/// regular file that still has the size and mtime of the manifest, so what was read is what
+/// the manifest announced.
+fn read_small_file(
+    s: &Shared,
+    id: u32,
+    dir: &mut ParentDir,
+    batch: &mut WholeBatch,
+) -> std::result::Result<usize, String> {
     let path = &s.tree.sources[id as usize];
     let entry = &s.tree.entries[id as usize];
     let size = file_size(entry).unwrap_or(0);
-    let f = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let f = dir.open(path).map_err(|e| match e.raw_os_error() {
+        Some(libc::ELOOP) => format!(
+            "{} is no longer a regular file (now a link)",
+            path.display()
+        ),
+        _ => format!("cannot open {}: {e}", path.display()),
+    })?;
     // One byte more than announced reveals a file that grew.
-    let mut buf = vec![0u8; size as usize + 1];
+    let buf = batch.data_slot(size as usize + 1);
     let mut got = 0;
     while got < buf.len() {
         match (&f).read(&mut buf[got..]) {
@@ -692,8 +715,65 @@ fn read_small_file(s: &Shared, id: u32) -> std::result::Result<Vec<u8>, String> 
     {
         return Err("the file changed while it was being sent; send it again".into());
     }
-    buf.truncate(got);
-    Ok(buf)
+    batch.commit_whole(id, got);
+    Ok(got)
+}
+
+/// The directory of the files a batch reads, kept open while they come from it: each file is
+/// then opened by its name, not by walking its whole path from the root again (a batch holds
+/// up to a thousand files, mostly from one directory).
+#[derive(Default)]
+struct ParentDir {
+    path: PathBuf,
+    fd: Option<OwnedFd>,
+}
+
+impl ParentDir {
+    /// Opens `path` for reading, without following a link in its last component: the scan
+    /// saw a regular file there.
+    fn open(&mut self, path: &Path) -> std::io::Result<File> {
+        let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+            return File::open(path);
+        };
+        let parent = if parent.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            parent
+        };
+        if self.fd.is_none() || self.path != parent {
+            self.fd = None;
+            let c = CString::new(parent.as_os_str().as_bytes())?;
+            // SAFETY: a valid NUL-terminated path; the descriptor is owned below.
+            let fd = unsafe {
+                libc::open(
+                    c.as_ptr(),
+                    libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+                )
+            };
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // SAFETY: `fd` is a fresh descriptor nobody else owns.
+            self.fd = Some(unsafe { OwnedFd::from_raw_fd(fd) });
+            self.path = parent.to_path_buf();
+        }
+        let dir = self.fd.as_ref().expect("opened above");
+        let c = CString::new(name.as_bytes())?;
+        // SAFETY: an open directory descriptor and a NUL-terminated name; the descriptor
+        // returned is owned by the File.
+        let fd = unsafe {
+            libc::openat(
+                dir.as_raw_fd(),
+                c.as_ptr(),
+                libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: as above.
+        Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
 }
 
 type Prepared = (Arc<BigFile>, bool, Vec<u64>);
@@ -824,4 +904,33 @@ pub fn outcomes_by_path(r: &SendReport) -> HashMap<&str, &Outcome> {
         .iter()
         .map(|e| (e.path.as_str(), &e.outcome))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_parent_dir_opens_files_by_name_across_directories_and_never_through_a_link() {
+        let root = tempfile::tempdir().unwrap();
+        let (a, b) = (root.path().join("a"), root.path().join("b"));
+        std::fs::create_dir(&a).unwrap();
+        std::fs::create_dir(&b).unwrap();
+        std::fs::write(a.join("1"), b"one").unwrap();
+        std::fs::write(a.join("2"), b"two").unwrap();
+        std::fs::write(b.join("3"), b"three").unwrap();
+        std::os::unix::fs::symlink(a.join("1"), b.join("link")).unwrap();
+        let mut dir = ParentDir::default();
+        let read = |dir: &mut ParentDir, p: &Path| {
+            let mut s = String::new();
+            dir.open(p)?.read_to_string(&mut s)?;
+            Ok::<_, std::io::Error>(s)
+        };
+        assert_eq!(read(&mut dir, &a.join("1")).unwrap(), "one");
+        assert_eq!(read(&mut dir, &a.join("2")).unwrap(), "two");
+        assert_eq!(read(&mut dir, &b.join("3")).unwrap(), "three");
+        let link = dir.open(&b.join("link")).unwrap_err();
+        assert_eq!(link.raw_os_error(), Some(libc::ELOOP));
+        assert!(dir.open(&a.join("missing")).is_err());
+    }
 }
