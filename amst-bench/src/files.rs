@@ -22,7 +22,7 @@ use std::time::Duration;
 use amst_linkem::LinkEm;
 
 use crate::report::{Contender, Scenario};
-use contenders::{Place, RsyncDaemon, amst_once, blast_once, tar_nc_once};
+use contenders::{Place, RsyncDaemon, amst_once, blast_once, cp_once, tar_nc_once};
 pub use serve_memory::{ServePeak, serve_output_peak, vm_hwm_kib};
 
 /// Sizes and rounds of one `files` run.
@@ -84,7 +84,8 @@ impl FilesPlan {
             "`amst send` to `amst serve --output` (release binaries, default options) vs rsync to a \
              local rsync daemon and `tar | nc` (netcat-openbsd), tmpfs to tmpfs, {} interleaved rounds: \
              large = one {} MiB file (rsync -a --whole-file; also amst-tcp's blast loop, memory to \
-             memory, at the stream count amst used), small = {} files of {} bytes (rsync -a), sparse = \
+             memory, at the stream count amst used), and on loopback `cp -a` (a local copy: the \
+             file system's own pace in that round), small = {} files of {} bytes (rsync -a), sparse = \
              a {} MiB image holding {} MiB (rsync -a -S, tar -S; goodput counts the image's full \
              size), wan = a {} MiB file and {} small files across amst-linkem 200 Mbit/s, 100 ms \
              RTT, 1% loss (Mbit/s; sender's TCP default set to bbr, since one CUBIC flow gets about \
@@ -352,6 +353,13 @@ fn run_workload(
         )
         .expecting(rounds)
     });
+    let mut cp_c = matches!(place, Place::Loopback).then(|| {
+        Contender::new(
+            format!("{key}: cp -a (local copy, no network: the file system's pace)"),
+            unit,
+        )
+        .expecting(rounds)
+    });
     // What the receiver's copy of the image takes on disk, over the data it holds, per run.
     let mut allocated: [Vec<f64>; 3] = Default::default();
     let mut sent_over_data: Vec<f64> = Vec::new();
@@ -418,6 +426,16 @@ fn run_workload(
             Err(e) => tar_c.fail(&id, e),
         }
         empty(&dst)?;
+        if let Some(c) = cp_c.as_mut() {
+            match cp_once(&src, &dst, &work, within) {
+                Ok(took) => match verify(&src, &landed) {
+                    Ok(()) => c.record(w.goodput(bytes, took), Vec::new()),
+                    Err((_, why)) => c.fail(&id, why),
+                },
+                Err(e) => c.fail(&id, e),
+            }
+            empty(&dst)?;
+        }
         // amst-tcp's blast loop: the transport's ceiling, with amst's stream count.
         if let Some(b) = blast_c.as_mut() {
             // amst's datacenter default, until a run of amst has said what it used.
@@ -443,8 +461,13 @@ fn run_workload(
     let _ = std::fs::remove_dir_all(&dst);
     let median = |c: &Contender| c.summary().map(|m| m.median);
     if let Some(a) = median(&amst_c) {
-        let peers = [Some(&rsync_c), Some(&tar_c), blast_c.as_ref()];
-        for (peer, suffix) in peers.into_iter().zip(["rsync", "tar_nc", "blast"]) {
+        let peers = [
+            Some(&rsync_c),
+            Some(&tar_c),
+            blast_c.as_ref(),
+            cp_c.as_ref(),
+        ];
+        for (peer, suffix) in peers.into_iter().zip(["rsync", "tar_nc", "blast", "cp"]) {
             if let Some(p) = peer
                 && let Some(pm) = median(p)
             {
@@ -472,7 +495,7 @@ fn run_workload(
         }
     }
     s.contenders.extend(
-        [Some(amst_c), Some(rsync_c), Some(tar_c), blast_c]
+        [Some(amst_c), Some(rsync_c), Some(tar_c), blast_c, cp_c]
             .into_iter()
             .flatten(),
     );
