@@ -386,6 +386,11 @@ impl WholeBatch {
         }
     }
 
+    /// The buffer a batch of files with these data slot sizes needs.
+    pub fn bytes_for(slots: impl Iterator<Item = usize>) -> usize {
+        5 + slots.map(|n| WHOLE_HEADER_LEN + n).sum::<usize>()
+    }
+
     /// Records in the batch.
     pub fn records(&self) -> u32 {
         self.records

@@ -647,8 +647,18 @@ fn own_hash(s: &Shared, id: u32) -> std::result::Result<Digest, String> {
 
 /// Reads a batch of small files straight into one pooled message buffer.
 fn read_small(s: &Shared, ids: &[u32]) -> (Bytes, u64) {
-    let buf = s.batch_buffers.free.lock().expect("not poisoned").pop();
-    let mut batch = WholeBatch::new(buf.unwrap_or_default());
+    // Sized once for the whole batch (each file's record and the byte that reveals growth):
+    // grown file by file it was copied at every doubling, and a fresh zeroed allocation of
+    // this size comes from the kernel already zeroed, without a memset.
+    let need = WholeBatch::bytes_for(
+        ids.iter()
+            .map(|&id| file_size(&s.tree.entries[id as usize]).map_or(0, |n| n as usize + 1)),
+    );
+    let pooled = s.batch_buffers.free.lock().expect("not poisoned").pop();
+    let buf = pooled
+        .filter(|b| b.len() >= need)
+        .unwrap_or_else(|| vec![0u8; need]);
+    let mut batch = WholeBatch::new(buf);
     let mut dir = ParentDir::default();
     let mut bytes = 0;
     for &id in ids {
