@@ -1116,6 +1116,20 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_sized_by_bytes_for_never_grows() {
+        let sizes = [4096usize, 0, 17];
+        let need = WholeBatch::bytes_for(sizes.iter().map(|n| n + 1));
+        let mut batch = WholeBatch::new(vec![0; need]);
+        for (id, &n) in sizes.iter().enumerate() {
+            batch.data_slot(n + 1)[..n].fill(7);
+            batch.commit_whole(id as u32, n);
+        }
+        let (buf, len) = batch.finish();
+        assert_eq!(buf.len(), need, "no reallocation");
+        assert_eq!(len, need - sizes.len(), "every slot's extra byte unused");
+    }
+
+    #[test]
     fn limits_are_named_in_errors() {
         let e = Message::decode(Bytes::from_static(&[TAG_PLAN, 0, 0xff, 0xff, 0xff, 0xff]))
             .unwrap_err();
