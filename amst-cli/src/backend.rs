@@ -113,6 +113,15 @@ pub fn config(s: &Settings) -> CliResult<AmstConfig> {
         };
     }
     if let Some(chunk) = a.chunk {
+        let (min, max) = (amst_tcp::MIN_CHUNK as u64, amst_tcp::MAX_CHUNK as u64);
+        if !(min..=max).contains(&chunk.0) {
+            return Err(Failure::usage(format!(
+                "--chunk {} is out of range: TCP streams carry chunks of {} to {}",
+                crate::size::human_bytes(chunk.0),
+                crate::size::human_bytes(min),
+                crate::size::human_bytes(max)
+            )));
+        }
         c.chunk_size = usize::try_from(chunk.0).unwrap_or(usize::MAX);
     }
     c.aggressive = a.aggressive;

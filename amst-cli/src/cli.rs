@@ -142,7 +142,7 @@ pub struct TransportArgs {
     #[arg(long, value_enum)]
     pub cc: Option<CcArg>,
 
-    /// Initial chunk size, e.g. 256K (default: 256 KiB; tuned while running).
+    /// Initial chunk size of TCP streams, 16K to 512K (default: 256K; tuned while running).
     #[arg(long, value_name = "SIZE")]
     pub chunk: Option<ByteSize>,
 

@@ -431,6 +431,22 @@ fn rdma_options_need_transport_rdma() {
 }
 
 #[test]
+fn a_chunk_out_of_range_is_refused_with_the_range() {
+    for chunk in ["2M", "1K"] {
+        let o = amst()
+            .args(["send", "127.0.0.1:9", "--size", "1M", "--chunk", chunk])
+            .env("AMST_PSK", KEY)
+            .run(30);
+        assert_eq!(o.status.code(), Some(2), "usage error: {}", stderr_of(&o));
+        let err = stderr_of(&o);
+        assert!(
+            err.contains("--chunk") && err.contains("out of range") && err.contains("512"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
 fn rate_is_refused_for_files_rather_than_ignored() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("f.bin");

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use amst_core::codec::Psk;
 use amst_core::{Congestion, MemoryBudget, Mode, TransportKind};
+use amst_tcp::{MAX_CHUNK, MIN_CHUNK};
 
 use crate::{Error, Result};
 
@@ -108,7 +109,8 @@ pub struct AmstConfig {
     /// in-flight cap from the aggregate BBR model, so beside other flows the session takes
     /// more than one flow's share. Opt-in only (`amst send --aggressive`).
     pub aggressive: bool,
-    /// Initial chunk size (seed: 256 KiB).
+    /// Initial chunk size of TCP lanes, 16 KiB to 512 KiB (seed: 256 KiB; their tuner moves
+    /// it within that range). QUIC and RDMA lanes do not chunk.
     pub chunk_size: usize,
     /// The detector's period (seed: 5 s).
     pub check_period: Duration,
@@ -225,8 +227,16 @@ impl AmstConfig {
                 );
             }
         }
-        if self.chunk_size == 0 {
-            return bad("chunk_size", "is 0".into());
+        if !(MIN_CHUNK..=MAX_CHUNK).contains(&self.chunk_size) {
+            // Refused rather than clamped: a chunk the lane would quietly cut to 512 KiB is
+            // not the setting its user measured.
+            return bad(
+                "chunk_size",
+                format!(
+                    "is {}; TCP lanes cut messages into chunks of {MIN_CHUNK}..={MAX_CHUNK} bytes",
+                    self.chunk_size
+                ),
+            );
         }
         if !(0.0..=1.0).contains(&self.switch_threshold) {
             return bad(
@@ -451,6 +461,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("enable_datacenter"), "{err}");
+        for chunk in [0, (16 << 10) - 1, (512 << 10) + 1, 2 << 20] {
+            let err = AmstConfig::builder(psk())
+                .chunk_size(chunk)
+                .build()
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("chunk_size") && err.contains("16384..=524288"),
+                "{err}"
+            );
+        }
         let c = AmstConfig::builder(psk())
             .enable_datacenter(false)
             .build()
