@@ -64,38 +64,100 @@ async fn write_frame(stream: &mut Conn, frame: &Frame) -> Result<()> {
     handshake_io(stream).send(frame).await
 }
 
-/// Dials one stream and authenticates it: a new session when `session` is `None`. `tls` is
-/// the session's TLS client, if TLS is on.
+/// Dials one stream (or takes `tcp`, already connected) and authenticates it: a new session
+/// when `session` is `None`. `tls` is the session's TLS client, if TLS is on.
 pub(crate) async fn dial(
     addr: SocketAddr,
+    tcp: Option<TcpStream>,
     config: &TcpConfig,
     tls: Option<&ClientTls>,
     session: Option<SessionId>,
     slot: u16,
 ) -> Result<Authenticated> {
     let limit = config.handshake_timeout;
-    tokio::time::timeout(limit, dial_inner(addr, config, tls, session, slot))
+    let both = async {
+        let tcp = match tcp {
+            Some(t) => t,
+            None => connect_tcp(addr).await?,
+        };
+        let opened = open_inner(addr, tcp, config, tls).await?;
+        authenticate_inner(opened, config, session, slot).await
+    };
+    tokio::time::timeout(limit, both)
         .await
-        .map_err(|_| Error::Timeout {
-            what: "connecting and authenticating a stream",
-            after: limit,
-        })?
+        .map_err(|_| timed_out("connecting and authenticating a stream", limit))?
 }
 
-async fn dial_inner(
+/// A stream connected (through TLS, when it is on) and not yet authenticated: a new
+/// session's other streams get this far while its first stream authenticates.
+pub(crate) struct Opened {
+    stream: Conn,
+    nonce: [u8; 32],
+    applied: Applied,
+}
+
+/// Connects one stream (or takes `tcp`, already connected) and runs TLS on it when
+/// configured; [`authenticate`] finishes it.
+pub(crate) async fn open(
     addr: SocketAddr,
+    tcp: Option<TcpStream>,
     config: &TcpConfig,
     tls: Option<&ClientTls>,
+) -> Result<Opened> {
+    let limit = config.handshake_timeout;
+    let opened = async {
+        let tcp = match tcp {
+            Some(t) => t,
+            None => connect_tcp(addr).await?,
+        };
+        open_inner(addr, tcp, config, tls).await
+    };
+    tokio::time::timeout(limit, opened)
+        .await
+        .map_err(|_| timed_out("connecting a stream", limit))?
+}
+
+/// The TCP connection alone, within the handshake timeout.
+pub(crate) async fn connect_tcp_within(addr: SocketAddr, config: &TcpConfig) -> Result<TcpStream> {
+    let limit = config.handshake_timeout;
+    tokio::time::timeout(limit, connect_tcp(addr))
+        .await
+        .map_err(|_| timed_out("connecting a stream", limit))?
+}
+
+async fn connect_tcp(addr: SocketAddr) -> Result<TcpStream> {
+    TcpStream::connect(addr)
+        .await
+        .map_err(|e| Error::io(format!("connecting to {addr}"), e))
+}
+
+/// The amst handshake on an [`Opened`] stream, joining `session` (or starting one).
+pub(crate) async fn authenticate(
+    opened: Opened,
+    config: &TcpConfig,
     session: Option<SessionId>,
     slot: u16,
 ) -> Result<Authenticated> {
-    let stream = TcpStream::connect(addr)
+    let limit = config.handshake_timeout;
+    tokio::time::timeout(limit, authenticate_inner(opened, config, session, slot))
         .await
-        .map_err(|e| Error::io(format!("connecting to {addr}"), e))?;
+        .map_err(|_| timed_out("authenticating a stream", limit))?
+}
+
+fn timed_out(what: &'static str, after: Duration) -> Error {
+    Error::Timeout { what, after }
+}
+
+async fn open_inner(
+    addr: SocketAddr,
+    stream: TcpStream,
+    config: &TcpConfig,
+    tls: Option<&ClientTls>,
+) -> Result<Opened> {
     let applied = sockopt::tune(&stream, config);
     // With TLS, the nonce is the session's exporter secret: the server checks it, which
     // binds the PSK proof to this TLS session.
-    let (mut stream, nonce) = match tls {
+    let (stream, nonce) = match tls {
         None => (Conn::Plain(stream), random_bytes()),
         Some(t) => {
             let s = t
@@ -107,6 +169,24 @@ async fn dial_inner(
             (Conn::Tls(Box::new(s.into())), nonce)
         }
     };
+    Ok(Opened {
+        stream,
+        nonce,
+        applied,
+    })
+}
+
+async fn authenticate_inner(
+    opened: Opened,
+    config: &TcpConfig,
+    session: Option<SessionId>,
+    slot: u16,
+) -> Result<Authenticated> {
+    let Opened {
+        mut stream,
+        nonce,
+        applied,
+    } = opened;
     let (hs, hello) = ClientHandshake::with_versions(
         config.psk.clone(),
         nonce,
@@ -304,6 +384,7 @@ pub(crate) async fn redial(shared: Arc<Shared>, addr: SocketAddr, slot: u16) {
         }
         match dial(
             addr,
+            None,
             &shared.config,
             shared.client_tls.as_ref(),
             Some(shared.session_id),

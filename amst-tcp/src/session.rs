@@ -505,6 +505,7 @@ impl Shared {
         };
         let dialled = crate::handshake::dial(
             addr,
+            None,
             &self.config,
             self.client_tls.as_ref(),
             Some(self.session_id),
