@@ -123,6 +123,15 @@ pub enum ProtocolError {
     /// A chunk disagrees with what earlier chunks said about the same bytes.
     #[error("inconsistent chunk: {0}")]
     Inconsistent(String),
+    /// More of one stream arrived ahead of a gap than the receiver holds for it (a transport
+    /// that puts a stream's bytes back in order itself, such as amst-quic).
+    #[error("a stream's data waiting behind a gap exceeds the limit of {limit} {what}")]
+    OutOfOrderExcess {
+        /// What is counted: "bytes" or "pieces".
+        what: &'static str,
+        /// The limit.
+        limit: u64,
+    },
     /// A frame that is valid but not allowed in the current state.
     #[error("unexpected {got} frame while {state}")]
     UnexpectedFrame {

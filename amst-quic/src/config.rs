@@ -201,18 +201,21 @@ impl QuicConfig {
         }
     }
 
-    /// Sizes the window from a path's bandwidth-delay product: 3 × BDP, at least 4 MiB.
-    /// Three BDPs cover BBR's in-flight peak (about 2 × BDP while probing) plus the data
-    /// the receiver holds behind a lost packet for about one more round trip.
+    /// Sizes the window from a path's bandwidth-delay product: 6 × BDP, at least 4 MiB.
+    /// The credit counts from the receiver's cumulative ack, which trails every lost packet
+    /// by a round trip, and BBR's Startup inflates the RTT with its own queue: at 3 × BDP the
+    /// sender ran out of credit in Startup on a 1% loss path, quinn then called it
+    /// application-limited, and BBR's full-pipe check skipped those rounds (Startup ran 4-6 s
+    /// into a full queue). See the README for the measurements.
     pub fn for_path(mut self, rate_bps: u64, rtt: Duration) -> Self {
         self.window = Self::bdp_window(rate_bps, rtt);
         self
     }
 
-    /// 3 × `rate_bps` × `rtt` in bytes, at least 4 MiB, at most 1 GiB.
+    /// 6 × `rate_bps` × `rtt` in bytes, at least 4 MiB, at most 1 GiB.
     pub fn bdp_window(rate_bps: u64, rtt: Duration) -> u64 {
         let bdp = (rate_bps as f64 / 8.0 * rtt.as_secs_f64()) as u64;
-        bdp.saturating_mul(3).clamp(4 << 20, 1 << 30)
+        bdp.saturating_mul(6).clamp(4 << 20, 1 << 30)
     }
 
     /// Sets the identity a listener presents.

@@ -46,6 +46,7 @@ mod connector;
 mod handshake;
 mod session;
 mod socket;
+mod stream_order;
 mod streams;
 mod tls;
 mod transport;

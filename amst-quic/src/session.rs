@@ -31,6 +31,7 @@ use tokio::sync::{Notify, oneshot};
 use tokio::task::AbortHandle;
 
 use crate::config::SharedConfig;
+use crate::stream_order::StreamOrder;
 
 /// The control stream's path.
 pub(crate) const CONTROL_PATH: PathId = 0;
@@ -112,6 +113,8 @@ impl ReadFail {
 pub(crate) struct FrameReader {
     stream: RecvStream,
     pending: Pending,
+    /// The stream is read unordered and put back in order here (see `stream_order`).
+    order: StreamOrder,
 }
 
 /// The bytes read and not yet decoded, and the decoder, without the stream.
@@ -155,7 +158,8 @@ impl Pending {
 }
 
 impl FrameReader {
-    pub(crate) fn new(stream: RecvStream, limits: Limits) -> Self {
+    /// Frames off `stream`, holding at most `max_out_of_order` bytes behind a gap.
+    pub(crate) fn new(stream: RecvStream, limits: Limits, max_out_of_order: u64) -> Self {
         FrameReader {
             stream,
             pending: Pending {
@@ -163,6 +167,7 @@ impl FrameReader {
                 decoder: Decoder::new(limits),
                 bad: None,
             },
+            order: StreamOrder::new(max_out_of_order),
         }
     }
 
@@ -191,8 +196,16 @@ impl FrameReader {
                 // Validated against the limits, so this reserve is bounded.
                 p.buf.reserve(need.saturating_sub(p.buf.len()));
             }
-            match self.stream.read_chunk(usize::MAX, true).await {
-                Ok(Some(chunk)) => p.buf.extend_from_slice(&chunk.bytes),
+            match self.stream.read_chunk(usize::MAX, false).await {
+                Ok(Some(chunk)) => self
+                    .order
+                    .insert(chunk.offset, chunk.bytes, &mut p.buf)
+                    .map_err(ReadFail::Protocol)?,
+                Ok(None) if self.order.has_gap() => {
+                    return Err(ReadFail::Protocol(ProtocolError::Inconsistent(
+                        "a QUIC stream ended with a gap in its data".into(),
+                    )));
+                }
                 Ok(None) => {
                     return match p
                         .decoder

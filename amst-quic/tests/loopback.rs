@@ -436,7 +436,7 @@ async fn config_errors_name_the_field() {
     assert!(e.contains("identity"), "{e}");
     assert_eq!(
         QuicConfig::bdp_window(200_000_000, Duration::from_millis(100)),
-        3 * 2_500_000
+        6 * 2_500_000
     );
 }
 
