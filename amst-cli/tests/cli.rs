@@ -784,7 +784,9 @@ fn landed_bytes(dir: &Path) -> u64 {
     total
 }
 
-/// Blocks journaled as verified at the receiver, over all partial files.
+/// Blocks journaled as verified at the receiver, over all partial files. A journal whose
+/// partial file is gone belongs to a file that has just landed (the receiver removes the
+/// journal right after the rename) and is already counted by [`landed_bytes`].
 fn journaled_bytes(dir: &Path) -> u64 {
     let mut total = 0;
     let Ok(rd) = std::fs::read_dir(dir) else {
@@ -794,7 +796,10 @@ fn journaled_bytes(dir: &Path) -> u64 {
         let p = e.path();
         if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
             total += journaled_bytes(&p);
-        } else if p.to_string_lossy().ends_with(".amst-journal") {
+        } else if let Some(stem) = p.to_string_lossy().strip_suffix(".amst-journal") {
+            if !Path::new(&format!("{stem}.amst-part")).exists() {
+                continue;
+            }
             let len = e.metadata().map(|m| m.len()).unwrap_or(0);
             total += len.saturating_sub(40) / 48 * (1 << 20);
         }

@@ -96,22 +96,14 @@ pub(crate) struct Opened {
     applied: Applied,
 }
 
-/// Connects one stream (or takes `tcp`, already connected) and runs TLS on it when
-/// configured; [`authenticate`] finishes it.
+/// Connects one stream and runs TLS on it when configured; [`authenticate`] finishes it.
 pub(crate) async fn open(
     addr: SocketAddr,
-    tcp: Option<TcpStream>,
     config: &TcpConfig,
     tls: Option<&ClientTls>,
 ) -> Result<Opened> {
     let limit = config.handshake_timeout;
-    let opened = async {
-        let tcp = match tcp {
-            Some(t) => t,
-            None => connect_tcp(addr).await?,
-        };
-        open_inner(addr, tcp, config, tls).await
-    };
+    let opened = async { open_inner(addr, connect_tcp(addr).await?, config, tls).await };
     tokio::time::timeout(limit, opened)
         .await
         .map_err(|_| timed_out("connecting a stream", limit))?

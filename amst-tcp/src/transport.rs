@@ -61,7 +61,7 @@ impl TcpTransport {
             let mut joining = joining.clone();
             dials.spawn(async move {
                 let joined = async {
-                    let opened = handshake::open(addr, None, &config, tls.as_ref()).await?;
+                    let opened = handshake::open(addr, &config, tls.as_ref()).await?;
                     let Ok(id) = joining.wait_for(Option::is_some).await.map(|id| *id) else {
                         return Err(Error::Closed);
                     };
