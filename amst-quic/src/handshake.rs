@@ -28,7 +28,7 @@ use quinn::{Connection, IdleTimeout, TransportConfig, VarInt};
 
 use crate::config::{CongestionControl, QuicConfig};
 use crate::session::{FrameReader, close_code, connection_error};
-use crate::stream_order::CONTROL_OUT_OF_ORDER;
+use crate::stream_order::{CONTROL_OUT_OF_ORDER, Waiting};
 
 const BINDING_LABEL: &[u8] = b"EXPORTER-amst/3 psk binding";
 
@@ -121,7 +121,7 @@ async fn open_control(conn: &Connection, t: Duration) -> Result<(quinn::SendStre
             after: t,
         })?
         .map_err(|e| connection_error(&e))?;
-    let reader = FrameReader::new(recv, Limits::default(), CONTROL_OUT_OF_ORDER);
+    let reader = FrameReader::new(recv, Limits::default(), Waiting::new(CONTROL_OUT_OF_ORDER));
     Ok((send, reader))
 }
 
@@ -242,7 +242,7 @@ pub(crate) async fn server(
         }
         Ok(r) => r.map_err(|e| connection_error(&e))?,
     };
-    let mut reader = FrameReader::new(recv, Limits::default(), CONTROL_OUT_OF_ORDER);
+    let mut reader = FrameReader::new(recv, Limits::default(), Waiting::new(CONTROL_OUT_OF_ORDER));
     let mut io = ControlIo {
         conn,
         send: &mut send,

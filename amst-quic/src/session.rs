@@ -31,7 +31,7 @@ use tokio::sync::{Notify, oneshot};
 use tokio::task::AbortHandle;
 
 use crate::config::SharedConfig;
-use crate::stream_order::StreamOrder;
+use crate::stream_order::{StreamOrder, Waiting, data_out_of_order};
 
 /// The control stream's path.
 pub(crate) const CONTROL_PATH: PathId = 0;
@@ -158,8 +158,8 @@ impl Pending {
 }
 
 impl FrameReader {
-    /// Frames off `stream`, holding at most `max_out_of_order` bytes behind a gap.
-    pub(crate) fn new(stream: RecvStream, limits: Limits, max_out_of_order: u64) -> Self {
+    /// Frames off `stream`, whose pieces behind a gap count against `waiting`.
+    pub(crate) fn new(stream: RecvStream, limits: Limits, waiting: Waiting) -> Self {
         FrameReader {
             stream,
             pending: Pending {
@@ -167,7 +167,7 @@ impl FrameReader {
                 decoder: Decoder::new(limits),
                 bad: None,
             },
-            order: StreamOrder::new(max_out_of_order),
+            order: StreamOrder::new(waiting),
         }
     }
 
@@ -253,6 +253,8 @@ pub(crate) struct Shared {
     pub(crate) endpoint: Option<Endpoint>,
     pub(crate) config: SharedConfig,
     pub(crate) limits: Limits,
+    /// What the peer's data streams hold behind gaps, together, and the bound.
+    pub(crate) waiting: Waiting,
     /// The session protocol itself.
     pub(crate) proto: Mutex<Session>,
     /// Why the connection ended, if the session does not say.
@@ -321,6 +323,7 @@ impl Shared {
             conn,
             endpoint,
             limits,
+            waiting: Waiting::new(data_out_of_order(config.window)),
             proto: Mutex::new(proto),
             ended: Mutex::new(None),
             acked_messages: AckCounter::new(),

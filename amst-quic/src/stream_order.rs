@@ -7,21 +7,71 @@
 //! bytes (the peer's AMST credit keeps a sound peer far below) and in pieces.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use amst_core::ProtocolError;
 use bytes::{Buf, Bytes, BytesMut};
 
-/// Pieces one stream may hold ahead of a gap: a 15 MB window of 1,200-byte packets is about
-/// 12,500.
-pub(crate) const MAX_PIECES: usize = 1 << 16;
+/// Pieces a connection's streams may hold ahead of gaps, together: a 15 MB window of
+/// 1,200-byte packets is about 12,500.
+pub(crate) const MAX_PIECES: u64 = 1 << 16;
 
 /// Bytes the control stream may hold behind a gap: its frames are acks, credit and pings.
 pub(crate) const CONTROL_OUT_OF_ORDER: u64 = 16 << 20;
 
-/// Bytes a data stream may hold behind a gap, for a receiver granting `window` of credit:
-/// twice the most a sound peer can have sent past the gap.
+/// Bytes a connection's data streams may hold behind gaps, together, for a receiver granting
+/// `window` of credit: twice the most a sound peer can have sent past them. (Read unordered,
+/// quinn's own flow control no longer bounds this: it counts what we read as consumed.)
 pub(crate) fn data_out_of_order(window: u64) -> u64 {
     window.saturating_mul(2)
+}
+
+/// What the streams of one connection hold behind gaps, counted together, and the bounds.
+#[derive(Clone, Debug)]
+pub(crate) struct Waiting {
+    counts: Arc<Counts>,
+    max_bytes: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    bytes: AtomicU64,
+    pieces: AtomicU64,
+}
+
+impl Waiting {
+    /// Bounds shared by every stream given a clone.
+    pub(crate) fn new(max_bytes: u64) -> Self {
+        Waiting {
+            counts: Arc::default(),
+            max_bytes,
+        }
+    }
+
+    fn hold(&self, bytes: u64) -> Result<(), ProtocolError> {
+        let c = &self.counts;
+        if c.pieces.fetch_add(1, Ordering::Relaxed) >= MAX_PIECES {
+            c.pieces.fetch_sub(1, Ordering::Relaxed);
+            return Err(ProtocolError::OutOfOrderExcess {
+                what: "pieces",
+                limit: MAX_PIECES,
+            });
+        }
+        if c.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes > self.max_bytes {
+            self.release(1, bytes);
+            return Err(ProtocolError::OutOfOrderExcess {
+                what: "bytes",
+                limit: self.max_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    fn release(&self, pieces: u64, bytes: u64) {
+        self.counts.pieces.fetch_sub(pieces, Ordering::Relaxed);
+        self.counts.bytes.fetch_sub(bytes, Ordering::Relaxed);
+    }
 }
 
 #[derive(Debug)]
@@ -30,17 +80,17 @@ pub(crate) struct StreamOrder {
     next: u64,
     waiting: BTreeMap<u64, Bytes>,
     waiting_bytes: u64,
-    max_bytes: u64,
+    shared: Waiting,
 }
 
 impl StreamOrder {
-    /// At most `max_bytes` wait behind a gap.
-    pub(crate) fn new(max_bytes: u64) -> Self {
+    /// A stream whose pieces count against `shared`.
+    pub(crate) fn new(shared: Waiting) -> Self {
         StreamOrder {
             next: 0,
             waiting: BTreeMap::new(),
             waiting_bytes: 0,
-            max_bytes,
+            shared,
         }
     }
 
@@ -52,33 +102,20 @@ impl StreamOrder {
         out: &mut BytesMut,
     ) -> Result<(), ProtocolError> {
         if offset > self.next {
-            if self.waiting.len() >= MAX_PIECES {
-                return Err(ProtocolError::OutOfOrderExcess {
-                    what: "pieces",
-                    limit: MAX_PIECES as u64,
-                });
-            }
-            let len = bytes.len() as u64;
-            if self.waiting_bytes + len > self.max_bytes {
-                return Err(ProtocolError::OutOfOrderExcess {
-                    what: "bytes",
-                    limit: self.max_bytes,
-                });
-            }
             // quinn hands each byte over once; a longer piece at the same offset wins all
             // the same, so nothing is lost if it ever did not.
-            let keep = match self.waiting.get(&offset) {
-                Some(old) if old.len() >= bytes.len() => false,
-                Some(old) => {
-                    self.waiting_bytes -= old.len() as u64;
-                    true
-                }
-                None => true,
-            };
-            if keep {
-                self.waiting_bytes += len;
-                self.waiting.insert(offset, bytes);
+            if let Some(old) = self.waiting.get(&offset)
+                && old.len() >= bytes.len()
+            {
+                return Ok(());
             }
+            let len = bytes.len() as u64;
+            self.shared.hold(len)?;
+            if let Some(old) = self.waiting.insert(offset, bytes) {
+                self.shared.release(1, old.len() as u64);
+                self.waiting_bytes -= old.len() as u64;
+            }
+            self.waiting_bytes += len;
             return Ok(());
         }
         self.append(offset, bytes, out);
@@ -88,6 +125,7 @@ impl StreamOrder {
             }
             let (at, piece) = entry.remove_entry();
             self.waiting_bytes -= piece.len() as u64;
+            self.shared.release(1, piece.len() as u64);
             self.append(at, piece, out);
         }
         Ok(())
@@ -104,6 +142,13 @@ impl StreamOrder {
         piece.advance(seen);
         self.next += piece.len() as u64;
         out.extend_from_slice(&piece);
+    }
+}
+
+impl Drop for StreamOrder {
+    fn drop(&mut self) {
+        self.shared
+            .release(self.waiting.len() as u64, self.waiting_bytes);
     }
 }
 
@@ -124,7 +169,7 @@ mod tests {
 
     #[test]
     fn pieces_wait_for_the_gap_before_them() {
-        let mut o = StreamOrder::new(1 << 20);
+        let mut o = StreamOrder::new(Waiting::new(1 << 20));
         assert_eq!(feed(&mut o, &[(3, b"def"), (9, b"j")]), b"");
         assert!(o.has_gap());
         assert_eq!(feed(&mut o, &[(0, b"abc")]), b"abcdef");
@@ -135,21 +180,32 @@ mod tests {
     }
 
     #[test]
-    fn a_peer_past_the_bounds_is_refused_with_the_limit() {
-        let mut o = StreamOrder::new(4);
+    fn a_peer_past_the_bounds_is_refused_with_the_limit_across_its_streams() {
+        let shared = Waiting::new(4);
+        let mut a = StreamOrder::new(shared.clone());
+        let mut b = StreamOrder::new(shared.clone());
         let mut out = BytesMut::new();
-        o.insert(10, Bytes::from_static(b"abc"), &mut out).unwrap();
-        let err = o
+        a.insert(10, Bytes::from_static(b"abc"), &mut out).unwrap();
+        let err = b
             .insert(20, Bytes::from_static(b"de"), &mut out)
             .unwrap_err()
             .to_string();
         assert!(err.contains("4 bytes"), "{err}");
-        let mut o = StreamOrder::new(u64::MAX);
-        for i in 0..MAX_PIECES as u64 {
+        // What a stream lets go of, in order or when it ends, counts no more.
+        a.insert(0, Bytes::from_static(&[0; 10]), &mut out).unwrap();
+        b.insert(20, Bytes::from_static(b"de"), &mut out).unwrap();
+        drop(b);
+        assert_eq!(shared.counts.bytes.load(Ordering::Relaxed), 0);
+        assert_eq!(shared.counts.pieces.load(Ordering::Relaxed), 0);
+
+        let shared = Waiting::new(u64::MAX);
+        let (mut a, mut b) = (StreamOrder::new(shared.clone()), StreamOrder::new(shared));
+        for i in 0..MAX_PIECES {
+            let o = if i % 2 == 0 { &mut a } else { &mut b };
             o.insert(2 * i + 1, Bytes::from_static(b"x"), &mut out)
                 .unwrap();
         }
-        let err = o
+        let err = a
             .insert(u64::MAX / 2, Bytes::from_static(b"y"), &mut out)
             .unwrap_err()
             .to_string();
@@ -180,7 +236,7 @@ mod tests {
                 s ^= s << 13; s ^= s >> 7; s ^= s << 17;
                 pieces.swap(i, (s % (i as u64 + 1)) as usize);
             }
-            let mut o = StreamOrder::new(u64::MAX);
+            let mut o = StreamOrder::new(Waiting::new(u64::MAX));
             let mut out = BytesMut::new();
             for (at, b) in pieces {
                 o.insert(at, Bytes::from(b), &mut out).unwrap();

@@ -18,7 +18,6 @@ use crate::config::StreamMapping;
 use crate::session::{
     CONTROL_PATH, DATAGRAM_PATH, FrameReader, ReadFail, Shared, connection_error,
 };
-use crate::stream_order::data_out_of_order;
 
 /// Frames a reader hands the session under one lock, at most.
 const READ_BATCH: usize = 64;
@@ -199,8 +198,7 @@ fn lane_ended(shared: &Shared, lane: PathId, had_stream: bool) {
 async fn accept_streams(shared: Arc<Shared>) {
     while let Ok(stream) = shared.conn.accept_uni().await {
         let path = shared.next_incoming.fetch_add(1, Ordering::Relaxed);
-        let bound = data_out_of_order(shared.config.window);
-        let reader = FrameReader::new(stream, shared.limits, bound);
+        let reader = FrameReader::new(stream, shared.limits, shared.waiting.clone());
         shared.spawn_task(read_stream(shared.clone(), path, reader));
     }
 }
