@@ -397,43 +397,34 @@ fn run_workload(
             },
             Err(e) => amst_c.fail(&id, e),
         }
+        // A peer's run counts once its copy matches the source.
+        let peer_run = |c: &mut Contender, run: Result<Duration, String>| match run
+            .and_then(|took| verify(&src, &landed).map(|()| took).map_err(|(_, why)| why))
+        {
+            Ok(took) => {
+                c.record(w.goodput(bytes, took), Vec::new());
+                true
+            }
+            Err(why) => {
+                c.fail(&id, why);
+                false
+            }
+        };
         // rsync to the daemon
         empty(&dst)?;
-        match daemon.send(place, w.rsync_flags(), &src, &work, within) {
-            Ok(took) => match verify(&src, &landed) {
-                Ok(()) => {
-                    rsync_c.record(w.goodput(bytes, took), Vec::new());
-                    if w == Workload::Sparse {
-                        allocated[1].push(du_over_data(&landed, plan)?);
-                    }
-                }
-                Err((_, why)) => rsync_c.fail(&id, why),
-            },
-            Err(e) => rsync_c.fail(&id, e),
+        let run = daemon.send(place, w.rsync_flags(), &src, &work, within);
+        if peer_run(&mut rsync_c, run) && w == Workload::Sparse {
+            allocated[1].push(du_over_data(&landed, plan)?);
         }
         // tar | nc
         empty(&dst)?;
-        match tar_nc_once(place, w.tar_flags(), &src, &dst, &work, within) {
-            Ok(took) => match verify(&src, &landed) {
-                Ok(()) => {
-                    tar_c.record(w.goodput(bytes, took), Vec::new());
-                    if w == Workload::Sparse {
-                        allocated[2].push(du_over_data(&landed, plan)?);
-                    }
-                }
-                Err((_, why)) => tar_c.fail(&id, why),
-            },
-            Err(e) => tar_c.fail(&id, e),
+        let run = tar_nc_once(place, w.tar_flags(), &src, &dst, &work, within);
+        if peer_run(&mut tar_c, run) && w == Workload::Sparse {
+            allocated[2].push(du_over_data(&landed, plan)?);
         }
         empty(&dst)?;
         if let Some(c) = cp_c.as_mut() {
-            match cp_once(&src, &dst, &work, within) {
-                Ok(took) => match verify(&src, &landed) {
-                    Ok(()) => c.record(w.goodput(bytes, took), Vec::new()),
-                    Err((_, why)) => c.fail(&id, why),
-                },
-                Err(e) => c.fail(&id, e),
-            }
+            peer_run(c, cp_once(&src, &dst, &work, within));
             empty(&dst)?;
         }
         // amst-tcp's blast loop: the transport's ceiling, with amst's stream count.

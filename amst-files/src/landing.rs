@@ -42,19 +42,8 @@ impl Dirs {
             Some(p) => root.join(std::ffi::OsStr::from_bytes(p)),
             None => root.to_path_buf(),
         };
-        let c = CString::new(path.as_os_str().as_bytes())?;
-        // SAFETY: a valid NUL-terminated path; the returned descriptor is owned below.
-        let fd = unsafe {
-            libc::open(
-                c.as_ptr(),
-                libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a fresh descriptor nobody else owns.
-        let fd = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
+        // Never through a link: the output tree is ours, a link in it is not a directory.
+        let fd = Arc::new(crate::dirfd::open_dir(&path, false)?);
         let mut open = self.open.lock().expect("not poisoned");
         if open.len() >= MAX_OPEN_DIRS {
             open.clear();
@@ -80,8 +69,9 @@ pub(crate) enum LandError {
     Io(&'static str, std::io::Error),
 }
 
-/// Writes verified `data` to the hidden partial name of `rel` and renames it into place,
-/// with `mode` and `mtime`; replaces an existing file only when `replace`.
+/// Lands verified `data` as `rel` with `mode` and `mtime`: as an unnamed file linked in
+/// where it can, else under its hidden partial name renamed into place; replaces an existing
+/// file only when `replace`.
 pub(crate) fn land_small(
     dirs: &Dirs,
     root: &Path,
@@ -91,29 +81,13 @@ pub(crate) fn land_small(
     mtime: SystemTime,
     replace: bool,
 ) -> Result<(), LandError> {
-    land_small_as(dirs, root, rel, data, mode, mtime, replace, true)
-}
-
-/// [`land_small`], choosing whether an unnamed file may be tried first.
-#[allow(clippy::too_many_arguments)]
-fn land_small_as(
-    dirs: &Dirs,
-    root: &Path,
-    rel: &RelPath,
-    data: &[u8],
-    mode: u32,
-    mtime: SystemTime,
-    replace: bool,
-    unnamed: bool,
-) -> Result<(), LandError> {
     let io = |doing| move |e| LandError::Io(doing, e);
     let dir = dirs
         .get(root, rel.parent())
         .map_err(io("opening the directory"))?;
-    let part = CString::new(rel.partial_name()).map_err(|e| io("naming")(e.into()))?;
     let name = CString::new(rel.name()).map_err(|e| io("naming")(e.into()))?;
     let mode = mode & 0o7777;
-    if !replace && unnamed && UNNAMED_WORKS.load(Ordering::Relaxed) {
+    if !replace && UNNAMED_WORKS.load(Ordering::Relaxed) {
         match land_unnamed(&dir, &name, data, mode, mtime) {
             Ok(()) => return Ok(()),
             Err(Unnamed::Land(e)) => return Err(e),
@@ -121,7 +95,22 @@ fn land_small_as(
             Err(Unnamed::Unsupported) => UNNAMED_WORKS.store(false, Ordering::Relaxed),
         }
     }
-    let file = create_excl(&dir, &part, mode).map_err(io("creating"))?;
+    land_named(&dir, rel, &name, data, mode, mtime, replace)
+}
+
+/// Writes `data` to the hidden partial name of `rel` in `dir` and renames it to `name`.
+fn land_named(
+    dir: &OwnedFd,
+    rel: &RelPath,
+    name: &CString,
+    data: &[u8],
+    mode: u32,
+    mtime: SystemTime,
+    replace: bool,
+) -> Result<(), LandError> {
+    let io = |doing| move |e| LandError::Io(doing, e);
+    let part = CString::new(rel.partial_name()).map_err(|e| io("naming")(e.into()))?;
+    let file = create_excl(dir, &part, mode).map_err(io("creating"))?;
     let written = (|| {
         (&file).write_all(data)?;
         set_mode_and_time(&file, mode, mtime)
@@ -135,7 +124,7 @@ fn land_small_as(
         unlink_part();
         return Err(LandError::Io("writing", e));
     }
-    match rename_at(&dir, &part, &name, replace) {
+    match rename_at(dir, &part, name, replace) {
         Ok(()) => Ok(()),
         Err(e) => {
             unlink_part();
@@ -289,6 +278,25 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
     use std::time::Duration;
 
+    /// Lands through `land_small` (unnamed first), or through the named path alone.
+    fn land(
+        unnamed: bool,
+        root: &Path,
+        rel: &RelPath,
+        data: &[u8],
+        mode: u32,
+        mtime: SystemTime,
+        replace: bool,
+    ) -> Result<(), LandError> {
+        let dirs = Dirs::default();
+        if unnamed {
+            return land_small(&dirs, root, rel, data, mode, mtime, replace);
+        }
+        let dir = dirs.get(root, rel.parent()).unwrap();
+        let name = CString::new(rel.name()).unwrap();
+        land_named(&dir, rel, &name, data, mode, mtime, replace)
+    }
+
     fn names(dir: &Path) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(dir)
             .unwrap()
@@ -303,19 +311,9 @@ mod tests {
         for unnamed in [true, false] {
             let root = tempfile::tempdir().unwrap();
             std::fs::create_dir(root.path().join("d")).unwrap();
-            let dirs = Dirs::default();
             let rel = RelPath::parse(b"d/f").unwrap();
             let mtime = SystemTime::UNIX_EPOCH + Duration::new(1_700_000_000, 123_456_789);
-            let landed = land_small_as(
-                &dirs,
-                root.path(),
-                &rel,
-                b"data",
-                0o640,
-                mtime,
-                false,
-                unnamed,
-            );
+            let landed = land(unnamed, root.path(), &rel, b"data", 0o640, mtime, false);
             assert!(landed.is_ok(), "unnamed {unnamed}");
             let target = root.path().join("d/f");
             assert_eq!(std::fs::read(&target).unwrap(), b"data");
@@ -334,26 +332,15 @@ mod tests {
     fn an_existing_file_is_left_alone_unless_replacing_is_allowed() {
         for unnamed in [true, false] {
             let root = tempfile::tempdir().unwrap();
-            let dirs = Dirs::default();
             let rel = RelPath::parse(b"f").unwrap();
             let target = root.path().join("f");
             std::fs::write(&target, b"theirs").unwrap();
             let now = SystemTime::now();
-            let kept = land_small_as(
-                &dirs,
-                root.path(),
-                &rel,
-                b"ours",
-                0o644,
-                now,
-                false,
-                unnamed,
-            );
+            let kept = land(unnamed, root.path(), &rel, b"ours", 0o644, now, false);
             assert!(matches!(kept, Err(LandError::Exists)), "unnamed {unnamed}");
             assert_eq!(std::fs::read(&target).unwrap(), b"theirs");
             assert_eq!(names(root.path()), vec!["f"], "nothing left behind");
-            let replaced =
-                land_small_as(&dirs, root.path(), &rel, b"ours", 0o644, now, true, unnamed);
+            let replaced = land(unnamed, root.path(), &rel, b"ours", 0o644, now, true);
             assert!(replaced.is_ok());
             assert_eq!(std::fs::read(&target).unwrap(), b"ours");
             assert_eq!(names(root.path()), vec!["f"]);

@@ -50,6 +50,7 @@
 //! ```
 
 mod channel;
+mod dirfd;
 mod error;
 pub mod hash;
 pub mod journal;

@@ -751,20 +751,7 @@ impl ParentDir {
             parent
         };
         if self.fd.is_none() || self.path != parent {
-            self.fd = None;
-            let c = CString::new(parent.as_os_str().as_bytes())?;
-            // SAFETY: a valid NUL-terminated path; the descriptor is owned below.
-            let fd = unsafe {
-                libc::open(
-                    c.as_ptr(),
-                    libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-                )
-            };
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // SAFETY: `fd` is a fresh descriptor nobody else owns.
-            self.fd = Some(unsafe { OwnedFd::from_raw_fd(fd) });
+            self.fd = Some(crate::dirfd::open_dir(parent, true)?);
             self.path = parent.to_path_buf();
         }
         let dir = self.fd.as_ref().expect("opened above");
