@@ -17,7 +17,7 @@ use bytes::Bytes;
 
 /// Allocations from this size up get their own mapping under
 /// [`limit_allocator_retention`].
-pub const DIRECT_MAPPING_THRESHOLD: usize = 1 << 20;
+pub const DIRECT_MAPPING_THRESHOLD: usize = 128 << 10;
 
 /// Makes glibc's malloc give every allocation of [`DIRECT_MAPPING_THRESHOLD`] or more its
 /// own mapping, returned to the system when freed. Call it once, early, in a process that
@@ -27,8 +27,10 @@ pub const DIRECT_MAPPING_THRESHOLD: usize = 1 << 20;
 /// glibc raises its mapping threshold each time it frees a large mapped block (up to
 /// 32 MiB), after which read slabs and messages come from its heaps and their free space is
 /// kept. `amst serve --output` receiving 10 GiB peaked at 177-189 MiB against 146-170 MiB
-/// for 1 GiB by default, and at 148-150 against 137-141 MiB with the threshold fixed, with
-/// no change in goodput beyond the run-to-run noise.
+/// for 1 GiB by default, and at 148-150 against 137-141 MiB with the threshold fixed at 1 MiB,
+/// with no change in goodput beyond the run-to-run noise. Read slabs (512 KiB for each of 64
+/// datacenter streams) stayed below that and left 154-163 MiB for 10 GiB; at 128 KiB they
+/// are mapped too, and the same runs peaked at 146-148 MiB, again at the same goodput.
 pub fn limit_allocator_retention() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
