@@ -15,8 +15,9 @@ use crate::run::Global;
 use crate::size::{human_bits_per_sec, human_bytes};
 use crate::transfer::{ReceiveOptions, Received, SessionReport, metric, receive_session};
 
-/// The smallest `--memory-budget` accepted.
-const MIN_MEMORY_BUDGET: u64 = 4 << 20;
+/// The smallest `--memory-budget` accepted: a few sessions' guaranteed minimum windows, and a
+/// quarter of it (the largest message a receiver holds) takes a 4 MiB message.
+const MIN_MEMORY_BUDGET: u64 = 16 << 20;
 
 /// How long sessions still running at Ctrl-C may take to finish.
 const GRACE: Duration = Duration::from_secs(10);
@@ -73,7 +74,7 @@ pub async fn run(args: ServeArgs, g: &Global) -> CliResult<()> {
         Some(b) if b.0 < MIN_MEMORY_BUDGET => {
             return Err(Failure::usage(format!(
                 "--memory-budget {} is too small: at least {} (a few sessions' guaranteed \
-                 minimum windows)",
+                 minimum windows; a quarter of it is the largest message a session may send)",
                 human_bytes(b.0),
                 human_bytes(MIN_MEMORY_BUDGET)
             )));

@@ -47,6 +47,9 @@ pub fn limit_allocator_retention() -> bool {
 /// The default process-wide budget: 128 MiB.
 pub const DEFAULT_MEMORY_BUDGET: u64 = 128 << 20;
 
+/// [`MemoryBudget::largest_message`] is the limit over this.
+const LARGEST_MESSAGE_DIVISOR: u64 = 4;
+
 /// A shared byte budget. Cloning gives another handle to the same budget.
 #[derive(Clone, Debug)]
 pub struct MemoryBudget {
@@ -90,6 +93,16 @@ impl MemoryBudget {
     /// Bytes this budget allows.
     pub fn limit(&self) -> u64 {
         self.inner.limit
+    }
+
+    /// The largest message a receiver on this budget accepts: a quarter of the limit.
+    ///
+    /// A message is delivered whole, and the one receiver holding the overdraft (see
+    /// [`BudgetMember::take_overdraft`]) may go past the limit to complete it; this bounds
+    /// how far. Without it a peer announcing one message of the transport's largest size
+    /// (1 GiB by default) could make a receiver with a 128 MiB budget hold 1.1 GiB.
+    pub fn largest_message(&self) -> u64 {
+        (self.inner.limit / LARGEST_MESSAGE_DIVISOR).max(1)
     }
 
     /// Bytes held against the budget now; may exceed [`limit`](Self::limit) by the small
@@ -264,7 +277,8 @@ impl BudgetMember {
     /// could, each would hold a message beyond the budget (64 sessions of 4 MiB messages:
     /// 256 MiB over a 128 MiB budget); if none could, receivers holding parts of their head
     /// messages could fill the budget and wait on each other forever. One at a time may:
-    /// peak memory is then the budget plus one message being completed.
+    /// peak memory is then the budget plus one message being completed, at most
+    /// [`MemoryBudget::largest_message`].
     pub fn take_overdraft(&self) -> bool {
         let slot = &self.budget.inner.overdraft;
         match slot.compare_exchange(0, self.id, Ordering::AcqRel, Ordering::Acquire) {

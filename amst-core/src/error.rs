@@ -100,6 +100,21 @@ pub enum ProtocolError {
         /// The configured limit.
         limit: u64,
     },
+    /// A message longer than the receiver's memory budget lets it hold whole: a quarter of
+    /// the budget (see [`MemoryBudget::largest_message`](crate::MemoryBudget::largest_message)).
+    #[error(
+        "message {msg_id} of {len} bytes exceeds {limit} bytes, the largest message a receiver with a memory budget of {budget} bytes holds (a quarter of it; raise the receiver's budget to at least 4 times the message)"
+    )]
+    MessageOverBudget {
+        /// The message.
+        msg_id: u64,
+        /// Its announced length.
+        len: u64,
+        /// The largest message the budget allows.
+        limit: u64,
+        /// The receiver's memory budget.
+        budget: u64,
+    },
     /// The peer sent beyond the credit we granted.
     #[error(
         "credit exceeded: data up to session offset {end} but only {granted} granted (the credit window, from the memory budget)"

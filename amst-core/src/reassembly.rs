@@ -176,6 +176,15 @@ impl Reassembler {
                 limit: self.config.max_message,
             });
         }
+        let budget = self.member.budget();
+        if chunk.msg_len > budget.largest_message() {
+            return Err(ProtocolError::MessageOverBudget {
+                msg_id: chunk.msg_id,
+                len: chunk.msg_len,
+                limit: budget.largest_message(),
+                budget: budget.limit(),
+            });
+        }
         if self.is_duplicate(&chunk) {
             self.duplicates += 1;
             return Ok(Inserted::Duplicate);

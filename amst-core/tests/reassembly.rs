@@ -585,7 +585,9 @@ fn sixty_four_receivers_with_large_messages_overdraw_the_budget_by_one_message_a
 /// overdraft, and none waits forever.
 #[test]
 fn receivers_whose_applications_keep_messages_still_all_finish() {
-    let budget = MemoryBudget::new(4 << 20);
+    // Messages up to the largest the budget takes (a quarter of it), 16 receivers' worth of
+    // head messages far over it.
+    let budget = MemoryBudget::new(12 << 20);
     let msgs = messages(&[2 << 20, 3 << 20, 100, 2 << 20]);
     let (_, delivered) = run_senders(16, &budget, &msgs, 128 << 10, 20);
     assert!(
@@ -595,11 +597,44 @@ fn receivers_whose_applications_keep_messages_still_all_finish() {
     assert_eq!(budget.held(), 0, "every byte came back");
 }
 
-/// One receiver alone, with a message four times its budget: the overdraft lets it complete.
+/// One receiver alone, with a message as large as its budget takes (a quarter of it): the
+/// overdraft lets it complete even while its application keeps the rest of the budget.
 #[test]
-fn a_message_larger_than_the_whole_budget_still_arrives() {
-    let budget = MemoryBudget::new(1 << 20);
-    let msgs = messages(&[4 << 20, 10]);
-    let (_, delivered) = run_senders(1, &budget, &msgs, 256 << 10, 0);
-    assert_eq!(delivered, vec![2]);
+fn a_message_of_a_quarter_of_the_budget_arrives_while_the_rest_is_held() {
+    let budget = MemoryBudget::new(4 << 20);
+    let msgs = messages(&[1 << 20, 1 << 20, 1 << 20, 1 << 20, 10]);
+    let (_, delivered) = run_senders(1, &budget, &msgs, 256 << 10, 50);
+    assert_eq!(delivered, vec![5]);
+}
+
+/// A message over a quarter of the budget is refused at its first chunk, before anything is
+/// granted or held for it, with both limits named: it could only be completed by going past
+/// the budget by more than the overdraft allows.
+#[test]
+fn a_message_over_a_quarter_of_the_budget_is_refused_with_the_limit_named() {
+    let budget = MemoryBudget::new(4 << 20);
+    let mut r = Reassembler::with_budget(ReassemblyConfig::default(), budget.clone());
+    let held = budget.held();
+    let len = (1 << 20) + 1;
+    let chunk = DataChunk::new(0, 0, 0, len, Bytes::from_static(b"x"));
+    let err = r.insert(chunk).unwrap_err();
+    assert_eq!(
+        err,
+        ProtocolError::MessageOverBudget {
+            msg_id: 0,
+            len,
+            limit: 1 << 20,
+            budget: 4 << 20,
+        }
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("1048577") && text.contains("1048576") && text.contains("4194304"),
+        "{text}"
+    );
+    assert_eq!(
+        budget.held(),
+        held,
+        "nothing is held for the refused message"
+    );
 }

@@ -10,6 +10,8 @@
 //!   one past it, which must end the session with an error naming the credit;
 //! - a flood of empty messages, out of order, up to the message credit and one past it;
 //! - Pings with the largest padding, far more than the budget, while never reading the Pongs;
+//! - one message announced at 1 GiB, which must be refused at once as over the largest
+//!   message the budget holds (a quarter of it), naming both;
 //! - 64 sessions at once, each sending out-of-order data until refused;
 //! - twelve sessions each sending one large message in order, as far as their credit goes:
 //!   a head message is held whole, but only one receiver at a time may go past the budget
@@ -265,6 +267,29 @@ async fn a_hostile_peer_cannot_grow_the_receiver_past_its_budget() {
     assert_eq!(sent, count, "padded pings are within the protocol");
     rx.check_peak(baseline, "padded pings, Pongs never read");
     drop(s);
+
+    // One message announced larger than the budget lets a receiver hold whole (a quarter of
+    // it): the overdraft would have let it grow past the budget by the whole message (the
+    // transport's own cap is 1 GiB). It is refused at its first chunk, with both limits.
+    let mut s = authenticated(rx.addr).await;
+    let len = 1 << 30;
+    let first = Frame::Data(DataChunk::new(
+        0,
+        0,
+        0,
+        len,
+        Bytes::from(vec![0x3c; 64 << 10]),
+    ));
+    write_frames(&mut s, std::iter::once(first)).await;
+    let reason = close_reason(&mut s).await.unwrap_or_default();
+    println!("a {} MiB message: the receiver said {reason:?}", len >> 20);
+    assert!(
+        reason.contains(&len.to_string())
+            && reason.contains(&(BUDGET / 4).to_string())
+            && reason.contains("largest message"),
+        "the receiver must refuse a message over a quarter of its budget and name it: {reason:?}"
+    );
+    rx.check_peak(baseline, "one message far over the budget");
 }
 
 /// 64 sessions at once, each sending out-of-order data until refused: together they cannot

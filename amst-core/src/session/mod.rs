@@ -122,7 +122,9 @@ impl Fatal {
         match self {
             Fatal::Protocol(ProtocolError::ChunkCorrupt { .. }) => CloseCode::Corrupt,
             Fatal::Protocol(ProtocolError::AuthFailed) => CloseCode::AuthFailed,
-            Fatal::Protocol(ProtocolError::MessageTooLarge { .. }) => CloseCode::LimitExceeded,
+            Fatal::Protocol(
+                ProtocolError::MessageTooLarge { .. } | ProtocolError::MessageOverBudget { .. },
+            ) => CloseCode::LimitExceeded,
             Fatal::Protocol(_) => CloseCode::ProtocolError,
             _ => CloseCode::Aborted,
         }
