@@ -10,8 +10,9 @@
 //!
 //! The hot path is one atomic add or compare-and-swap per change; there is no lock.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 
@@ -63,6 +64,8 @@ struct Inner {
     receivers: AtomicU64,
     /// The member allowed past the limit to complete its head message (0: none).
     overdraft: AtomicU64,
+    /// Members waiting for the overdraft, first come first served.
+    overdraft_queue: Mutex<VecDeque<u64>>,
     /// Ids for members; 0 is never given out.
     next_member: AtomicU64,
 }
@@ -76,6 +79,7 @@ impl MemoryBudget {
                 held: AtomicU64::new(0),
                 receivers: AtomicU64::new(0),
                 overdraft: AtomicU64::new(0),
+                overdraft_queue: Mutex::new(VecDeque::new()),
                 next_member: AtomicU64::new(1),
             }),
         }
@@ -128,6 +132,7 @@ impl MemoryBudget {
         BudgetMember {
             budget: self.clone(),
             id: self.inner.next_member.fetch_add(1, Ordering::Relaxed),
+            queued: AtomicBool::new(false),
         }
     }
 
@@ -227,6 +232,33 @@ impl Charge {
         }
     }
 
+    /// Adds as many of `more` bytes as the overdraft allows: past the limit, up to
+    /// [`MemoryBudget::largest_message`] beyond it. For the holder of the overdraft only
+    /// (see [`BudgetMember::take_overdraft`]); returns how many.
+    pub fn grow_into_overdraft(&mut self, more: u64) -> u64 {
+        let held = &self.budget.inner.held;
+        let ceiling = self
+            .budget
+            .inner
+            .limit
+            .saturating_add(self.budget.largest_message());
+        let mut now = held.load(Ordering::Relaxed);
+        loop {
+            let take = more.min(ceiling.saturating_sub(now));
+            if take == 0 {
+                return 0;
+            }
+            match held.compare_exchange_weak(now, now + take, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => {
+                    self.bytes += take;
+                    return take;
+                }
+                Err(actual) => now = actual,
+            }
+        }
+    }
+
     /// Adds `more` bytes whether or not the budget has room.
     pub fn grow(&mut self, more: u64) {
         self.budget.inner.held.fetch_add(more, Ordering::Relaxed);
@@ -262,6 +294,8 @@ impl Drop for Charge {
 pub struct BudgetMember {
     budget: MemoryBudget,
     id: u64,
+    /// Whether this member is in the overdraft's queue.
+    queued: AtomicBool,
 }
 
 impl BudgetMember {
@@ -276,14 +310,44 @@ impl BudgetMember {
     /// the budget has left can only finish it by going past the limit. If every receiver
     /// could, each would hold a message beyond the budget (64 sessions of 4 MiB messages:
     /// 256 MiB over a 128 MiB budget); if none could, receivers holding parts of their head
-    /// messages could fill the budget and wait on each other forever. One at a time may:
-    /// peak memory is then the budget plus one message being completed, at most
-    /// [`MemoryBudget::largest_message`].
+    /// messages could fill the budget and wait on each other forever. One at a time may, and
+    /// only by [`MemoryBudget::largest_message`] in all ([`Charge::grow_into_overdraft`]):
+    /// the messages that earlier holders completed stay charged until their applications
+    /// drop them, so the holder waits for them when the overdraft is used up. Peak memory is
+    /// then the budget, a quarter of it, and the receivers' guaranteed minimum windows.
+    ///
+    /// Members that ask while another holds it queue up and get it in the order they first
+    /// asked (each asks again, from its timer, until it gets it); a member that no longer
+    /// needs it leaves the queue with [`stop_waiting`](Self::stop_waiting). Before the
+    /// queue, whichever asked first after a release took it, and one busy receiver could
+    /// take it again and again while another waited.
     pub fn take_overdraft(&self) -> bool {
-        let slot = &self.budget.inner.overdraft;
-        match slot.compare_exchange(0, self.id, Ordering::AcqRel, Ordering::Acquire) {
-            Ok(_) => true,
-            Err(holder) => holder == self.id,
+        let inner = &self.budget.inner;
+        if inner.overdraft.load(Ordering::Acquire) == self.id {
+            return true;
+        }
+        let mut queue = crate::util::lock(&inner.overdraft_queue);
+        if !self.queued.swap(true, Ordering::Relaxed) {
+            queue.push_back(self.id);
+        }
+        if queue.front() != Some(&self.id) {
+            return false;
+        }
+        let taken = inner
+            .overdraft
+            .compare_exchange(0, self.id, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if taken {
+            queue.pop_front();
+            self.queued.store(false, Ordering::Relaxed);
+        }
+        taken
+    }
+
+    /// Leaves the overdraft's queue, if this member is in it: it no longer needs it.
+    pub fn stop_waiting(&self) {
+        if self.queued.swap(false, Ordering::Relaxed) {
+            crate::util::lock(&self.budget.inner.overdraft_queue).retain(|&id| id != self.id);
         }
     }
 
@@ -305,6 +369,7 @@ impl BudgetMember {
 
 impl Drop for BudgetMember {
     fn drop(&mut self) {
+        self.stop_waiting();
         self.release_overdraft();
         self.budget.inner.receivers.fetch_sub(1, Ordering::Relaxed);
     }
@@ -379,6 +444,44 @@ mod tests {
         assert_eq!(tail.len(), 500);
         drop(tail);
         assert_eq!(b.held(), 0);
+    }
+
+    #[test]
+    fn the_overdraft_goes_to_waiting_members_in_the_order_they_asked() {
+        let b = MemoryBudget::new(100);
+        let (first, second, third) = (b.join(), b.join(), b.join());
+        assert!(first.take_overdraft());
+        assert!(!third.take_overdraft(), "held by the first");
+        assert!(!second.take_overdraft());
+        first.release_overdraft();
+        // The first asks again at once, and the second (queued after the third) asks
+        // before the third: neither jumps the queue.
+        assert!(!first.take_overdraft());
+        assert!(!second.take_overdraft());
+        assert!(third.take_overdraft(), "the third asked first");
+        third.release_overdraft();
+        assert!(!first.take_overdraft(), "queued behind the second");
+        assert!(second.take_overdraft());
+        // A member that stops waiting, or goes, leaves the queue.
+        second.release_overdraft();
+        first.stop_waiting();
+        let fourth = b.join();
+        assert!(fourth.take_overdraft(), "the queue is empty again");
+    }
+
+    #[test]
+    fn a_member_that_goes_leaves_the_overdraft_queue() {
+        let b = MemoryBudget::new(100);
+        let (holder, gone, next) = (b.join(), b.join(), b.join());
+        assert!(holder.take_overdraft());
+        assert!(!gone.take_overdraft());
+        assert!(!next.take_overdraft());
+        drop(gone);
+        holder.release_overdraft();
+        assert!(
+            next.take_overdraft(),
+            "the member that went no longer blocks the queue"
+        );
     }
 
     #[test]

@@ -323,8 +323,13 @@ impl Reassembler {
         if target > self.granted {
             self.granted += self.reserved.grow_up_to(target - self.granted);
         }
-        if (self.starved() || self.member.holds_overdraft()) && self.member.take_overdraft() {
-            self.grant_at_least(consumed.saturating_add(floor));
+        if self.starved() || self.member.holds_overdraft() {
+            let want = consumed.saturating_add(floor);
+            if self.member.take_overdraft() && want > self.granted {
+                self.granted += self.reserved.grow_into_overdraft(want - self.granted);
+            }
+        } else {
+            self.member.stop_waiting();
         }
         let messages = (window / BYTES_PER_MESSAGE_CREDIT)
             .max(MIN_MESSAGE_CREDIT)
@@ -403,13 +408,12 @@ impl Reassembler {
     }
 
     /// Whether the head message cannot be completed: part of it is not granted, less than
-    /// the minimum window is left beyond what arrived, and the budget has no room (or the
-    /// overdraft is another receiver's). [`refresh_grant`](Self::refresh_grant) later.
+    /// the minimum window is left beyond what arrived, and the budget has no room (the
+    /// overdraft is another receiver's, or used up until applications drop what they hold).
+    /// [`refresh_grant`](Self::refresh_grant) later.
     pub fn starved(&self) -> bool {
         let head_end = self.head_end();
-        head_end > self.granted
-            && self.granted.saturating_sub(self.cumulative) < self.floor()
-            && !self.member.holds_overdraft()
+        head_end > self.granted && self.granted.saturating_sub(self.cumulative) < self.floor()
     }
 
     /// Grants what the budget has room for now, or the overdraft if it has come free.

@@ -559,11 +559,12 @@ fn run_senders(
 }
 
 /// 64 receivers share a budget smaller than their head messages together. Only one at a time
-/// may go past the budget to complete a message: everyone finishes, and with applications
-/// that take each message at once, the peak is the budget, each receiver's minimum and one
-/// message.
+/// may go past the budget to complete a message, and by a quarter of the budget at most: the
+/// overdraft passes from receiver to receiver in the order they asked (several in one round
+/// here, whose completed messages the harness drops only at the round's end), everyone
+/// finishes, and the peak is the budget, a quarter of it and each receiver's minimum.
 #[test]
-fn sixty_four_receivers_with_large_messages_overdraw_the_budget_by_one_message_at_most() {
+fn sixty_four_receivers_with_large_messages_overdraw_the_budget_by_a_quarter_at_most() {
     let budget = MemoryBudget::new(16 << 20);
     let msgs = messages(&[1 << 20, 3 << 20, 1 << 20]);
     let (peak, delivered) = run_senders(64, &budget, &msgs, 64 << 10, 0);
@@ -571,10 +572,10 @@ fn sixty_four_receivers_with_large_messages_overdraw_the_budget_by_one_message_a
         delivered.iter().all(|&d| d == msgs.len()),
         "a receiver stalled: {delivered:?}"
     );
-    let bound = budget.limit() + 64 * MIN_WINDOW + (3 << 20);
+    let bound = budget.limit() + budget.largest_message() + 64 * MIN_WINDOW;
     assert!(
         peak <= bound,
-        "peak {} MiB over the budget, the minimums and one message ({} MiB)",
+        "peak {} MiB over the budget, a quarter of it and the minimums ({} MiB)",
         peak >> 20,
         bound >> 20
     );

@@ -13,9 +13,10 @@
 //! - one message announced at 1 GiB, which must be refused at once as over the largest
 //!   message the budget holds (a quarter of it), naming both;
 //! - 64 sessions at once, each sending out-of-order data until refused;
-//! - twelve sessions each sending one large message in order, as far as their credit goes:
-//!   a head message is held whole, but only one receiver at a time may go past the budget
-//!   for it, so the bound there is the budget and one message.
+//! - twelve sessions each sending one large message (a quarter of the budget, the largest
+//!   it takes) in order, as far as their credit goes: a head message is held whole, but only
+//!   one receiver at a time may go past the budget for it, and by a quarter of it at most,
+//!   so the bound there is the budget and one such message.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
