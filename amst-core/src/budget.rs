@@ -32,8 +32,9 @@ pub const DIRECT_MAPPING_THRESHOLD: usize = 1 << 20;
 /// with no change in goodput beyond the run-to-run noise. A threshold of 128 KiB, which maps
 /// the read slabs (512 KiB for each of 64 datacenter streams) too, took the 10 GiB peak
 /// from 154-163 to 146-148 MiB in five runs, but slabs replaced while a chunk still pins them
-/// then cost an `mmap`, page faults and a `munmap` each: 10,000 files of 4 KiB took 13% longer
-/// (0.263 s against 0.232 s, six runs each) with 23% more receiver CPU.
+/// then cost an `mmap`, page faults and a `munmap` each: 10,000 files of 4 KiB took 3% longer
+/// (0.276 s against 0.268 s, eight runs each in alternating order) with 6% more receiver CPU,
+/// and the smaller peak did not hold in the `rss` scenario (143-167 MiB in three runs).
 pub fn limit_allocator_retention() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
