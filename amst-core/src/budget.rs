@@ -8,7 +8,8 @@
 //! [`charged`]), so queues above the transport (a reorder buffer, a file sink's queue) are
 //! counted without knowing about the budget.
 //!
-//! The hot path is one atomic add or compare-and-swap per change; there is no lock.
+//! The hot path is one atomic add or compare-and-swap per change, with no lock; only a
+//! receiver that has run out of room takes one, to queue for the overdraft.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -18,7 +19,7 @@ use bytes::Bytes;
 
 /// Allocations from this size up get their own mapping under
 /// [`limit_allocator_retention`].
-pub const DIRECT_MAPPING_THRESHOLD: usize = 1 << 20;
+pub const DIRECT_MAPPING_THRESHOLD: usize = 128 << 10;
 
 /// Makes glibc's malloc give every allocation of [`DIRECT_MAPPING_THRESHOLD`] or more its
 /// own mapping, returned to the system when freed. Call it once, early, in a process that
@@ -29,12 +30,13 @@ pub const DIRECT_MAPPING_THRESHOLD: usize = 1 << 20;
 /// 32 MiB), after which read slabs and messages come from its heaps and their free space is
 /// kept. `amst serve --output` receiving 10 GiB peaked at 177-189 MiB against 146-170 MiB
 /// for 1 GiB by default, and at 148-150 against 137-141 MiB with the threshold fixed at 1 MiB,
-/// with no change in goodput beyond the run-to-run noise. A threshold of 128 KiB, which maps
-/// the read slabs (512 KiB for each of 64 datacenter streams) too, took the 10 GiB peak
-/// from 154-163 to 146-148 MiB in five runs, but slabs replaced while a chunk still pins them
-/// then cost an `mmap`, page faults and a `munmap` each: 10,000 files of 4 KiB took 3% longer
-/// (0.276 s against 0.268 s, eight runs each in alternating order) with 6% more receiver CPU,
-/// and the smaller peak did not hold in the `rss` scenario (143-167 MiB in three runs).
+/// with no change in goodput beyond the run-to-run noise. At 128 KiB the read slabs (512 KiB
+/// for each of 64 datacenter streams, and those of many sessions) are mapped too: in the
+/// `rss` scenario 64 sessions at once peaked at the budget plus 24-27 MiB in three runs,
+/// against plus 68-69 MiB in two runs at 1 MiB (the goal is plus 64), and one 10 GiB file
+/// at 143-167 MiB against 154-168. The price is an `mmap`, page faults and a `munmap` for a
+/// slab replaced while a chunk still pins it: 10,000 files of 4 KiB took 3% longer (0.276 s
+/// against 0.268 s, eight runs each in alternating order) with 6% more receiver CPU.
 pub fn limit_allocator_retention() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
@@ -113,8 +115,9 @@ impl MemoryBudget {
     }
 
     /// Bytes held against the budget now; may exceed [`limit`](Self::limit) by the small
-    /// guaranteed minimum each session keeps, and by the rest of one message that the
-    /// holder of the overdraft is completing (see [`BudgetMember::take_overdraft`]).
+    /// guaranteed minimum each session keeps, and by at most
+    /// [`largest_message`](Self::largest_message) for the holder of the overdraft (see
+    /// [`BudgetMember::take_overdraft`]).
     pub fn held(&self) -> u64 {
         self.inner.held.load(Ordering::Relaxed)
     }
