@@ -137,6 +137,10 @@ pub struct RateEstimate {
     pub rtt: Option<Duration>,
 }
 
+/// How far above the smallest RTT seen a train's own RTT may be, beyond twice it, for the
+/// train to make a lower bound ([`RateProbe::conclude`]).
+const RTT_SLACK: Duration = Duration::from_millis(1);
+
 /// The sans-IO plan of a rate measurement: trains that grow (at least doubling) until they
 /// last [`min_train_rtts`](RateProbeConfig::min_train_rtts) round trips, and on until a
 /// train twice as large as the one before reads the same rate within the tolerance.
@@ -274,14 +278,28 @@ impl RateProbe {
         }
         let bandwidth = match self.agreed() {
             Some(rate) => Some(Bandwidth::measured(rate)),
-            None => self
-                .trains
-                .iter()
-                .filter_map(|t| t.rate)
-                .max()
-                .map(Bandwidth::at_least),
+            None => self.best_trusted().map(Bandwidth::at_least),
         };
         self.finish(now, bandwidth)
+    }
+
+    /// The best rate of a train timed against a sound round trip, for a lower bound.
+    ///
+    /// A train is timed as the longer of its answers' spread and the whole exchange less
+    /// the RTT of the ping just before it; when a stall delays that one ping, the second
+    /// shrinks toward nothing and the train reads fast. Such a train never counts toward
+    /// agreement (it must last [`min_train_rtts`](RateProbeConfig::min_train_rtts) of its
+    /// own RTTs), but the best of all trains did make the lower bound: a full bench run
+    /// reported "at least 209.8 Gbit/s" over loopback once. A train whose RTT was over
+    /// twice the smallest seen, and [`RTT_SLACK`] more, is left out.
+    fn best_trusted(&self) -> Option<u64> {
+        let min = self.min_rtt()?;
+        let limit = (min * 2).max(min + RTT_SLACK);
+        self.trains
+            .iter()
+            .filter(|t| t.rtt <= limit)
+            .filter_map(|t| t.rate)
+            .max()
     }
 
     /// The next train to send, or the result. Once done, it stays done.
@@ -329,7 +347,8 @@ impl RateProbe {
             Duration::from_secs_f64(size as f64 / r.max(1) as f64)
         }) + rtt * 2;
         if size > left_bytes || elapsed + eta > self.config.max_time {
-            return RateStep::Done(self.finish(now, best.map(Bandwidth::at_least)));
+            let bound = self.best_trusted().map(Bandwidth::at_least);
+            return RateStep::Done(self.finish(now, bound));
         }
         RateStep::Send(size)
     }
@@ -470,6 +489,30 @@ mod tests {
         assert!(bw.lower_bound, "{e:?}");
         assert!(bw.bytes_per_sec > 12_500_000, "the best train: {e:?}");
         assert!(e.bytes <= config.max_bytes, "{e:?}");
+    }
+
+    #[test]
+    fn a_train_timed_against_a_stalled_ping_does_not_make_the_lower_bound() {
+        let t0 = Instant::now();
+        let mut p = RateProbe::new(RateProbeConfig::default(), t0);
+        let train = |rate: u64, rtt_us: u64| Train {
+            bytes: 8 << 20,
+            rate: Some(rate),
+            rtt: Duration::from_micros(rtt_us),
+            took: Duration::from_millis(3),
+            wire_bytes: 8 << 20,
+        };
+        // Loopback trains too short to count, one of them timed against a ping that came
+        // back 9 ms late and reading ten times the others.
+        p.on_train(train(2_500_000_000, 80));
+        p.on_train(train(26_000_000_000, 9_000));
+        p.on_train(train(3_000_000_000, 120));
+        let e = p.conclude(t0 + Duration::from_millis(40));
+        assert_eq!(
+            e.bandwidth,
+            Some(Bandwidth::at_least(3_000_000_000)),
+            "{e:?}"
+        );
     }
 
     #[test]
