@@ -219,35 +219,24 @@ impl Charge {
 
     /// Adds as many of `more` bytes as the budget has room for; returns how many.
     pub fn grow_up_to(&mut self, more: u64) -> u64 {
-        let held = &self.budget.inner.held;
-        let limit = self.budget.inner.limit;
-        let mut now = held.load(Ordering::Relaxed);
-        loop {
-            let take = more.min(limit.saturating_sub(now));
-            if take == 0 {
-                return 0;
-            }
-            match held.compare_exchange_weak(now, now + take, Ordering::Relaxed, Ordering::Relaxed)
-            {
-                Ok(_) => {
-                    self.bytes += take;
-                    return take;
-                }
-                Err(actual) => now = actual,
-            }
-        }
+        self.grow_below(more, self.budget.inner.limit)
     }
 
     /// Adds as many of `more` bytes as the overdraft allows: past the limit, up to
     /// [`MemoryBudget::largest_message`] beyond it. For the holder of the overdraft only
     /// (see [`BudgetMember::take_overdraft`]); returns how many.
     pub fn grow_into_overdraft(&mut self, more: u64) -> u64 {
-        let held = &self.budget.inner.held;
         let ceiling = self
             .budget
             .inner
             .limit
             .saturating_add(self.budget.largest_message());
+        self.grow_below(more, ceiling)
+    }
+
+    /// Adds as many of `more` bytes as keep the budget's total at most `ceiling`.
+    fn grow_below(&mut self, more: u64, ceiling: u64) -> u64 {
+        let held = &self.budget.inner.held;
         let mut now = held.load(Ordering::Relaxed);
         loop {
             let take = more.min(ceiling.saturating_sub(now));
