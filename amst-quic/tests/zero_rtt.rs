@@ -219,9 +219,14 @@ impl Replayer {
                 let mut buf = vec![0u8; 65536];
                 while let Ok((n, from)) = front.recv_from(&mut buf).await {
                     *client.lock().await = Some(from);
-                    let _ = back.send_to(&buf[..n], server).await;
-                    if !answered.load(Ordering::Acquire) {
+                    // Recorded before it is forwarded: the server's answer could otherwise
+                    // complete the handshake before the flight holds anything.
+                    let first_flight = !answered.load(Ordering::Acquire);
+                    if first_flight {
                         flight.lock().await.push(buf[..n].to_vec());
+                    }
+                    let _ = back.send_to(&buf[..n], server).await;
+                    if first_flight {
                         let _ = replay.send_to(&buf[..n], server).await;
                     }
                 }
