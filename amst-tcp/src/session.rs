@@ -198,7 +198,7 @@ impl Shared {
             (r, p.wants_transmit(), p.take_timeout_moved())
         };
         if transmit {
-            self.tx_wake.notify_one();
+            self.tx_wake.notify_last();
         }
         if timer {
             self.timer.notify_one();

@@ -76,31 +76,40 @@ async fn write_loop(
     let mut batch: Vec<DataChunk> = Vec::with_capacity(MAX_BATCH);
     let mut headers: Vec<[u8; DATA_HEADER_LEN]> = Vec::with_capacity(MAX_BATCH);
     loop {
-        let woken = shared.tx_wake.notified();
-        tokio::pin!(woken);
-        woken.as_mut().enable();
-        let stream_woken = ctl.wake.notified();
-        tokio::pin!(stream_woken);
-        stream_woken.as_mut().enable();
-
         control.clear();
         batch.clear();
-        match take(shared, path, &mut control, &mut batch) {
-            Transmit::Finish => {
-                // The parting Close (or this stream's own), after whole frames only; then
-                // half-close.
-                write_all(stream, &control, &[], &[]).await?;
-                stream.shutdown_write().await;
-                return Ok(());
-            }
-            Transmit::Idle => {
-                tokio::select! {
-                    _ = &mut woken => {}
-                    _ = &mut stream_woken => {}
+        let more = {
+            // Registered before asking, so a chunk queued meanwhile is not missed; dropped
+            // before writing, so a busy writer is never the one woken for more work.
+            let woken = shared.tx_wake.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            let stream_woken = ctl.wake.notified();
+            tokio::pin!(stream_woken);
+            stream_woken.as_mut().enable();
+            match take(shared, path, &mut control, &mut batch) {
+                (Transmit::Finish, _) => {
+                    // The parting Close (or this stream's own), after whole frames only;
+                    // then half-close.
+                    write_all(stream, &control, &[], &[]).await?;
+                    stream.shutdown_write().await;
+                    return Ok(());
                 }
-                continue;
+                (Transmit::Idle, _) => {
+                    tokio::select! {
+                        _ = &mut woken => {}
+                        _ = &mut stream_woken => {}
+                    }
+                    continue;
+                }
+                (Transmit::Send, more) => more,
             }
-            Transmit::Send => {}
+        };
+        if more {
+            // Someone else can take the rest while we write: the writer idle the shortest
+            // time, so a light load stays on a few warm streams instead of cycling through
+            // all of them.
+            shared.tx_wake.notify_last();
         }
         headers.clear();
         headers.extend(batch.iter().map(DataChunk::encode_header));
@@ -116,13 +125,14 @@ async fn write_loop(
 }
 
 /// Asks the protocol what this stream writes next: control frames and up to one chunk's
-/// worth of data (several chunks when they are small), recorded as sent on `path`.
+/// worth of data (several chunks when they are small), recorded as sent on `path`; and
+/// whether more is left for another writer.
 fn take(
     shared: &Shared,
     path: PathId,
     control: &mut BytesMut,
     batch: &mut Vec<DataChunk>,
-) -> Transmit {
+) -> (Transmit, bool) {
     // The session's in-flight cap (one flow toward others): while it is shut, only control
     // frames go out; the gate's driver wakes the writers when the kernels have drained.
     let max = if shared.gate.open() {
@@ -150,11 +160,7 @@ fn take(
     if !batch.is_empty() && (queued == 0 || queued <= shared.config.send_queue / 2) {
         shared.space.notify_waiters();
     }
-    if more && t == Transmit::Send {
-        // Someone else can take the rest while we write.
-        shared.tx_wake.notify_one();
-    }
-    t
+    (t, more && t == Transmit::Send)
 }
 
 /// Writes control bytes, then each header followed by its payload, with as few syscalls as

@@ -267,7 +267,7 @@ impl TcpTransport {
                         p.push_parts(h, m, Instant::now())?;
                     }
                     drop(p);
-                    s.tx_wake.notify_one();
+                    s.tx_wake.notify_last();
                     return Ok(());
                 }
             }
