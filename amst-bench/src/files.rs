@@ -82,7 +82,9 @@ impl FilesPlan {
     pub fn description(&self) -> String {
         format!(
             "`amst send` to `amst serve --output` (release binaries, default options) vs rsync to a \
-             local rsync daemon and `tar | nc` (netcat-openbsd), tmpfs to tmpfs, {} interleaved rounds: \
+             local rsync daemon and `tar | nc` (netcat-openbsd), tmpfs to tmpfs, {} interleaved rounds \
+             (the writers' order rotates each round; on loopback an untimed `cp -a` first warms \
+             the memory they write into, and each copy is deleted only as the next writer starts): \
              large = one {} MiB file (rsync -a --whole-file; also amst-tcp's blast loop, memory to \
              memory, at the stream count amst used), and on loopback `cp -a` (a local copy: the \
              file system's own pace in that round), small = {} files of {} bytes (rsync -a), sparse = \
@@ -372,62 +374,85 @@ fn run_workload(
     let within = Duration::from_secs(60) + Duration::from_secs_f64(bytes as f64 / floor);
     let mut daemon = RsyncDaemon::start(place, &dst, &work)?;
     let id = s.id.clone();
+    // On a VM whose host backs freed guest memory lazily, a copy written into memory that sat
+    // free for a few seconds runs at half speed or worse; whoever writes first after an idle
+    // gap pays for it. So each copy stays until the next writer is about to start (no gap
+    // between a deletion and a write), an untimed local copy first warms the memory every
+    // contender writes into, and the order rotates each round.
+    if matches!(place, Place::Loopback) {
+        empty(&dst)?;
+        cp_once(&src, &dst, &work, within)?;
+    }
+    let mut writers = vec![Writer::Amst, Writer::Rsync, Writer::TarNc];
+    if cp_c.is_some() {
+        writers.push(Writer::Cp);
+    }
     for round in 0..rounds {
         eprintln!("files: {key} round {}/{rounds}", round + 1);
-        // amst
-        empty(&dst)?;
-        match amst_once(amst, place, &src, &dst, &work, within) {
-            Ok(r) => match verify(&src, &landed) {
-                Ok(()) => {
-                    amst_c.record(w.goodput(bytes, r.elapsed), Vec::new());
-                    if w == Workload::Sparse {
-                        allocated[0].push(du_over_data(&landed, plan)?);
-                        if let Some(sent) = r.data_bytes_sent {
-                            sent_over_data.push(sent as f64 / plan.sparse_data_bytes as f64);
-                        }
-                    }
-                    if blast_streams.is_none() {
-                        blast_streams = r.streams.filter(|n| *n > 0);
-                    }
-                }
-                Err((n, why)) => {
-                    *mismatched += n;
-                    amst_c.fail(&id, why);
-                }
-            },
-            Err(e) => amst_c.fail(&id, e),
-        }
-        // A peer's run counts once its copy matches the source.
-        let peer_run = |c: &mut Contender, run: Result<Duration, String>| match run
-            .and_then(|took| verify(&src, &landed).map(|()| took).map_err(|(_, why)| why))
+        for writer in writers
+            .iter()
+            .cycle()
+            .skip(round % writers.len())
+            .take(writers.len())
         {
-            Ok(took) => {
-                c.record(w.goodput(bytes, took), Vec::new());
-                true
-            }
-            Err(why) => {
-                c.fail(&id, why);
-                false
-            }
-        };
-        // rsync to the daemon
-        empty(&dst)?;
-        let run = daemon.send(place, w.rsync_flags(), &src, &work, within);
-        if peer_run(&mut rsync_c, run) && w == Workload::Sparse {
-            allocated[1].push(du_over_data(&landed, plan)?);
-        }
-        // tar | nc
-        empty(&dst)?;
-        let run = tar_nc_once(place, w.tar_flags(), &src, &dst, &work, within);
-        if peer_run(&mut tar_c, run) && w == Workload::Sparse {
-            allocated[2].push(du_over_data(&landed, plan)?);
-        }
-        empty(&dst)?;
-        if let Some(c) = cp_c.as_mut() {
-            peer_run(c, cp_once(&src, &dst, &work, within));
             empty(&dst)?;
+            // A peer's run counts once its copy matches the source.
+            let peer_run = |c: &mut Contender, run: Result<Duration, String>| match run
+                .and_then(|took| verify(&src, &landed).map(|()| took).map_err(|(_, why)| why))
+            {
+                Ok(took) => {
+                    c.record(w.goodput(bytes, took), Vec::new());
+                    true
+                }
+                Err(why) => {
+                    c.fail(&id, why);
+                    false
+                }
+            };
+            match writer {
+                Writer::Amst => match amst_once(amst, place, &src, &dst, &work, within) {
+                    Ok(r) => match verify(&src, &landed) {
+                        Ok(()) => {
+                            amst_c.record(w.goodput(bytes, r.elapsed), Vec::new());
+                            if w == Workload::Sparse {
+                                allocated[0].push(du_over_data(&landed, plan)?);
+                                if let Some(sent) = r.data_bytes_sent {
+                                    sent_over_data
+                                        .push(sent as f64 / plan.sparse_data_bytes as f64);
+                                }
+                            }
+                            if blast_streams.is_none() {
+                                blast_streams = r.streams.filter(|n| *n > 0);
+                            }
+                        }
+                        Err((n, why)) => {
+                            *mismatched += n;
+                            amst_c.fail(&id, why);
+                        }
+                    },
+                    Err(e) => amst_c.fail(&id, e),
+                },
+                Writer::Rsync => {
+                    let run = daemon.send(place, w.rsync_flags(), &src, &work, within);
+                    if peer_run(&mut rsync_c, run) && w == Workload::Sparse {
+                        allocated[1].push(du_over_data(&landed, plan)?);
+                    }
+                }
+                Writer::TarNc => {
+                    let run = tar_nc_once(place, w.tar_flags(), &src, &dst, &work, within);
+                    if peer_run(&mut tar_c, run) && w == Workload::Sparse {
+                        allocated[2].push(du_over_data(&landed, plan)?);
+                    }
+                }
+                Writer::Cp => {
+                    if let Some(c) = cp_c.as_mut() {
+                        peer_run(c, cp_once(&src, &dst, &work, within));
+                    }
+                }
+            }
         }
-        // amst-tcp's blast loop: the transport's ceiling, with amst's stream count.
+        // amst-tcp's blast loop: the transport's ceiling, with amst's stream count. It writes
+        // no file, and the last copy stays meanwhile.
         if let Some(b) = blast_c.as_mut() {
             // amst's datacenter default, until a run of amst has said what it used.
             let streams = blast_streams.unwrap_or(64);
@@ -491,6 +516,15 @@ fn run_workload(
             .flatten(),
     );
     Ok(())
+}
+
+/// The contenders that write a copy at the receiver, in the order of a round's rotation.
+#[derive(Clone, Copy, Debug)]
+enum Writer {
+    Amst,
+    Rsync,
+    TarNc,
+    Cp,
 }
 
 /// Compares the receiver's copy with the source: `Err` with the count of differing files
