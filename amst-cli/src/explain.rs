@@ -123,9 +123,9 @@ pub async fn run(args: ExplainArgs, g: &Global) -> CliResult<()> {
     let mut e = explain(peer.to_string(), &rtts, &rate, used, &decision, &config);
     e.bandwidth_probed_in = probed_in.to_string();
     if g.json {
-        println!("{}", serde_json::to_string_pretty(&e).expect("serialises"));
+        crate::stdout::line(serde_json::to_string_pretty(&e).expect("serialises"));
     } else {
-        print!("{}", human(&e));
+        crate::stdout::text(human(&e));
     }
     Ok(())
 }

@@ -32,6 +32,7 @@ pub mod serve;
 pub mod sink;
 pub mod size;
 pub mod source;
+pub mod stdout;
 pub mod telemetry;
 pub mod transfer;
 pub mod tree;

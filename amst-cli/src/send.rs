@@ -157,9 +157,9 @@ pub async fn measured(
 /// Prints a finished report.
 pub fn print_report(g: &Global, report: &Report) {
     if g.json {
-        println!("{}", report.json());
+        crate::stdout::line(report.json());
     } else if !g.quiet {
-        print!("{}", report.human());
+        crate::stdout::text(report.human());
     }
 }
 
@@ -168,7 +168,7 @@ pub fn print_report(g: &Global, report: &Report) {
 pub fn fail(g: &Global, mut report: Report, f: Failure) -> Failure {
     if g.json {
         report.error = Some(ErrorReport::from(&f));
-        println!("{}", report.json());
+        crate::stdout::line(report.json());
     }
     f
 }

@@ -102,9 +102,8 @@ pub async fn run(args: ServeArgs, g: &Global) -> CliResult<()> {
         ),
     );
     if g.json {
-        println!(
-            "{}",
-            serde_json::json!({"event": "listening", "addr": server.local_addr().to_string()})
+        crate::stdout::line(
+            serde_json::json!({"event": "listening", "addr": server.local_addr().to_string()}),
         );
     }
     let started = Instant::now();
@@ -136,7 +135,7 @@ pub async fn run(args: ServeArgs, g: &Global) -> CliResult<()> {
                             let line = serde_json::json!(
                                 {"event": "warning", "session": accepted, "message": w}
                             );
-                            println!("{line}");
+                            crate::stdout::line(line);
                         } else {
                             eprintln!("amst serve: [{accepted:>3}] {}: {w}", a.peer);
                         }
@@ -192,9 +191,9 @@ pub async fn run(args: ServeArgs, g: &Global) -> CliResult<()> {
     }
     summary.seconds = started.elapsed().as_secs_f64();
     if g.json {
-        println!("{}", serde_json::to_string(&summary).expect("serialises"));
+        crate::stdout::line(serde_json::to_string(&summary).expect("serialises"));
     } else {
-        println!(
+        crate::stdout::line(format_args!(
             "amst serve: {} session(s) ({} failed), {} transfer(s) ok, {} failed, {} received in {:.1} s",
             summary.sessions,
             summary.sessions_failed,
@@ -202,7 +201,7 @@ pub async fn run(args: ServeArgs, g: &Global) -> CliResult<()> {
             summary.transfers_failed,
             human_bytes(summary.bytes),
             summary.seconds
-        );
+        ));
     }
     Ok(())
 }
@@ -254,7 +253,7 @@ fn say(g: &Global, line: &str) {
     if g.json {
         eprintln!("{line}");
     } else {
-        println!("{line}");
+        crate::stdout::line(line);
     }
 }
 
@@ -318,7 +317,7 @@ fn report_session(
             transfers: r.transfers.iter().map(transfer_line).collect(),
             error: r.error.as_ref().map(|f| f.message.clone()),
         };
-        println!("{}", serde_json::to_string(&line).expect("serialises"));
+        crate::stdout::line(serde_json::to_string(&line).expect("serialises"));
         return;
     }
     let mut parts: Vec<String> = r.transfers.iter().map(describe).collect();
@@ -328,7 +327,7 @@ fn report_session(
     if parts.is_empty() {
         parts.push("no transfers".into());
     }
-    println!("[{id:>3}] {peer}: {}", parts.join("; "));
+    crate::stdout::line(format_args!("[{id:>3}] {peer}: {}", parts.join("; ")));
 }
 
 fn transfer_line(t: &Received) -> TransferLine {

@@ -340,6 +340,37 @@ fn quiet_send_prints_nothing_but_errors() {
     assert!(!stderr_of(&o).is_empty(), "errors are still printed");
 }
 
+/// `amst send --json | head -1`: the reader leaves before the report is written. The
+/// transfer is already complete, so that is not a failure, and never a panic.
+#[test]
+fn a_closed_stdout_does_not_fail_a_finished_transfer() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), KEY);
+    let serve = Serve::start(&["--discard", "--psk-file", key.to_str().unwrap()]);
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe(2) writes two descriptors into the array it is given.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: both descriptors are ours and open; each is owned exactly once from here.
+    let (read_end, write_end) = unsafe {
+        use std::os::fd::FromRawFd;
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    };
+    drop(read_end);
+    let o = amst_spawn()
+        .args(["send", &serve.addr, "--size", "1M", "--json", "--psk-file"])
+        .arg(&key)
+        .stdout(Stdio::from(write_end))
+        .stderr(Stdio::piped())
+        .output()
+        .expect("amst send runs");
+    let err = stderr_of(&o);
+    assert!(o.status.success(), "exit {:?}:\n{err}", o.status);
+    assert!(!err.contains("panicked"), "{err}");
+}
+
 /// This host has no RDMA device (and the default build lacks the `rdma` feature), so the
 /// datacenter lane falls back to TCP: the data must still arrive whole, and `amst` must say
 /// that RDMA was not used instead of failing or keeping quiet.
