@@ -227,7 +227,7 @@ fn human(e: &Explanation) -> String {
             );
             if e.bandwidth_measured {
                 format!(
-                    "{} ({how}; the last agreed with an earlier one)",
+                    "{} ({how}; the rate stopped growing with the train)",
                     human_bits_per_sec(b as f64)
                 )
             } else {
