@@ -14,6 +14,7 @@
 //! progress however full the budget is.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -57,6 +58,16 @@ const BYTES_PER_MESSAGE_CREDIT: u64 = 1 << 10;
 /// Message ids every session may have outstanding, however small its window.
 const MIN_MESSAGE_CREDIT: u64 = 64;
 
+/// How long a receiver waits for room in the budget before it asks for the overdraft.
+///
+/// A receiver is starved mostly because its own application still holds what it delivered:
+/// `amst serve --output` queues whole blocks for the disk, and the hybrid layer keeps
+/// delivered messages until `recv`. Those drain within milliseconds. Asking at once, a
+/// single session storing a 4 GiB file took the overdraft 6-15 times and peaked at the
+/// budget plus up to a quarter of it; the overdraft is for receivers that wait on each
+/// other, which no drain will free.
+pub const OVERDRAFT_GRACE: Duration = Duration::from_millis(20);
+
 /// What [`Reassembler::insert`] did with a chunk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Inserted {
@@ -99,6 +110,8 @@ pub struct Reassembler {
     /// Message ids below this may be sent; never lowered.
     granted_messages: u64,
     member: BudgetMember,
+    /// Since when the head message could not be completed for want of room.
+    starved_since: Option<Instant>,
 }
 
 impl Reassembler {
@@ -127,6 +140,7 @@ impl Reassembler {
             reserved: budget.empty_charge(),
             granted_messages: 0,
             member,
+            starved_since: None,
         };
         // Only the minimum until data arrives: a session that never receives (the sending
         // side of most) holds almost none of the budget, and the first data opens the window.
@@ -227,7 +241,7 @@ impl Reassembler {
         }
         self.cumulative = self.received.contiguous_end(self.cumulative);
         self.received.trim_below(self.cumulative);
-        self.update_grant();
+        self.update_grant(None);
         Ok(Inserted::New)
     }
 
@@ -303,11 +317,14 @@ impl Reassembler {
         let charge = self.reserved.split(len);
         // The message the overdraft was for is complete: another receiver may need it.
         self.member.release_overdraft();
-        self.update_grant();
+        self.update_grant(None);
         Some(charged(msg, charge))
     }
 
-    fn update_grant(&mut self) {
+    /// Grants what the window and the budget allow; `now` is given by the timer's refresh
+    /// only, which may ask for the overdraft once the receiver has starved for
+    /// [`OVERDRAFT_GRACE`].
+    fn update_grant(&mut self, now: Option<Instant>) {
         // The head message is held whole, so its received prefix does not use the window.
         let head_end = self.head_end();
         let consumed = self.cumulative.min(head_end).max(self.popped_end);
@@ -323,13 +340,23 @@ impl Reassembler {
         if target > self.granted {
             self.granted += self.reserved.grow_up_to(target - self.granted);
         }
-        if self.starved() || self.member.holds_overdraft() {
+        if !self.starved() && !self.member.holds_overdraft() {
+            self.starved_since = None;
+            self.member.stop_waiting();
+        } else {
+            // Time starts at the first refresh that finds it starved (the session's timer
+            // comes within a few milliseconds); inserts and pops carry no clock.
+            let due = now.is_some_and(|t| {
+                let since = *self.starved_since.get_or_insert(t);
+                t.saturating_duration_since(since) >= OVERDRAFT_GRACE
+            });
             let want = consumed.saturating_add(floor);
-            if self.member.take_overdraft() && want > self.granted {
+            if (self.member.holds_overdraft() || due)
+                && self.member.take_overdraft()
+                && want > self.granted
+            {
                 self.granted += self.reserved.grow_into_overdraft(want - self.granted);
             }
-        } else {
-            self.member.stop_waiting();
         }
         let messages = (window / BYTES_PER_MESSAGE_CREDIT)
             .max(MIN_MESSAGE_CREDIT)
@@ -416,9 +443,11 @@ impl Reassembler {
         head_end > self.granted && self.granted.saturating_sub(self.cumulative) < self.floor()
     }
 
-    /// Grants what the budget has room for now, or the overdraft if it has come free.
-    pub fn refresh_grant(&mut self) {
-        self.update_grant();
+    /// Grants what the budget has room for now, or the overdraft if it has come free and
+    /// this receiver has starved for [`OVERDRAFT_GRACE`] (the first refresh that finds it
+    /// starved starts the wait).
+    pub fn refresh_grant(&mut self, now: Instant) {
+        self.update_grant(Some(now));
     }
 
     /// Where the head message ends, once a chunk of it has told its length.

@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use amst_core::codec::{Credit, DataChunk};
 use amst_core::{
-    Inserted, MIN_WINDOW, MemoryBudget, ProtocolError, Reassembler, ReassemblyConfig, SendBuffer,
+    Inserted, MIN_WINDOW, MemoryBudget, OVERDRAFT_GRACE, ProtocolError, Reassembler,
+    ReassemblyConfig, SendBuffer,
 };
 use bytes::Bytes;
 use proptest::prelude::*;
@@ -525,6 +526,8 @@ fn run_senders(
     let mut delivered = vec![0usize; receivers];
     let mut held: Vec<(usize, Bytes)> = Vec::new();
     let mut peak = budget.held();
+    // A round is a millisecond of the session timer's clock.
+    let t0 = Instant::now();
     // Bounded: each round moves at least one chunk or one refresh; far more than needed.
     for round in 0..100_000 {
         if delivered.iter().all(|&d| d == msgs.len()) {
@@ -534,7 +537,7 @@ fn run_senders(
         for (i, r) in rx.iter_mut().enumerate() {
             // What the session core's timer does for a receiver waiting on the budget.
             if r.starved() {
-                r.refresh_grant();
+                r.refresh_grant(t0 + Duration::from_millis(round as u64));
             }
             while let Some(c) = chunks.get(next[i]) {
                 if c.session_end() > r.credit().limit {
@@ -638,4 +641,67 @@ fn a_message_over_a_quarter_of_the_budget_is_refused_with_the_limit_named() {
         held,
         "nothing is held for the refused message"
     );
+}
+
+/// A receiver starved because its own application still holds what it delivered waits for
+/// that to drain, and asks for the overdraft only once it has waited `OVERDRAFT_GRACE`:
+/// a file sink's queue drains within milliseconds, and the overdraft would add up to a
+/// quarter of the budget to the peak for nothing.
+#[test]
+fn the_overdraft_waits_out_a_short_starvation() {
+    let budget = MemoryBudget::new(8 << 20);
+    let mut r = Reassembler::with_budget(ReassemblyConfig::default(), budget.clone());
+    let msg = messages(&[1 << 20]).remove(0);
+    let chunks = all_chunks(std::slice::from_ref(&msg), MIN_WINDOW as usize);
+    let t0 = Instant::now();
+    let ms = |n: u64| t0 + Duration::from_millis(n);
+
+    // Whatever the application holds fills the budget; the first quarter of the head message
+    // arrives and the rest is not granted.
+    let held_by_app = budget.charge(budget.limit() - budget.held());
+    r.insert(chunks[0].clone()).unwrap();
+    assert!(r.starved());
+    r.refresh_grant(ms(0));
+    r.refresh_grant(ms(10));
+    assert_eq!(
+        r.credit().limit,
+        MIN_WINDOW,
+        "no overdraft within the grace"
+    );
+    assert!(budget.held() <= budget.limit());
+
+    // The application drops it: room, and no overdraft.
+    drop(held_by_app);
+    r.refresh_grant(ms(12));
+    assert!(!r.starved());
+    assert!(r.credit().limit >= 1 << 20, "{:?}", r.credit());
+    for c in &chunks[1..] {
+        r.insert(c.clone()).unwrap();
+    }
+    assert_eq!(r.pop().as_ref(), Some(&msg));
+
+    // Another receiver whose application holds on: after the grace it takes the overdraft
+    // and completes its head message past the limit.
+    let mut r = Reassembler::with_budget(ReassemblyConfig::default(), budget.clone());
+    let held_by_app = budget.charge(budget.limit() - budget.held());
+    let chunks = all_chunks(std::slice::from_ref(&msg), MIN_WINDOW as usize);
+    r.insert(chunks[0].clone()).unwrap();
+    assert!(r.starved());
+    r.refresh_grant(ms(100));
+    r.refresh_grant(ms(110));
+    assert_eq!(r.credit().limit, MIN_WINDOW, "still waiting");
+    r.refresh_grant(ms(100) + OVERDRAFT_GRACE);
+    assert!(r.credit().limit > MIN_WINDOW, "{:?}", r.credit());
+    assert!(
+        budget.held() > budget.limit(),
+        "past the limit: the overdraft"
+    );
+    // The overdraft's holder is granted a minimum window beyond each chunk until its head
+    // message is whole.
+    for c in &chunks[1..] {
+        assert!(c.session_end() <= r.credit().limit, "{:?}", r.credit());
+        r.insert(c.clone()).unwrap();
+    }
+    assert_eq!(r.pop().as_ref(), Some(&msg));
+    drop(held_by_app);
 }

@@ -663,7 +663,7 @@ impl Session {
         }
         if self.budget_retry_at.is_some_and(|t| now >= t) {
             self.budget_retry_at = None;
-            self.reasm.refresh_grant();
+            self.reasm.refresh_grant(now);
             self.after_rx_change(now);
         }
         if self.ack_at.is_some_and(|t| now >= t) {
