@@ -153,6 +153,11 @@ impl Failure {
             Error::Unavailable { .. } => (Usage, err.to_string()),
             other => (Other, other.to_string()),
         };
+        // The transports name what they did too ("connecting to 127.0.0.1:9: ..."): said once.
+        let why = why
+            .strip_prefix(doing)
+            .and_then(|rest| rest.strip_prefix(": "))
+            .unwrap_or(&why);
         Failure::new(kind, format!("{doing} failed: {why}"))
     }
 }
@@ -208,6 +213,19 @@ mod tests {
             "{f}"
         );
         assert!(f.message.contains("unreachable"), "{f}");
+
+        let f = Failure::from_amst(
+            "connecting to 127.0.0.1:9",
+            &Error::io(
+                "connecting to 127.0.0.1:9",
+                io::Error::from(io::ErrorKind::ConnectionRefused),
+            ),
+        );
+        assert_eq!(
+            f.message.matches("connecting to").count(),
+            1,
+            "said once: {f}"
+        );
 
         let f = Failure::from_amst("handshake", &Error::Protocol(ProtocolError::AuthFailed));
         assert_eq!(f.kind, FailureKind::Auth);
