@@ -326,15 +326,20 @@ async fn write(send: &mut quinn::SendStream, frame: &Frame) -> Result<()> {
         })
 }
 
-fn controller(cc: CongestionControl) -> Arc<dyn ControllerFactory + Send + Sync> {
+fn controller(
+    cc: CongestionControl,
+    initial_window: u64,
+) -> Arc<dyn ControllerFactory + Send + Sync> {
     use quinn::congestion::{BbrConfig, CubicConfig, NewRenoConfig};
+    let bbr = amst_cc::BbrConfig {
+        initial_cwnd: initial_window,
+        ..amst_cc::BbrConfig::draft()
+    };
     match cc {
-        CongestionControl::AmstBbr => Arc::new(amst_cc::quinn::BbrFactory::draft()),
-        CongestionControl::AmstBbrLossTolerant => {
-            Arc::new(amst_cc::quinn::BbrFactory::with_config(
-                amst_cc::BbrConfig::draft().with_random_loss_tolerance(true),
-            ))
-        }
+        CongestionControl::AmstBbr => Arc::new(amst_cc::quinn::BbrFactory::with_config(bbr)),
+        CongestionControl::AmstBbrLossTolerant => Arc::new(
+            amst_cc::quinn::BbrFactory::with_config(bbr.with_random_loss_tolerance(true)),
+        ),
         CongestionControl::AmstCubic => Arc::new(amst_cc::quinn::CubicFactory::default()),
         CongestionControl::QuinnCubic => Arc::new(CubicConfig::default()),
         CongestionControl::QuinnBbr => Arc::new(BbrConfig::default()),
@@ -366,6 +371,28 @@ pub(crate) fn transport_config(config: &QuicConfig) -> Result<TransportConfig> {
             },
         )?))
         .keep_alive_interval(Some(config.idle_timeout / 3))
-        .congestion_controller_factory(controller(config.congestion));
+        .congestion_controller_factory(controller(config.congestion, config.initial_window));
     Ok(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    #[test]
+    fn amst_cc_bbr_starts_with_the_configured_window_and_cubic_with_its_own() {
+        let now = Instant::now();
+        for cc in [
+            CongestionControl::AmstBbr,
+            CongestionControl::AmstBbrLossTolerant,
+        ] {
+            let c = controller(cc, 100_000).build(now, 1200);
+            assert_eq!(c.initial_window(), 100_000, "{cc}");
+            assert_eq!(c.window(), 100_000, "{cc}");
+        }
+        let cubic = controller(CongestionControl::AmstCubic, 100_000).build(now, 1200);
+        assert_eq!(cubic.initial_window(), 12_000, "RFC 9002's ten datagrams");
+    }
 }

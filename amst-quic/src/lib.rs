@@ -51,7 +51,9 @@ mod streams;
 mod tls;
 mod transport;
 
-pub use config::{ALPN, CongestionControl, PeerVerification, QuicConfig, StreamMapping};
+pub use config::{
+    ALPN, BBR_INITIAL_WINDOW, CongestionControl, PeerVerification, QuicConfig, StreamMapping,
+};
 pub use connector::{ConnectorStats, QuicConnector};
 pub use tls::{Fingerprint, Identity, roots_from_pem_file};
 pub use transport::{ListenerStats, QuicListener, QuicTransport};
