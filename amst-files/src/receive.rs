@@ -408,7 +408,7 @@ pub async fn receive_tree(
                         Record::Fail { id, reason } => {
                             if let Some(f) = files.remove(&id) {
                                 f.state.lock().expect("not poisoned").done = true;
-                                session.fail(id, format!("the sender: {reason}"));
+                                session.fail(id, format!("not sent: {reason}"));
                             }
                         }
                         Record::Restart { id } => {

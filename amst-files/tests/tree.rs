@@ -205,8 +205,15 @@ async fn a_tree_arrives_with_content_modes_mtimes_and_links() {
         // A file that differs: refused by default, replaced with --existing overwrite.
         std::fs::write(top.join("sub/f2.bin"), pattern(4096, 99)).unwrap();
         let skip = send(rx.addr, std::slice::from_ref(&top), SendOptions::default()).await;
-        let f: Vec<_> = skip.failures().map(|(p, _)| p.to_string()).collect();
-        assert!(f.contains(&"data/sub/f2.bin".to_string()), "{f:?}");
+        let f: Vec<_> = skip
+            .failures()
+            .map(|(p, why)| (p.to_string(), why.to_string()))
+            .collect();
+        assert!(
+            f.iter().any(|(p, why)| p == "data/sub/f2.bin"
+                && why.starts_with("not sent: a different file of the same size exists")),
+            "{f:?}"
+        );
         assert_eq!(
             std::fs::read(dst.join("sub/f2.bin")).unwrap(),
             pattern(4096, 2)

@@ -433,7 +433,10 @@ async fn config_errors_name_the_field() {
     let mut c = QuicConfig::new(psk());
     c.initial_window = 1 << 30;
     let e = c.validate().unwrap_err().to_string();
-    assert!(e.contains("initial_window") && e.contains("16777216"), "{e}");
+    assert!(
+        e.contains("initial_window") && e.contains("16777216"),
+        "{e}"
+    );
     let e = QuicListener::bind("127.0.0.1:0".parse().unwrap(), QuicConfig::new(psk()))
         .unwrap_err()
         .to_string();
