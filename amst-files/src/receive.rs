@@ -93,6 +93,9 @@ struct Session {
     /// into one has nothing at its destination and no journal to look for. Anything that
     /// appears there meanwhile is still caught when the file lands (no-replace rename).
     fresh: Mutex<HashSet<Vec<u8>>>,
+    /// Ids of the directory entries that are directories here (made or found): the only
+    /// ones whose mode and mtime are set at the end.
+    dirs_in_place: Mutex<Vec<u32>>,
 }
 
 /// Partial files some session in this process is receiving into, and which session. A
@@ -301,6 +304,7 @@ pub async fn receive_tree(
         live: Arc::new(Liveness::new()),
         dirs: Dirs::default(),
         fresh: Mutex::default(),
+        dirs_in_place: Mutex::default(),
     });
     session.live.heard();
     let total = hello.entries;
@@ -481,19 +485,18 @@ pub async fn receive_tree(
     // the same tree must not wait for that to time out.
     drop(files);
     // Directories last, deepest first, so that writing into them does not move their mtime.
+    // Only those that were directories here when admitted, and never through a link: a
+    // refused entry's path may hold someone's file, or a link out of the output directory.
     let s = session.clone();
-    let dirs: Vec<(RelPath, Entry)> = entries
+    let mut ids = std::mem::take(&mut *session.dirs_in_place.lock().expect("not poisoned"));
+    ids.sort_unstable();
+    let dirs: Vec<(RelPath, Entry)> = ids
         .iter()
-        .filter(|(_, e)| e.kind == EntryKind::Dir)
-        .cloned()
+        .filter_map(|&id| entries.get(id as usize).cloned())
         .collect();
     tokio::task::spawn_blocking(move || {
         for (rel, e) in dirs.iter().rev() {
-            let p = rel.under(&s.root);
-            let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(e.mode & 0o7777));
-            if let Ok(f) = File::open(&p) {
-                let _ = f.set_modified(mtime_of(e));
-            }
+            let _ = set_dir_metadata(&rel.under(&s.root), e);
         }
     })
     .await
@@ -654,6 +657,7 @@ fn admit_batch(s: &Session, index: &mut TreeIndex, first_id: u32, batch: Vec<Ent
                             .expect("not poisoned")
                             .insert(rel.as_bytes().to_vec());
                     }
+                    s.dirs_in_place.lock().expect("not poisoned").push(id);
                     s.report(id, Outcome::Stored { hash: [0; 32] });
                 }
                 Err(why) => {
@@ -725,6 +729,18 @@ fn refuse(s: &Session, items: &mut Vec<(u32, Want)>, id: u32, entry: &Entry, rea
         ));
     }
     s.fail(id, reason);
+}
+
+/// Sets a directory's mode and mtime through a descriptor opened without following a link
+/// in its last component.
+fn set_dir_metadata(path: &Path, e: &Entry) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(path)?;
+    dir.set_permissions(std::fs::Permissions::from_mode(e.mode & 0o7777))?;
+    dir.set_modified(mtime_of(e))
 }
 
 /// Makes the directory `target` unless one is there; `Ok(true)` when this call created it.

@@ -363,6 +363,57 @@ async fn hostile_manifests_write_nothing_outside_the_output() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_directory_leaves_what_is_in_its_place_as_it_was() {
+    within(60, async {
+        let src = tempfile::tempdir().unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        // The receiver already has a file where the tree has a directory, and a link (to a
+        // directory outside the output) where it has another.
+        let file_here = out.path().join("a");
+        std::fs::write(&file_here, b"theirs").unwrap();
+        std::fs::set_permissions(&file_here, std::fs::Permissions::from_mode(0o600)).unwrap();
+        set_mtime(&file_here, 1_500_000_000);
+        std::fs::set_permissions(elsewhere.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        set_mtime(elsewhere.path(), 1_500_000_000);
+        std::os::unix::fs::symlink(elsewhere.path(), out.path().join("b")).unwrap();
+        for d in ["a", "b", "c"] {
+            let dir = src.path().join(d);
+            std::fs::create_dir(&dir).unwrap();
+            std::fs::write(dir.join("f"), b"ours").unwrap();
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+            set_mtime(&dir, 1_600_000_000);
+        }
+        let mut rx = receiver(out.path()).await;
+        let paths: Vec<PathBuf> = ["a", "b", "c"].iter().map(|d| src.path().join(d)).collect();
+        let r = send(rx.addr, &paths, SendOptions::default()).await;
+        let _ = rx.reports.recv().await;
+        let failed: Vec<_> = r.failures().map(|(p, _)| p.to_string()).collect();
+        assert!(failed.contains(&"a".to_string()), "{failed:?}");
+        assert!(failed.contains(&"b".to_string()), "{failed:?}");
+
+        let m = std::fs::metadata(&file_here).unwrap();
+        assert_eq!(m.mode() & 0o7777, 0o600, "the file's mode is untouched");
+        assert_eq!(m.mtime(), 1_500_000_000, "the file's mtime is untouched");
+        assert_eq!(std::fs::read(&file_here).unwrap(), b"theirs");
+        let m = std::fs::metadata(elsewhere.path()).unwrap();
+        assert_eq!(
+            m.mode() & 0o7777,
+            0o700,
+            "nothing is changed through the link"
+        );
+        assert_eq!(m.mtime(), 1_500_000_000);
+        assert!(!elsewhere.path().join("f").exists());
+        // The directory that could be made gets the sender's mode and mtime.
+        let m = std::fs::metadata(out.path().join("c")).unwrap();
+        assert_eq!(m.mode() & 0o7777, 0o777);
+        assert_eq!(m.mtime(), 1_600_000_000);
+        assert_eq!(std::fs::read(out.path().join("c/f")).unwrap(), b"ours");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sparse_file_arrives_sparse() {
     within(240, async {
         let src = tempfile::tempdir().unwrap();
