@@ -915,8 +915,18 @@ fn plan_file(
 
 /// BLAKE3 of an existing file, as the block-wise hash computes it.
 fn hash_existing(path: &Path, bs: u32) -> Option<Digest> {
-    let f = File::open(path).ok()?;
-    let size = f.metadata().ok()?.len();
+    use std::os::unix::fs::OpenOptionsExt;
+    // Looked at as a regular file just before; a link swapped in since is not followed.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .ok()?;
+    let meta = f.metadata().ok()?;
+    if !meta.is_file() {
+        return None;
+    }
+    let size = meta.len();
     if size <= u64::from(bs) {
         let mut buf = Vec::with_capacity(size as usize);
         (&f).take(size).read_to_end(&mut buf).ok()?;
