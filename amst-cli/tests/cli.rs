@@ -677,7 +677,7 @@ fn a_full_disk_on_the_receiver_is_a_clean_abort() {
     let mnt = dir.path().join("small");
     std::fs::create_dir(&mnt).unwrap();
     let src = dir.path().join("too-big.bin");
-    write_random_file(&src, 16 << 20);
+    write_random_file(&src, 256 << 20);
     let amst_bin = Path::new(AMST);
     let script = format!(
         "mount -t tmpfs -o size=4m amst-test {mnt} && exec {bin} serve --listen 127.0.0.1:0 --output {mnt} --psk-file {key}",
@@ -700,13 +700,24 @@ fn a_full_disk_on_the_receiver_is_a_clean_abort() {
         .unwrap_or_else(|| panic!("no address in {first:?}"))
         .to_string();
     let o = amst()
-        .args(["send", &addr])
+        .args(["send", "--json", &addr])
         .arg(&src)
         .arg("--psk-file")
         .arg(&key)
         .run(60);
     let _ = child.kill();
     let _ = child.wait();
+    // The sender stops once the receiver reports the file failed, instead of sending the
+    // rest of it into a full disk (all 256 MiB went before).
+    let v: serde_json::Value =
+        serde_json::from_slice(&o.stdout).expect("stdout is one JSON object");
+    let sent = v["tree"]["data_bytes_sent"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no tree.data_bytes_sent in {v}"));
+    assert!(
+        sent < 128 << 20,
+        "{sent} bytes of 256 MiB sent into a 4 MiB disk"
+    );
     assert_eq!(
         o.status.code(),
         Some(6),

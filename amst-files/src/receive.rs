@@ -411,8 +411,15 @@ pub async fn receive_tree(
                         }
                         Record::Fail { id, reason } => {
                             if let Some(f) = files.remove(&id) {
-                                f.state.lock().expect("not poisoned").done = true;
-                                session.fail(id, format!("not sent: {reason}"));
+                                // A file that failed here first has its result already: the
+                                // sender stopped sending it because we said so.
+                                let first = !std::mem::replace(
+                                    &mut f.state.lock().expect("not poisoned").done,
+                                    true,
+                                );
+                                if first {
+                                    session.fail(id, format!("not sent: {reason}"));
+                                }
                             }
                         }
                         Record::Restart { id } => {

@@ -14,7 +14,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -127,6 +127,10 @@ struct Shared {
     buffers: Arc<BufferPool>,
     /// Message buffers of small-file batches, likewise.
     batch_buffers: Arc<BufferPool>,
+    /// By entry id: the receiver reported the entry failed, so what is left of it is
+    /// neither read nor sent (a full disk there must not cost the rest of a 100 GB file on
+    /// the wire).
+    given_up: Arc<[AtomicBool]>,
 }
 
 /// Block buffers the transport has finished with, kept for the next blocks: a fresh buffer
@@ -195,6 +199,7 @@ pub async fn send_tree(
         .await
         .map_err(|e| Error::channel("sending the hello", e))?;
     let n = tree.entries.len();
+    let given_up: Arc<[AtomicBool]> = (0..n).map(|_| AtomicBool::new(false)).collect();
     let shared = Arc::new(Shared {
         ch: ch.clone(),
         tree,
@@ -204,9 +209,15 @@ pub async fn send_tree(
         resumed: AtomicU64::new(0),
         buffers: Arc::default(),
         batch_buffers: Arc::default(),
+        given_up: given_up.clone(),
     });
     let (plan_tx, plan_rx) = mpsc::unbounded_channel();
-    let router = tokio::spawn(route(ch.clone(), plan_tx, shared.progress.clone(), n));
+    let router = tokio::spawn(route(
+        ch.clone(),
+        plan_tx,
+        shared.progress.clone(),
+        given_up,
+    ));
     // Dropping this future (a cancelled or killed transfer) must stop the router too, so the
     // session's last handle goes and the receiver sees the end.
     let _stop_router = AbortOnDrop(router.abort_handle());
@@ -279,8 +290,9 @@ async fn route(
     ch: Arc<dyn Channel>,
     plan_tx: mpsc::UnboundedSender<(u32, Want)>,
     progress: Arc<SendProgress>,
-    n: usize,
+    given_up: Arc<[AtomicBool]>,
 ) -> Result<Routed> {
+    let n = given_up.len();
     let mut plan_tx = Some(plan_tx);
     let mut outcomes: Vec<Option<Outcome>> = vec![None; n];
     loop {
@@ -312,6 +324,9 @@ async fn route(
                     let slot = outcomes
                         .get_mut(id as usize)
                         .ok_or_else(|| Error::Protocol(format!("result for unknown entry {id}")))?;
+                    if matches!(o, Outcome::Failed { .. }) {
+                        given_up[id as usize].store(true, Ordering::Relaxed);
+                    }
                     *slot = Some(o);
                     progress.done.fetch_add(1, Ordering::Relaxed);
                 }
@@ -504,6 +519,10 @@ async fn run_job(s: &Arc<Shared>, job: Job) -> Result<()> {
             s.sent.fetch_add(bytes, Ordering::Relaxed);
             s.progress.bytes.fetch_add(bytes, Ordering::Relaxed);
             Ok(())
+        }
+        Job::Block(big, _) if s.given_up[big.id as usize].load(Ordering::Relaxed) => {
+            fail_big(&big, "the receiver gave the file up".into());
+            block_done(s, &big, 1).await
         }
         Job::Block(big, index) => {
             let bs = s.opts.block_size;
