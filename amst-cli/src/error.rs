@@ -23,6 +23,8 @@ pub enum FailureKind {
     Disk,
     /// A local input file could not be read.
     Input,
+    /// Stopped by Ctrl-C or SIGTERM.
+    Interrupted,
 }
 
 impl FailureKind {
@@ -36,6 +38,8 @@ impl FailureKind {
             FailureKind::Integrity => 5,
             FailureKind::Disk => 6,
             FailureKind::Input => 7,
+            // 128 + SIGINT, as shells report a command stopped by Ctrl-C.
+            FailureKind::Interrupted => 130,
         }
     }
 
@@ -49,6 +53,7 @@ impl FailureKind {
             FailureKind::Integrity => "integrity",
             FailureKind::Disk => "disk",
             FailureKind::Input => "input",
+            FailureKind::Interrupted => "interrupted",
         }
     }
 
@@ -56,7 +61,7 @@ impl FailureKind {
     /// `Other`.
     pub fn parse(s: &str) -> FailureKind {
         use FailureKind::*;
-        [Usage, Network, Auth, Integrity, Disk, Input]
+        [Usage, Network, Auth, Integrity, Disk, Input, Interrupted]
             .into_iter()
             .find(|k| k.as_str() == s)
             .unwrap_or(Other)

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::cli::{Cli, Command};
-use crate::error::CliResult;
+use crate::error::{CliResult, Failure, FailureKind};
 
 /// What every subcommand may consult.
 #[derive(Clone, Debug)]
@@ -60,8 +60,48 @@ async fn dispatch(cli: Cli) -> CliResult<()> {
     }
     match cli.command {
         Command::Serve(a) => crate::serve::run(a, &g).await,
-        Command::Send(a) => crate::send::run(a, &g).await,
+        Command::Send(a) => {
+            let resumable = !a.paths.is_empty() && a.paths.iter().all(|p| p.as_os_str() != "-");
+            tokio::select! {
+                r = crate::send::run(a, &g) => r,
+                by = crate::serve::stop_signal() => Err(interrupted(by, resumable)),
+            }
+        }
         Command::Demo(a) => crate::demo::run(a, &g).await,
         Command::Explain(a) => crate::explain::run(a, &g).await,
+    }
+}
+
+/// What `amst send` says when stopped: whether running it again picks up where it stopped.
+fn interrupted(by: &str, resumable: bool) -> Failure {
+    let next = if resumable {
+        "the receiver keeps every verified block: the same command sends only the rest"
+    } else {
+        "a stream from stdin or --size cannot resume; send it again from the start"
+    };
+    Failure::new(
+        FailureKind::Interrupted,
+        format!("interrupted by {by}; {next}"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_interrupted_tree_says_the_same_command_resumes() {
+        let f = interrupted("SIGTERM", true);
+        assert_eq!(f.kind.exit_code(), 130);
+        assert_eq!(
+            f.message,
+            "interrupted by SIGTERM; the receiver keeps every verified block: the same command \
+             sends only the rest"
+        );
+        assert!(
+            interrupted("Ctrl-C", false)
+                .message
+                .contains("cannot resume")
+        );
     }
 }

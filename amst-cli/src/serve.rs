@@ -206,19 +206,21 @@ pub async fn run(args: ServeArgs, g: &Global) -> CliResult<()> {
     Ok(())
 }
 
-/// Resolves on Ctrl-C or SIGTERM (what `kill`, systemd and container runtimes send): both
-/// stop accepting and let running sessions drain; partial tree files stay resumable.
-async fn stop_signal() {
+/// Resolves on Ctrl-C or SIGTERM (what `kill`, systemd and container runtimes send) and
+/// names which. `amst serve` stops accepting and lets running sessions drain; partial tree
+/// files stay resumable.
+pub(crate) async fn stop_signal() -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
     match signal(SignalKind::terminate()) {
         Ok(mut term) => {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => "Ctrl-C",
+                _ = term.recv() => "SIGTERM",
             }
         }
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
+            "Ctrl-C"
         }
     }
 }

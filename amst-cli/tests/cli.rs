@@ -371,6 +371,60 @@ fn a_closed_stdout_does_not_fail_a_finished_transfer() {
     assert!(!err.contains("panicked"), "{err}");
 }
 
+/// Ctrl-C during `amst send` ends it with its own exit code and says whether the same
+/// command resumes (a stream from stdin does not), instead of dying silently by the signal.
+#[test]
+fn an_interrupted_send_says_so_and_exits_130() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), KEY);
+    let serve = Serve::start(&["--discard", "--psk-file", key.to_str().unwrap()]);
+    // Stdin stays open and empty, so the transfer runs until interrupted.
+    let mut child = amst_spawn()
+        .args(["send", &serve.addr, "-", "--psk-file"])
+        .arg(&key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("amst send starts");
+    let stdin = child.stdin.take();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    // The line naming the peer is printed once the session is up (warnings may come first).
+    let mut seen = String::new();
+    for _ in 0..20 {
+        let mut line = String::new();
+        if err.read_line(&mut line).unwrap() == 0 || line.contains("→") {
+            seen.push_str(&line);
+            break;
+        }
+        seen.push_str(&line);
+    }
+    assert!(seen.contains("→"), "{seen:?}");
+    // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "amst send did not stop on Ctrl-C"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    drop(stdin);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
+    assert_eq!(status.code(), Some(130), "{rest}");
+    assert!(
+        rest.contains("interrupted by Ctrl-C; a stream from stdin or --size cannot resume"),
+        "{rest}"
+    );
+}
+
 /// This host has no RDMA device (and the default build lacks the `rdma` feature), so the
 /// datacenter lane falls back to TCP: the data must still arrive whole, and `amst` must say
 /// that RDMA was not used instead of failing or keeping quiet.

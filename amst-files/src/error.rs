@@ -56,3 +56,14 @@ impl Error {
         Error::Channel { doing, source }
     }
 }
+
+/// What a blocking task returned: its panic goes on unwinding here, and `None` means the
+/// runtime is shutting down (it cancels blocking work not yet started), which a caller
+/// treats as the end of the transfer, never as a bug.
+pub(crate) fn joined<T>(r: std::result::Result<T, tokio::task::JoinError>) -> Option<T> {
+    match r {
+        Ok(v) => Some(v),
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => None,
+    }
+}

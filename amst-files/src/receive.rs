@@ -20,7 +20,7 @@ use bytes::Bytes;
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::channel::Channel;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, joined};
 use crate::hash::{block_count, block_cv, block_len, file_hash, zero_block_cvs};
 use crate::journal::{self, Identity};
 use crate::landing::{self, Dirs, LandError};
@@ -351,13 +351,14 @@ pub async fn receive_tree(
                 let first_id = entries.len() as u32;
                 let s = session.clone();
                 let moved = std::mem::take(&mut index);
-                let (items, new_files, admitted, back) = tokio::task::spawn_blocking(move || {
+                let admitting = tokio::task::spawn_blocking(move || {
                     let mut index = moved;
                     let r = admit_batch(&s, &mut index, first_id, batch);
                     (r.0, r.1, r.2, index)
-                })
-                .await
-                .expect("admitting does not panic");
+                });
+                let Some((items, new_files, admitted, back)) = joined(admitting.await) else {
+                    break Some(Error::Closed);
+                };
                 index = back;
                 for f in new_files {
                     files.insert(f.id, f);
@@ -446,7 +447,7 @@ pub async fn receive_tree(
                 let s = session.clone();
                 writes.spawn(async move {
                     let _w = writers.acquire_owned().await;
-                    tokio::task::spawn_blocking(move || {
+                    let writing = tokio::task::spawn_blocking(move || {
                         let mut done = Vec::new();
                         for (f, r) in work {
                             write_record(&s, &f, r, &mut done);
@@ -455,9 +456,8 @@ pub async fn receive_tree(
                         if !done.is_empty() {
                             let _ = s.results.send(done);
                         }
-                    })
-                    .await
-                    .expect("writing does not panic");
+                    });
+                    joined(writing.await);
                 });
                 while writes.try_join_next().is_some() {}
             }
@@ -501,13 +501,12 @@ pub async fn receive_tree(
         .iter()
         .filter_map(|&id| entries.get(id as usize).cloned())
         .collect();
-    tokio::task::spawn_blocking(move || {
+    let setting = tokio::task::spawn_blocking(move || {
         for (rel, e) in dirs.iter().rev() {
             let _ = set_dir_metadata(&rel.under(&s.root), e);
         }
-    })
-    .await
-    .expect("setting directory times does not panic");
+    });
+    joined(setting.await).ok_or(Error::Closed)?;
     drop(session);
     let mut outcomes = reporter
         .await

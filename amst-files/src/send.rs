@@ -22,7 +22,7 @@ use bytes::Bytes;
 use tokio::sync::{Mutex as AsyncMutex, mpsc};
 
 use crate::channel::Channel;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, joined};
 use crate::hash::{block_count, block_cv, block_len, file_hash, zero_block_cv};
 use crate::plan::{BlockPlan, HaveAnswer, answer_have};
 use crate::protocol::{
@@ -387,9 +387,11 @@ async fn schedule(s: &Arc<Shared>, mut plan: mpsc::UnboundedReceiver<(u32, Want)
                 }
                 let prepared = {
                     let s = s.clone();
-                    tokio::task::spawn_blocking(move || prepare_big(&s, id, size, verified))
-                        .await
-                        .expect("preparing does not panic")
+                    joined(
+                        tokio::task::spawn_blocking(move || prepare_big(&s, id, size, verified))
+                            .await,
+                    )
+                    .ok_or(Error::Closed)?
                 };
                 let (big, restart, to_send) = match prepared {
                     Ok(p) => p,
@@ -480,7 +482,8 @@ async fn check_haves(s: &Arc<Shared>, items: Vec<(u32, Want)>) -> Checked {
         });
     }
     while let Some(done) = pool.join_next().await {
-        for (id, size, answer) in done.expect("hashing does not panic") {
+        let Some(done) = joined(done) else { continue };
+        for (id, size, answer) in done {
             match answer {
                 Ok(HaveAnswer::Send) => wanted.push((id, size, Vec::new())),
                 Ok(HaveAnswer::Skip) => answered.push(Record::Skip { id }),
@@ -510,9 +513,8 @@ async fn run_job(s: &Arc<Shared>, job: Job) -> Result<()> {
     match job {
         Job::Small(ids) => {
             let s2 = s.clone();
-            let (msg, bytes) = tokio::task::spawn_blocking(move || read_small(&s2, &ids))
-                .await
-                .expect("reading does not panic");
+            let reading = tokio::task::spawn_blocking(move || read_small(&s2, &ids));
+            let (msg, bytes) = joined(reading.await).ok_or(Error::Closed)?;
             s.ch.send(msg)
                 .await
                 .map_err(|e| Error::channel("sending data", e))?;
@@ -528,9 +530,8 @@ async fn run_job(s: &Arc<Shared>, job: Job) -> Result<()> {
             let bs = s.opts.block_size;
             let b2 = big.clone();
             let pool = s.buffers.clone();
-            let read = tokio::task::spawn_blocking(move || read_block(&b2, bs, index, &pool))
-                .await
-                .expect("reading does not panic");
+            let reading = tokio::task::spawn_blocking(move || read_block(&b2, bs, index, &pool));
+            let read = joined(reading.await).ok_or(Error::Closed)?;
             match read {
                 Ok((msg, cv)) => {
                     let n = (msg.len() - BLOCK_HEADER_LEN) as u64;
@@ -550,14 +551,13 @@ async fn run_job(s: &Arc<Shared>, job: Job) -> Result<()> {
         Job::Holes(big, first, count) => {
             let bs = s.opts.block_size;
             let b2 = big.clone();
-            tokio::task::spawn_blocking(move || {
+            let hashing = tokio::task::spawn_blocking(move || {
                 for i in first..first + count {
                     let cv = zero_block_cv(block_len(b2.size, bs, i), bs, i);
                     b2.cvs.lock().expect("not poisoned")[i as usize] = Some(cv);
                 }
-            })
-            .await
-            .expect("hashing does not panic");
+            });
+            joined(hashing.await).ok_or(Error::Closed)?;
             block_done(s, &big, count).await
         }
     }
