@@ -158,7 +158,7 @@ pub struct End {
 /// A failure, in the report.
 #[derive(Clone, Debug, Serialize)]
 pub struct ErrorReport {
-    /// `network`, `auth`, `integrity`, `disk`, `input`, `usage` or `other`.
+    /// `network`, `auth`, `integrity`, `disk`, `input`, `usage`, `interrupted` or `other`.
     pub kind: &'static str,
     /// The sentence also printed on stderr.
     pub message: String,
@@ -174,6 +174,22 @@ impl From<&Failure> for ErrorReport {
             exit_code: f.kind.exit_code(),
         }
     }
+}
+
+/// The report of the command running now, as it stood when the transfer began: what
+/// `amst send --json` prints, with the error, if a signal stops it before it ends.
+static IN_PROGRESS: std::sync::Mutex<Option<Report>> = std::sync::Mutex::new(None);
+
+/// Keeps `report` to print should the command be interrupted.
+pub fn set_in_progress(report: &Report) {
+    if let Ok(mut slot) = IN_PROGRESS.lock() {
+        *slot = Some(report.clone());
+    }
+}
+
+/// The report kept by [`set_in_progress`], if any.
+pub fn take_in_progress() -> Option<Report> {
+    IN_PROGRESS.lock().ok().and_then(|mut slot| slot.take())
 }
 
 /// Seconds since the epoch, now.

@@ -64,7 +64,16 @@ async fn dispatch(cli: Cli) -> CliResult<()> {
             let resumable = !a.paths.is_empty() && a.paths.iter().all(|p| p.as_os_str() != "-");
             tokio::select! {
                 r = crate::send::run(a, &g) => r,
-                by = crate::serve::stop_signal() => Err(interrupted(by, resumable)),
+                by = crate::serve::stop_signal() => {
+                    let f = interrupted(by, resumable);
+                    if g.json
+                        && let Some(mut report) = crate::report::take_in_progress()
+                    {
+                        report.error = Some(crate::report::ErrorReport::from(&f));
+                        crate::stdout::line(report.json());
+                    }
+                    Err(f)
+                }
             }
         }
         Command::Demo(a) => crate::demo::run(a, &g).await,

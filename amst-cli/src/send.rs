@@ -48,6 +48,7 @@ pub async fn run(args: SendArgs, g: &Global) -> CliResult<()> {
     };
     let config = config_report(&args.transport, opts.rate);
     let mut report = start_report("send", &peer.to_string(), &open, config);
+    crate::report::set_in_progress(&report);
     let link = match backend::connect(peer, &settings).await {
         Ok(l) => l,
         Err(f) => return Err(fail(g, report, f)),

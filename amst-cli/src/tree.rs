@@ -181,6 +181,7 @@ pub async fn send(args: &SendArgs, paths: &[PathBuf], g: &Global) -> CliResult<(
             .collect(),
         tree: None,
     };
+    crate::report::set_in_progress(&report);
     if !g.json {
         for w in &report.warnings {
             eprintln!("amst: {w}");

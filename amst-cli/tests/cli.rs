@@ -423,6 +423,31 @@ fn an_interrupted_send_says_so_and_exits_130() {
         rest.contains("interrupted by Ctrl-C; a stream from stdin or --size cannot resume"),
         "{rest}"
     );
+
+    // With --json there is no progress line to wait for; the report exists long before 2 s.
+    let mut child = amst_spawn()
+        .args(["send", &serve.addr, "-", "--json", "--psk-file"])
+        .arg(&key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("amst send starts");
+    let stdin = child.stdin.take();
+    std::thread::sleep(Duration::from_secs(2));
+    // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let o = child.wait_with_output().unwrap();
+    drop(stdin);
+    assert_eq!(o.status.code(), Some(130), "{}", stderr_of(&o));
+    let v: serde_json::Value =
+        serde_json::from_slice(&o.stdout).expect("stdout is one JSON object");
+    assert_eq!(v["error"]["kind"], "interrupted", "{v}");
+    assert_eq!(v["error"]["exit_code"], 130, "{v}");
+    assert!(v["end"].is_null(), "{v}");
+    assert_eq!(v["start"]["command"], "send", "{v}");
 }
 
 /// This host has no RDMA device (and the default build lacks the `rdma` feature), so the
