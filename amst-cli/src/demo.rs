@@ -127,7 +127,7 @@ async fn force_switch_at(link: &dyn crate::link::Link, bytes: &AtomicU64, at: u6
         Ok(()) => tracing::info!(to = %to, "demo: forced a mode switch"),
         Err(why) => {
             if !quiet {
-                eprintln!("amst demo: no mode switch: {why}");
+                crate::stdout::err_line(format_args!("amst demo: no mode switch: {why}"));
             }
         }
     }

@@ -155,11 +155,11 @@ async fn observe(
     let first = link.stats();
     let bar = (display == Display::Bar).then(|| make_bar(total, &label));
     if display == Display::Lines {
-        eprintln!("{label}");
-        eprintln!(
+        crate::stdout::err_line(format_args!("{label}"));
+        crate::stdout::err_line(format_args!(
             "{:>15}  {:>12}  {:>14}  {:>10}  {:>7}  {:>9}",
             "interval", "transfer", "goodput", "mode", "streams", "rtt"
-        );
+        ));
     }
     let mut obs = Observations {
         intervals: Vec::new(),
@@ -215,7 +215,7 @@ async fn observe(
             );
             match (&bar, display) {
                 (Some(b), _) => b.println(line),
-                (None, Display::Lines) => eprintln!("{line}"),
+                (None, Display::Lines) => crate::stdout::err_line(format_args!("{line}")),
                 _ => {}
             }
         }
@@ -243,7 +243,7 @@ async fn observe(
                 rtt_us: s.rtt.map(|r| r.as_micros() as u64),
             };
             if display == Display::Lines {
-                eprintln!(
+                crate::stdout::err_line(format_args!(
                     "{:>6.2}-{:<6.2} s  {:>12}  {:>14}  {:>10}  {:>7}  {:>9}",
                     iv.start,
                     iv.end,
@@ -253,7 +253,7 @@ async fn observe(
                     iv.streams,
                     s.rtt
                         .map_or("-".into(), |r| format!("{:.2} ms", r.as_secs_f64() * 1e3))
-                );
+                ));
             }
             obs.intervals.push(iv);
             iv_start = now;

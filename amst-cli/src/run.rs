@@ -33,7 +33,7 @@ pub fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("amst: cannot start the async runtime: {e}");
+            crate::stdout::err_line(format_args!("amst: cannot start the async runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
@@ -43,7 +43,7 @@ pub fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            eprintln!("amst: {}", f.message);
+            crate::stdout::err_line(format_args!("amst: {}", f.message));
             ExitCode::from(f.kind.exit_code())
         }
     }

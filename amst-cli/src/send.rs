@@ -57,7 +57,7 @@ pub async fn run(args: SendArgs, g: &Global) -> CliResult<()> {
         if g.json {
             report.warnings.push(w);
         } else {
-            eprintln!("amst: {w}");
+            crate::stdout::err_line(format_args!("amst: {w}"));
         }
     }
     let r = measured(

@@ -137,7 +137,7 @@ pub async fn run(args: ServeArgs, g: &Global) -> CliResult<()> {
                             );
                             crate::stdout::line(line);
                         } else {
-                            eprintln!("amst serve: [{accepted:>3}] {}: {w}", a.peer);
+                            crate::stdout::err_line(format_args!("amst serve: [{accepted:>3}] {}: {w}", a.peer));
                         }
                     }
                     let opts = opts.clone();
@@ -253,7 +253,7 @@ async fn serve_session(
 
 fn say(g: &Global, line: &str) {
     if g.json {
-        eprintln!("{line}");
+        crate::stdout::err_line(format_args!("{line}"));
     } else {
         crate::stdout::line(line);
     }

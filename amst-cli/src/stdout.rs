@@ -1,8 +1,10 @@
-//! Standard output that may have no reader. `amst send --json | head -3` closes the pipe
-//! before the report ends, after the transfer is complete and stored: a panic there (Rust's
-//! `println!` on `EPIPE`) would turn a finished transfer into a crash and a failing exit
-//! code. Output nobody reads is dropped instead; any other write error is reported once on
-//! stderr.
+//! Standard output and error that may have no reader. `amst send --json | head -3` closes
+//! the pipe before the report ends, after the transfer is complete and stored: a panic there
+//! (Rust's `println!` on `EPIPE`) would turn a finished transfer into a crash and a failing
+//! exit code. Output nobody reads is dropped instead; any other write error is reported once
+//! on stderr. Standard error gets the same treatment: with `eprintln!`, a progress line
+//! written after the reader of stderr went away panicked (exit 101), and when it panicked in
+//! the progress task while the peer was gone too, `amst send` never exited.
 
 use std::fmt::Display;
 use std::io::{ErrorKind, Write};
@@ -22,6 +24,12 @@ fn write(args: std::fmt::Arguments<'_>) {
     if let Err(e) = out.write_fmt(args).and_then(|()| out.flush())
         && e.kind() != ErrorKind::BrokenPipe
     {
-        eprintln!("amst: cannot write to standard output: {e}");
+        err_line(format_args!("amst: cannot write to standard output: {e}"));
     }
+}
+
+/// Writes `text` and a newline to standard error; nothing happens if nobody reads it.
+pub fn err_line(text: impl Display) {
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_fmt(format_args!("{text}\n"));
 }

@@ -33,6 +33,10 @@ pub fn init_tracing() {
         // Colour codes only where a terminal shows them, not in a log file.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(true)
+        // A log line nobody can read is dropped. With the default, tracing reports the failed
+        // write with `eprintln!` to the same closed stderr, which panics inside whichever task
+        // logged: `amst send` with its stderr closed then never exited once the peer was gone.
+        .log_internal_errors(false)
         .try_init();
 }
 

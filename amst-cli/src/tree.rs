@@ -184,7 +184,7 @@ pub async fn send(args: &SendArgs, paths: &[PathBuf], g: &Global) -> CliResult<(
     crate::report::set_in_progress(&report);
     if !g.json {
         for w in &report.warnings {
-            eprintln!("amst: {w}");
+            crate::stdout::err_line(format_args!("amst: {w}"));
         }
     }
     let link = match connected {
@@ -198,7 +198,7 @@ pub async fn send(args: &SendArgs, paths: &[PathBuf], g: &Global) -> CliResult<(
         if g.json {
             report.warnings.push(w);
         } else {
-            eprintln!("amst: {w}");
+            crate::stdout::err_line(format_args!("amst: {w}"));
         }
     }
     let opts = SendOptions {

@@ -450,6 +450,54 @@ fn an_interrupted_send_says_so_and_exits_130() {
     assert_eq!(v["start"]["command"], "send", "{v}");
 }
 
+/// Nobody reads `amst send`'s stderr any more, its input ends and its peer dies: it must
+/// still exit, with the network's exit code. A log line to the closed stderr used to panic
+/// inside a session task (tracing reported its own failed write with `eprintln!`), and the
+/// process then waited forever.
+#[test]
+fn a_send_whose_stderr_is_closed_still_ends_when_its_peer_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), KEY);
+    let serve = Serve::start(&["--discard", "--psk-file", key.to_str().unwrap()]);
+    let mut child = amst_spawn()
+        .args(["send", &serve.addr, "-", "--psk-file"])
+        .arg(&key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("amst send starts");
+    let stdin = child.stdin.take();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    for _ in 0..20 {
+        let mut line = String::new();
+        if err.read_line(&mut line).unwrap() == 0 || line.contains("→") {
+            break;
+        }
+        seen.push_str(&line);
+    }
+    drop(err);
+    drop(serve);
+    drop(stdin);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("amst send did not exit 30 s after its peer died ({seen})");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(
+        status.code(),
+        Some(3),
+        "network failure, not a panic: {status:?}"
+    );
+}
+
 /// This host has no RDMA device (and the default build lacks the `rdma` feature), so the
 /// datacenter lane falls back to TCP: the data must still arrive whole, and `amst` must say
 /// that RDMA was not used instead of failing or keeping quiet.
