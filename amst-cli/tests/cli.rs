@@ -5,7 +5,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStderr, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -371,6 +371,48 @@ fn a_closed_stdout_does_not_fail_a_finished_transfer() {
     assert!(!err.contains("panicked"), "{err}");
 }
 
+/// `amst send PEER -` with its stdin held open and empty, so the transfer runs until
+/// stopped, returned once its session is up (the line naming the peer is on stderr; warnings
+/// may come first): the child, its stdin, and its stderr past that line.
+fn streaming_send(addr: &str, key: &Path) -> (Child, ChildStdin, BufReader<ChildStderr>) {
+    let mut child = amst_spawn()
+        .args(["send", addr, "-", "--psk-file"])
+        .arg(key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("amst send starts");
+    let stdin = child.stdin.take().unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    for _ in 0..20 {
+        let mut line = String::new();
+        let n = err.read_line(&mut line).unwrap();
+        seen.push_str(&line);
+        if n == 0 || line.contains("→") {
+            break;
+        }
+    }
+    assert!(seen.contains("→"), "{seen:?}");
+    (child, stdin, err)
+}
+
+/// The exit status of `child` within `secs`; otherwise kills it and fails with `what`.
+fn exit_within(child: &mut Child, secs: u64, what: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{what} within {secs} s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Ctrl-C during `amst send` ends it with its own exit code and says whether the same
 /// command resumes (a stream from stdin does not), instead of dying silently by the signal.
 #[test]
@@ -378,43 +420,12 @@ fn an_interrupted_send_says_so_and_exits_130() {
     let dir = tempfile::tempdir().unwrap();
     let key = key_file(dir.path(), KEY);
     let serve = Serve::start(&["--discard", "--psk-file", key.to_str().unwrap()]);
-    // Stdin stays open and empty, so the transfer runs until interrupted.
-    let mut child = amst_spawn()
-        .args(["send", &serve.addr, "-", "--psk-file"])
-        .arg(&key)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("amst send starts");
-    let stdin = child.stdin.take();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    // The line naming the peer is printed once the session is up (warnings may come first).
-    let mut seen = String::new();
-    for _ in 0..20 {
-        let mut line = String::new();
-        if err.read_line(&mut line).unwrap() == 0 || line.contains("→") {
-            seen.push_str(&line);
-            break;
-        }
-        seen.push_str(&line);
-    }
-    assert!(seen.contains("→"), "{seen:?}");
+    let (mut child, stdin, mut err) = streaming_send(&serve.addr, &key);
     // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
     unsafe {
         libc::kill(child.id() as i32, libc::SIGINT);
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "amst send did not stop on Ctrl-C"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = exit_within(&mut child, 30, "amst send did not stop on Ctrl-C");
     drop(stdin);
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
@@ -459,38 +470,11 @@ fn a_send_whose_stderr_is_closed_still_ends_when_its_peer_dies() {
     let dir = tempfile::tempdir().unwrap();
     let key = key_file(dir.path(), KEY);
     let serve = Serve::start(&["--discard", "--psk-file", key.to_str().unwrap()]);
-    let mut child = amst_spawn()
-        .args(["send", &serve.addr, "-", "--psk-file"])
-        .arg(&key)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("amst send starts");
-    let stdin = child.stdin.take();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut seen = String::new();
-    for _ in 0..20 {
-        let mut line = String::new();
-        if err.read_line(&mut line).unwrap() == 0 || line.contains("→") {
-            break;
-        }
-        seen.push_str(&line);
-    }
+    let (mut child, stdin, err) = streaming_send(&serve.addr, &key);
     drop(err);
     drop(serve);
     drop(stdin);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("amst send did not exit 30 s after its peer died ({seen})");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = exit_within(&mut child, 30, "amst send did not exit after its peer died");
     assert_eq!(
         status.code(),
         Some(3),
