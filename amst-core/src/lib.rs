@@ -55,6 +55,8 @@ pub use metrics::TransportMetrics;
 pub use mode::{Congestion, Mode, TransportKind};
 pub use progress::{AckCounter, AckWatch, Beyond};
 pub use ranges::RangeSet;
-pub use reassembly::{Inserted, MIN_WINDOW, OVERDRAFT_GRACE, Reassembler, ReassemblyConfig};
+pub use reassembly::{
+    Inserted, MIN_WINDOW, OVERDRAFT_GRACE, Placed, Placement, Reassembler, ReassemblyConfig,
+};
 pub use send_buffer::{AckOutcome, Outgoing, PathId, SendBuffer};
 pub use transport::{BoxFuture, PathSample, Transport};

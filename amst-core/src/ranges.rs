@@ -55,6 +55,11 @@ impl RangeSet {
         matches!(self.ranges.range(..=start).next_back(), Some((_, &e)) if e >= end)
     }
 
+    /// Whether any byte of `[start, end)` is in the set.
+    pub fn overlaps(&self, start: u64, end: u64) -> bool {
+        start < end && matches!(self.ranges.range(..end).next_back(), Some((_, &e)) if e > start)
+    }
+
     /// The end of the range that starts at `from` or covers it, or `from` if none does:
     /// everything in `[from, result)` is in the set.
     pub fn contiguous_end(&self, from: u64) -> u64 {
@@ -132,6 +137,10 @@ mod tests {
             }
             for i in 0..256u64 {
                 prop_assert_eq!(s.contains(i, i + 1), bits[i as usize]);
+            }
+            for (start, len) in [(0u64, 256u64), (5, 7), (100, 1), (30, 60), (250, 6)] {
+                let any = (start..start + len).any(|i| bits[i as usize]);
+                prop_assert_eq!(s.overlaps(start, start + len), any, "{}+{}", start, len);
             }
         }
     }

@@ -16,12 +16,13 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::buf::UninitSlice;
+use bytes::{BufMut, Bytes};
 
 use crate::ProtocolError;
-use crate::assembly::Assembly;
+use crate::assembly::{Assembly, Lease};
 use crate::budget::{BudgetMember, Charge, MemoryBudget, charged};
-use crate::codec::{AckFrame, Credit, DataChunk};
+use crate::codec::{AckFrame, Credit, DataChunk, DataHeader};
 use crate::ranges::RangeSet;
 
 /// How much the receiver buffers.
@@ -75,6 +76,77 @@ pub enum Inserted {
     New,
     /// Every byte had arrived before; the chunk was dropped.
     Duplicate,
+}
+
+/// Where a chunk's payload goes in its message, before the payload has been read: a
+/// [`BufMut`] of exactly `chunk_len` bytes, from [`Reassembler::place`]. Read the payload
+/// into it, then [`verify`](Self::verify) it. Nothing else writes its range meanwhile; dropped
+/// unfilled, it gives the range back and the chunk counts as never received.
+#[derive(Debug)]
+pub struct Placement {
+    header: DataHeader,
+    lease: Lease,
+}
+
+impl Placement {
+    /// The chunk being placed.
+    pub fn header(&self) -> &DataHeader {
+        &self.header
+    }
+
+    /// Checks the filled payload against the header's CRC32C, outside any lock: the data
+    /// was just written, so it is still in the CPU's caches.
+    pub fn verify(self) -> Result<Placed, ProtocolError> {
+        if self.lease.remaining() > 0 {
+            return Err(ProtocolError::Inconsistent(format!(
+                "the chunk of message {} at {} was handed back with {} of its {} bytes unread",
+                self.header.msg_id,
+                self.header.msg_offset,
+                self.lease.remaining(),
+                self.header.chunk_len
+            )));
+        }
+        let actual = crate::crc32c(self.lease.filled());
+        if actual != self.header.crc {
+            return Err(self.header.corrupt(actual));
+        }
+        Ok(Placed {
+            header: self.header,
+            lease: self.lease,
+        })
+    }
+}
+
+// SAFETY: `chunk_mut` hands out the unfilled rest of the lease, which is this placement's
+// alone, and `advance_mut` counts no more than that.
+unsafe impl BufMut for Placement {
+    fn remaining_mut(&self) -> usize {
+        self.lease.remaining()
+    }
+
+    unsafe fn advance_mut(&mut self, cnt: usize) {
+        // SAFETY: the caller wrote `cnt` bytes of what `chunk_mut` handed out.
+        unsafe { self.lease.advance(cnt) }
+    }
+
+    fn chunk_mut(&mut self) -> &mut UninitSlice {
+        self.lease.unfilled()
+    }
+}
+
+/// A placed chunk whose payload has been read and matched its CRC32C, for
+/// [`Reassembler::insert_placed`].
+#[derive(Debug)]
+pub struct Placed {
+    header: DataHeader,
+    lease: Lease,
+}
+
+impl Placed {
+    /// The chunk placed.
+    pub fn header(&self) -> &DataHeader {
+        &self.header
+    }
 }
 
 /// A message whose chunks are still arriving.
@@ -156,108 +228,171 @@ impl Reassembler {
     /// Stores a chunk. Errors mean the peer broke the protocol (sent past credit, or chunks
     /// that disagree about a message's size or place); the session should end.
     pub fn insert(&mut self, chunk: DataChunk) -> Result<Inserted, ProtocolError> {
-        let len = chunk.payload.len() as u64;
+        let h = chunk.header();
+        if let Some(early) = self.admit(&h)? {
+            return Ok(early);
+        }
+        let (start, end) = (h.session_offset.max(self.cumulative), h.session_end());
+        if h.chunk_len as u64 == h.msg_len && !self.partial.contains_key(&h.msg_id) {
+            // The whole message came in one chunk, the common case: hand its payload on as
+            // it is, no copy, and no partial entry to make and remove.
+            self.buffered += self.received.insert(start, end);
+            self.complete_message(h.msg_id, chunk.payload);
+            self.advance();
+            return Ok(Inserted::New);
+        }
+        let partial = self.partial_for(&h);
+        // A range a reader is filling in place: this copy may not write it (the sender
+        // resent the chunk on another stream); it is not counted, and comes again if the
+        // reader fails.
+        if !partial.asm.write(h.msg_offset as usize, &chunk.payload) {
+            return Ok(Inserted::Duplicate);
+        }
+        let fresh = self.received.insert(start, end);
+        self.stored(h.msg_id, fresh)?;
+        Ok(Inserted::New)
+    }
+
+    /// A place in its message for the payload of the chunk whose header is `h`, to be read
+    /// there directly and handed back with [`insert_placed`](Self::insert_placed) once
+    /// checked. `None` when the chunk should come through [`insert`](Self::insert) instead:
+    /// a whole message (kept as the slice it was read into), a duplicate, or a range that
+    /// is already being filled. Errors as for `insert`.
+    pub fn place(&mut self, h: &DataHeader) -> Result<Option<Placement>, ProtocolError> {
+        // A duplicate is counted when it comes through `insert`.
+        if h.chunk_len as u64 == h.msg_len || self.is_duplicate(h) || self.admit(h)?.is_some() {
+            return Ok(None);
+        }
+        let lease = self
+            .partial_for(h)
+            .asm
+            .lease(h.msg_offset as usize, h.chunk_len as usize);
+        Ok(lease.map(|lease| Placement { header: *h, lease }))
+    }
+
+    /// Stores a placed chunk whose payload has been read and checked.
+    pub fn insert_placed(&mut self, placed: Placed) -> Result<Inserted, ProtocolError> {
+        let Placed { header: h, lease } = placed;
+        // Its range was leased: nothing else can have completed or dropped the message.
+        let filled = self
+            .partial
+            .get_mut(&h.msg_id)
+            .is_some_and(|p| p.asm.fill(lease));
+        if !filled {
+            return Err(ProtocolError::Inconsistent(format!(
+                "a placed chunk of message {} at {} was not this receiver's to fill",
+                h.msg_id, h.msg_offset
+            )));
+        }
+        let fresh = self
+            .received
+            .insert(h.session_offset.max(self.cumulative), h.session_end());
+        self.stored(h.msg_id, fresh)?;
+        Ok(Inserted::New)
+    }
+
+    /// The checks every chunk passes before it is stored; `Some` if it is a duplicate.
+    fn admit(&mut self, h: &DataHeader) -> Result<Option<Inserted>, ProtocolError> {
+        let len = h.chunk_len as u64;
         // The decoder checks these too; chunks may also come from elsewhere (RDMA, tests).
-        if chunk
-            .msg_offset
-            .checked_add(len)
-            .is_none_or(|e| e > chunk.msg_len)
-            || chunk.session_offset < chunk.msg_offset
-            || chunk.session_offset.checked_add(chunk.msg_len).is_none()
+        if h.msg_offset.checked_add(len).is_none_or(|e| e > h.msg_len)
+            || h.session_offset < h.msg_offset
+            || h.session_offset.checked_add(h.msg_len).is_none()
         {
             return Err(ProtocolError::Inconsistent(format!(
                 "chunk of message {} at msg_offset {} (session offset {}) with {len} bytes does not fit its msg_len {}",
-                chunk.msg_id, chunk.msg_offset, chunk.session_offset, chunk.msg_len
+                h.msg_id, h.msg_offset, h.session_offset, h.msg_len
             )));
         }
-        let end = chunk.session_end();
+        let end = h.session_end();
         if end > self.granted {
             return Err(ProtocolError::CreditExceeded {
                 end,
                 granted: self.granted,
             });
         }
-        if chunk.msg_id >= self.granted_messages {
+        if h.msg_id >= self.granted_messages {
             return Err(ProtocolError::MessageCreditExceeded {
-                msg_id: chunk.msg_id,
+                msg_id: h.msg_id,
                 granted: self.granted_messages,
             });
         }
-        if chunk.msg_len > self.config.max_message {
+        if h.msg_len > self.config.max_message {
             return Err(ProtocolError::MessageTooLarge {
-                msg_id: chunk.msg_id,
-                len: chunk.msg_len,
+                msg_id: h.msg_id,
+                len: h.msg_len,
                 limit: self.config.max_message,
             });
         }
         let budget = self.member.budget();
-        if chunk.msg_len > budget.largest_message() {
+        if h.msg_len > budget.largest_message() {
             return Err(ProtocolError::MessageOverBudget {
-                msg_id: chunk.msg_id,
-                len: chunk.msg_len,
+                msg_id: h.msg_id,
+                len: h.msg_len,
                 limit: budget.largest_message(),
                 budget: budget.limit(),
             });
         }
-        if self.is_duplicate(&chunk) {
+        if self.is_duplicate(h) {
             self.duplicates += 1;
-            return Ok(Inserted::Duplicate);
+            return Ok(Some(Inserted::Duplicate));
         }
-        let base = chunk.session_offset - chunk.msg_offset;
-        self.check_extent(chunk.msg_id, base, chunk.msg_len)?;
+        self.check_extent(h.msg_id, h.session_offset - h.msg_offset, h.msg_len)?;
+        Ok(None)
+    }
 
-        // Bytes below the cumulative point arrived before (perhaps cut differently).
-        let fresh = self
-            .received
-            .insert(chunk.session_offset.max(self.cumulative), end);
+    /// The partial message a chunk belongs to, made on its first chunk.
+    fn partial_for(&mut self, h: &DataHeader) -> &mut Partial {
+        let base = h.session_offset - h.msg_offset;
+        let partial = self.partial.entry(h.msg_id).or_insert_with(|| Partial {
+            base,
+            len: h.msg_len,
+            asm: Assembly::new(h.msg_len as usize),
+            received: 0,
+        });
+        debug_assert_eq!((partial.base, partial.len), (base, h.msg_len));
+        partial
+    }
+
+    /// Counts `fresh` bytes just written into message `msg_id`, completing it when they
+    /// were its last.
+    fn stored(&mut self, msg_id: u64, fresh: u64) -> Result<(), ProtocolError> {
         self.buffered += fresh;
-        if fresh == chunk.msg_len && !self.partial.contains_key(&chunk.msg_id) {
-            // The whole message came in one chunk, the common case: hand its payload on as
-            // it is, no copy, and no partial entry to make and remove.
-            self.complete_message(chunk.msg_id, chunk.payload);
-        } else {
-            let partial = self.partial.entry(chunk.msg_id).or_insert_with(|| Partial {
-                base,
-                len: chunk.msg_len,
-                asm: Assembly::new(chunk.msg_len as usize),
-                received: 0,
-            });
-            debug_assert_eq!((partial.base, partial.len), (base, chunk.msg_len));
+        if let Some(partial) = self.partial.get_mut(&msg_id) {
             partial.received += fresh;
-            partial.asm.write(chunk.msg_offset as usize, &chunk.payload);
             if partial.received == partial.len
-                && let Some(p) = self.partial.remove(&chunk.msg_id)
+                && let Some(p) = self.partial.remove(&msg_id)
             {
                 match p.asm.finish() {
-                    Ok(message) => self.complete_message(chunk.msg_id, message),
+                    Ok(message) => self.complete_message(msg_id, message),
                     Err(_) => {
                         return Err(ProtocolError::Inconsistent(format!(
-                            "message {}: every byte counted but not every byte written",
-                            chunk.msg_id
+                            "message {msg_id}: every byte counted but not every byte written"
                         )));
                     }
                 }
             }
         }
+        self.advance();
+        Ok(())
+    }
+
+    /// Moves the cumulative point past what has arrived, and grants credit for it.
+    fn advance(&mut self) {
         self.cumulative = self.received.contiguous_end(self.cumulative);
         self.received.trim_below(self.cumulative);
         self.update_grant(None);
-        Ok(Inserted::New)
     }
 
-    fn is_duplicate(&self, chunk: &DataChunk) -> bool {
-        if chunk.msg_id < self.next_pop {
+    fn is_duplicate(&self, h: &DataHeader) -> bool {
+        if h.msg_id < self.next_pop {
             return true;
         }
-        if chunk.payload.is_empty() {
+        if h.chunk_len == 0 {
             // An empty message is a duplicate once it is known and no longer partial.
-            return self.extents.contains_key(&chunk.msg_id)
-                && !self.partial.contains_key(&chunk.msg_id);
+            return self.extents.contains_key(&h.msg_id) && !self.partial.contains_key(&h.msg_id);
         }
-        let (start, end) = (
-            chunk.session_offset.max(self.cumulative),
-            chunk.session_end(),
-        );
+        let (start, end) = (h.session_offset.max(self.cumulative), h.session_end());
         start >= end || self.received.contains(start, end)
     }
 

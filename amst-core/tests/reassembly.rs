@@ -6,10 +6,10 @@ use std::time::{Duration, Instant};
 
 use amst_core::codec::{Credit, DataChunk};
 use amst_core::{
-    Inserted, MIN_WINDOW, MemoryBudget, OVERDRAFT_GRACE, ProtocolError, Reassembler,
+    Inserted, MIN_WINDOW, MemoryBudget, OVERDRAFT_GRACE, Placement, ProtocolError, Reassembler,
     ReassemblyConfig, SendBuffer,
 };
-use bytes::Bytes;
+use bytes::{BufMut, Bytes};
 use proptest::prelude::*;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -704,4 +704,148 @@ fn the_overdraft_waits_out_a_short_starvation() {
     }
     assert_eq!(r.pop().as_ref(), Some(&msg));
     drop(held_by_app);
+}
+
+// ----- chunks read in place -----
+
+/// Reads a chunk's payload into its placement as a socket would, in two pieces.
+fn fill(mut p: Placement, payload: &[u8]) -> Placement {
+    let half = payload.len() / 2;
+    p.put_slice(&payload[..half]);
+    p.put_slice(&payload[half..]);
+    p
+}
+
+proptest! {
+    /// Chunks read into place and chunks copied in, interleaved with resends, placements
+    /// abandoned half-filled (a stream that died) and resends that arrive while their range
+    /// is being filled: exactly the messages sent, in order, once each.
+    #[test]
+    fn placed_and_copied_chunks_mix_in_any_order(
+        sizes in proptest::collection::vec(1usize..20_000, 1..12),
+        chunk in 100usize..3000,
+        seed in any::<u64>(),
+    ) {
+        let msgs = messages(&sizes);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut chunks = all_chunks(&msgs, chunk);
+        let resends: Vec<DataChunk> = chunks.iter().filter(|_| rng.random_bool(0.2)).cloned().collect();
+        chunks.extend(resends);
+        chunks.shuffle(&mut rng);
+        let mut rx = Reassembler::new(ReassemblyConfig { window: u64::MAX / 4, ..Default::default() });
+        let mut got = Vec::new();
+        let mut open: Vec<(Placement, DataChunk)> = Vec::new();
+        for c in chunks {
+            match rx.place(&c.header()).unwrap() {
+                Some(p) if rng.random_bool(0.15) => {
+                    // The stream died half-way: the range is free again, and the chunk's
+                    // resend fills it.
+                    let mut p = p;
+                    p.put_slice(&c.payload[..c.payload.len() / 2]);
+                    drop(p);
+                    rx.insert(c).unwrap();
+                }
+                Some(p) if rng.random_bool(0.3) => {
+                    // Still being read when a resend of it arrives: the resend is not stored.
+                    let before = rx.buffered_bytes();
+                    prop_assert_eq!(rx.insert(c.clone()).unwrap(), Inserted::Duplicate);
+                    prop_assert_eq!(rx.buffered_bytes(), before);
+                    open.push((p, c));
+                }
+                Some(p) => {
+                    let placed = fill(p, &c.payload).verify().unwrap();
+                    prop_assert_eq!(rx.insert_placed(placed).unwrap(), Inserted::New);
+                }
+                None => {
+                    rx.insert(c).unwrap();
+                }
+            }
+            while let Some(m) = rx.pop() {
+                got.push(m);
+            }
+        }
+        for (p, c) in open {
+            let placed = fill(p, &c.payload).verify().unwrap();
+            rx.insert_placed(placed).unwrap();
+            while let Some(m) = rx.pop() {
+                got.push(m);
+            }
+        }
+        prop_assert_eq!(&got, &msgs);
+        prop_assert!(rx.is_idle());
+        prop_assert_eq!(rx.buffered_bytes(), 0);
+    }
+}
+
+#[test]
+fn a_placed_chunk_that_fails_its_crc_is_refused_naming_it() {
+    let msgs = messages(&[4000]);
+    let chunks = all_chunks(&msgs, 1000);
+    let mut rx = Reassembler::new(ReassemblyConfig::default());
+    let c = &chunks[2];
+    let p = rx
+        .place(&c.header())
+        .unwrap()
+        .expect("a part of a larger message is placed");
+    let mut bad = c.payload.to_vec();
+    bad[10] ^= 0x40;
+    match fill(p, &bad).verify() {
+        Err(ProtocolError::ChunkCorrupt {
+            msg_id: 0,
+            msg_offset: 2000,
+            expected,
+            actual,
+        }) => assert_ne!(expected, actual),
+        other => panic!("expected ChunkCorrupt, got {other:?}"),
+    }
+    // Nothing of it counts: the good chunk is still wanted, and then the message is whole.
+    assert_eq!(rx.buffered_bytes(), 0);
+    for c in chunks {
+        assert_eq!(rx.insert(c).unwrap(), Inserted::New);
+    }
+    assert_eq!(rx.pop(), Some(msgs[0].clone()));
+}
+
+#[test]
+fn a_half_filled_placement_is_refused_not_counted() {
+    let msgs = messages(&[4000]);
+    let chunks = all_chunks(&msgs, 1000);
+    let mut rx = Reassembler::new(ReassemblyConfig::default());
+    let mut p = rx.place(&chunks[0].header()).unwrap().unwrap();
+    p.put_slice(&chunks[0].payload[..999]);
+    assert!(matches!(p.verify(), Err(ProtocolError::Inconsistent(_))));
+}
+
+#[test]
+fn whole_messages_duplicates_and_bad_chunks_are_not_placed() {
+    let msgs = messages(&[500, 4000]);
+    let chunks = all_chunks(&msgs, 1000);
+    let mut rx = Reassembler::new(ReassemblyConfig {
+        window: 1 << 20,
+        ..Default::default()
+    });
+    // A whole message stays the slice it was read into.
+    assert!(rx.place(&chunks[0].header()).unwrap().is_none());
+    rx.insert(chunks[1].clone()).unwrap();
+    assert!(
+        rx.place(&chunks[1].header()).unwrap().is_none(),
+        "a duplicate"
+    );
+    let taken = rx.place(&chunks[2].header()).unwrap().unwrap();
+    assert!(
+        rx.place(&chunks[2].header()).unwrap().is_none(),
+        "being placed"
+    );
+    drop(taken);
+    assert!(
+        rx.place(&chunks[2].header()).unwrap().is_some(),
+        "given back"
+    );
+    // Placing checks what inserting checks.
+    let mut past_credit = chunks[3].header();
+    past_credit.session_offset += 1 << 30;
+    assert!(matches!(
+        rx.place(&past_credit),
+        Err(ProtocolError::CreditExceeded { .. })
+    ));
 }

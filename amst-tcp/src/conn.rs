@@ -10,7 +10,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsStream;
@@ -98,7 +97,11 @@ pub(crate) enum ReadSide {
 impl ReadSide {
     /// Reads what is available, at most `max` bytes, into `buf`'s spare capacity; `Ok(0)` is
     /// the end of the stream.
-    pub(crate) async fn read_some(&mut self, buf: &mut BytesMut, max: usize) -> io::Result<usize> {
+    pub(crate) async fn read_some(
+        &mut self,
+        buf: &mut impl bytes::BufMut,
+        max: usize,
+    ) -> io::Result<usize> {
         let buf = &mut bytes::BufMut::limit(buf, max);
         match self {
             ReadSide::Plain(s) => loop {

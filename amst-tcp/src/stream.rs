@@ -4,7 +4,10 @@
 //! (`TCP_NOTSENT_LOWAT` keeps that room small), so a fast stream takes more chunks than a slow
 //! one: work stealing, not round-robin. Headers and payloads go out in one vectored write, the
 //! payload never copied. The reader decodes frames in place and hands data chunks to the
-//! reassembler; chunks are split off large read slabs without a copy.
+//! reassembler. A large chunk of a larger message is read straight into its message's buffer
+//! once its header has come (`Session::place`): the kernel's copy is the only one, and the CRC
+//! is checked while the bytes are still in cache. Other chunks are split off large read slabs
+//! without a copy.
 //!
 //! Memory: each reader's slab is charged to the session's memory budget. A message that
 //! arrives whole in one chunk would keep the slab it was read into alive as long as the
@@ -20,7 +23,7 @@ use std::time::Instant;
 use amst_core::codec::{DATA_HEADER_LEN, DataChunk, Decoder, Frame};
 use amst_core::session::{MAX_BATCH, Transmit};
 use amst_core::{Charge, PathId, charged};
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tracing::{debug, trace};
 
 use crate::conn::{ReadSide, WriteSide};
@@ -37,6 +40,9 @@ const SMALL_READ: usize = 64 << 10;
 const READ_BUDGET: usize = 4 << 20;
 /// Frames (of the last size seen) per read, at most.
 const MAX_READ_FRAMES: usize = 4;
+/// Chunks at least this large (of larger messages) are read straight into their message:
+/// for smaller ones, the lock and the extra read for the next header cost more than the copy.
+const MIN_IN_PLACE: usize = 64 << 10;
 
 /// Runs a stream's writer until the stream ends; reports the end to the session.
 pub(crate) async fn writer(
@@ -226,6 +232,8 @@ async fn read_loop(
     let budget = &shared.config.memory_budget;
     let mut slab_len = buf.capacity();
     let mut _slab_charge: Charge = budget.charge(slab_len as u64);
+    // The last data chunk was read in place.
+    let mut placing = false;
     loop {
         // Decode what we have; stop at the first incomplete frame, or at a bad one.
         let bad = loop {
@@ -251,6 +259,33 @@ async fn read_loop(
         }
         if shared.failed.load(Ordering::Relaxed) {
             return drain(stream, buf).await;
+        }
+        match read_in_place(shared, &decoder, ctl, stream, &mut buf).await? {
+            InPlace::Read => {
+                placing = true;
+                continue;
+            }
+            InPlace::Failed => return drain(stream, buf).await,
+            InPlace::No => placing = false,
+            InPlace::NotYet => {}
+        }
+        if placing && buf.len() < DATA_HEADER_LEN {
+            // After a chunk read in place, read only the next frame's header: if it starts
+            // another large chunk, its payload goes straight to its message too.
+            if buf.capacity() < DATA_HEADER_LEN {
+                if !buf.try_reclaim(SMALL_READ - buf.len()) {
+                    let mut fresh = BytesMut::with_capacity(SMALL_READ);
+                    fresh.extend_from_slice(&buf);
+                    buf = fresh;
+                }
+                slab_len = buf.capacity();
+                _slab_charge = budget.charge(slab_len as u64);
+            }
+            let rest_of_header = DATA_HEADER_LEN - buf.len();
+            if stream.read_some(&mut buf, rest_of_header).await? == 0 {
+                return end_of_stream(&buf);
+            }
+            continue;
         }
         // Make room: exactly the rest of a known frame, or a fresh buffer for the next.
         let known = decoder.frame_len(&buf);
@@ -297,14 +332,90 @@ async fn read_loop(
             _ => hint * read_frames,
         };
         if stream.read_some(&mut buf, room.max(1)).await? == 0 {
-            if buf.is_empty() {
-                return Ok(ReadEnd::Eof);
-            }
+            return end_of_stream(&buf);
+        }
+    }
+}
+
+/// The stream's end, read with `pending` bytes not yet decoded.
+fn end_of_stream(pending: &[u8]) -> io::Result<ReadEnd> {
+    if pending.is_empty() {
+        return Ok(ReadEnd::Eof);
+    }
+    Err(io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        format!(
+            "stream ended inside a frame ({} bytes pending)",
+            pending.len()
+        ),
+    ))
+}
+
+/// What [`read_in_place`] did.
+enum InPlace {
+    /// A chunk was read into its message.
+    Read,
+    /// The frame at the front is not one to read in place.
+    No,
+    /// Not enough of the frame has arrived to tell.
+    NotYet,
+    /// The session failed.
+    Failed,
+}
+
+/// If `buf` starts with the header of a large chunk of a larger message, reads the chunk's
+/// payload straight into the message (`Session::place`) instead of into `buf`: one copy
+/// fewer per byte, the kernel's. The CRC is checked as soon as the payload is in, while it
+/// is still in cache.
+async fn read_in_place(
+    shared: &Arc<Shared>,
+    decoder: &Decoder,
+    ctl: &StreamCtl,
+    stream: &mut ReadSide,
+    buf: &mut BytesMut,
+) -> io::Result<InPlace> {
+    let header = match decoder.data_header(buf) {
+        Ok(Some(h)) => h,
+        // A bad header fails the session when the frame is decoded.
+        Ok(None) | Err(_) if buf.len() < DATA_HEADER_LEN => return Ok(InPlace::NotYet),
+        Ok(None) | Err(_) => return Ok(InPlace::No),
+    };
+    if (header.chunk_len as usize) < MIN_IN_PLACE {
+        return Ok(InPlace::No);
+    }
+    let mut placement = match shared.update(|p| p.place(&header)) {
+        Ok(Some(placement)) => placement,
+        Ok(None) => return Ok(InPlace::No),
+        Err(_) => return Ok(InPlace::Failed),
+    };
+    // What came with the header; the whole frame is not here, or it would have been decoded.
+    buf.advance(DATA_HEADER_LEN);
+    placement.put_slice(&buf.split());
+    while placement.has_remaining_mut() {
+        let want = placement.remaining_mut();
+        if stream.read_some(&mut placement, want).await? == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
-                format!("stream ended inside a frame ({} bytes pending)", buf.len()),
+                format!(
+                    "stream ended inside a frame ({} of {} payload bytes read)",
+                    header.chunk_len as usize - want,
+                    header.chunk_len
+                ),
             ));
         }
+    }
+    let placed = match placement.verify() {
+        Ok(placed) => placed,
+        Err(e) => {
+            shared.fail(Fatal::Protocol(e));
+            return Ok(InPlace::Failed);
+        }
+    };
+    count_received(shared, ctl, header.chunk_len as u64, 1);
+    if shared.update(|p| p.on_placed(placed, Instant::now()).is_ok()) {
+        Ok(InPlace::Read)
+    } else {
+        Ok(InPlace::Failed)
     }
 }
 
@@ -358,16 +469,7 @@ fn handle_frames(
             data_chunks += 1;
         }
     }
-    // Counted before the session sees them: once it has, the application may read the last
-    // message and the metrics before this task runs again.
-    if data_chunks > 0 {
-        ctl.bytes_received.fetch_add(data_bytes, Ordering::Relaxed);
-        ctl.chunks_received
-            .fetch_add(data_chunks, Ordering::Relaxed);
-        shared
-            .bytes_received
-            .fetch_add(data_bytes, Ordering::Relaxed);
-    }
+    count_received(shared, ctl, data_bytes, data_chunks);
     let now = Instant::now();
     // All of a read's frames under one lock.
     let ok = shared.update(|p| {
@@ -378,4 +480,14 @@ fn handle_frames(
     });
     frames.clear();
     ok
+}
+
+/// Counts data received, before the session sees it: once it has, the application may read
+/// the last message and the metrics before this task runs again.
+fn count_received(shared: &Shared, ctl: &StreamCtl, bytes: u64, chunks: u64) {
+    if chunks > 0 {
+        ctl.bytes_received.fetch_add(bytes, Ordering::Relaxed);
+        ctl.chunks_received.fetch_add(chunks, Ordering::Relaxed);
+        shared.bytes_received.fetch_add(bytes, Ordering::Relaxed);
+    }
 }

@@ -2,6 +2,7 @@
 
 use std::fmt;
 
+use crate::ProtocolError;
 use bytes::Bytes;
 
 /// A session's 128-bit random identifier. All zeroes in a Hello asks for a new session.
@@ -126,6 +127,56 @@ impl DataChunk {
     /// Whether the payload still matches the CRC.
     pub fn crc_ok(&self) -> bool {
         crate::crc32c(&self.payload) == self.crc
+    }
+}
+
+/// A Data frame's fields without its payload: what a reader knows once the header has
+/// arrived, enough to place the payload in its message before it is read
+/// ([`Decoder::data_header`](super::Decoder::data_header)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DataHeader {
+    /// Offset of the first payload byte in the session byte sequence.
+    pub session_offset: u64,
+    /// The message this chunk belongs to.
+    pub msg_id: u64,
+    /// Offset of the first payload byte within the message.
+    pub msg_offset: u64,
+    /// Total length of the message.
+    pub msg_len: u64,
+    /// Payload bytes that follow the header.
+    pub chunk_len: u32,
+    /// CRC32C of the payload.
+    pub crc: u32,
+}
+
+impl DataHeader {
+    /// The end of the chunk in the session byte sequence.
+    pub fn session_end(&self) -> u64 {
+        self.session_offset + self.chunk_len as u64
+    }
+
+    /// The error for a payload whose CRC32C came out as `actual`.
+    pub fn corrupt(&self, actual: u32) -> ProtocolError {
+        ProtocolError::ChunkCorrupt {
+            msg_id: self.msg_id,
+            msg_offset: self.msg_offset,
+            expected: self.crc,
+            actual,
+        }
+    }
+}
+
+impl DataChunk {
+    /// The chunk's fields without its payload.
+    pub fn header(&self) -> DataHeader {
+        DataHeader {
+            session_offset: self.session_offset,
+            msg_id: self.msg_id,
+            msg_offset: self.msg_offset,
+            msg_len: self.msg_len,
+            chunk_len: self.payload.len() as u32,
+            crc: self.crc,
+        }
     }
 }
 

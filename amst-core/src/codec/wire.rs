@@ -253,6 +253,81 @@ impl Decoder {
         Ok(self.header(src)?.map(|(_, body)| FRAME_HEADER_LEN + body))
     }
 
+    /// The header of the Data frame at the front of `src`, validated as [`decode`](Self::decode)
+    /// would, once its fields have arrived and before its payload has: a reader can then read
+    /// the payload straight to where it belongs. `Ok(None)` if the frame is not Data or its
+    /// header is incomplete.
+    pub fn data_header(&self, src: &[u8]) -> Result<Option<DataHeader>, ProtocolError> {
+        match self.header(src)? {
+            Some((FrameKind::Data, body_len)) if src.len() >= DATA_HEADER_LEN => self
+                .data_fields(
+                    &src[FRAME_HEADER_LEN..DATA_HEADER_LEN],
+                    body_len - DATA_FIELDS_LEN,
+                )
+                .map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// Parses and checks a Data frame's fields; `payload_len` is what the frame's length
+    /// leaves for the payload.
+    fn data_fields(&self, mut f: &[u8], payload_len: usize) -> Result<DataHeader, ProtocolError> {
+        let malformed = |field: &'static str, reason: String| ProtocolError::Malformed {
+            kind: FrameKind::Data,
+            field,
+            reason,
+        };
+        let h = DataHeader {
+            session_offset: f.get_u64(),
+            msg_id: f.get_u64(),
+            msg_offset: f.get_u64(),
+            msg_len: f.get_u64(),
+            chunk_len: f.get_u32(),
+            crc: f.get_u32(),
+        };
+        if h.chunk_len as usize != payload_len {
+            return Err(malformed(
+                "chunk_len",
+                format!(
+                    "is {} but the frame carries {payload_len} payload bytes",
+                    h.chunk_len
+                ),
+            ));
+        }
+        if h.msg_len > self.limits.max_message {
+            return Err(ProtocolError::MessageTooLarge {
+                msg_id: h.msg_id,
+                len: h.msg_len,
+                limit: self.limits.max_message,
+            });
+        }
+        if h.msg_offset
+            .checked_add(h.chunk_len as u64)
+            .is_none_or(|end| end > h.msg_len)
+        {
+            return Err(malformed(
+                "msg_offset",
+                format!(
+                    "{} + chunk_len {} runs past msg_len {}",
+                    h.msg_offset, h.chunk_len, h.msg_len
+                ),
+            ));
+        }
+        if h.chunk_len == 0 && h.msg_len != 0 {
+            return Err(malformed("chunk_len", "is 0 in a non-empty message".into()));
+        }
+        if h.session_offset.checked_add(h.msg_len).is_none() || h.session_offset < h.msg_offset {
+            return Err(malformed(
+                "session_offset",
+                format!(
+                    "{} is inconsistent with msg_offset {} and msg_len {}",
+                    h.session_offset, h.msg_offset, h.msg_len
+                ),
+            ));
+        }
+        Ok(h)
+    }
+
     fn header(&self, src: &[u8]) -> Result<Option<(FrameKind, usize)>, ProtocolError> {
         let Some(&type_byte) = src.first() else {
             return Ok(None);
@@ -315,63 +390,19 @@ impl Decoder {
             }
             FrameKind::Auth => Frame::Auth(AuthProof { mac: take(&mut b) }),
             FrameKind::Data => {
-                let session_offset = b.get_u64();
-                let msg_id = b.get_u64();
-                let msg_offset = b.get_u64();
-                let msg_len = b.get_u64();
-                let chunk_len = b.get_u32();
-                let crc = b.get_u32();
-                if chunk_len as usize != b.len() {
-                    return Err(malformed(
-                        "chunk_len",
-                        format!(
-                            "is {chunk_len} but the frame carries {} payload bytes",
-                            b.len()
-                        ),
-                    ));
-                }
-                if msg_len > self.limits.max_message {
-                    return Err(ProtocolError::MessageTooLarge {
-                        msg_id,
-                        len: msg_len,
-                        limit: self.limits.max_message,
-                    });
-                }
-                if msg_offset
-                    .checked_add(chunk_len as u64)
-                    .is_none_or(|end| end > msg_len)
-                {
-                    return Err(malformed(
-                        "msg_offset",
-                        format!("{msg_offset} + chunk_len {chunk_len} runs past msg_len {msg_len}"),
-                    ));
-                }
-                if chunk_len == 0 && msg_len != 0 {
-                    return Err(malformed("chunk_len", "is 0 in a non-empty message".into()));
-                }
-                if session_offset.checked_add(msg_len).is_none() || session_offset < msg_offset {
-                    return Err(malformed(
-                        "session_offset",
-                        format!(
-                            "{session_offset} is inconsistent with msg_offset {msg_offset} and msg_len {msg_len}"
-                        ),
-                    ));
-                }
+                let payload_len = b.len() - DATA_FIELDS_LEN;
+                let h = self.data_fields(&b[..DATA_FIELDS_LEN], payload_len)?;
+                b.advance(DATA_FIELDS_LEN);
                 let actual = crate::crc32c(&b);
-                if actual != crc {
-                    return Err(ProtocolError::ChunkCorrupt {
-                        msg_id,
-                        msg_offset,
-                        expected: crc,
-                        actual,
-                    });
+                if actual != h.crc {
+                    return Err(h.corrupt(actual));
                 }
                 Frame::Data(DataChunk {
-                    session_offset,
-                    msg_id,
-                    msg_offset,
-                    msg_len,
-                    crc,
+                    session_offset: h.session_offset,
+                    msg_id: h.msg_id,
+                    msg_offset: h.msg_offset,
+                    msg_len: h.msg_len,
+                    crc: h.crc,
                     payload: b,
                 })
             }

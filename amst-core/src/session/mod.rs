@@ -19,9 +19,10 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
-use crate::codec::{Close, CloseCode, DataChunk, Frame, Ping, Pong};
+use crate::codec::{Close, CloseCode, DataChunk, DataHeader, Frame, Ping, Pong};
 use crate::{
-    Error, Inserted, MemoryBudget, PathId, ProtocolError, Reassembler, ReassemblyConfig, SendBuffer,
+    Error, Inserted, MemoryBudget, PathId, Placed, Placement, ProtocolError, Reassembler,
+    ReassemblyConfig, SendBuffer,
 };
 
 #[cfg(test)]
@@ -494,22 +495,8 @@ impl Session {
         match frame {
             Frame::Data(chunk) => {
                 let len = chunk.payload.len() as u64;
-                match self.reasm.insert(chunk) {
-                    Ok(Inserted::New) => {
-                        self.bytes_since_ack += len;
-                        self.chunks_since_ack += 1;
-                    }
-                    Ok(Inserted::Duplicate) => {
-                        // The sender resent it (a path died or stalled); ack so it stops.
-                        self.chunks_since_ack += 1;
-                    }
-                    Err(e) => return Err(self.fail(Fatal::Protocol(e))),
-                }
-                self.recv_peak = self.recv_peak.max(self.reasm.buffered_bytes());
-                if self.reasm.has_message() {
-                    self.ev_readable = true;
-                }
-                self.after_rx_change(now);
+                let inserted = self.reasm.insert(chunk);
+                return self.on_chunk(inserted, len, now);
             }
             Frame::Ack(ack) => match self.sb.on_ack(&ack) {
                 Ok(out) => {
@@ -565,6 +552,57 @@ impl Session {
                 })));
             }
         }
+        Ok(())
+    }
+
+    /// Where the payload of the Data frame whose header `path` has just delivered can be
+    /// read straight into its message, skipping the copy out of the read buffer; `None` when
+    /// the frame should be read whole and given to [`on_frame`](Self::on_frame) as usual.
+    /// Fill it, [`verify`](Placement::verify) it outside the lock, and hand it to
+    /// [`on_placed`](Self::on_placed). Errors as `on_frame` would give for the frame.
+    pub fn place(&mut self, h: &DataHeader) -> Result<Option<Placement>, Fatal> {
+        if let Some(f) = &self.fatal {
+            return Err(f.clone());
+        }
+        self.reasm
+            .place(h)
+            .map_err(|e| self.fail(Fatal::Protocol(e)))
+    }
+
+    /// Applies a chunk read into its place at `now`, as
+    /// [`on_frame`](Self::on_frame) applies a Data frame.
+    pub fn on_placed(&mut self, placed: Placed, now: Instant) -> Result<(), Fatal> {
+        if let Some(f) = &self.fatal {
+            return Err(f.clone());
+        }
+        self.last_heard = Some(now);
+        let len = placed.header().chunk_len as u64;
+        let inserted = self.reasm.insert_placed(placed);
+        self.on_chunk(inserted, len, now)
+    }
+
+    fn on_chunk(
+        &mut self,
+        inserted: Result<Inserted, ProtocolError>,
+        len: u64,
+        now: Instant,
+    ) -> Result<(), Fatal> {
+        match inserted {
+            Ok(Inserted::New) => {
+                self.bytes_since_ack += len;
+                self.chunks_since_ack += 1;
+            }
+            Ok(Inserted::Duplicate) => {
+                // The sender resent it (a path died or stalled); ack so it stops.
+                self.chunks_since_ack += 1;
+            }
+            Err(e) => return Err(self.fail(Fatal::Protocol(e))),
+        }
+        self.recv_peak = self.recv_peak.max(self.reasm.buffered_bytes());
+        if self.reasm.has_message() {
+            self.ev_readable = true;
+        }
+        self.after_rx_change(now);
         Ok(())
     }
 
