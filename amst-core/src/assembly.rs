@@ -73,16 +73,21 @@ impl Assembly {
         }
     }
 
-    /// Copies `data` to offset `at`, unless part of that range is out on lease: then nothing
-    /// is written and it returns false. Bytes past the end are dropped; the caller has
-    /// checked the chunk's extent against the message already.
-    pub(crate) fn write(&mut self, at: usize, data: &[u8]) -> bool {
+    /// Copies `data` to offset `at`. Bytes past the end are dropped; the caller has checked
+    /// the chunk's extent against the message already.
+    ///
+    /// A range out on lease is being read into by a stream; a copy of the same chunk sent
+    /// again on another stream means the sender found that stream stalled, and it may never
+    /// deliver the rest (a peer whose writer stopped mid-frame). The copy wins: the message
+    /// moves to a new buffer with what is written so far, and the leases out on the old one
+    /// are void (their chunks count as never received, and come again).
+    pub(crate) fn write(&mut self, at: usize, data: &[u8]) {
         let end = at.saturating_add(data.len()).min(self.total);
         if at >= end {
-            return true;
+            return;
         }
-        if self.is_leased(at, end) {
-            return false;
+        if self.buf.is_leased(at, end) {
+            self.move_away_from_leases();
         }
         // SAFETY: `[at, end)` lies within the capacity (`end <= total`); no lease holds any
         // of it (checked above, and leases are only made through `&mut self`); `data` is
@@ -91,12 +96,27 @@ impl Assembly {
             std::ptr::copy_nonoverlapping(data.as_ptr(), self.buf.base.add(at), end - at);
         }
         self.mark_written(at, end);
-        true
     }
 
-    /// Whether any of `[at, end)` is out on lease.
-    pub(crate) fn is_leased(&self, at: usize, end: usize) -> bool {
-        self.buf.is_leased(at, end)
+    /// Continues in a buffer of its own, with the bytes written so far, leaving the old one
+    /// (kept alive by its leases) to them.
+    fn move_away_from_leases(&mut self) {
+        let mut vec: Vec<u8> = Vec::with_capacity(self.total);
+        let base = vec.as_mut_ptr();
+        for r in self.written.ranges_from(0, usize::MAX) {
+            let (s, e) = (r.start as usize, r.end as usize);
+            // SAFETY: written ranges lie within both capacities, and no lease writes them
+            // (leases are only given for unwritten ranges, and a range leased is not written
+            // by `write` without moving away first); the two allocations are distinct.
+            unsafe { std::ptr::copy_nonoverlapping(self.buf.base.add(s), base.add(s), e - s) };
+        }
+        self.buf = Arc::new(Buffer {
+            vec,
+            base,
+            leased: Mutex::new(Vec::new()),
+        });
+        // A fresh buffer: its pages are counted as they are written.
+        self.lent = None;
     }
 
     /// The range `[at, at + len)` to fill outside the session's lock; `None` if any of it is
@@ -123,7 +143,7 @@ impl Assembly {
     }
 
     /// Takes back a filled lease of this assembly and counts its range as written; false
-    /// (and nothing counted) if it is another assembly's or not filled.
+    /// (and nothing counted) if it was voided by a copy of its chunk, or is not filled.
     pub(crate) fn fill(&mut self, lease: Lease) -> bool {
         if !Arc::ptr_eq(&lease.buf, &self.buf) || lease.filled != lease.len {
             return false;

@@ -80,8 +80,10 @@ pub enum Inserted {
 
 /// Where a chunk's payload goes in its message, before the payload has been read: a
 /// [`BufMut`] of exactly `chunk_len` bytes, from [`Reassembler::place`]. Read the payload
-/// into it, then [`verify`](Self::verify) it. Nothing else writes its range meanwhile; dropped
-/// unfilled, it gives the range back and the chunk counts as never received.
+/// into it, then [`verify`](Self::verify) it. Nothing else writes its range meanwhile: a copy
+/// of the same chunk that arrives on another stream moves the message to a new buffer and
+/// voids the placement. Dropped unfilled, it gives the range back and the chunk counts as
+/// never received.
 #[derive(Debug)]
 pub struct Placement {
     header: DataHeader,
@@ -241,13 +243,9 @@ impl Reassembler {
             self.advance();
             return Ok(Inserted::New);
         }
-        let partial = self.partial_for(&h);
-        // A range a reader is filling in place: this copy may not write it (the sender
-        // resent the chunk on another stream); it is not counted, and comes again if the
-        // reader fails.
-        if !partial.asm.write(h.msg_offset as usize, &chunk.payload) {
-            return Ok(Inserted::Duplicate);
-        }
+        self.partial_for(&h)
+            .asm
+            .write(h.msg_offset as usize, &chunk.payload);
         let fresh = self.received.insert(start, end);
         self.stored(h.msg_id, fresh)?;
         Ok(Inserted::New)
@@ -273,16 +271,14 @@ impl Reassembler {
     /// Stores a placed chunk whose payload has been read and checked.
     pub fn insert_placed(&mut self, placed: Placed) -> Result<Inserted, ProtocolError> {
         let Placed { header: h, lease } = placed;
-        // Its range was leased: nothing else can have completed or dropped the message.
+        // A copy of the chunk that came meanwhile voids the lease (see `Assembly::write`);
+        // the message may even be complete. Then this one is not counted.
         let filled = self
             .partial
             .get_mut(&h.msg_id)
             .is_some_and(|p| p.asm.fill(lease));
         if !filled {
-            return Err(ProtocolError::Inconsistent(format!(
-                "a placed chunk of message {} at {} was not this receiver's to fill",
-                h.msg_id, h.msg_offset
-            )));
+            return Ok(Inserted::Duplicate);
         }
         let fresh = self
             .received
