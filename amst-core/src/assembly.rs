@@ -11,7 +11,8 @@
 //! several streams fill one message at once. Copying out of the read buffer was 16% of a
 //! loopback run's CPU (`perf`, 8 streams, 512 KiB chunks of 4 MiB messages). A leased range
 //! belongs to its lease alone: nothing else writes it until the lease is filled and returned
-//! or dropped, and the message cannot complete before.
+//! or dropped. A copy of its chunk that arrives meanwhile moves the message to a new buffer
+//! instead, and voids the leases on the old one (`write`).
 
 use std::sync::{Arc, Mutex};
 
