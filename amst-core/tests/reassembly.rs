@@ -35,6 +35,13 @@ fn all_chunks(msgs: &[Bytes], chunk: usize) -> Vec<DataChunk> {
     std::iter::from_fn(|| tx.next_chunk(chunk).map(|o| o.chunk)).collect()
 }
 
+/// Takes every message the receiver has ready, in order.
+fn pop_all(rx: &mut Reassembler, got: &mut Vec<Bytes>) {
+    while let Some(m) = rx.pop() {
+        got.push(m);
+    }
+}
+
 proptest! {
     #[test]
     fn any_interleaving_and_duplication_yields_each_message_once_in_order(
@@ -53,9 +60,7 @@ proptest! {
         let mut got = Vec::new();
         for c in chunks {
             rx.insert(c).unwrap();
-            while let Some(m) = rx.pop() {
-                got.push(m);
-            }
+            pop_all(&mut rx, &mut got);
         }
         prop_assert_eq!(&got, &msgs);
         prop_assert!(rx.is_idle());
@@ -101,9 +106,7 @@ proptest! {
         let mut got = Vec::new();
         for c in stream {
             rx.insert(c).unwrap();
-            while let Some(m) = rx.pop() {
-                got.push(m);
-            }
+            pop_all(&mut rx, &mut got);
         }
         prop_assert_eq!(&got, &msgs);
         prop_assert!(rx.is_idle());
@@ -151,9 +154,7 @@ proptest! {
             }
             tx.on_ack(&rx.ack()).unwrap();
             tx.requeue_older_than(now, Duration::ZERO);
-            while let Some(m) = rx.pop() {
-                got.push(m);
-            }
+            pop_all(&mut rx, &mut got);
             if tx.is_empty() {
                 break;
             }
@@ -186,9 +187,7 @@ fn a_message_larger_than_the_window_still_arrives_and_memory_stays_bounded() {
             peak = peak.max(rx.buffered_bytes());
         }
         tx.on_ack(&rx.ack()).unwrap();
-        while let Some(m) = rx.pop() {
-            got.push(m);
-        }
+        pop_all(&mut rx, &mut got);
         if tx.is_empty() {
             break;
         }
@@ -292,9 +291,7 @@ fn empty_messages_are_delivered_once_in_their_place() {
     let mut got = Vec::new();
     for c in chunks {
         rx.insert(c).unwrap();
-        while let Some(m) = rx.pop() {
-            got.push(m);
-        }
+        pop_all(&mut rx, &mut got);
     }
     assert_eq!(got, msgs);
 }
@@ -762,16 +759,12 @@ proptest! {
                     rx.insert(c).unwrap();
                 }
             }
-            while let Some(m) = rx.pop() {
-                got.push(m);
-            }
+            pop_all(&mut rx, &mut got);
         }
         for (p, c) in open {
             let placed = fill(p, &c.payload).verify().unwrap();
             prop_assert_eq!(rx.insert_placed(placed).unwrap(), Inserted::Duplicate);
-            while let Some(m) = rx.pop() {
-                got.push(m);
-            }
+            pop_all(&mut rx, &mut got);
         }
         prop_assert_eq!(&got, &msgs);
         prop_assert!(rx.is_idle());
