@@ -26,10 +26,33 @@ pub fn block_len(size: u64, block_size: u32, index: u64) -> u32 {
 
 /// The chaining value of block `index` (a file of more than one block).
 pub fn block_cv(data: &[u8], block_size: u32, index: u64) -> Digest {
-    let mut h = blake3::Hasher::new();
-    h.set_input_offset(index * u64::from(block_size));
+    let mut h = BlockHasher::new(block_size, index);
     h.update(data);
-    h.finalize_non_root()
+    h.finish()
+}
+
+/// [`block_cv`] fed piece by piece, so that each piece can be hashed while it is still in
+/// the CPU's cache from whatever else touches it (a read, a write).
+#[derive(Debug)]
+pub struct BlockHasher(blake3::Hasher);
+
+impl BlockHasher {
+    /// Hashes block `index` of a file of more than one block.
+    pub fn new(block_size: u32, index: u64) -> Self {
+        let mut h = blake3::Hasher::new();
+        h.set_input_offset(index * u64::from(block_size));
+        BlockHasher(h)
+    }
+
+    /// The block's next bytes.
+    pub fn update(&mut self, piece: &[u8]) {
+        self.0.update(piece);
+    }
+
+    /// The chaining value of the bytes fed so far.
+    pub fn finish(&self) -> Digest {
+        self.0.finalize_non_root()
+    }
 }
 
 /// The chaining value of a block of zeroes (a hole).

@@ -21,7 +21,7 @@ use tokio::sync::{Semaphore, mpsc};
 
 use crate::channel::Channel;
 use crate::error::{Error, Result, joined};
-use crate::hash::{block_count, block_cv, block_len, file_hash, zero_block_cvs};
+use crate::hash::{BlockHasher, block_count, block_cv, block_len, file_hash, zero_block_cvs};
 use crate::journal::{self, Identity};
 use crate::landing::{self, Dirs, LandError};
 use crate::path::{RelPath, Seen, TreeIndex, check_link_target};
@@ -955,17 +955,23 @@ fn write_record(s: &Session, f: &RecvFile, r: Record, done: &mut Vec<(u32, Outco
             index, cv, data, ..
         } => {
             let r = write_block(s, f, index, &cv, &data);
-            let finish = {
+            let (finish, failed) = {
                 let mut st = f.state.lock().expect("not poisoned");
                 st.pending -= 1;
+                let mut failed = None;
                 if let Err(reason) = r
                     && !st.done
                 {
                     st.done = true;
                     s.fail(f.id, reason);
+                    failed = st.open.clone();
                 }
-                st.pending == 0 && st.end.is_some()
+                (st.pending == 0 && st.end.is_some(), failed)
             };
+            // The blocks verified before the failure count for a retry.
+            if let Some(open) = failed {
+                let _ = open.make_durable();
+            }
             if finish {
                 finalize(s, f);
             }
@@ -1085,6 +1091,14 @@ fn open_partial(
     Ok(o)
 }
 
+/// The piece of a block hashed and then written while it is in the cache: well within L2
+/// together with the kernel's copy of it.
+const WRITE_PIECE: usize = 256 << 10;
+
+fn bad_block(index: u64) -> String {
+    format!("block {index} failed its BLAKE3 check; the partial file is kept for a retry")
+}
+
 fn write_block(
     s: &Session,
     f: &RecvFile,
@@ -1103,21 +1117,42 @@ fn write_block(
             data.len()
         ));
     }
-    if &block_cv(data, bs, index) != cv {
-        return Err(format!(
-            "block {index} failed its BLAKE3 check; the partial file is kept for a retry"
-        ));
-    }
-    let open = {
+    let (open, verified_before) = {
         let mut st = f.state.lock().expect("not poisoned");
         if st.done {
             return Ok(());
         }
-        open_partial(s, f, &mut st).map_err(|e| format!("cannot open the partial file: {e}"))?
+        let verified_before = st.cvs.get(index as usize).is_some_and(Option::is_some);
+        let open = open_partial(s, f, &mut st)
+            .map_err(|e| format!("cannot open the partial file: {e}"))?;
+        (open, verified_before)
     };
-    let written = {
+    let at = index * u64::from(bs);
+    let written = if verified_before {
+        // A range the journal already vouches for is overwritten only by data checked first.
+        if &block_cv(data, bs, index) != cv {
+            return Err(bad_block(index));
+        }
         let _one_at_a_time = open.writing.lock().expect("not poisoned");
-        open.file.write_all_at(data, index * u64::from(bs))
+        open.file.write_all_at(data, at)
+    } else {
+        // Each piece is hashed just before its write, so the write copies it from the cache
+        // instead of memory. A bad block is then on disk but not in the journal: it counts
+        // as missing, and the file never lands with it.
+        let mut hasher = BlockHasher::new(bs, index);
+        let mut written = Ok(());
+        for (i, piece) in data.chunks(WRITE_PIECE).enumerate() {
+            hasher.update(piece);
+            let _one_at_a_time = open.writing.lock().expect("not poisoned");
+            written = open.file.write_all_at(piece, at + (i * WRITE_PIECE) as u64);
+            if written.is_err() {
+                break;
+            }
+        }
+        if written.is_ok() && &hasher.finish() != cv {
+            return Err(bad_block(index));
+        }
+        written
     };
     if let Err(e) = written {
         if e.raw_os_error() == Some(libc::ENOSPC) {

@@ -9,12 +9,16 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use amst_core::{Mode, codec::Psk};
-use amst_files::protocol::{Entry, EntryKind, Hello, Message, Outcome, TREE_PROTOCOL_VERSION};
+use amst_files::hash::block_cv;
+use amst_files::protocol::{
+    Entry, EntryKind, Hello, Message, Outcome, Record, TREE_PROTOCOL_VERSION,
+};
 use amst_files::{
     Channel, ExistingPolicy, ReceiveOptions, ReceiveProgress, ReceiveReport, SendOptions,
     SendProgress, SendReport, Tree, receive_tree, send_tree,
 };
 use amst_hybrid::{Amst, AmstConfig, AmstListener};
+use bytes::Bytes;
 
 fn config() -> AmstConfig {
     AmstConfig::builder(Psk::new(b"amst-files integration key").unwrap())
@@ -357,6 +361,116 @@ async fn hostile_manifests_write_nothing_outside_the_output() {
                 Path::new("out/escape"),
                 Path::new("out/ok")
             ]
+        );
+    })
+    .await;
+}
+
+/// A block whose bytes do not match its chaining value (a sender bug, or memory corruption
+/// past the CRC) fails its file, and even though the receiver wrote it to the partial file
+/// before its hash was known, it never counts for a resume: the next try sends it again and
+/// the file lands whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_that_fails_its_hash_is_sent_again_on_resume_never_trusted() {
+    within(60, async {
+        let src = tempfile::tempdir().unwrap();
+        let out = tempfile::tempdir().unwrap();
+        const BS: u32 = 1 << 20;
+        let size = 2 * BS as usize + 4321;
+        let data = pattern(size, 9);
+        let path = src.path().join("big");
+        std::fs::write(&path, &data).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        let entry = amst_files::scan::entry_of(
+            b"big".to_vec(),
+            EntryKind::File { size: size as u64 },
+            &meta,
+        );
+        let mut rx = receiver(out.path()).await;
+        let ch = Amst::connect(rx.addr, config()).await.unwrap();
+        let hello = Hello {
+            version: TREE_PROTOCOL_VERSION,
+            block_size: BS,
+            policy: ExistingPolicy::Overwrite,
+            resume: true,
+            entries: 1,
+            bytes: size as u64,
+        };
+        ch.send(Message::Hello(hello).encode()).await.unwrap();
+        let manifest = Message::Manifest {
+            entries: vec![entry],
+            last: true,
+        };
+        ch.send(manifest.encode()).await.unwrap();
+        let block =
+            |i: usize| Bytes::copy_from_slice(&data[i * BS as usize..(i + 1) * BS as usize]);
+        let cv = |i: usize| block_cv(&block(i), BS, i as u64);
+        // Block 1's bytes are damaged; its chaining value is the true one.
+        let mut damaged = block(1).to_vec();
+        damaged[BS as usize / 2] ^= 1;
+        let records = vec![
+            Record::Block {
+                id: 0,
+                index: 0,
+                cv: cv(0),
+                data: block(0),
+            },
+            Record::Block {
+                id: 0,
+                index: 1,
+                cv: cv(1),
+                data: Bytes::from(damaged),
+            },
+        ];
+        ch.send(Message::Data(records).encode()).await.unwrap();
+        ch.send(Message::End.encode()).await.unwrap();
+        let reason = loop {
+            match Message::decode(ch.recv().await.unwrap().unwrap()).unwrap() {
+                Message::Results(items) => {
+                    if let Some((_, Outcome::Failed { reason })) = items.into_iter().next() {
+                        break reason;
+                    }
+                }
+                Message::Plan { .. } => {}
+                other => panic!("{other:?}"),
+            }
+        };
+        assert!(
+            reason.contains("block 1 failed its BLAKE3 check"),
+            "{reason}"
+        );
+        while let Ok(Some(m)) = ch.recv().await {
+            if matches!(Message::decode(m).unwrap(), Message::Finished(_)) {
+                break;
+            }
+        }
+        ch.close().await.unwrap();
+        rx.reports.recv().await.unwrap().unwrap();
+        assert!(!out.path().join("big").exists(), "nothing landed");
+        let partial = std::fs::read(out.path().join(".big.amst-part")).unwrap();
+        assert_ne!(
+            partial[BS as usize..2 * BS as usize],
+            data[BS as usize..2 * BS as usize],
+            "the damaged block was written before its hash was known"
+        );
+
+        let r = send(rx.addr, std::slice::from_ref(&path), SendOptions::default()).await;
+        rx.reports.recv().await.unwrap().unwrap();
+        assert_eq!(
+            r.failures().count(),
+            0,
+            "{:?}",
+            r.failures().collect::<Vec<_>>()
+        );
+        assert_eq!(r.blocks_resumed, 1, "block 0 resumes, block 1 does not");
+        assert!(
+            r.data_bytes_sent >= u64::from(BS) + 4321,
+            "block 1 and the tail were sent again: {} bytes",
+            r.data_bytes_sent
+        );
+        assert!(
+            std::fs::read(out.path().join("big")).unwrap() == data,
+            "the file landed whole"
         );
     })
     .await;
