@@ -275,7 +275,7 @@ pub struct ExplainArgs {
     #[arg(long, value_name = "ADDR")]
     pub peer: String,
 
-    /// Bytes the delivery-rate probes may use in all (they also stop after 2 s). Over
+    /// Bytes the delivery-rate probes may use in all (they also stop after 3 s). Over
     /// loopback at 40 Gbit/s, trains still grew faster after 128 MiB; they agree within
     /// 82-210 MiB.
     #[arg(long, value_name = "SIZE", default_value = "512M")]

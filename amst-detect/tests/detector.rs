@@ -539,7 +539,7 @@ async fn the_first_idle_period_measures_the_rate_once_per_path() {
     let rate = GBIT_PER_SEC / 5;
     let link = ScriptedLink::new(Duration::from_millis(20), rate);
     link.set(|s| s.trains_window_limited = true);
-    // Trains count from 8 round trips (160 ms) on: a first counted train and a confirming
+    // Trains count from 12 round trips (240 ms) on: a first counted train and a confirming
     // one twice its size take about a second here, so the period (which caps the
     // measurement) is 2 s; the default is 5 s.
     let period = Duration::from_secs(2);
