@@ -1095,10 +1095,6 @@ fn open_partial(
 /// together with the kernel's copy of it.
 const WRITE_PIECE: usize = 256 << 10;
 
-fn bad_block(index: u64) -> String {
-    format!("block {index} failed its BLAKE3 check; the partial file is kept for a retry")
-}
-
 fn write_block(
     s: &Session,
     f: &RecvFile,
@@ -1131,14 +1127,17 @@ fn write_block(
     let written = if verified_before {
         // A range the journal already vouches for is overwritten only by data checked first.
         if &block_cv(data, bs, index) != cv {
-            return Err(bad_block(index));
+            return Err(format!(
+                "block {index} failed its BLAKE3 check; the partial file is kept for a retry"
+            ));
         }
         let _one_at_a_time = open.writing.lock().expect("not poisoned");
         open.file.write_all_at(data, at)
     } else {
         // Each piece is hashed just before its write, so the write copies it from the cache
-        // instead of memory. A bad block is then on disk but not in the journal: it counts
-        // as missing, and the file never lands with it.
+        // instead of memory. A bad block is then on disk, where a good copy of it may already
+        // have been written and journaled by another writer: nothing in the partial file can
+        // be trusted any more, so it goes, with its journal.
         let mut hasher = BlockHasher::new(bs, index);
         let mut written = Ok(());
         for (i, piece) in data.chunks(WRITE_PIECE).enumerate() {
@@ -1150,7 +1149,11 @@ fn write_block(
             }
         }
         if written.is_ok() && &hasher.finish() != cv {
-            return Err(bad_block(index));
+            let _ = std::fs::remove_file(f.rel.partial_under(&s.root));
+            let _ = std::fs::remove_file(f.rel.journal_under(&s.root));
+            return Err(format!(
+                "block {index} failed its BLAKE3 check; the partial file was discarded"
+            ));
         }
         written
     };

@@ -366,94 +366,101 @@ async fn hostile_manifests_write_nothing_outside_the_output() {
     .await;
 }
 
-/// A block whose bytes do not match its chaining value (a sender bug, or memory corruption
-/// past the CRC) fails its file, and even though the receiver wrote it to the partial file
-/// before its hash was known, it never counts for a resume: the next try sends it again and
-/// the file lands whole.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_block_that_fails_its_hash_is_sent_again_on_resume_never_trusted() {
-    within(60, async {
-        let src = tempfile::tempdir().unwrap();
-        let out = tempfile::tempdir().unwrap();
-        const BS: u32 = 1 << 20;
-        let size = 2 * BS as usize + 4321;
-        let data = pattern(size, 9);
-        let path = src.path().join("big");
-        std::fs::write(&path, &data).unwrap();
-        let meta = std::fs::metadata(&path).unwrap();
-        let entry = amst_files::scan::entry_of(
-            b"big".to_vec(),
-            EntryKind::File { size: size as u64 },
-            &meta,
-        );
-        let mut rx = receiver(out.path()).await;
-        let ch = Amst::connect(rx.addr, config()).await.unwrap();
-        let hello = Hello {
-            version: TREE_PROTOCOL_VERSION,
-            block_size: BS,
-            policy: ExistingPolicy::Overwrite,
-            resume: true,
-            entries: 1,
-            bytes: size as u64,
-        };
-        ch.send(Message::Hello(hello).encode()).await.unwrap();
-        let manifest = Message::Manifest {
-            entries: vec![entry],
-            last: true,
-        };
-        ch.send(manifest.encode()).await.unwrap();
-        let block =
-            |i: usize| Bytes::copy_from_slice(&data[i * BS as usize..(i + 1) * BS as usize]);
-        let cv = |i: usize| block_cv(&block(i), BS, i as u64);
-        // Block 1's bytes are damaged; its chaining value is the true one.
-        let mut damaged = block(1).to_vec();
-        damaged[BS as usize / 2] ^= 1;
-        let records = vec![
-            Record::Block {
-                id: 0,
-                index: 0,
-                cv: cv(0),
-                data: block(0),
-            },
-            Record::Block {
-                id: 0,
-                index: 1,
-                cv: cv(1),
-                data: Bytes::from(damaged),
-            },
-        ];
-        ch.send(Message::Data(records).encode()).await.unwrap();
-        ch.send(Message::End.encode()).await.unwrap();
-        let reason = loop {
-            match Message::decode(ch.recv().await.unwrap().unwrap()).unwrap() {
-                Message::Results(items) => {
-                    if let Some((_, Outcome::Failed { reason })) = items.into_iter().next() {
-                        break reason;
+/// A file of three blocks at `src/big`, a receiver into `out`, and one session spoken by
+/// hand that sends block 0 as it is and block 1 as `damage` makes it (with the true chaining
+/// value), then ends. Returns the file's bytes and why the receiver failed it.
+async fn second_block_damaged(
+    src: &Path,
+    rx: &mut Receiver,
+    damage: impl FnOnce(Vec<u8>) -> Vec<u8>,
+) -> (Vec<u8>, String) {
+    const BS: u32 = 1 << 20;
+    let size = 2 * BS as usize + 4321;
+    let data = pattern(size, 9);
+    let path = src.join("big");
+    std::fs::write(&path, &data).unwrap();
+    let entry = amst_files::scan::entry_of(
+        b"big".to_vec(),
+        EntryKind::File { size: size as u64 },
+        &std::fs::metadata(&path).unwrap(),
+    );
+    let ch = Amst::connect(rx.addr, config()).await.unwrap();
+    let hello = Hello {
+        version: TREE_PROTOCOL_VERSION,
+        block_size: BS,
+        policy: ExistingPolicy::Overwrite,
+        resume: true,
+        entries: 1,
+        bytes: size as u64,
+    };
+    ch.send(Message::Hello(hello).encode()).await.unwrap();
+    let manifest = Message::Manifest {
+        entries: vec![entry],
+        last: true,
+    };
+    ch.send(manifest.encode()).await.unwrap();
+    let block = |i: usize| data[i * BS as usize..(i + 1) * BS as usize].to_vec();
+    let cv = |i: usize| block_cv(&block(i), BS, i as u64);
+    let records = vec![
+        Record::Block {
+            id: 0,
+            index: 0,
+            cv: cv(0),
+            data: Bytes::from(block(0)),
+        },
+        Record::Block {
+            id: 0,
+            index: 1,
+            cv: cv(1),
+            data: Bytes::from(damage(block(1))),
+        },
+    ];
+    ch.send(Message::Data(records).encode()).await.unwrap();
+    ch.send(Message::End.encode()).await.unwrap();
+    let mut reason = None;
+    while let Ok(Some(m)) = ch.recv().await {
+        match Message::decode(m).unwrap() {
+            Message::Results(items) => {
+                for (_, o) in items {
+                    if let Outcome::Failed { reason: r } = o {
+                        reason = Some(r);
                     }
                 }
-                Message::Plan { .. } => {}
-                other => panic!("{other:?}"),
             }
-        };
+            Message::Plan { .. } => {}
+            Message::Finished(_) => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    ch.close().await.unwrap();
+    rx.reports.recv().await.unwrap().unwrap();
+    (data, reason.expect("the file failed"))
+}
+
+/// A block whose bytes do not match its chaining value (a sender bug, or memory corruption
+/// past the CRC) fails its file. The receiver writes a block before its hash is known, so
+/// the partial file is discarded with its journal, and nothing of it is trusted by the next
+/// try, which sends the whole file again and lands it whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_that_fails_its_hash_discards_the_partial_and_the_retry_sends_all() {
+    within(60, async {
+        let (src, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut rx = receiver(out.path()).await;
+        let (data, reason) = second_block_damaged(src.path(), &mut rx, |mut b| {
+            let middle = b.len() / 2;
+            b[middle] ^= 1;
+            b
+        })
+        .await;
         assert!(
             reason.contains("block 1 failed its BLAKE3 check"),
             "{reason}"
         );
-        while let Ok(Some(m)) = ch.recv().await {
-            if matches!(Message::decode(m).unwrap(), Message::Finished(_)) {
-                break;
-            }
-        }
-        ch.close().await.unwrap();
-        rx.reports.recv().await.unwrap().unwrap();
         assert!(!out.path().join("big").exists(), "nothing landed");
-        let partial = std::fs::read(out.path().join(".big.amst-part")).unwrap();
-        assert_ne!(
-            partial[BS as usize..2 * BS as usize],
-            data[BS as usize..2 * BS as usize],
-            "the damaged block was written before its hash was known"
-        );
-
+        for name in [".big.amst-part", ".big.amst-journal"] {
+            assert!(!out.path().join(name).exists(), "{name} was discarded");
+        }
+        let path = src.path().join("big");
         let r = send(rx.addr, std::slice::from_ref(&path), SendOptions::default()).await;
         rx.reports.recv().await.unwrap().unwrap();
         assert_eq!(
@@ -462,15 +469,60 @@ async fn a_block_that_fails_its_hash_is_sent_again_on_resume_never_trusted() {
             "{:?}",
             r.failures().collect::<Vec<_>>()
         );
-        assert_eq!(r.blocks_resumed, 1, "block 0 resumes, block 1 does not");
+        assert_eq!(
+            r.blocks_resumed, 0,
+            "nothing of the discarded partial is trusted"
+        );
+        assert_eq!(
+            r.data_bytes_sent,
+            data.len() as u64,
+            "the whole file was sent again"
+        );
+        assert!(std::fs::read(&path).unwrap() == data);
         assert!(
-            r.data_bytes_sent >= u64::from(BS) + 4321,
-            "block 1 and the tail were sent again: {} bytes",
-            r.data_bytes_sent
+            std::fs::read(out.path().join("big")).unwrap() == data,
+            "landed whole"
+        );
+    })
+    .await;
+}
+
+/// A block refused before anything is written (here: shorter than its place in the file)
+/// fails its file but keeps the partial file, and the blocks verified before it count for
+/// the retry: they are made durable when the file fails, not only at the next sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_refused_unwritten_keeps_the_verified_blocks_for_the_retry() {
+    within(60, async {
+        let (src, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut rx = receiver(out.path()).await;
+        let (data, reason) = second_block_damaged(src.path(), &mut rx, |mut b| {
+            b.truncate(1000);
+            b
+        })
+        .await;
+        assert!(reason.contains("block 1 has 1000 bytes"), "{reason}");
+        assert!(
+            out.path().join(".big.amst-journal").exists(),
+            "the journal stays"
+        );
+        let path = src.path().join("big");
+        let r = send(rx.addr, std::slice::from_ref(&path), SendOptions::default()).await;
+        rx.reports.recv().await.unwrap().unwrap();
+        assert_eq!(
+            r.failures().count(),
+            0,
+            "{:?}",
+            r.failures().collect::<Vec<_>>()
+        );
+        assert_eq!(r.blocks_resumed, 1, "block 0 resumes");
+        assert_eq!(
+            r.data_bytes_sent,
+            data.len() as u64 - (1 << 20),
+            "all but block 0"
         );
         assert!(
             std::fs::read(out.path().join("big")).unwrap() == data,
-            "the file landed whole"
+            "landed whole"
         );
     })
     .await;
