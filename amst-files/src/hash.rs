@@ -31,6 +31,10 @@ pub fn block_cv(data: &[u8], block_size: u32, index: u64) -> Digest {
     h.finish()
 }
 
+/// The piece of a block hashed right next to the copy that reads or writes it: with the
+/// copy, well within a core's L2, so the hash and the copy share one read from memory.
+pub const HASH_PIECE: usize = 256 << 10;
+
 /// [`block_cv`] fed piece by piece, so that each piece can be hashed while it is still in
 /// the CPU's cache from whatever else touches it (a read, a write).
 #[derive(Debug)]

@@ -21,7 +21,9 @@ use tokio::sync::{Semaphore, mpsc};
 
 use crate::channel::Channel;
 use crate::error::{Error, Result, joined};
-use crate::hash::{BlockHasher, block_count, block_cv, block_len, file_hash, zero_block_cvs};
+use crate::hash::{
+    BlockHasher, HASH_PIECE, block_count, block_cv, block_len, file_hash, zero_block_cvs,
+};
 use crate::journal::{self, Identity};
 use crate::landing::{self, Dirs, LandError};
 use crate::path::{RelPath, Seen, TreeIndex, check_link_target};
@@ -1091,10 +1093,6 @@ fn open_partial(
     Ok(o)
 }
 
-/// The piece of a block hashed and then written while it is in the cache: well within L2
-/// together with the kernel's copy of it.
-const WRITE_PIECE: usize = 256 << 10;
-
 fn write_block(
     s: &Session,
     f: &RecvFile,
@@ -1140,10 +1138,10 @@ fn write_block(
         // be trusted any more, so it goes, with its journal.
         let mut hasher = BlockHasher::new(bs, index);
         let mut written = Ok(());
-        for (i, piece) in data.chunks(WRITE_PIECE).enumerate() {
+        for (i, piece) in data.chunks(HASH_PIECE).enumerate() {
             hasher.update(piece);
             let _one_at_a_time = open.writing.lock().expect("not poisoned");
-            written = open.file.write_all_at(piece, at + (i * WRITE_PIECE) as u64);
+            written = open.file.write_all_at(piece, at + (i * HASH_PIECE) as u64);
             if written.is_err() {
                 break;
             }

@@ -23,7 +23,9 @@ use tokio::sync::{Mutex as AsyncMutex, mpsc};
 
 use crate::channel::Channel;
 use crate::error::{Error, Result, joined};
-use crate::hash::{BlockHasher, block_count, block_cv, block_len, file_hash, zero_block_cv};
+use crate::hash::{
+    BlockHasher, HASH_PIECE, block_count, block_cv, block_len, file_hash, zero_block_cv,
+};
 use crate::plan::{BlockPlan, HaveAnswer, answer_have};
 use crate::protocol::{
     BLOCK_HEADER_LEN, DEFAULT_BLOCK_SIZE, Digest, Entry, EntryKind, ExistingPolicy, Finished,
@@ -876,9 +878,6 @@ fn data_extents(file: &File, size: u64) -> Vec<(u64, u64)> {
     out
 }
 
-/// The piece of a block read and then hashed while it is in the cache.
-const READ_PIECE: usize = 256 << 10;
-
 /// Reads block `index` straight behind its message header, in a reused buffer.
 fn read_block(
     big: &BigFile,
@@ -900,11 +899,11 @@ fn read_block(
     let mut hasher = BlockHasher::new(bs, index);
     let at = index * u64::from(bs);
     for (i, piece) in buf[BLOCK_HEADER_LEN..end]
-        .chunks_mut(READ_PIECE)
+        .chunks_mut(HASH_PIECE)
         .enumerate()
     {
         big.file
-            .read_exact_at(piece, at + (i * READ_PIECE) as u64)
+            .read_exact_at(piece, at + (i * HASH_PIECE) as u64)
             .map_err(|e| format!("reading block {index} failed: {e}"))?;
         hasher.update(piece);
     }

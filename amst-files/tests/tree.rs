@@ -437,6 +437,26 @@ async fn second_block_damaged(
     (data, reason.expect("the file failed"))
 }
 
+/// Sends `src/big` again as `amst send` would, checks that it landed whole in `out`, and
+/// returns the report.
+async fn resend_lands_whole(rx: &mut Receiver, src: &Path, out: &Path, data: &[u8]) -> SendReport {
+    let path = src.join("big");
+    let r = send(rx.addr, std::slice::from_ref(&path), SendOptions::default()).await;
+    rx.reports.recv().await.unwrap().unwrap();
+    assert_eq!(
+        r.failures().count(),
+        0,
+        "{:?}",
+        r.failures().collect::<Vec<_>>()
+    );
+    assert!(std::fs::read(&path).unwrap() == data);
+    assert!(
+        std::fs::read(out.join("big")).unwrap() == data,
+        "landed whole"
+    );
+    r
+}
+
 /// A block whose bytes do not match its chaining value (a sender bug, or memory corruption
 /// past the CRC) fails its file. The receiver writes a block before its hash is known, so
 /// the partial file is discarded with its journal, and nothing of it is trusted by the next
@@ -460,15 +480,7 @@ async fn a_block_that_fails_its_hash_discards_the_partial_and_the_retry_sends_al
         for name in [".big.amst-part", ".big.amst-journal"] {
             assert!(!out.path().join(name).exists(), "{name} was discarded");
         }
-        let path = src.path().join("big");
-        let r = send(rx.addr, std::slice::from_ref(&path), SendOptions::default()).await;
-        rx.reports.recv().await.unwrap().unwrap();
-        assert_eq!(
-            r.failures().count(),
-            0,
-            "{:?}",
-            r.failures().collect::<Vec<_>>()
-        );
+        let r = resend_lands_whole(&mut rx, src.path(), out.path(), &data).await;
         assert_eq!(
             r.blocks_resumed, 0,
             "nothing of the discarded partial is trusted"
@@ -477,11 +489,6 @@ async fn a_block_that_fails_its_hash_discards_the_partial_and_the_retry_sends_al
             r.data_bytes_sent,
             data.len() as u64,
             "the whole file was sent again"
-        );
-        assert!(std::fs::read(&path).unwrap() == data);
-        assert!(
-            std::fs::read(out.path().join("big")).unwrap() == data,
-            "landed whole"
         );
     })
     .await;
@@ -505,24 +512,12 @@ async fn a_block_refused_unwritten_keeps_the_verified_blocks_for_the_retry() {
             out.path().join(".big.amst-journal").exists(),
             "the journal stays"
         );
-        let path = src.path().join("big");
-        let r = send(rx.addr, std::slice::from_ref(&path), SendOptions::default()).await;
-        rx.reports.recv().await.unwrap().unwrap();
-        assert_eq!(
-            r.failures().count(),
-            0,
-            "{:?}",
-            r.failures().collect::<Vec<_>>()
-        );
+        let r = resend_lands_whole(&mut rx, src.path(), out.path(), &data).await;
         assert_eq!(r.blocks_resumed, 1, "block 0 resumes");
         assert_eq!(
             r.data_bytes_sent,
             data.len() as u64 - (1 << 20),
             "all but block 0"
-        );
-        assert!(
-            std::fs::read(out.path().join("big")).unwrap() == data,
-            "landed whole"
         );
     })
     .await;
