@@ -178,12 +178,17 @@ impl Drop for Hold {
     }
 }
 
+/// Kept from plan to landing for every file in flight (a manifest's files are all planned
+/// before most of them land), so only what landing needs: not the manifest entry, whose
+/// path `rel` already holds.
 struct RecvFile {
     _hold: Hold,
     id: u32,
     rel: RelPath,
-    entry: Entry,
-    size: u64,
+    /// Permission bits to set.
+    mode: u32,
+    /// The sender's version of the file: its size and mtime.
+    offered: Identity,
     /// Replacing an existing file is allowed.
     replace: bool,
     state: Mutex<FileState>,
@@ -313,8 +318,10 @@ pub async fn receive_tree(
     let reporter = tokio::spawn(report_results(ch.clone(), results_rx));
     let mut files: HashMap<u32, Arc<RecvFile>> = HashMap::new();
     let mut index = TreeIndex::default();
-    let mut entries: Vec<(RelPath, Entry)> = Vec::new();
+    // Every entry's name, for the report; the whole entry only for directories, whose mode
+    // and mtime are set at the end (a tree of a million files keeps no more than this).
     let mut names: Vec<String> = Vec::new();
+    let mut dir_entries: HashMap<u32, (RelPath, Entry)> = HashMap::new();
     let mut manifest_done = false;
     let budget = Arc::new(Semaphore::new(opts.memory_budget.max(1 << 20)));
     let writers = Arc::new(Semaphore::new(opts.writers.max(1)));
@@ -340,17 +347,17 @@ pub async fn receive_tree(
                 entries: batch,
                 last,
             } if !manifest_done => {
-                if entries.len() as u64 + batch.len() as u64 > total {
+                if names.len() as u64 + batch.len() as u64 > total {
                     break Some(Error::Protocol(format!(
                         "the manifest holds more than the {total} entries announced"
                     )));
                 }
-                if last && entries.len() as u64 + batch.len() as u64 != total {
+                if last && names.len() as u64 + batch.len() as u64 != total {
                     break Some(Error::Protocol(format!(
                         "the manifest holds fewer than the {total} entries announced"
                     )));
                 }
-                let first_id = entries.len() as u32;
+                let first_id = names.len() as u32;
                 let s = session.clone();
                 let moved = std::mem::take(&mut index);
                 let admitting = tokio::task::spawn_blocking(move || {
@@ -365,9 +372,11 @@ pub async fn receive_tree(
                 for f in new_files {
                     files.insert(f.id, f);
                 }
-                for (rel, e) in admitted {
+                for (id, (rel, e)) in (first_id..).zip(admitted) {
                     names.push(rel.display());
-                    entries.push((rel, e));
+                    if e.kind == EntryKind::Dir {
+                        dir_entries.insert(id, (rel, e));
+                    }
                 }
                 manifest_done = last;
                 if let Err(e) = ch.send(Message::Plan { items, last }.encode()).await {
@@ -383,14 +392,27 @@ pub async fn receive_tree(
                 for r in records {
                     match r {
                         Record::Whole { id, .. } | Record::Block { id, .. } => {
-                            let Some(f) = files.get(&id) else {
-                                session.fail(id, "data for a file that was not planned".into());
+                            // A whole file has no other record: the session lets go of it
+                            // (and of its partial name) as soon as it is written, so that a
+                            // tree of many small files does not hold them all to the end.
+                            let f = if matches!(r, Record::Whole { .. }) {
+                                files.remove(&id)
+                            } else {
+                                files.get(&id).cloned()
+                            };
+                            let Some(f) = f else {
+                                session.fail(
+                                    id,
+                                    "data for a file that was not planned, or was already \
+                                     received whole"
+                                        .into(),
+                                );
                                 continue;
                             };
                             if matches!(r, Record::Block { .. }) {
                                 f.state.lock().expect("not poisoned").pending += 1;
                             }
-                            work.push((f.clone(), r));
+                            work.push((f, r));
                         }
                         Record::FileEnd { id, hash, holes } => {
                             let Some(f) = files.get(&id).cloned() else {
@@ -499,10 +521,7 @@ pub async fn receive_tree(
     let s = session.clone();
     let mut ids = std::mem::take(&mut *session.dirs_in_place.lock().expect("not poisoned"));
     ids.sort_unstable();
-    let dirs: Vec<(RelPath, Entry)> = ids
-        .iter()
-        .filter_map(|&id| entries.get(id as usize).cloned())
-        .collect();
+    let dirs: Vec<(RelPath, Entry)> = ids.iter().filter_map(|id| dir_entries.remove(id)).collect();
     let setting = tokio::task::spawn_blocking(move || {
         for (rel, e) in dirs.iter().rev() {
             let _ = set_dir_metadata(&rel.under(&s.root), e);
@@ -909,8 +928,8 @@ fn plan_file(
             _hold: hold,
             id,
             rel: rel.clone(),
-            entry: entry.clone(),
-            size,
+            mode: entry.mode,
+            offered,
             replace: policy == ExistingPolicy::Overwrite,
             state: Mutex::new(FileState {
                 resume,
@@ -983,25 +1002,17 @@ fn write_record(s: &Session, f: &RecvFile, r: Record, done: &mut Vec<(u32, Outco
 }
 
 fn write_whole(s: &Session, f: &RecvFile, hash: &Digest, data: &[u8]) -> Outcome {
-    if data.len() as u64 != f.size {
+    if data.len() as u64 != f.offered.size {
         return failed(format!(
             "{} bytes arrived for a file of {} bytes",
             data.len(),
-            f.size
+            f.offered.size
         ));
     }
     if blake3::hash(data).as_bytes() != hash {
         return failed("the data failed its BLAKE3 check; nothing was kept".into());
     }
-    let landed = landing::land_small(
-        &s.dirs,
-        &s.root,
-        &f.rel,
-        data,
-        f.entry.mode,
-        mtime_of(&f.entry),
-        f.replace,
-    );
+    let landed = landing::land_small(&s.dirs, &s.root, &f.rel, data, f.mode, f.mtime(), f.replace);
     match landed {
         Ok(()) => {
             s.written.fetch_add(data.len() as u64, Ordering::Relaxed);
@@ -1048,7 +1059,7 @@ fn open_partial(
     }
     let part = f.rel.partial_under(&s.root);
     let jpath = f.rel.journal_under(&s.root);
-    let n = block_count(f.size, s.hello.block_size) as usize;
+    let n = block_count(f.offered.size, s.hello.block_size) as usize;
     st.cvs = vec![None; n];
     let o = match st.resume.take() {
         Some(verified) => {
@@ -1082,9 +1093,9 @@ fn open_partial(
                 .create(true)
                 .truncate(true)
                 .open(&part)?;
-            file.set_len(f.size)?;
+            file.set_len(f.offered.size)?;
             let mut j = File::create(&jpath)?;
-            j.write_all(&journal::header(&identity(s, &f.entry, f.size)))?;
+            j.write_all(&journal::header(&f.offered))?;
             OpenPartial::new(file, j)
         }
     };
@@ -1101,10 +1112,10 @@ fn write_block(
     data: &[u8],
 ) -> std::result::Result<(), String> {
     let bs = s.hello.block_size;
-    if index >= block_count(f.size, bs) {
+    if index >= block_count(f.offered.size, bs) {
         return Err(format!("block {index} is past the end of the file"));
     }
-    let expect = block_len(f.size, bs, index);
+    let expect = block_len(f.offered.size, bs, index);
     if data.len() != expect as usize {
         return Err(format!(
             "block {index} has {} bytes, expected {expect}",
@@ -1209,7 +1220,10 @@ fn finalize(s: &Session, f: &RecvFile) {
             }
         }
     }
-    for (i, cv) in zeroes.iter().zip(zero_block_cvs(f.size, bs, &zeroes)) {
+    for (i, cv) in zeroes
+        .iter()
+        .zip(zero_block_cvs(f.offered.size, bs, &zeroes))
+    {
         cvs[*i as usize] = Some(cv);
     }
     if let Some(missing) = cvs.iter().position(Option::is_none) {
@@ -1220,7 +1234,7 @@ fn finalize(s: &Session, f: &RecvFile) {
         return;
     }
     let cvs: Vec<Digest> = cvs.into_iter().flatten().collect();
-    let ours = file_hash(f.size, bs, &cvs);
+    let ours = file_hash(f.offered.size, bs, &cvs);
     if ours != Some(hash) {
         let _ = std::fs::remove_file(f.rel.partial_under(&s.root));
         let _ = std::fs::remove_file(f.rel.journal_under(&s.root));
@@ -1251,8 +1265,8 @@ fn finalize(s: &Session, f: &RecvFile) {
 fn land(s: &Session, f: &RecvFile, file: File, hash: Digest) -> Outcome {
     let part = f.rel.partial_under(&s.root);
     let target = f.rel.under(&s.root);
-    let _ = file.set_permissions(std::fs::Permissions::from_mode(f.entry.mode & 0o7777));
-    if let Err(e) = file.set_modified(mtime_of(&f.entry)) {
+    let _ = file.set_permissions(std::fs::Permissions::from_mode(f.mode & 0o7777));
+    if let Err(e) = file.set_modified(f.mtime()) {
         return failed(format!("cannot set the mtime: {e}"));
     }
     drop(file);
@@ -1299,10 +1313,20 @@ fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
 }
 
 fn mtime_of(e: &Entry) -> SystemTime {
-    if e.mtime_sec >= 0 {
-        SystemTime::UNIX_EPOCH + Duration::new(e.mtime_sec as u64, e.mtime_nsec)
+    system_time(e.mtime_sec, e.mtime_nsec)
+}
+
+fn system_time(sec: i64, nsec: u32) -> SystemTime {
+    if sec >= 0 {
+        SystemTime::UNIX_EPOCH + Duration::new(sec as u64, nsec)
     } else {
-        SystemTime::UNIX_EPOCH - Duration::from_secs(e.mtime_sec.unsigned_abs())
-            + Duration::from_nanos(u64::from(e.mtime_nsec))
+        SystemTime::UNIX_EPOCH - Duration::from_secs(sec.unsigned_abs())
+            + Duration::from_nanos(u64::from(nsec))
+    }
+}
+
+impl RecvFile {
+    fn mtime(&self) -> SystemTime {
+        system_time(self.offered.mtime_sec, self.offered.mtime_nsec)
     }
 }

@@ -700,3 +700,109 @@ async fn a_killed_transfer_resumes_and_a_changed_file_is_sent_anew() {
     })
     .await;
 }
+
+/// A small file arrives whole in one record, and its session lets go of it (its partial
+/// name) as soon as it has landed, not when the session ends: a second session sending the
+/// same file while the first is still open finds it there and identical, without stopping
+/// the first (which a held name would make it do, once the first had been quiet for a
+/// second). Letting go early is also what keeps a receiver's memory from holding every file
+/// of a large tree until the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_landed_small_file_is_let_go_while_its_session_goes_on() {
+    within(60, async {
+        let (src, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let data = pattern(5000, 3);
+        let path = src.path().join("a");
+        std::fs::write(&path, &data).unwrap();
+        // Sessions run side by side here, as under `amst serve`.
+        let listener = Arc::new(
+            Amst::listen("127.0.0.1:0".parse().unwrap(), config())
+                .await
+                .unwrap(),
+        );
+        let addr = listener.local_addr().unwrap();
+        let (tx, mut reports) = tokio::sync::mpsc::unbounded_channel();
+        let (l, o) = (listener.clone(), out.path().to_path_buf());
+        tokio::spawn(async move {
+            while let Ok(session) = l.accept().await {
+                let (tx, o) = (tx.clone(), o.clone());
+                tokio::spawn(async move {
+                    let ch: Arc<dyn Channel> = Arc::new(session);
+                    if let Ok(Some(first)) = ch.recv().await {
+                        let opts = ReceiveOptions::new(&o);
+                        let _ = tx.send(receive_tree(ch, first, &opts, Default::default()).await);
+                    }
+                });
+            }
+        });
+
+        // The first session: the file, whole, and then nothing until the others are done.
+        let entry = amst_files::scan::entry_of(
+            b"a".to_vec(),
+            EntryKind::File { size: 5000 },
+            &std::fs::metadata(&path).unwrap(),
+        );
+        let first = Amst::connect(addr, config()).await.unwrap();
+        let hello = Hello {
+            version: TREE_PROTOCOL_VERSION,
+            block_size: 1 << 20,
+            policy: ExistingPolicy::default(),
+            resume: true,
+            entries: 1,
+            bytes: 5000,
+        };
+        first.send(Message::Hello(hello).encode()).await.unwrap();
+        let manifest = Message::Manifest {
+            entries: vec![entry],
+            last: true,
+        };
+        first.send(manifest.encode()).await.unwrap();
+        let record = Record::Whole {
+            id: 0,
+            hash: *blake3::hash(&data).as_bytes(),
+            data: Bytes::from(data.clone()),
+        };
+        first
+            .send(Message::Data(vec![record]).encode())
+            .await
+            .unwrap();
+        loop {
+            let m = first.recv().await.unwrap().expect("the receiver's results");
+            if let Message::Results(items) = Message::decode(m).unwrap() {
+                assert_eq!(
+                    items,
+                    vec![(
+                        0,
+                        Outcome::Stored {
+                            hash: *blake3::hash(&data).as_bytes()
+                        }
+                    )]
+                );
+                break;
+            }
+        }
+        // Quiet for longer than a session may be before another takes over what it holds.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+
+        let second = send(addr, std::slice::from_ref(&path), SendOptions::default()).await;
+        assert_eq!(second.finished.identical, 1, "{:?}", second.entries);
+        assert_eq!(second.data_bytes_sent, 0);
+        reports.recv().await.unwrap().unwrap();
+
+        first.send(Message::End.encode()).await.unwrap();
+        while let Ok(Some(m)) = first.recv().await {
+            if let Message::Finished(_) = Message::decode(m).unwrap() {
+                break;
+            }
+        }
+        first.close().await.unwrap();
+        let r = reports
+            .recv()
+            .await
+            .unwrap()
+            .expect("the first session was not stopped");
+        assert_eq!(r.finished.stored, 1);
+        assert!(std::fs::read(out.path().join("a")).unwrap() == data);
+    })
+    .await;
+}
