@@ -79,6 +79,9 @@ pub struct ReceiveReport {
 pub struct ReceiveProgress {
     /// File bytes received.
     pub bytes: AtomicU64,
+    /// The most files planned and not yet landed (or given up) at any one time: what the
+    /// sender's manifest window bounds.
+    pub files_in_flight_peak: AtomicU64,
 }
 
 struct Session {
@@ -372,6 +375,9 @@ pub async fn receive_tree(
                 for f in new_files {
                     files.insert(f.id, f);
                 }
+                progress
+                    .files_in_flight_peak
+                    .fetch_max(files.len() as u64, Ordering::Relaxed);
                 for (id, (rel, e)) in (first_id..).zip(admitted) {
                     names.push(rel.display());
                     if e.kind == EntryKind::Dir {
@@ -415,7 +421,9 @@ pub async fn receive_tree(
                             work.push((f, r));
                         }
                         Record::FileEnd { id, hash, holes } => {
-                            let Some(f) = files.get(&id).cloned() else {
+                            // Its last block's writer, or the finalize spawned here, lands
+                            // it; both are joined before the session ends.
+                            let Some(f) = files.remove(&id) else {
                                 continue;
                             };
                             let ready = {

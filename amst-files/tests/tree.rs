@@ -806,3 +806,70 @@ async fn a_landed_small_file_is_let_go_while_its_session_goes_on() {
     })
     .await;
 }
+
+/// The sender announces at most `manifest_window` entries ahead of the receiver's results,
+/// so the receiver never holds more files than that in flight; the tree still arrives
+/// whole, with small files (whose part-filled batches must go out while the manifest
+/// waits), files of several blocks, an empty file and a link, and a second send finds it
+/// all identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_windowed_manifest_bounds_the_files_in_flight_and_the_tree_arrives() {
+    within(60, async {
+        let (src, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let top = src.path().join("w");
+        for d in 0..6 {
+            let dir = top.join(format!("d{d}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            for f in 0..50u8 {
+                std::fs::write(dir.join(format!("f{f}")), pattern(100 + usize::from(f), f))
+                    .unwrap();
+            }
+        }
+        std::fs::write(top.join("big1"), pattern(200_000, 1)).unwrap();
+        std::fs::write(top.join("d3/big2"), pattern(150_000, 2)).unwrap();
+        std::fs::write(top.join("empty"), b"").unwrap();
+        std::os::unix::fs::symlink("d0/f1", top.join("link")).unwrap();
+        let mut rx = receiver(out.path()).await;
+        let opts = SendOptions {
+            manifest_window: 16,
+            block_size: 64 << 10,
+            ..SendOptions::default()
+        };
+        let first = send(rx.addr, std::slice::from_ref(&top), opts.clone()).await;
+        let received = rx.reports.recv().await.unwrap().unwrap();
+        assert_eq!(first.failures().count(), 0, "{:?}", first.entries);
+        assert_eq!(received.finished.failed, 0);
+        assert_eq!(first.finished.stored, 1 + 6 + 300 + 2 + 1 + 1);
+        let peak = rx.progress.files_in_flight_peak.load(Ordering::Relaxed);
+        assert!(
+            (1..=16).contains(&peak),
+            "{peak} files in flight at the receiver at once"
+        );
+        for p in walk(&top) {
+            let rel = p.strip_prefix(src.path()).unwrap();
+            let got = out.path().join(rel);
+            if p.is_file() && !p.is_symlink() {
+                assert!(
+                    std::fs::read(&got).unwrap() == std::fs::read(&p).unwrap(),
+                    "{rel:?}"
+                );
+            }
+        }
+        assert_eq!(
+            std::fs::read_link(out.path().join("w/link")).unwrap(),
+            Path::new("d0/f1")
+        );
+
+        let again = send(rx.addr, std::slice::from_ref(&top), opts).await;
+        rx.reports.recv().await.unwrap().unwrap();
+        assert_eq!(
+            again.finished.identical,
+            // The files and the link; directories count as stored.
+            300 + 2 + 1 + 1,
+            "{:?}",
+            again.finished
+        );
+        assert_eq!(again.data_bytes_sent, 0);
+    })
+    .await;
+}
