@@ -36,6 +36,10 @@ use crate::protocol::{
 /// The default memory budget for data waiting to be written.
 pub const DEFAULT_MEMORY_BUDGET: usize = 128 << 20;
 
+/// The default [`ReceiveOptions::max_files_in_flight`]: 64 times the sender's default
+/// manifest window.
+pub const MAX_FILES_IN_FLIGHT: usize = 1 << 20;
+
 /// How long the receiver waits for the sender to close after the totals.
 const SENDER_GOODBYE: Duration = Duration::from_secs(10);
 
@@ -48,6 +52,11 @@ pub struct ReceiveOptions {
     pub memory_budget: usize,
     /// Writer threads working at once.
     pub writers: usize,
+    /// Most files the sender may have announced and not yet seen land (or fail) at once.
+    /// The receiver keeps state for each of them; a sender keeps its manifest window (16,384
+    /// by default) far below this, and one that announces more is stopped with a clear
+    /// error instead of growing the receiver's memory with the tree.
+    pub max_files_in_flight: usize,
 }
 
 impl ReceiveOptions {
@@ -57,6 +66,7 @@ impl ReceiveOptions {
             output: output.into(),
             memory_budget: DEFAULT_MEMORY_BUDGET,
             writers: 4,
+            max_files_in_flight: MAX_FILES_IN_FLIGHT,
         }
     }
 }
@@ -359,6 +369,18 @@ pub async fn receive_tree(
                     break Some(Error::Protocol(format!(
                         "the manifest holds fewer than the {total} entries announced"
                     )));
+                }
+                if files.len() + batch.len() > opts.max_files_in_flight {
+                    let why = format!(
+                        "the sender has {} files in flight and announces {} more entries, above \
+                         this receiver's limit of {} files announced and not yet landed; a \
+                         sender keeps at most its manifest window ahead of the results",
+                        files.len(),
+                        batch.len(),
+                        opts.max_files_in_flight
+                    );
+                    let _ = ch.send(Message::Abort(why.clone()).encode()).await;
+                    break Some(Error::Protocol(why));
                 }
                 let first_id = names.len() as u32;
                 let s = session.clone();

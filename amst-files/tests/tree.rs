@@ -45,6 +45,10 @@ struct Receiver {
 }
 
 async fn receiver(out: &Path) -> Receiver {
+    receiver_with(ReceiveOptions::new(out)).await
+}
+
+async fn receiver_with(opts: ReceiveOptions) -> Receiver {
     let listener = Arc::new(
         Amst::listen("127.0.0.1:0".parse().unwrap(), config())
             .await
@@ -54,7 +58,6 @@ async fn receiver(out: &Path) -> Receiver {
     let (tx, reports) = tokio::sync::mpsc::unbounded_channel();
     let progress = Arc::new(ReceiveProgress::default());
     let (l, p) = (listener.clone(), progress.clone());
-    let opts = ReceiveOptions::new(out);
     tokio::spawn(async move {
         while let Ok(session) = l.accept().await {
             let ch: Arc<dyn Channel> = Arc::new(session);
@@ -870,6 +873,64 @@ async fn a_windowed_manifest_bounds_the_files_in_flight_and_the_tree_arrives() {
             again.finished
         );
         assert_eq!(again.data_bytes_sent, 0);
+    })
+    .await;
+}
+
+/// A sender that announces more files than the receiver keeps in flight (one that ignores
+/// the manifest window) is stopped with an error that names the limit, and both ends say
+/// so; nothing of the refused batch is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_past_the_receivers_files_in_flight_is_stopped_with_the_limit() {
+    within(60, async {
+        let (src, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut paths = Vec::new();
+        for i in 0..10u8 {
+            let p = src.path().join(format!("f{i}"));
+            std::fs::write(&p, [i]).unwrap();
+            paths.push(p);
+        }
+        let opts = ReceiveOptions {
+            max_files_in_flight: 4,
+            ..ReceiveOptions::new(out.path())
+        };
+        let mut rx = receiver_with(opts).await;
+        let ch: Arc<dyn Channel> = Arc::new(Amst::connect(rx.addr, config()).await.unwrap());
+        let tree = Tree::scan(&paths).unwrap();
+        let sent = send_tree(
+            ch,
+            tree,
+            &SendOptions {
+                manifest_window: 100,
+                ..SendOptions::default()
+            },
+            Default::default(),
+        )
+        .await;
+        let received = rx.reports.recv().await.unwrap();
+        let why = match received {
+            Err(amst_files::Error::Protocol(why)) => why,
+            other => panic!("{other:?}"),
+        };
+        assert!(why.contains("limit of 4 files"), "{why}");
+        match sent {
+            Err(amst_files::Error::Aborted(reason)) => assert_eq!(reason, why),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0);
+
+        // Within the limit, the same files arrive.
+        let r = send(
+            rx.addr,
+            &paths,
+            SendOptions {
+                manifest_window: 4,
+                ..SendOptions::default()
+            },
+        )
+        .await;
+        rx.reports.recv().await.unwrap().unwrap();
+        assert_eq!(r.finished.stored, 10, "{:?}", r.entries);
     })
     .await;
 }
