@@ -191,9 +191,9 @@ impl Drop for Hold {
     }
 }
 
-/// Kept from plan to landing for every file in flight (a manifest's files are all planned
-/// before most of them land), so only what landing needs: not the manifest entry, whose
-/// path `rel` already holds.
+/// Kept from plan to landing for every file in flight (up to the sender's manifest window,
+/// 16,384 by default), so only what landing needs: not the manifest entry, whose path `rel`
+/// already holds.
 struct RecvFile {
     _hold: Hold,
     id: u32,

@@ -1,6 +1,7 @@
 //! Trees end to end over real Amst sessions on TCP loopback: content, modes, mtimes, links,
-//! hostile manifests, sparse files, existing-file policies, and resume after the sender is
-//! killed mid-tree (including a file that changed in between).
+//! hostile manifests, sparse files, existing-file policies, resume after the sender is
+//! killed mid-tree (including a file that changed in between), damaged blocks, and the
+//! manifest window with the receiver's limit on files in flight.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
