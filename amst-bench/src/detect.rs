@@ -186,7 +186,10 @@ async fn auto_once() -> Result<Duration, String> {
         reader.abort();
         return Err(stalled("the sender's last send"));
     }
-    if tokio::time::timeout(WIND_DOWN, client.close()).await.is_err() {
+    if tokio::time::timeout(WIND_DOWN, client.close())
+        .await
+        .is_err()
+    {
         reader.abort();
         return Err(stalled("closing the client"));
     }

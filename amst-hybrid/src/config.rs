@@ -143,7 +143,8 @@ pub struct AmstConfig {
     pub recv_buffer: u64,
     /// How long a new transport may take to be attached by the server.
     pub attach_timeout: Duration,
-    /// How long an old transport may take to drain before it is dropped.
+    /// How long an old transport may take to drain before it is dropped; also how long
+    /// `close` waits for the next acknowledgement before it gives up on what is left.
     pub drain_timeout: Duration,
     /// Hybrid protocol versions offered or accepted; for compatibility tests.
     #[doc(hidden)]

@@ -22,7 +22,7 @@ impl HybridSession {
         let result = match parting {
             Parting::SayBye => {
                 async {
-                    self.flush().await?;
+                    self.flush_while_acks_come().await?;
                     let messages = self.messages_sent();
                     let lane = self.route.load().low.clone();
                     self.send_control(&lane, HybridFrame::Bye { messages })
@@ -61,6 +61,29 @@ impl HybridSession {
         }
         self.shut_down();
         result
+    }
+
+    /// [`Self::flush`], for as long as acknowledgements keep coming: a message that is
+    /// never acknowledged on a live transport (seen once after a switch, in the detect
+    /// benchmark) would otherwise hold `close` forever. After `drain_timeout` without any
+    /// progress, closing fails and says how much was left unacknowledged.
+    async fn flush_while_acks_come(&self) -> Result<()> {
+        let quiet = self.config.drain_timeout;
+        loop {
+            let before = self.unacked();
+            match tokio::time::timeout(quiet, self.flush()).await {
+                Ok(r) => return r,
+                Err(_) if self.unacked() != before => {}
+                Err(_) => {
+                    let (n, bytes) = self.unacked();
+                    return Err(Error::Closed(format!(
+                        "{n} of our messages ({bytes} bytes) were still unacknowledged after \
+                         {} s without an acknowledgement; closing without them",
+                        quiet.as_secs()
+                    )));
+                }
+            }
+        }
     }
 
     /// Client: a switch left `lane` behind. Unless it is kept warm, it retires: no more data
