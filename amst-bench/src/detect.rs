@@ -172,13 +172,20 @@ async fn auto_once() -> Result<Duration, String> {
     let mut sender = sender;
     let mut reader = reader;
     let stalled = |step: &str| {
+        // The process-wide budget that every in-process session shares, since one left
+        // full (or its overdraft left held) by earlier sessions is a suspected cause.
+        let budget = amst_core::MemoryBudget::process();
         format!(
-            "the transfer stalled after {}: {step} did not finish within {} s",
+            "the transfer stalled after {}: {step} did not finish within {} s (the process's \
+             memory budget: {} of {} bytes held, {} receivers)",
             match took {
                 Some(t) => format!("reaching datacenter mode in {:.3} s", t.as_secs_f64()),
                 None => "staying in internet mode".to_string(),
             },
-            WIND_DOWN.as_secs()
+            WIND_DOWN.as_secs(),
+            budget.held(),
+            budget.limit(),
+            budget.receivers()
         )
     };
     if tokio::time::timeout(WIND_DOWN, &mut sender).await.is_err() {
