@@ -442,3 +442,33 @@ async fn attach_to_an_unknown_session_is_rejected() {
     })
     .await;
 }
+
+/// Large messages still unacknowledged at a switch are resent on the new route; when nothing
+/// follows them there, they must still be released by its acknowledgements, and `close`
+/// return. (A resent large message used to be counted as two transport messages, so the last
+/// one waited for an acknowledgement that could never come, and `close` hung.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_messages_resent_last_in_a_switch_are_released_and_close_returns() {
+    within(20, async {
+        let config = builder().recv_buffer(64 << 10).build().unwrap();
+        let (client, server, _, _l) = memory_pair(config).await;
+        // The server reads nothing yet, so these stay unacknowledged past its small buffer.
+        let messages: Vec<Bytes> = (0..6u8).map(|i| Bytes::from(vec![i; 256 << 10])).collect();
+        for m in &messages {
+            client.send(m.clone()).await.unwrap();
+        }
+        assert!(
+            client.metrics().unacked_messages > 0,
+            "the test needs messages in flight at the switch"
+        );
+        client.force_mode(Mode::Internet).await.unwrap();
+        for m in &messages {
+            assert_eq!(server.recv().await.unwrap().unwrap(), *m);
+        }
+        client.flush().await.unwrap();
+        assert_eq!(client.metrics().unacked_messages, 0);
+        client.close().await.unwrap();
+        assert_eq!(server.recv().await.unwrap(), None);
+    })
+    .await;
+}

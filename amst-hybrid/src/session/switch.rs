@@ -13,7 +13,7 @@ use tracing::{info, warn};
 use super::{HybridSession, Lane, Role, Route};
 use crate::ledger::LaneId;
 use crate::roster::AttachStep;
-use crate::wire::{self, HybridFrame};
+use crate::wire::HybridFrame;
 use crate::{Error, Result};
 
 impl HybridSession {
@@ -61,8 +61,11 @@ impl HybridSession {
         self.instruments.resent(resend.len() as u64, resent_bytes);
         for (seq, msg) in &resend {
             let lane = route.pick(msg.len());
-            let frames = 1 + (msg.len() > wire::INLINE_MAX) as u64;
-            let idx_end = lane.sent.load(Ordering::Relaxed) + frames;
+            // One transport message, as in `send`: a large message goes out as header and
+            // payload in one `send_parts`. Counting two here (the encoding before that) put
+            // a resent message's release one message too late, so one that nothing followed
+            // on its lane was never released, and `close` waited for it.
+            let idx_end = lane.sent.load(Ordering::Relaxed) + 1;
             lock(&self.ledger).record_resend(lane.id, *seq, idx_end);
             self.transmit(lane, *seq, msg).await;
         }
