@@ -401,12 +401,7 @@ async fn schedule(s: &Arc<Shared>, mut plan: mpsc::UnboundedReceiver<(u32, Want)
                 {
                     Ok(n) => n,
                     Err(_) => {
-                        batch_bytes = 0;
-                        if job_tx
-                            .send(Job::Small(std::mem::take(&mut batch)))
-                            .await
-                            .is_err()
-                        {
+                        if !send_batch(&job_tx, &mut batch, &mut batch_bytes).await {
                             return Ok(());
                         }
                         continue;
@@ -424,15 +419,10 @@ async fn schedule(s: &Arc<Shared>, mut plan: mpsc::UnboundedReceiver<(u32, Want)
                 if size <= bs {
                     batch.push(id);
                     batch_bytes += size as usize + 64;
-                    if batch_bytes >= BATCH_BYTES || batch.len() >= BATCH_FILES {
-                        batch_bytes = 0;
-                        if job_tx
-                            .send(Job::Small(std::mem::take(&mut batch)))
-                            .await
-                            .is_err()
-                        {
-                            return Ok(());
-                        }
+                    if (batch_bytes >= BATCH_BYTES || batch.len() >= BATCH_FILES)
+                        && !send_batch(&job_tx, &mut batch, &mut batch_bytes).await
+                    {
+                        return Ok(());
                     }
                     continue;
                 }
@@ -490,6 +480,17 @@ async fn schedule(s: &Arc<Shared>, mut plan: mpsc::UnboundedReceiver<(u32, Want)
         }
     }
     result
+}
+
+/// Hands the batch of small files to the readers and starts a new one; false once the
+/// readers are gone.
+async fn send_batch(
+    job_tx: &mpsc::Sender<Job>,
+    batch: &mut Vec<u32>,
+    batch_bytes: &mut usize,
+) -> bool {
+    *batch_bytes = 0;
+    job_tx.send(Job::Small(std::mem::take(batch))).await.is_ok()
 }
 
 /// Files to send (id, size, blocks the receiver verified) and the records that answer the
