@@ -21,17 +21,20 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use amst_core::codec::{Close, CloseCode, Decoder, Frame, Limits};
+use amst_core::codec::{DATA_HEADER_LEN, DataHeader};
 use amst_core::session::{Event, Fatal, Session, SessionConfig, peer_closed};
 use amst_core::util::lock;
-use amst_core::{AckCounter, Error, PathId, ProtocolError, Result, TransportKind};
+use amst_core::{
+    AckCounter, Error, PathId, Placed, Placement, ProtocolError, Result, TransportKind,
+};
 use amst_core::{PathSample, TransportMetrics};
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream, VarInt};
 use tokio::sync::{Notify, oneshot};
 use tokio::task::AbortHandle;
 
 use crate::config::SharedConfig;
-use crate::stream_order::{StreamOrder, Waiting, data_out_of_order};
+use crate::stream_order::{InOrder, StreamOrder, Waiting, data_out_of_order};
 
 /// The control stream's path.
 pub(crate) const CONTROL_PATH: PathId = 0;
@@ -174,24 +177,35 @@ impl FrameReader {
     /// The next frame, or `None` when the stream ended cleanly between frames.
     pub(crate) async fn next(&mut self) -> std::result::Result<Option<Frame>, ReadFail> {
         let mut one = Vec::with_capacity(1);
-        if !self.next_batch(&mut one, 1).await? {
-            return Ok(None);
+        match self.next_batch(&mut one, 1, &mut |_| None).await? {
+            Read::Frames => Ok(one.pop()),
+            Read::End => Ok(None),
+            Read::Placed(_) => unreachable!("nothing is placed without a placement"),
         }
-        Ok(one.pop())
     }
 
     /// Appends at least one and at most `max` frames (all that are already buffered, up to
-    /// `max`) to `out`; false when the stream ended cleanly between frames.
+    /// `max`) to `out`; or, when the next frame is a large Data chunk for which `place` gives
+    /// a [`Placement`] in its message, reads its payload there (one copy fewer per byte than
+    /// reading it into the frame buffer first) and returns it checked.
     pub(crate) async fn next_batch(
         &mut self,
         out: &mut Vec<Frame>,
         max: usize,
-    ) -> std::result::Result<bool, ReadFail> {
-        let p = &mut self.pending;
+        place: &mut (dyn FnMut(&DataHeader) -> Option<Placement> + Send),
+    ) -> std::result::Result<Read, ReadFail> {
         loop {
+            let p = &mut self.pending;
             if p.decode(out, max).map_err(ReadFail::Protocol)? > 0 {
-                return Ok(true);
+                return Ok(Read::Frames);
             }
+            if let Ok(Some(h)) = p.decoder.data_header(&p.buf)
+                && h.chunk_len as usize >= MIN_IN_PLACE
+                && let Some(placement) = place(&h)
+            {
+                return self.read_in_place(placement).await.map(Read::Placed);
+            }
+            let p = &mut self.pending;
             if let Some(need) = p.decoder.frame_len(&p.buf).map_err(ReadFail::Protocol)? {
                 // Validated against the limits, so this reserve is bounded.
                 p.buf.reserve(need.saturating_sub(p.buf.len()));
@@ -214,14 +228,78 @@ impl FrameReader {
                     {
                         Some(f) => {
                             out.push(f);
-                            Ok(true)
+                            Ok(Read::Frames)
                         }
-                        None => Ok(false),
+                        None => Ok(Read::End),
                     };
                 }
                 Err(e) => return Err(ReadFail::Stream(e)),
             }
         }
+    }
+
+    /// Reads the payload of the Data frame whose header starts the buffer into `placement`,
+    /// then checks its CRC32C while the bytes are still in cache.
+    async fn read_in_place(
+        &mut self,
+        mut placement: Placement,
+    ) -> std::result::Result<Placed, ReadFail> {
+        let buf = &mut self.pending.buf;
+        buf.advance(DATA_HEADER_LEN);
+        // What came with the header; never the whole payload, or the frame would have decoded.
+        let came = buf.len().min(placement.remaining_mut());
+        placement.put_slice(&buf.split_to(came));
+        while placement.has_remaining_mut() {
+            match self.stream.read_chunk(usize::MAX, false).await {
+                Ok(Some(chunk)) => {
+                    let mut into = Placing {
+                        placement: &mut placement,
+                        rest: &mut self.pending.buf,
+                    };
+                    self.order
+                        .insert(chunk.offset, chunk.bytes, &mut into)
+                        .map_err(ReadFail::Protocol)?;
+                }
+                Ok(None) => {
+                    let h = placement.header();
+                    return Err(ReadFail::Protocol(ProtocolError::Inconsistent(format!(
+                        "a QUIC stream ended inside a Data frame ({} of its {} payload bytes read)",
+                        h.chunk_len as usize - placement.remaining_mut(),
+                        h.chunk_len
+                    ))));
+                }
+                Err(e) => return Err(ReadFail::Stream(e)),
+            }
+        }
+        placement.verify().map_err(ReadFail::Protocol)
+    }
+}
+
+/// Chunks at least this large (of larger messages) are read straight into their message: for
+/// smaller ones, the session's lock taken to place them costs more than the copy it saves.
+const MIN_IN_PLACE: usize = 64 << 10;
+
+/// What [`FrameReader::next_batch`] read.
+pub(crate) enum Read {
+    /// Frames, appended to the batch.
+    Frames,
+    /// A Data chunk's payload, in its message and checked, for `Session::on_placed`.
+    Placed(Placed),
+    /// The stream ended cleanly between frames.
+    End,
+}
+
+/// In-order stream bytes that fill a placement first and go to the frame buffer after it.
+struct Placing<'a> {
+    placement: &'a mut Placement,
+    rest: &'a mut BytesMut,
+}
+
+impl InOrder for Placing<'_> {
+    fn append(&mut self, bytes: &[u8]) {
+        let n = bytes.len().min(self.placement.remaining_mut());
+        self.placement.put_slice(&bytes[..n]);
+        self.rest.extend_from_slice(&bytes[n..]);
     }
 }
 

@@ -99,7 +99,7 @@ impl StreamOrder {
         &mut self,
         offset: u64,
         bytes: Bytes,
-        out: &mut BytesMut,
+        out: &mut impl InOrder,
     ) -> Result<(), ProtocolError> {
         if offset > self.next {
             // quinn hands each byte over once; a longer piece at the same offset wins all
@@ -137,11 +137,22 @@ impl StreamOrder {
     }
 
     /// Appends the part of a piece at `at` (at most `next`) that is past `next`.
-    fn append(&mut self, at: u64, mut piece: Bytes, out: &mut BytesMut) {
+    fn append(&mut self, at: u64, mut piece: Bytes, out: &mut impl InOrder) {
         let seen = (self.next - at).min(piece.len() as u64) as usize;
         piece.advance(seen);
         self.next += piece.len() as u64;
-        out.extend_from_slice(&piece);
+        out.append(&piece);
+    }
+}
+
+/// Where a stream's bytes go once they are in order.
+pub(crate) trait InOrder {
+    fn append(&mut self, bytes: &[u8]);
+}
+
+impl InOrder for BytesMut {
+    fn append(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
     }
 }
 

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use amst_core::PathId;
-use amst_core::codec::{DataChunk, Decoder, Frame, Pong};
+use amst_core::codec::{DataChunk, DataHeader, Decoder, Frame, Pong};
 use amst_core::session::{Fatal, MAX_BATCH, Transmit};
 use amst_core::util::lock;
 use bytes::{Bytes, BytesMut};
@@ -16,7 +16,7 @@ use quinn::SendStream;
 
 use crate::config::StreamMapping;
 use crate::session::{
-    CONTROL_PATH, DATAGRAM_PATH, FrameReader, ReadFail, Shared, connection_error,
+    CONTROL_PATH, DATAGRAM_PATH, FrameReader, Read, ReadFail, Shared, connection_error,
 };
 
 /// Frames a reader hands the session under one lock, at most.
@@ -210,13 +210,28 @@ async fn read_stream(shared: Arc<Shared>, path: PathId, mut reader: FrameReader)
         shared.active_streams.fetch_add(1, Ordering::Relaxed);
     }
     let mut frames = Vec::with_capacity(READ_BATCH);
+    // A session that has failed places nothing; the frame is then read as usual, and the
+    // session refuses it.
+    let mut place = |h: &DataHeader| {
+        data.then(|| shared.update(|p| p.place(h)).ok().flatten())
+            .flatten()
+    };
     loop {
         frames.clear();
-        match reader.next_batch(&mut frames, READ_BATCH).await {
-            Ok(true) => {}
+        match reader.next_batch(&mut frames, READ_BATCH, &mut place).await {
+            Ok(Read::Frames) => {}
+            Ok(Read::Placed(placed)) => {
+                // Counted before the session sees it, as frames are below.
+                let len = placed.header().chunk_len as u64;
+                shared.bytes_received.fetch_add(len, Ordering::Relaxed);
+                if shared.update(|p| p.on_placed(placed, Instant::now()).is_err()) {
+                    break;
+                }
+                continue;
+            }
             // The stream ended; a data stream ends with its message (per-message mapping)
             // or with the connection.
-            Ok(false) => break,
+            Ok(Read::End) => break,
             Err(ReadFail::Protocol(p)) => {
                 shared.fail(Fatal::Protocol(p));
                 break;
