@@ -78,12 +78,14 @@ impl Who {
 ///
 /// Metrics: `ratio_vs_quinn` (amst-quic with amst-cc BBR over the better quinn median),
 /// `quinn_bbr_ratio_vs_quinn` (amst-quic with quinn's BBR, which separates the controller
-/// from the transport), and `corrupted_or_missing_bytes` (over every run of every contender).
+/// from the transport), `cubic_ratio_vs_quinn_cubic` (amst-quic with amst-cc CUBIC over quinn
+/// alone with its CUBIC: the transport's cost with a controller of the same kind on both
+/// sides), and `corrupted_or_missing_bytes` (over every run of every contender).
 pub fn run(bytes: u64, rounds: usize) -> Scenario {
     let bytes = bytes.max(BLOCK as u64).next_multiple_of(BLOCK as u64);
     let desc = format!(
         "loopback bulk, {} MiB per run, {rounds} interleaved rounds: amst-quic (1 MiB messages, \
-         4 striped streams, amst-cc BBR; and with quinn's BBR) vs quinn alone (1 MiB write_chunk, \
+         4 striped streams, amst-cc BBR; and with quinn's BBR and amst-cc CUBIC) vs quinn alone (1 MiB write_chunk, \
          quinn BBR, 64 MiB windows, 4 MiB socket buffers, GSO/GRO), 1 and 4 streams; goodput \
          until the receiver had every byte, each byte checked",
         bytes >> 20
@@ -99,6 +101,7 @@ pub fn run(bytes: u64, rounds: usize) -> Scenario {
     let who = [
         Who::Amst(CongestionControl::AmstBbr),
         Who::Amst(CongestionControl::QuinnBbr),
+        Who::Amst(CongestionControl::AmstCubic),
         Who::Quinn {
             streams: 1,
             bbr: true,
@@ -146,7 +149,7 @@ pub fn run(bytes: u64, rounds: usize) -> Scenario {
     }
     let mut s = Scenario::new(ID, desc);
     let median = |i: usize| contenders[i].summary().map(|m| m.median);
-    let best_quinn = [2, 3, 4]
+    let best_quinn = [3, 4, 5]
         .into_iter()
         .filter_map(|i| median(i).map(|m| (i, m)))
         .max_by(|a, b| a.1.total_cmp(&b.1));
@@ -169,6 +172,11 @@ pub fn run(bytes: u64, rounds: usize) -> Scenario {
             s.metrics
                 .insert("quinn_bbr_ratio_vs_quinn".into(), a / q.max(1e-9));
         }
+    }
+    // The transport without the controller's part: CUBIC on both sides (each its own).
+    if let (Some(a), Some(q)) = (median(2), median(5)) {
+        s.metrics
+            .insert("cubic_ratio_vs_quinn_cubic".into(), a / q.max(1e-9));
     }
     s.metrics
         .insert("corrupted_or_missing_bytes".into(), bad_bytes as f64);
