@@ -2,7 +2,7 @@
 //! stands in the Retire handshake ([`LaneState`](crate::roster::LaneState)) is kept by the
 //! session's roster, so that every transition happens under one lock.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -46,6 +46,16 @@ impl std::fmt::Debug for Lane {
 }
 
 impl Lane {
+    /// The transport message count at which a message about to be transmitted on this lane
+    /// is acknowledged: `transmit` sends every message as one transport message (a large
+    /// one as header and payload in one `send_parts`). Send and resend both ask here, so
+    /// their counts cannot part again: when the resend counted two for a large message (an
+    /// encoding issue 18 removed), a resent message that nothing followed was never
+    /// released, and `close` waited for it. Call it holding `tx`.
+    pub fn acked_at_after_next(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed) + 1
+    }
+
     /// A lane on `transport`, on which `already_sent` messages went out before.
     pub fn new(
         id: LaneId,

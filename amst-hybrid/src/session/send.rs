@@ -36,7 +36,7 @@ impl HybridSession {
         loop {
             let lane = self.route.load().pick(msg.len()).clone();
             let guard = lane.tx.lock().await;
-            let idx_end = lane.sent.load(Ordering::Relaxed) + 1;
+            let idx_end = lane.acked_at_after_next();
             let seq = loop {
                 let notified = self.room.notified();
                 match lock(&self.ledger).push(lane.id, &msg, idx_end) {

@@ -61,11 +61,7 @@ impl HybridSession {
         self.instruments.resent(resend.len() as u64, resent_bytes);
         for (seq, msg) in &resend {
             let lane = route.pick(msg.len());
-            // One transport message, as in `send`: a large message goes out as header and
-            // payload in one `send_parts`. Counting two here (the encoding before that) put
-            // a resent message's release one message too late, so one that nothing followed
-            // on its lane was never released, and `close` waited for it.
-            let idx_end = lane.sent.load(Ordering::Relaxed) + 1;
+            let idx_end = lane.acked_at_after_next();
             lock(&self.ledger).record_resend(lane.id, *seq, idx_end);
             self.transmit(lane, *seq, msg).await;
         }
