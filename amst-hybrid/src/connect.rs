@@ -70,6 +70,8 @@ mod memory {
         client_hybrid: bool,
         server_hybrid: bool,
         dialed: Arc<Mutex<Vec<LaneProfile>>>,
+        /// The client end of every transport made, for [`cut_all`](Self::cut_all).
+        made: Arc<Mutex<Vec<Arc<InMemoryTransport>>>>,
     }
 
     /// The server side of an in-memory network.
@@ -89,6 +91,7 @@ mod memory {
                 client_hybrid: true,
                 server_hybrid: true,
                 dialed: Arc::default(),
+                made: Arc::default(),
             },
             MemoryAcceptor {
                 rx: tokio::sync::Mutex::new(rx),
@@ -109,16 +112,26 @@ mod memory {
             amst_core::util::lock(&self.dialed).clone()
         }
 
+        /// Cuts every transport made so far, as a network outage would
+        /// ([`InMemoryTransport::cut`]); later connects work.
+        pub fn cut_all(&self) {
+            for t in amst_core::util::lock(&self.made).drain(..) {
+                t.cut();
+            }
+        }
+
         /// Connects without a profile, as a plain transport user would; returns the client end.
         pub fn connect_raw(&self) -> Result<Arc<dyn Transport>> {
             let (a, b) = InMemoryTransport::pair(self.capacity);
+            let a = Arc::new(a);
+            amst_core::util::lock(&self.made).push(a.clone());
             self.tx
                 .send(Connected {
                     transport: Arc::new(b),
                     hybrid: Some(self.client_hybrid && self.server_hybrid),
                 })
                 .map_err(|_| Error::Closed("the in-memory acceptor is gone".into()))?;
-            Ok(Arc::new(a))
+            Ok(a)
         }
     }
 

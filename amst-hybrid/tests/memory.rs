@@ -472,3 +472,32 @@ async fn large_messages_resent_last_in_a_switch_are_released_and_close_returns()
     })
     .await;
 }
+
+/// A lane that dies with large messages unacknowledged: they go out again on the new lane,
+/// which alone can acknowledge them, and the last of them must be released for `close` to
+/// return. Counting two transport messages per resent large message (fixed in ca44e18) left
+/// the last one held forever here.
+#[tokio::test]
+async fn large_messages_resent_after_a_lane_dies_are_released_and_close_returns() {
+    within(20, async {
+        let config = builder().recv_buffer(64 << 10).build().unwrap();
+        let (client, server, connector, _l) = memory_pair(config).await;
+        let messages: Vec<Bytes> = (0..6u8).map(|i| Bytes::from(vec![i; 256 << 10])).collect();
+        for m in &messages {
+            client.send(m.clone()).await.unwrap();
+        }
+        assert!(
+            client.metrics().unacked_messages > 0,
+            "the test needs messages in flight when the lane dies"
+        );
+        connector.cut_all();
+        for m in &messages {
+            assert_eq!(server.recv().await.unwrap().unwrap(), *m);
+        }
+        client.flush().await.unwrap();
+        assert_eq!(client.metrics().unacked_messages, 0);
+        client.close().await.unwrap();
+        assert_eq!(server.recv().await.unwrap(), None);
+    })
+    .await;
+}
