@@ -62,6 +62,9 @@ pub fn rdma_vm(args: &[String]) -> Result<(), String> {
     eprintln!("rdma-vm: cache in {}", cache.display());
     let started = Instant::now();
 
+    // The in-VM tests are built with the `rdma` feature (cmake and libclang, for
+    // rdma-mummy-sys); a bench machine set up for the bench alone lacked them.
+    crate::setup::ensure(crate::setup::Need::CiAndRdma, false)?;
     ensure_host_tools()?;
     let kernel = ensure_kernel(&cache)?;
     let rootfs = ensure_rootfs(&cache, &kernel)?;

@@ -25,6 +25,9 @@ pub enum Need {
     Ci,
     /// `cargo xtask ci` and `cargo xtask bench`.
     CiAndBench,
+    /// `cargo xtask ci` and the Soft-RoCE VM run (`cargo xtask rdma-vm`, `bench --rdma`),
+    /// which builds amst-rdma's `rdma` feature.
+    CiAndRdma,
 }
 
 /// One Debian package and why it is needed.
@@ -45,13 +48,13 @@ pub const APT: &[AptPackage] = &[
     AptPackage {
         package: "cmake",
         probe: Probe::Command("cmake"),
-        need: Need::Ci,
+        need: Need::CiAndRdma,
         why: "rdma-mummy-sys (amst-rdma's `rdma` feature, built by --all-features)",
     },
     AptPackage {
         package: "libclang-dev",
         probe: Probe::Libclang,
-        need: Need::Ci,
+        need: Need::CiAndRdma,
         why: "bindgen in rdma-mummy-sys",
     },
     AptPackage {
@@ -134,7 +137,7 @@ impl Plan {
     pub fn for_machine(need: Need, path: &str, cargo_has: impl Fn(&str) -> bool) -> Plan {
         let apt = APT
             .iter()
-            .filter(|p| need == Need::Ci || p.need == Need::CiAndBench)
+            .filter(|p| need == Need::Ci || p.need == need)
             .filter(|p| !present(p.probe, path))
             .map(|p| p.package)
             .collect();
@@ -144,7 +147,7 @@ impl Plan {
                 .filter(|t| !cargo_has(t.subcommand))
                 .map(|t| t.krate)
                 .collect(),
-            Need::CiAndBench => Vec::new(),
+            Need::CiAndBench | Need::CiAndRdma => Vec::new(),
         };
         Plan { apt, cargo }
     }
@@ -334,6 +337,14 @@ mod tests {
         let plan = Plan::for_machine(Need::CiAndBench, "", |_| false);
         assert!(plan.apt.contains(&"iperf3"));
         assert!(!plan.apt.contains(&"cmake"));
+        assert!(plan.cargo.is_empty());
+    }
+
+    #[test]
+    fn the_vm_run_needs_what_builds_the_rdma_feature() {
+        let plan = Plan::for_machine(Need::CiAndRdma, "", |_| false);
+        assert!(plan.apt.contains(&"cmake"));
+        assert!(!plan.apt.contains(&"iperf3"));
         assert!(plan.cargo.is_empty());
     }
 
