@@ -118,6 +118,9 @@ pub(crate) struct FrameReader {
     pending: Pending,
     /// The stream is read unordered and put back in order here (see `stream_order`).
     order: StreamOrder,
+    /// The session declined to place the frame at the front of the buffer (a whole message,
+    /// a duplicate): it is read as usual, without asking again at every read.
+    declined: bool,
 }
 
 /// The bytes read and not yet decoded, and the decoder, without the stream.
@@ -171,6 +174,7 @@ impl FrameReader {
                 bad: None,
             },
             order: StreamOrder::new(waiting),
+            declined: false,
         }
     }
 
@@ -197,13 +201,19 @@ impl FrameReader {
         loop {
             let p = &mut self.pending;
             if p.decode(out, max).map_err(ReadFail::Protocol)? > 0 {
+                self.declined = false;
                 return Ok(Read::Frames);
             }
-            if let Ok(Some(h)) = p.decoder.data_header(&p.buf)
+            if !self.declined
+                && let Ok(Some(h)) = p.decoder.data_header(&p.buf)
                 && h.chunk_len as usize >= MIN_IN_PLACE
-                && let Some(placement) = place(&h)
             {
-                return self.read_in_place(placement).await.map(Read::Placed);
+                match place(&h) {
+                    Some(placement) => {
+                        return self.read_in_place(placement).await.map(Read::Placed);
+                    }
+                    None => self.declined = true,
+                }
             }
             let p = &mut self.pending;
             if let Some(need) = p.decoder.frame_len(&p.buf).map_err(ReadFail::Protocol)? {
