@@ -149,8 +149,22 @@ pub fn run(bytes: u64, rounds: usize) -> Scenario {
     }
     let mut s = Scenario::new(ID, desc);
     let median = |i: usize| contenders[i].summary().map(|m| m.median);
-    let best_quinn = [3, 4, 5]
-        .into_iter()
+    let at = |w: Who| {
+        who.iter()
+            .position(|x| *x == w)
+            .expect("a listed contender")
+    };
+    let (amst_bbr, amst_quinn_bbr, amst_cubic) = (
+        at(Who::Amst(CongestionControl::AmstBbr)),
+        at(Who::Amst(CongestionControl::QuinnBbr)),
+        at(Who::Amst(CongestionControl::AmstCubic)),
+    );
+    let quinn_cubic = at(Who::Quinn {
+        streams: 1,
+        bbr: false,
+    });
+    let best_quinn = (0..who.len())
+        .filter(|&i| matches!(who[i], Who::Quinn { .. }))
         .filter_map(|i| median(i).map(|m| (i, m)))
         .max_by(|a, b| a.1.total_cmp(&b.1));
     if let Some((qi, q)) = best_quinn {
@@ -159,22 +173,22 @@ pub fn run(bytes: u64, rounds: usize) -> Scenario {
             contenders[qi].name
         ));
         s.metrics.insert("quinn_gbps".into(), q);
-        if let Some(a) = median(0) {
+        if let Some(a) = median(amst_bbr) {
             s.metrics.insert("ratio_vs_quinn".into(), a / q.max(1e-9));
         }
         let cpu_median = |i: usize| Summary::of(&cpu[i]).map(|m| m.median);
-        if let (Some(a), Some(q)) = (cpu_median(0), cpu_median(qi)) {
+        if let (Some(a), Some(q)) = (cpu_median(amst_bbr), cpu_median(qi)) {
             s.metrics.insert("cpu_s_per_gb".into(), a);
             s.metrics.insert("quinn_cpu_s_per_gb".into(), q);
             s.metrics.insert("cpu_over_quinn".into(), a / q.max(1e-9));
         }
-        if let Some(a) = median(1) {
+        if let Some(a) = median(amst_quinn_bbr) {
             s.metrics
                 .insert("quinn_bbr_ratio_vs_quinn".into(), a / q.max(1e-9));
         }
     }
     // The transport without the controller's part: CUBIC on both sides (each its own).
-    if let (Some(a), Some(q)) = (median(2), median(5)) {
+    if let (Some(a), Some(q)) = (median(amst_cubic), median(quinn_cubic)) {
         s.metrics
             .insert("cubic_ratio_vs_quinn_cubic".into(), a / q.max(1e-9));
     }
